@@ -1,0 +1,1 @@
+"""FUSION multimodal LLM in JAX/Flax Linen."""
