@@ -1,0 +1,126 @@
+"""Dual-Supervised Semantic Mapping loss (FUSION spec section 6).
+
+  loss = CE + lambda * (text_map + vision_map),   lambda = 0.1
+
+- CE: next-token cross entropy on fp32 logits, mean over the supervised tokens of the batch.
+- text_map: mean over valid instruction tokens of 1 - cos(embed_tokens(instructs), instruction
+  features from the guided vision pass).
+- vision_map: mean over all B*N patches of 1 - cos(hs[0] patch embeddings, aux_projector(image
+  tokens)); the original includes text-only dummy images, `sample_mask` excludes them.
+
+Each term is returned as (sum, count) so that gradient accumulation and cross-device
+reductions can add sums and counts before dividing. Cosines follow torch's
+CosineEmbeddingLoss exactly: cos = <a,b> / sqrt((|a|^2 + 1e-12) * (|b|^2 + 1e-12)), in fp32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+COS_EPS = 1e-12  # ATen Loss.cpp EPSILON, added to each squared norm
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross entropy: logits[:, :-1] predict labels[:, 1:]; -100 is ignored.
+
+  Args:
+    logits: (B, S, V), any float dtype (upcast to fp32).
+    labels: (B, S) int, HF-style unshifted, -100 where unsupervised.
+
+  Returns:
+    (sum of token losses, number of supervised tokens), both fp32 scalars.
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = labels[:, 1:]
+  mask = targets != IGNORE_INDEX
+  safe = jnp.where(mask, targets, 0)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  nll = jnp.where(mask, lse - picked, 0.0)
+  return jnp.sum(nll), jnp.sum(mask).astype(jnp.float32)
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+  """torch CosineEmbeddingLoss cosine over the last axis, fp32. (..., D) -> (...)."""
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  dot = jnp.sum(a * b, axis=-1)
+  na = jnp.sum(a * a, axis=-1) + COS_EPS
+  nb = jnp.sum(b * b, axis=-1) + COS_EPS
+  return dot / jnp.sqrt(na * nb)
+
+
+def text_mapping_loss(instruct_embeds: jax.Array, instruct_feats: jax.Array,
+                      mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sum and count of (1 - cos) over valid instruction tokens.
+
+  Args:
+    instruct_embeds: (B, T, D) LLM input embeddings of the instruction tokens.
+    instruct_feats: (B, T, D) instruction features from the guided vision pass.
+    mask: (B, T) bool, True at valid instruction tokens.
+  """
+  loss = 1.0 - cosine_similarity(instruct_embeds, instruct_feats)
+  return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(mask).astype(jnp.float32)
+
+
+def vision_mapping_loss(patch_embeds: jax.Array, projected_back: jax.Array,
+                        sample_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Sum and count of (1 - cos) over patches.
+
+  Args:
+    patch_embeds: (B, N, Dv) hs[0] (patch + position embeddings) of the full image.
+    projected_back: (B, N, Dv) aux_projector(image tokens).
+    sample_mask: (B,) bool or None. None (faithful) averages over all B*N patches, dummy
+      images of text-only samples included; a mask keeps only True samples.
+  """
+  b, n = patch_embeds.shape[:2]
+  loss = 1.0 - cosine_similarity(patch_embeds, projected_back)  # (B, N)
+  if sample_mask is None:
+    return jnp.sum(loss), jnp.float32(b * n)
+  keep = sample_mask[:, None]
+  return (jnp.sum(jnp.where(keep, loss, 0.0)),
+          jnp.sum(sample_mask).astype(jnp.float32) * jnp.float32(n))
+
+
+def _mean(total: jax.Array, count: jax.Array) -> jax.Array:
+  # An empty term (e.g. a batch with no supervised token) contributes 0 instead of NaN.
+  return total / jnp.maximum(count, 1.0)
+
+
+def fusion_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    instruct_embeds: jax.Array,
+    instruct_feats: jax.Array,
+    instructs_mask: jax.Array,
+    patch_embeds: jax.Array,
+    projected_back: jax.Array,
+    *,
+    sample_mask: jax.Array | None = None,
+    mapping_weight: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total FUSION loss: CE + mapping_weight * (text_map + vision_map), each term a mean.
+
+  Args:
+    logits: (B, S, V); labels: (B, S) unshifted, -100 = unsupervised.
+    instruct_embeds, instruct_feats: (B, T, D); instructs_mask: (B, T) bool.
+    patch_embeds, projected_back: (B, N, Dv).
+    sample_mask: (B,) bool to exclude samples from vision_map (corrected option); None keeps
+      every patch (faithful).
+    mapping_weight: lambda (0.1 in FUSION).
+
+  Returns:
+    (loss scalar fp32, aux) where aux holds the means `ce`, `text_map`, `vision_map`, and the
+    raw sums/counts `ce_sum`, `num_tokens`, `text_map_sum`, `num_instruct_tokens`,
+    `vision_map_sum`, `num_patches` for accumulation across micro-batches or devices.
+  """
+  ce_sum, ce_n = cross_entropy(logits, labels)
+  t_sum, t_n = text_mapping_loss(instruct_embeds, instruct_feats, instructs_mask)
+  v_sum, v_n = vision_mapping_loss(patch_embeds, projected_back, sample_mask)
+  ce, text_map, vision_map = _mean(ce_sum, ce_n), _mean(t_sum, t_n), _mean(v_sum, v_n)
+  loss = ce + jnp.float32(mapping_weight) * (text_map + vision_map)
+  aux = dict(ce=ce, text_map=text_map, vision_map=vision_map,
+             ce_sum=ce_sum, num_tokens=ce_n, text_map_sum=t_sum, num_instruct_tokens=t_n,
+             vision_map_sum=v_sum, num_patches=v_n)
+  return loss, aux
