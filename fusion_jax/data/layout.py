@@ -1,0 +1,244 @@
+"""`EncodedSample` -> fixed-shape arrays of the FUSION batch layout contract.
+
+For one q (drawn per batch, `choose_q`) and N image tokens per image, `layout_sample` expands
+the slots and produces every key of the contract except `images`:
+
+  input_ids (S,) int32      token ids; slot positions and right padding hold pad_id
+  token_mask (S,) bool      True at real positions (slots included)
+  positions (S,) int32      0..n-1 over real positions, 0 at padding
+  labels (S,) int32         input_ids at supervised positions, else -100 (unshifted, HF style)
+  has_image () bool         the sample has an image
+  image_start () int32      first of the N image slots, -1 for text-only
+  latent_pos (Lq*q,) int32  latent slot v = l*q + kk of question l, -1 padding / dropped
+  question_pos (Lq,) int32  last position of user turn l (assistant header included), -1 pad
+  instructs (T,) int32      instruction ids (first T kept), 0 padding
+  instructs_mask (T,) bool  valid instruction ids (explicit: 0 is a real Llama-3 id)
+
+Slots: an image sample's first slot gets N positions (`image_start`), every other slot q latent
+positions; a text-only sample's slots are all latent (spec 5).
+
+Truncation (spec 5, the authors' `prepare_inputs_labels_for_multimodal`):
+  1. max_questions: questions past `max_questions` are dropped WITH their tokens: the sequence
+     is cut where user turn `max_questions` begins, so no later turn's latent slots sit in the
+     sequence unrefined and no answer is trained on context the model never aligned.
+  2. seq_len: positions >= seq_len are dropped. A question survives iff question_pos < seq_len
+     (its latent slots precede it, so they survive too); latent_pos keeps q x (number of
+     surviving questions) entries. Latent slots of a question cut by seq_len may remain in the
+     sequence without a latent_pos entry: they hold pad_id and come after every surviving
+     label, so they cannot influence the loss.
+  3. If no supervised label survives: BadSample('no_supervised_tokens').
+Positions only grow with q, so a sample that survives at the largest candidate q survives at
+every smaller one: `check_sample` filters once, before q is known.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fusion_jax.data.conversation import IMAGE_SLOT, LATENT_SLOT, TEXT, EncodedSample
+from fusion_jax.data.errors import BadSample
+
+IGNORE_INDEX = -100
+QUERY_LEN_CANDIDATES: tuple[int, ...] = (4, 16, 36, 64, 144)
+
+# Keys layout_sample produces (the pipeline adds "images").
+LAYOUT_KEYS: tuple[str, ...] = (
+    "input_ids", "token_mask", "positions", "labels", "has_image", "image_start",
+    "latent_pos", "question_pos", "instructs", "instructs_mask")
+
+
+def _expand(enc: EncodedSample, q: int, n_img: int, max_questions: int):
+  """Full (untruncated except for max_questions) arrays of one sample."""
+  ids_parts: list[np.ndarray] = []
+  sup_parts: list[np.ndarray] = []
+  slot_parts: list[np.ndarray] = []
+  latent_pos: list[list[int]] = [[] for _ in range(enc.num_questions)]
+  question_pos: list[int] = []
+  image_start = -1
+  pos = 0
+  q_end_segments = {si: l for l, si in enumerate(enc.question_ends)}
+  for si, seg in enumerate(enc.segments):
+    if seg.turn >= max_questions:
+      break  # rule 1: drop the later questions with their tokens
+    if seg.kind == TEXT:
+      n = int(seg.ids.size)
+      ids_parts.append(seg.ids.astype(np.int32, copy=False))
+      sup_parts.append(np.full((n,), seg.supervised))
+    else:
+      n = n_img if seg.kind == IMAGE_SLOT else q
+      ids_parts.append(np.full((n,), -1, np.int32))  # filled with pad_id by the caller
+      sup_parts.append(np.zeros((n,), bool))
+      if seg.kind == IMAGE_SLOT:
+        if image_start >= 0:
+          raise ValueError(f"{enc.source}: two image slots in one sample")
+        image_start = pos
+      elif seg.kind == LATENT_SLOT:
+        if seg.turn < 0 or latent_pos[seg.turn]:
+          raise ValueError(f"{enc.source}: latent slot outside a turn or twice in turn {seg.turn}")
+        latent_pos[seg.turn] = list(range(pos, pos + n))
+      else:
+        raise ValueError(f"{enc.source}: unknown segment kind {seg.kind!r}")
+    if si in q_end_segments:
+      question_pos.append(pos + n - 1)
+    pos += n
+  ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0,), np.int32)
+  sup = np.concatenate(sup_parts) if sup_parts else np.zeros((0,), bool)
+  return ids, sup, image_start, latent_pos[:len(question_pos)], question_pos
+
+
+def _check_sizes(q: int, num_image_tokens: int, seq_len: int, max_questions: int) -> None:
+  if q <= 0 or int(round(q ** 0.5)) ** 2 != q:
+    raise ValueError(f"layout: q={q} must be a positive perfect square")
+  for name, v in (("num_image_tokens", num_image_tokens), ("seq_len", seq_len),
+                  ("max_questions", max_questions)):
+    if v < 1:
+      raise ValueError(f"layout: {name}={v} must be >= 1")
+
+
+def layout_sample(enc: EncodedSample, *, q: int, num_image_tokens: int, seq_len: int,
+                  max_questions: int, max_instruct_len: int, pad_id: int,
+                  require_labels: bool = True) -> dict[str, np.ndarray]:
+  """One example of the batch contract (all keys but `images`), fixed shapes.
+
+  Shapes: (S,) for the sequence keys with S = seq_len, (Lq*q,) latent_pos, (Lq,) question_pos
+  with Lq = max_questions, (T,) instructs with T = max_instruct_len, () has_image/image_start.
+  require_labels=False lays out inference prompts (`add_generation_prompt`), which have none.
+
+  Raises:
+    BadSample('no_supervised_tokens') when truncation leaves no supervised label.
+  """
+  _check_sizes(q, num_image_tokens, seq_len, max_questions)
+  if max_instruct_len < 1:
+    raise ValueError(f"layout: max_instruct_len={max_instruct_len} must be >= 1")
+  ids, sup, image_start, latent_pos, question_pos = _expand(enc, q, num_image_tokens,
+                                                            max_questions)
+  n = min(ids.size, seq_len)
+  out_ids = np.full((seq_len,), pad_id, np.int32)
+  out_ids[:n] = np.where(ids[:n] < 0, pad_id, ids[:n])
+  labels = np.full((seq_len,), IGNORE_INDEX, np.int32)
+  labels[:n] = np.where(sup[:n], out_ids[:n], IGNORE_INDEX)
+  if require_labels and not (labels != IGNORE_INDEX).any():
+    raise BadSample("no_supervised_tokens",
+                    f"no supervised token in the first {seq_len} positions (q={q})", enc.source)
+  token_mask = np.zeros((seq_len,), bool)
+  token_mask[:n] = True
+  positions = np.zeros((seq_len,), np.int32)
+  positions[:n] = np.arange(n, dtype=np.int32)
+
+  surviving = [l for l, p in enumerate(question_pos) if p < seq_len]
+  # Questions are in sequence order, so the survivors are a prefix.
+  qp = np.full((max_questions,), -1, np.int32)
+  lp = np.full((max_questions * q,), -1, np.int32)
+  for l in surviving:
+    qp[l] = question_pos[l]
+    lp[l * q:(l + 1) * q] = latent_pos[l]
+
+  t = min(enc.instructs.size, max_instruct_len)
+  instructs = np.zeros((max_instruct_len,), np.int32)
+  instructs[:t] = enc.instructs[:t]
+  instructs_mask = np.zeros((max_instruct_len,), bool)
+  instructs_mask[:t] = True
+  has_image = enc.has_image and 0 <= image_start < seq_len
+  return {
+      "input_ids": out_ids, "token_mask": token_mask, "positions": positions, "labels": labels,
+      "has_image": np.asarray(enc.has_image, bool),
+      "image_start": np.asarray(image_start if has_image else -1, np.int32),
+      "latent_pos": lp, "question_pos": qp, "instructs": instructs,
+      "instructs_mask": instructs_mask,
+  }
+
+
+def layout_batch(encs: Sequence[EncodedSample], q: int, *, num_image_tokens: int, seq_len: int,
+                 max_questions: int, max_instruct_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Stacks `layout_sample` over a batch: every key gets a leading (B,) axis.
+
+  Raises BadSample from a sample that does not fit; filter with `check_sample` (at the
+  largest q) before batching so this never happens.
+  """
+  if not encs:
+    raise ValueError("layout_batch: empty batch")
+  rows = [layout_sample(e, q=q, num_image_tokens=num_image_tokens, seq_len=seq_len,
+                        max_questions=max_questions, max_instruct_len=max_instruct_len,
+                        pad_id=pad_id) for e in encs]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def check_sample(enc: EncodedSample, *, q_max: int, num_image_tokens: int, seq_len: int,
+                 max_questions: int) -> None:
+  """Raises BadSample('no_supervised_tokens') unless a label survives at q = q_max.
+
+  Positions are non-decreasing in q, so passing at the largest candidate q means the sample
+  lays out at every candidate: call this per sample before batching.
+  """
+  _check_sizes(q_max, num_image_tokens, seq_len, max_questions)
+  ids, sup, *_ = _expand(enc, q_max, num_image_tokens, max_questions)
+  if not sup[:seq_len].any():
+    raise BadSample("no_supervised_tokens",
+                    f"no supervised token in the first {seq_len} positions at q={q_max}",
+                    enc.source)
+
+
+def choose_q(seed: int, batch_index: int, candidates: Sequence[int] = QUERY_LEN_CANDIDATES) -> int:
+  """The q of global batch `batch_index`: uniform over `candidates`, deterministic.
+
+  A pure function of (seed, batch_index), so every host and every restart picks the same q
+  for the same batch (the original draws `random.choice` per forward pass).
+  """
+  cands = [int(c) for c in candidates]
+  if not cands:
+    raise ValueError("choose_q: no candidates")
+  for c in cands:
+    if c <= 0 or int(round(c ** 0.5)) ** 2 != c:
+      raise ValueError(f"choose_q: candidate {c} is not a positive perfect square")
+  if seed < 0 or batch_index < 0:
+    raise ValueError(f"choose_q: seed ({seed}) and batch_index ({batch_index}) must be >= 0")
+  rng = np.random.default_rng([seed, batch_index, 0x51A7])
+  return cands[int(rng.integers(len(cands)))]
+
+
+def render_example(ex: dict[str, np.ndarray], tokenizer, *, num_image_tokens: int | None = None,
+                   show_labels: bool = False) -> str:
+  """Human-readable text of one laid-out example (no batch axis), for tests and debugging.
+
+  Text runs are decoded; the image slot renders as `[IMG x N]`, each question's latent slots as
+  `[LAT x q]`; padding is omitted. With show_labels, supervised runs are wrapped in `{...}`.
+  N is inferred from the run of pad ids at image_start unless `num_image_tokens` is given.
+  """
+  ids = np.asarray(ex["input_ids"])
+  n = int(np.asarray(ex["token_mask"]).sum())
+  labels = np.asarray(ex["labels"])
+  start = int(ex["image_start"])
+  latent = set(int(v) for v in np.asarray(ex["latent_pos"]) if v >= 0)
+  n_img = 0
+  if start >= 0:
+    if num_image_tokens is None:
+      j = start
+      while j < n and ids[j] == tokenizer.pad_id and j not in latent:
+        j += 1
+      n_img = j - start
+    else:
+      n_img = num_image_tokens
+  out: list[str] = []
+  i = 0
+  while i < n:
+    if start >= 0 and i == start:
+      out.append(f"[IMG x {n_img}]")
+      i += n_img
+      continue
+    if i in latent:
+      j = i
+      while j < n and j in latent:
+        j += 1
+      out.append(f"[LAT x {j - i}]")
+      i = j
+      continue
+    j = i
+    sup = labels[i] != IGNORE_INDEX
+    while (j < n and (labels[j] != IGNORE_INDEX) == sup and j not in latent
+           and not (start >= 0 and j == start)):
+      j += 1
+    text = tokenizer.decode(ids[i:j].tolist(), continuation=i > 0)
+    out.append("{" + text + "}" if (sup and show_labels) else text)
+    i = j
+  return "".join(out)
