@@ -1,0 +1,587 @@
+"""The grain input pipeline: record sources -> fixed-shape FUSION batches -> global jax.Arrays.
+
+Stages (W = grain worker processes; everything above `mp_prefetch` runs inside each worker):
+
+    MapDataset.source(records)              every host builds the same global record list
+      .shuffle(seed)                        global, seeded, reshuffled every epoch
+      [process_index::process_count]        host shard: disjoint, union = all records
+      .repeat(num_epochs)                   None = forever (training)
+      .map(DecodeSample)                    parse, tokenize, check, decode + static_hd the image
+      .to_iter_dataset(ReadOptions)         read threads (PIL releases the GIL)
+    SkipAwareBatch(batch_size)              drops skips BEFORE batching -> full batches,
+                                            carries per-reason skip counts in every batch
+      .mp_prefetch(W workers)
+      .map_with_index(LayoutBatch)          main process: q = choose_q(seed, batch index),
+                                            fixed-shape layout (fusion_jax.data.layout)
+    ThreadPrefetch(prefetch)                overlaps layout with the training step
+    DataIterator                            sums counters, get_state()/set_state()
+
+Why it is built this way:
+  * q per batch. q fixes the batch's shapes, so it must be the same on every host for the same
+    step and must come back identically after a restart. It is drawn from (seed, batch index)
+    where the batch index is the counter of `map_with_index` in the MAIN process after
+    `mp_prefetch`: it counts this host's batches in order, is saved in the grain state, and is
+    independent of the number of workers. The per-sample work in the workers is therefore
+    q-independent; the layout (cheap integer work) happens after the q is known.
+  * Full batches. A sample that cannot be used is dropped before batching. The only
+    q-dependent reason, "no supervised token left after truncation", is checked in the worker
+    with the LARGEST q the batch can get (max of the candidates; eval_q in evaluation): the
+    position of every token only grows with q, so a sample that keeps a supervised token at
+    the largest q keeps it at every q. (A sample that would only survive with a small q is
+    skipped; with realistic seq_len this needs a first question longer than the whole budget.)
+  * Counters with worker processes. Counts made inside a worker are invisible to the main
+    process, so each batch carries the per-reason counts of the samples skipped (and fixed up)
+    while it was assembled, as a small int64 vector, plus (reason, source, message) for the
+    first few. The main process adds them up as it hands batches out, so `counters` always
+    describe exactly the batches consumed so far, and they are part of the saved state: a
+    resumed run continues the same totals (worker read-ahead is never counted twice).
+  * Resume. `get_state()` is grain's iterator state (shard position, epoch, per-worker
+    positions, batch counter) plus the counters; it is JSON-serialisable for orbax.
+    `set_state()` on a fresh pipeline built with the same config continues with the identical
+    next batch. The state is valid for the same config, worker_count and process layout.
+  * Bad input never stops training (spec 11: no bare excepts; only `BadSample` is caught).
+    `strict=True` re-raises it instead, for data debugging.
+
+`DataConfig` documents every field. Multi-host: each host calls `make_pipeline` with its own
+process index, then `to_global_batch` assembles the host batches into global arrays. With a
+finite `num_epochs`, hosts can run dry a step apart (shards differ by up to one record and
+skips differ per shard): bound training by a step count (the default, num_epochs=None, never
+runs dry). Training drops a short final batch; evaluation pads it (see `make_pipeline`).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+
+from fusion_jax.data import conversation as conversation_lib
+from fusion_jax.data import images as images_lib
+from fusion_jax.data import layout as layout_lib
+from fusion_jax.data import sources as sources_lib
+from fusion_jax.data.errors import FIXUPS, REASONS, BadSample
+
+# Counter layout of the per-batch count vector (also the keys of `DataIterator.counters`):
+# samples = good samples batched, then one entry per skip reason, per fix-up, and "other" for a
+# BadSample reason not listed in errors.REASONS.
+COUNTER_KEYS: tuple[str, ...] = (
+    ("samples",) + tuple(k for k, _ in REASONS) + tuple(k for k, _ in FIXUPS) + ("other",))
+_COUNTER_INDEX = {k: i for i, k in enumerate(COUNTER_KEYS)}
+_MAX_SKIP_LOGS_PER_BATCH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Everything the input pipeline needs (one of `paths`, `mixture`, `tfds_name` is required).
+
+  Attributes:
+    paths: LLaVA .json (one array) / .jsonl files and/or ArrayRecord shards (file, directory
+      or glob), all records used.
+    mixture: a mixture YAML in the authors' format (see `sources`), sampling
+      all | first:N | end:N | random:N, N or N%.
+    tfds_name, tfds_data_dir, tfds_split: a prepared TFDS dataset read with
+      `tfds.data_source` (e.g. "fusion_synth", see `synth_tfds`), no TensorFlow needed.
+    image_root: directory relative image paths of JSON records resolve against (a mixture
+      entry's own image_root wins). Embedded images (ArrayRecord, TFDS) need none.
+    template: conversation template, "phi_3" or "llama_3" (spec 7).
+    seq_len: S, tokens per sequence (image and latent slots included); longer samples are
+      truncated per spec 5.
+    max_questions: Lq, user turns per sample that get latent slots / question positions.
+    max_instruct_len: T, bound on the concatenated instruction tokens (spec 3).
+    image_size: H = W of every static_hd crop (384).
+    fast_images: JPEG draft decoding + reducing_gap resizes (see `images`; about 3x faster on
+      large photos, pixels within ~0.4/255 on average of the authors' path). Off = exact.
+    num_image_tokens: N image slots per image sample (729 SigLIP, 576 SigLIP2).
+    query_len: q candidates (perfect squares); training draws one per batch from
+      (seed, batch index).
+    eval_q: the fixed q used when train=False; None = max(query_len).
+    batch_size: examples per HOST batch (global batch = batch_size * process_count).
+    seed: shuffle seed, q-draw seed and mixture random:N seed.
+    shuffle: globally shuffle (training); evaluation never shuffles.
+    num_epochs: passes over the data; None = forever. Evaluation does exactly one.
+    shard_drop_remainder: give every host the same number of records by dropping the last
+      len % process_count records (off by default: the shards' union is the whole set).
+    worker_count: grain worker processes for decoding (0 = in the main process).
+    worker_buffer_size: batches each worker prepares ahead.
+    read_threads: threads per worker (or in the main process) decoding samples; PIL
+      decoding/resizing releases the GIL so threads scale on multi-core hosts.
+    read_buffer: samples each reader prefetches.
+    prefetch: laid-out batches buffered by a background thread in the main process (0 = off).
+    strict: raise the first BadSample instead of skipping it (data debugging). Fix-ups
+      (a leading gpt turn dropped, ...) are normalisations, not errors: counted in both modes.
+    log_skips: how many skipped samples per reason to log with their file:line (then only
+      counted).
+  """
+
+  paths: tuple[str, ...] = ()
+  mixture: str = ""
+  tfds_name: str = ""
+  tfds_data_dir: str = ""
+  tfds_split: str = "train"
+  image_root: str = ""
+  template: str = "phi_3"
+  seq_len: int = 2048
+  max_questions: int = 8
+  max_instruct_len: int = 256
+  image_size: int = 384
+  fast_images: bool = False
+  num_image_tokens: int = 729
+  query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
+  eval_q: int | None = None
+  batch_size: int = 8
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int | None = None
+  shard_drop_remainder: bool = False
+  worker_count: int = 0
+  worker_buffer_size: int = 2
+  read_threads: int = 4
+  read_buffer: int = 32
+  prefetch: int = 2
+  strict: bool = False
+  log_skips: int = 20
+
+  def __post_init__(self):
+    if isinstance(self.paths, str):
+      object.__setattr__(self, "paths", (self.paths,) if self.paths else ())
+    object.__setattr__(self, "paths", tuple(self.paths))
+    if isinstance(self.query_len, str):
+      object.__setattr__(self, "query_len",
+                         tuple(int(x) for x in self.query_len.split(",") if x.strip()))
+    object.__setattr__(self, "query_len", tuple(int(x) for x in self.query_len))
+    given = [n for n, v in (("paths", self.paths), ("mixture", self.mixture),
+                            ("tfds_name", self.tfds_name)) if v]
+    if len(given) > 1:
+      raise ValueError(f"data config: give only one of paths / mixture / tfds_name, got {given}")
+    if not self.query_len:
+      raise ValueError("data config: query_len needs at least one q candidate")
+    for q in self.query_len + ((self.eval_q,) if self.eval_q is not None else ()):
+      r = int(round(q ** 0.5))
+      if q <= 0 or r * r != q:
+        raise ValueError(f"data config: q={q} is not a positive perfect square "
+                         "(query_len / eval_q must be like 4,16,36,64,144)")
+    for name in ("seq_len", "max_questions", "max_instruct_len", "image_size", "batch_size"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"data config: {name} must be > 0, got {getattr(self, name)}")
+    if self.num_image_tokens < 0:
+      raise ValueError("data config: num_image_tokens must be >= 0")
+    if self.num_epochs is not None and self.num_epochs <= 0:
+      raise ValueError("data config: num_epochs must be > 0 or None (forever)")
+    if not 0 <= self.seed < 2 ** 32:
+      raise ValueError("data config: seed must be in [0, 2**32)")
+
+  @property
+  def q_eval(self) -> int:
+    return int(self.eval_q) if self.eval_q is not None else max(self.query_len)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+    """From a dict / ml_collections.ConfigDict; unknown keys are an error naming them."""
+    if hasattr(d, "to_dict"):
+      d = d.to_dict()
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"data config: unknown keys {unknown}; known: {sorted(names)}")
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    return cls(**kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)}
+
+
+def as_data_config(cfg: DataConfig | Mapping[str, Any]) -> DataConfig:
+  return cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
+
+
+def build_source(cfg: DataConfig):
+  """The global random-access source named by the config (identical on every host)."""
+  if cfg.mixture:
+    return sources_lib.load_mixture(cfg.mixture, seed=cfg.seed, image_root=cfg.image_root)
+  if cfg.paths:
+    return sources_lib.source_from_paths(cfg.paths, cfg.image_root)
+  if cfg.tfds_name:
+    return sources_lib.TfdsSource(cfg.tfds_name, cfg.tfds_data_dir, cfg.tfds_split)
+  raise ValueError("data config: no data; set one of paths, mixture or tfds_name")
+
+
+# ----------------------------------------------------------------------------- per sample (workers)
+
+
+class Skip(NamedTuple):
+  """A sample the pipeline drops: reason key, provenance, message."""
+  reason: str
+  source: str
+  message: str
+
+
+class DecodeSample(grain.transforms.Map):
+  """RawSample -> q-independent sample dict, or `Skip` (BadSample re-raised when strict).
+
+  Output: {"enc": EncodedSample, "images": uint8 (5, S, S, 3), "has_image": bool}.
+  Cheap text checks run first so that bad records cost no image decode.
+  """
+
+  def __init__(self, cfg: DataConfig, tokenizer: Any, q_check: int):
+    self._cfg = cfg
+    self._tok = tokenizer
+    self._q_check = q_check
+
+  def map(self, raw: sources_lib.RawSample):
+    try:
+      return self._decode(raw)
+    except BadSample as e:
+      if self._cfg.strict:
+        raise
+      return Skip(e.reason, e.source or raw.source, getattr(e, "message", "") or str(e))
+
+  def _decode(self, raw: sources_lib.RawSample) -> dict[str, Any]:
+    cfg = self._cfg
+    record = sources_lib.parse_record(raw)
+    enc = conversation_lib.encode_conversation(record, self._tok, cfg.template, source=raw.source)
+    # Raises BadSample('no_supervised_tokens') if even the largest q leaves nothing to learn.
+    layout_lib.check_sample(enc, q_max=self._q_check, num_image_tokens=cfg.num_image_tokens,
+                            seq_len=cfg.seq_len, max_questions=cfg.max_questions)
+    if enc.has_image:
+      if raw.image_bytes is not None:
+        if not raw.image_bytes:
+          raise BadSample("missing_image", "record names an image but none is embedded",
+                          raw.source)
+        data = raw.image_bytes
+      else:
+        data = os.path.join(raw.image_root, enc.image)
+      crops = images_lib.load_static_hd(data, cfg.image_size, raw.source, fast=cfg.fast_images)
+    else:
+      crops = images_lib.text_only_images(cfg.image_size)
+    return {"enc": enc, "images": crops, "has_image": bool(enc.has_image)}
+
+
+def _fixups_of(enc: Any) -> Sequence[str]:
+  fx = getattr(enc, "fixups", ()) or ()
+  return (fx,) if isinstance(fx, str) else tuple(fx)
+
+
+class SkipAwareBatch(grain.IterDataset):
+  """Batches good samples only; every batch carries the counts of what was skipped for it.
+
+  Output per batch: {"encs": [EncodedSample] * n, "images": uint8 (n, 5, S, S, 3),
+  "has_image": bool (n,), "counts": int64 (len(COUNTER_KEYS),), "skips": [Skip, ...]}.
+  n = batch_size except for the last batch of a finite stream (kept unless drop_remainder);
+  skips after the last good sample come out in a batch with n = 0 so they are still counted.
+  The iterator keeps no buffer between batches, so its state is its parent's state.
+  """
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._drop_remainder = drop_remainder
+    self._shm = False
+
+  def enable_shared_memory_output(self) -> None:
+    # grain calls this before shipping the dataset to a worker: stack images straight into
+    # shared memory instead of copying them there afterwards.
+    self._shm = True
+
+  def __iter__(self):
+    return _SkipAwareBatchIterator(self._parent.__iter__(), self._batch_size,
+                                   self._drop_remainder, self._shm)
+
+  def __str__(self) -> str:
+    return f"SkipAwareBatch(batch_size={self._batch_size})"
+
+
+class _SkipAwareBatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, batch_size: int, drop_remainder: bool, shm: bool):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._drop_remainder = drop_remainder
+    self._shm = shm
+
+  def __next__(self):
+    good: list[dict[str, Any]] = []
+    counts = np.zeros((len(COUNTER_KEYS),), np.int64)
+    skips: list[Skip] = []
+    exhausted = False
+    while len(good) < self._batch_size:
+      try:
+        item = next(self._parent)
+      except StopIteration:
+        exhausted = True
+        break
+      if isinstance(item, Skip):
+        counts[_COUNTER_INDEX.get(item.reason, _COUNTER_INDEX["other"])] += 1
+        if len(skips) < _MAX_SKIP_LOGS_PER_BATCH:
+          skips.append(item)
+        continue
+      good.append(item)
+      counts[0] += 1
+      for f in _fixups_of(item["enc"]):
+        counts[_COUNTER_INDEX.get(f, _COUNTER_INDEX["other"])] += 1
+    if exhausted:
+      if not good and not counts.any():
+        raise StopIteration
+      if self._drop_remainder and good:
+        # Dropped samples are not counted as batched; the skips found on the way still are.
+        counts[0] = 0
+        for it in good:
+          for f in _fixups_of(it["enc"]):
+            counts[_COUNTER_INDEX.get(f, _COUNTER_INDEX["other"])] -= 1
+        good = []
+    return {"encs": [g["enc"] for g in good], "images": self._stack_images(good),
+            "has_image": np.asarray([g["has_image"] for g in good], bool),
+            "counts": counts, "skips": skips}
+
+  def _stack_images(self, good: list[dict[str, Any]]) -> np.ndarray:
+    if not good:
+      return np.zeros((0,), np.uint8)
+    xs = [g["images"] for g in good]
+    shape, dtype = (len(xs),) + xs[0].shape, xs[0].dtype
+    if self._shm:
+      from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+      return np.stack(xs, out=shared_memory_array.SharedMemoryArray(shape, dtype=dtype))
+    return np.stack(xs)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+  def __str__(self) -> str:
+    return f"SkipAwareBatchIterator(batch_size={self._batch_size})"
+
+
+# ----------------------------------------------------------------------------- per batch (main)
+
+# Padding value of every contract key, for the padded examples of a short final eval batch.
+_PAD_VALUES = {"token_mask": False, "positions": 0, "labels": -100, "images": 0,
+               "has_image": False, "image_start": -1, "latent_pos": -1, "question_pos": -1,
+               "instructs": 0, "instructs_mask": False}
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Pads every array to `batch_size` rows with the contract's padding values.
+
+  Padded rows have no real token (token_mask False, labels -100), so they add nothing to the
+  token loss or to any per-token metric.
+  """
+  out = {}
+  for k, v in batch.items():
+    n = v.shape[0]
+    if n >= batch_size:
+      out[k] = v
+      continue
+    fill = pad_id if k == "input_ids" else _PAD_VALUES.get(k, 0)
+    pad = np.full((batch_size - n,) + v.shape[1:], fill, v.dtype)
+    out[k] = np.concatenate([v, pad], axis=0)
+  return out
+
+
+class LayoutBatch:
+  """(batch index, worker batch) -> {"batch": contract dict or None, "counts", "skips"}."""
+
+  def __init__(self, cfg: DataConfig, pad_id: int, train: bool):
+    self._cfg = cfg
+    self._pad_id = pad_id
+    self._train = train
+
+  def q_for(self, batch_index: int) -> int:
+    if not self._train:
+      return self._cfg.q_eval
+    return int(layout_lib.choose_q(self._cfg.seed, batch_index, self._cfg.query_len))
+
+  def __call__(self, batch_index: int, wb: dict[str, Any]) -> dict[str, Any]:
+    cfg = self._cfg
+    encs = wb["encs"]
+    if not encs:
+      return {"batch": None, "counts": wb["counts"], "skips": wb["skips"]}
+    q = self.q_for(batch_index)
+    batch = dict(layout_lib.layout_batch(
+        encs, q, num_image_tokens=cfg.num_image_tokens, seq_len=cfg.seq_len,
+        max_questions=cfg.max_questions, max_instruct_len=cfg.max_instruct_len,
+        pad_id=self._pad_id))
+    batch["images"] = np.asarray(wb["images"])
+    batch["has_image"] = np.asarray(wb["has_image"], bool)
+    if len(encs) < cfg.batch_size:
+      batch = pad_batch(batch, cfg.batch_size, self._pad_id)
+    return {"batch": batch, "counts": wb["counts"], "skips": wb["skips"]}
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+class DataIterator:
+  """Iterator of host batches (contract dicts of NumPy arrays) with counters and state.
+
+  Attributes:
+    counters: cumulative {key: count} over the batches handed out (keys `COUNTER_KEYS`):
+      "samples" batched, one entry per skip reason and per fix-up.
+    recent_skips: the last 64 `Skip`s (reason, file:line, message), for debugging.
+    batches: number of batches handed out (== the next batch index).
+  """
+
+  def __init__(self, it: grain.DatasetIterator, cfg: DataConfig, num_records: int):
+    self._it = it
+    self.cfg = cfg
+    self.num_records = num_records
+    self.counters: dict[str, int] = {k: 0 for k in COUNTER_KEYS}
+    self.recent_skips: collections.deque[Skip] = collections.deque(maxlen=64)
+    self._logged: collections.Counter[str] = collections.Counter()
+
+  def __iter__(self) -> DataIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while True:
+      item = next(self._it)
+      self._count(item["counts"], item["skips"])
+      if item["batch"] is not None:
+        return item["batch"]
+
+  def _count(self, counts: np.ndarray, skips: Sequence[Skip]) -> None:
+    for k, c in zip(COUNTER_KEYS, np.asarray(counts).tolist()):
+      self.counters[k] += int(c)
+    for s in skips:
+      self.recent_skips.append(s)
+      if self._logged[s.reason] < self.cfg.log_skips:
+        self._logged[s.reason] += 1
+        logging.warning("data: skipped sample (%s) at %s: %s", s.reason, s.source, s.message)
+
+  def skip_counters(self) -> dict[str, int]:
+    """Non-zero skip / fix-up counts (no "samples"), for the training log."""
+    return {k: v for k, v in self.counters.items() if v and k != "samples"}
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable state: grain's iterator state + counters (+ a format version)."""
+    return {"version": 1, "grain": self._it.get_state(), "counters": dict(self.counters)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores `get_state()` output; the next batch is the one that followed it."""
+    if int(state.get("version", 0)) != 1 or "grain" not in state:
+      raise ValueError("data iterator state: unknown format (expected the dict from "
+                       "DataIterator.get_state(), version 1)")
+    self._it.set_state(state["grain"])
+    self.counters = {k: int(state.get("counters", {}).get(k, 0)) for k in COUNTER_KEYS}
+
+  def close(self) -> None:
+    """Stops worker processes and prefetch threads."""
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+  def __enter__(self) -> DataIterator:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def make_pipeline(data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *,
+                  process_index: int | None = None, process_count: int | None = None,
+                  train: bool = True, source: Any = None) -> DataIterator:
+  """Builds this host's iterator of fixed-shape batches (see the module docstring).
+
+  Args:
+    data_cfg: a `DataConfig`, or a dict / ml_collections.ConfigDict with its fields.
+    tokenizer: a `fusion_jax.data.tokenizer.Tokenizer` (shipped to the worker processes).
+    process_index, process_count: this host's shard; default jax.process_index() /
+      jax.process_count() (grain's ShardByJaxProcess).
+    train: True: seeded global shuffle, q drawn per batch, `num_epochs` (None = forever),
+      a short final batch is dropped. False: no shuffle, one epoch, q = eval_q, the short
+      final batch is padded to batch_size with empty examples.
+    source: a random-access source to use instead of the config's (tests, custom sources).
+
+  Returns:
+    a `DataIterator` of host batches, dicts of NumPy arrays in the batch layout contract
+    (COMMON.md): input_ids, token_mask, positions, labels, images, has_image, image_start,
+    latent_pos, question_pos, instructs, instructs_mask.
+  """
+  cfg = as_data_config(data_cfg)
+  if process_index is None or process_count is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  shard = grain.sharding.ShardOptions(process_index, process_count, cfg.shard_drop_remainder)
+  try:
+    conversation_lib.get_template(cfg.template)
+  except BadSample as e:  # a config error, not a sample error: fail at startup
+    raise ValueError(f"data config: {e}") from None
+  src = build_source(cfg) if source is None else source
+  n = len(src)
+  if n == 0:
+    raise ValueError("data: the configured sources hold no records")
+
+  ds = grain.MapDataset.source(src)
+  if train and cfg.shuffle:
+    ds = ds.shuffle(seed=cfg.seed)
+  stop = n - n % shard.shard_count if shard.drop_remainder else n
+  ds = ds[shard.shard_index:stop:shard.shard_count]
+  if len(ds) == 0:
+    raise ValueError(f"data: host shard {shard.shard_index}/{shard.shard_count} is empty "
+                     f"({n} records for {shard.shard_count} hosts)")
+  shard_len = len(ds)
+  epochs = cfg.num_epochs if train else 1
+  if epochs != 1:
+    ds = ds.repeat(epochs)
+  q_check = max(cfg.query_len) if train else cfg.q_eval
+  ds = ds.map(DecodeSample(cfg, tokenizer, q_check))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
+                                               prefetch_buffer_size=max(cfg.read_buffer, 1)))
+  it_ds = SkipAwareBatch(it_ds, cfg.batch_size, drop_remainder=train)
+  if cfg.worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.worker_count, per_worker_buffer_size=max(cfg.worker_buffer_size, 1)))
+  it_ds = it_ds.map_with_index(LayoutBatch(cfg, tokenizer.pad_id, train))
+  if cfg.prefetch > 0:
+    it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds,
+                                                         prefetch_buffer_size=cfg.prefetch)
+  logging.info("data: %d records, host shard %d/%d holds %d, batch %d per host, %d workers",
+               n, shard.shard_index, shard.shard_count, shard_len,
+               cfg.batch_size, cfg.worker_count)
+  return DataIterator(iter(it_ds), cfg, n)
+
+
+# ----------------------------------------------------------------------------- global arrays
+
+
+def batch_partition_spec(mesh: jax.sharding.Mesh,
+                         batch_axes: Sequence[str] = ("data", "fsdp")) -> jax.sharding.PartitionSpec:
+  """PartitionSpec sharding the leading (batch) dim over the mesh's data-parallel axes."""
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  return jax.sharding.PartitionSpec(axes if axes else None)
+
+
+def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                    batch_sharding: jax.sharding.PartitionSpec | jax.sharding.NamedSharding
+                    | None = None) -> dict[str, jax.Array]:
+  """Assembles every host's batch into global jax.Arrays (batch dim = sum over hosts).
+
+  Args:
+    host_batch: this host's batch, {key: (B_host, ...) array}.
+    mesh: the device mesh.
+    batch_sharding: PartitionSpec (or NamedSharding) of the batch dimension; default shards
+      it over the mesh's ("data", "fsdp") axes; trailing dims are replicated.
+
+  Uses jax.make_array_from_process_local_data, so each host passes only its own rows; the
+  local batch must divide evenly over this host's devices along the sharded axes.
+  """
+  if batch_sharding is None:
+    spec = batch_partition_spec(mesh)
+  elif isinstance(batch_sharding, jax.sharding.NamedSharding):
+    spec = batch_sharding.spec
+  else:
+    spec = batch_sharding
+  lead = spec[0] if len(spec) else None
+  out = {}
+  for k, v in host_batch.items():
+    v = np.asarray(v)
+    sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(lead, *([None] * (v.ndim - 1))))
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out

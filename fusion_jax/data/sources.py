@@ -1,0 +1,568 @@
+"""Random-access record sources: LLaVA JSON / JSONL, mixture YAML, ArrayRecord shards, TFDS.
+
+Every source is a grain-compatible random-access data source (`__len__`, `__getitem__`) whose
+elements are `RawSample`s: the still-unparsed record, its provenance and where its image lives.
+Parsing and all per-sample checks happen later, inside the pipeline's workers, so that a bad
+record becomes a counted skip (`errors.BadSample`) instead of a crash at startup. What IS checked
+at startup, with errors naming the file and the fix: the mixture YAML schema, missing files, and
+JSON array files that do not parse at all (a single array cannot be read record by record).
+
+Sources are cheap to pickle (grain ships them to every worker process): JSONL files are indexed
+by byte offsets and read with `os.pread` from a per-process file handle; JSON arrays are packed
+into one contiguous byte buffer plus an offsets array (no per-record Python objects).
+
+Mixture YAML (the authors' / LLaVA-OneVision format, plus two optional keys of ours)::
+
+    datasets:
+      - json_path: jsons/LLaVA-Pretrain-558k.json     # .json (array) or .jsonl
+        sampling_strategy: "all"                      # all | first:N | end:N | random:N, N or N%
+      - json_path: jsons/SynthColor-244k.jsonl
+        sampling_strategy: "random:10%"
+        image_root: /data/synth/images                # ours: overrides the config's image_root
+      - arrayrecord_path: /data/shards/pretrain       # ours: ArrayRecord file, directory or glob
+        sampling_strategy: "first:1000"
+
+N% takes ceil(N * len / 100) records (as LLaVA-NeXT does); N larger than the file is clamped
+with a warning. `random:N` draws N distinct records with a generator seeded by (seed, path), so
+every host builds the identical global list before sharding. Relative paths resolve against the
+YAML file's directory first, then the working directory.
+
+ArrayRecord record format (written by `fusion_jax.data.to_arrayrecord`; version tag FJR1)::
+
+    b"FJR1" | uint32 little-endian J | J bytes of UTF-8 JSON | image file bytes (may be empty)
+
+The JSON is the original LLaVA record plus "_source" (its ``file:line`` provenance); the image
+bytes are the original file's bytes (JPEG/PNG/...), not re-encoded. Records tagged FSYN (the
+same layout, written by `fusion_jax.synth --arrayrecord`) are read as well.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+import numpy as np
+import yaml
+
+from fusion_jax.data.errors import BadSample
+
+RECORD_MAGIC = b"FJR1"
+# fusion_jax.synth's `--arrayrecord` output uses the same layout under this tag (no "_source").
+SYNTH_MAGIC = b"FSYN"
+ARRAYRECORD_SUFFIX = ".array_record"
+SAMPLING_KINDS = ("all", "first", "end", "random")
+_SHARD_RE = re.compile(r"\.array_record(-\d+-of-\d+)?$")
+MIXTURE_KEYS = ("json_path", "arrayrecord_path", "sampling_strategy", "image_root")
+
+
+class MixtureError(ValueError):
+  """A startup error in the data sources: bad mixture YAML, missing file, unreadable JSON array."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RawSample:
+  """One unparsed record as a source hands it out.
+
+  Attributes:
+    record: the LLaVA record as a dict, or its JSON text (bytes) still to be parsed by
+      `parse_record` (which raises BadSample('bad_json') with `source`).
+    source: provenance for logs, ``file:line`` (JSONL), ``file#index`` (JSON array),
+      the original ``file:line`` for ArrayRecord/TFDS records when known.
+    image_root: directory that relative image paths resolve against ('' = working dir).
+    image_bytes: the encoded image when embedded (ArrayRecord, TFDS); None to read the file.
+    error: (reason, message) when the source could not even decode the record; sources never
+      raise for a bad record (grain calls them outside the pipeline's BadSample handling),
+      `parse_record` raises it instead.
+  """
+  record: dict | bytes
+  source: str
+  image_root: str = ""
+  image_bytes: bytes | None = None
+  error: tuple[str, str] | None = None
+
+
+def parse_record(raw: RawSample) -> dict:
+  """The record of `raw` as a dict; BadSample('bad_json') when it is not a JSON object."""
+  if raw.error is not None:
+    raise BadSample(raw.error[0], raw.error[1], raw.source)
+  rec = raw.record
+  if isinstance(rec, (bytes, bytearray, memoryview)):
+    try:
+      rec = json.loads(bytes(rec))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise BadSample("bad_json", f"not valid JSON ({e})", raw.source) from None
+  if not isinstance(rec, dict):
+    raise BadSample("bad_json", f"a record must be a JSON object, got {type(rec).__name__}",
+                    raw.source)
+  return rec
+
+
+# ----------------------------------------------------------------------------- ArrayRecord format
+
+
+def pack_record(record: dict, image_bytes: bytes = b"", source: str = "") -> bytes:
+  """Serialises one sample in the FJR1 format (see module docstring)."""
+  rec = dict(record)
+  if source:
+    rec["_source"] = source
+  js = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+  return RECORD_MAGIC + struct.pack("<I", len(js)) + js + (image_bytes or b"")
+
+
+def unpack_record(data: bytes, where: str = "") -> tuple[dict, bytes, str]:
+  """Inverse of `pack_record`: (record, image bytes (b'' if none), provenance).
+
+  Raises BadSample('bad_record') for bytes that are not an FJR1 record.
+  """
+  data = bytes(data)
+  if len(data) < 8 or data[:4] not in (RECORD_MAGIC, SYNTH_MAGIC):
+    raise BadSample("bad_record", "not an FJR1/FSYN ArrayRecord record (wrong magic)", where)
+  (n,) = struct.unpack("<I", data[4:8])
+  if 8 + n > len(data):
+    raise BadSample("bad_record", "FJR1 record truncated", where)
+  try:
+    rec = json.loads(data[8:8 + n])
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise BadSample("bad_json", f"FJR1 record JSON unreadable ({e})", where) from None
+  if not isinstance(rec, dict):
+    raise BadSample("bad_json", "FJR1 record JSON is not an object", where)
+  source = rec.pop("_source", "") or where
+  return rec, data[8 + n:], source
+
+
+# ----------------------------------------------------------------------------- LLaVA JSON / JSONL
+
+
+class JsonlSource:
+  """A LLaVA JSONL file, one record per line; lines are read lazily by byte offset.
+
+  Blank lines are not records. A line that does not parse becomes BadSample('bad_json') with
+  ``file:line`` when the pipeline reaches it.
+  """
+
+  def __init__(self, path: str, image_root: str = ""):
+    self.path = os.path.abspath(path)
+    self.image_root = image_root
+    if not os.path.isfile(self.path):
+      raise MixtureError(f"JSONL file not found: {path}")
+    self._starts, self._ends, self._lines = _index_lines(self.path)
+    self._fd: int | None = None
+    self._pid = -1
+
+  def __len__(self) -> int:
+    return int(self._starts.shape[0])
+
+  def __getitem__(self, i: int) -> RawSample:
+    i = int(i)
+    start, end = int(self._starts[i]), int(self._ends[i])
+    data = os.pread(self._handle(), end - start, start)
+    return RawSample(data, f"{self.path}:{int(self._lines[i])}", self.image_root)
+
+  def _handle(self) -> int:
+    # One descriptor per process: grain workers must not share the parent's file offset state.
+    if self._fd is None or self._pid != os.getpid():
+      self._fd = os.open(self.path, os.O_RDONLY)
+      self._pid = os.getpid()
+    return self._fd
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_fd"], state["_pid"] = None, -1
+    return state
+
+  def __repr__(self) -> str:
+    return f"JsonlSource({self.path!r}, {len(self)} records)"
+
+
+def _index_lines(path: str, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(start, end, 1-based line number) of every non-blank line, scanning in 64 MiB chunks."""
+  newlines = []
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    pos = 0
+    while True:
+      buf = f.read(chunk)
+      if not buf:
+        break
+      nl = np.flatnonzero(np.frombuffer(buf, np.uint8) == 0x0A)
+      newlines.append(nl.astype(np.int64) + pos)
+      pos += len(buf)
+  nl = np.concatenate(newlines) if newlines else np.zeros((0,), np.int64)
+  starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+  ends = np.concatenate([nl, [size]]).astype(np.int64)
+  lines = np.arange(1, starts.shape[0] + 1, dtype=np.int64)
+  # A line of 0 bytes or a lone '\r' is blank (also drops the empty "line" after a final '\n').
+  keep = (ends - starts) > 1
+  if np.any((ends - starts) == 1):
+    with open(path, "rb") as f:
+      for j in np.flatnonzero((ends - starts) == 1):
+        f.seek(int(starts[j]))
+        if f.read(1) not in (b"\r", b" ", b"\t"):
+          keep[j] = True
+  return starts[keep], ends[keep], lines[keep]
+
+
+class JsonSource:
+  """A LLaVA JSON file holding one array of records (the authors' released format).
+
+  The array is parsed once at startup (it cannot be read record by record; an unreadable file
+  is a MixtureError naming line and column), then packed into one byte buffer so that worker
+  processes receive a compact, cheap-to-pickle object.
+  """
+
+  def __init__(self, path: str, image_root: str = ""):
+    self.path = os.path.abspath(path)
+    self.image_root = image_root
+    if not os.path.isfile(self.path):
+      raise MixtureError(f"JSON file not found: {path}")
+    with open(self.path, "rb") as f:
+      try:
+        records = json.load(f)
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise MixtureError(
+            f"{path}: not a valid JSON array ({where}: {e}). A .json file must hold one array of "
+            "records; for one record per line name the file .jsonl.") from None
+    if not isinstance(records, list):
+      raise MixtureError(f"{path}: top-level JSON value must be an array of records, "
+                         f"got {type(records).__name__}")
+    blobs = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+             for r in records]
+    del records
+    lens = np.fromiter((len(b) for b in blobs), np.int64, len(blobs))
+    self._offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    self._buf = np.frombuffer(b"".join(blobs), np.uint8)
+
+  def __len__(self) -> int:
+    return int(self._offsets.shape[0] - 1)
+
+  def __getitem__(self, i: int) -> RawSample:
+    i = int(i)
+    data = self._buf[self._offsets[i]:self._offsets[i + 1]].tobytes()
+    return RawSample(data, f"{self.path}#{i}", self.image_root)
+
+  def __repr__(self) -> str:
+    return f"JsonSource({self.path!r}, {len(self)} records)"
+
+
+# ----------------------------------------------------------------------------- ArrayRecord
+
+
+def expand_arrayrecord_paths(spec: str | Sequence[str]) -> list[str]:
+  """Files for an ArrayRecord spec: a file, a directory (all *.array_record* in it), or a glob."""
+  specs = [spec] if isinstance(spec, str) else list(spec)
+  out: list[str] = []
+  for s in specs:
+    if os.path.isdir(s):
+      # Shards only: not the converter's *.tmp (incomplete) or *.done.json files.
+      found = sorted(p for p in glob.glob(os.path.join(s, "*" + ARRAYRECORD_SUFFIX + "*"))
+                     if _SHARD_RE.search(p))
+    elif any(c in s for c in "*?["):
+      found = sorted(glob.glob(s))
+    else:
+      found = [s] if os.path.isfile(s) else []
+    if not found:
+      raise MixtureError(f"no ArrayRecord files found for {s!r} (give a file, a directory of "
+                         f"*{ARRAYRECORD_SUFFIX} shards, or a glob)")
+    out.extend(os.path.abspath(p) for p in found)
+  return out
+
+
+class ArrayRecordSource:
+  """FJR1 records (see module docstring) from one or more ArrayRecord shards."""
+
+  def __init__(self, paths: str | Sequence[str]):
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    self.paths = expand_arrayrecord_paths(paths)
+    self._ds = array_record_data_source.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, i: int) -> RawSample:
+    i = int(i)
+    where = f"arrayrecord#{i}"
+    try:
+      rec, img, source = unpack_record(self._ds[i], where)
+    except BadSample as e:
+      return RawSample(b"", where, "", None, (e.reason, e.message))
+    return RawSample(rec, source, "", img if rec.get("image") else None)
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+class TfdsSource:
+  """Adapter: a `tfds.data_source` of the synthesized dataset (see `synth_tfds`) -> RawSample.
+
+  Works without TensorFlow: tfds array_record data sources decode with NumPy.
+  """
+
+  def __init__(self, name: str, data_dir: str = "", split: str = "train"):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # Registers the builder class so that name resolution works even before prepare.
+    from fusion_jax.data import synth_tfds  # pylint: disable=g-import-not-at-top,unused-import
+    self.name, self.data_dir, self.split = name, data_dir, split
+    try:
+      self._ds = tfds.data_source(name, data_dir=data_dir or None, split=split)
+    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...)
+      raise MixtureError(
+          f"tfds data source {name!r} (data_dir={data_dir!r}, split={split!r}) cannot be opened: "
+          f"{e}. Prepare it first: python -m fusion_jax.data.synth_tfds --synth_dir DIR "
+          "--data_dir DATA_DIR") from None
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, i: int) -> RawSample:
+    where = f"tfds:{self.name}/{self.split}#{int(i)}"
+    try:
+      return tfds_example_to_raw(self._ds[int(i)], where)
+    except (KeyError, TypeError, UnicodeDecodeError) as e:  # an example of another schema
+      return RawSample(b"", where, "", None, ("bad_record", f"unexpected TFDS example: {e!r}"))
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+
+
+def _text(x: Any) -> str:
+  if isinstance(x, np.ndarray):
+    x = x.item() if x.shape == () else x
+  return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
+
+
+def tfds_example_to_raw(ex: dict, where: str) -> RawSample:
+  """A decoded `synth_tfds` example (NumPy, no TF) back to a LLaVA record + embedded image."""
+  conv = ex["conversations"]
+  turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]
+  rec: dict[str, Any] = {"id": _text(ex["id"]), "conversations": turns}
+  image = ex["image"]
+  image = image.item() if isinstance(image, np.ndarray) else image
+  image_path = _text(ex.get("image_path", b""))
+  if image:
+    rec["image"] = image_path or "embedded"
+  source = _text(ex.get("source", b"")) or where
+  return RawSample(rec, source, "", bytes(image) if image else None)
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+def parse_sampling(strategy: Any, where: str = "") -> tuple[str, float | None, bool]:
+  """'all' | 'first:N' | 'end:N' | 'random:N', N an int or a percentage 'P%'.
+
+  Returns (kind, N or P, is_percent). Raises MixtureError naming `where` on anything else.
+  """
+  if not isinstance(strategy, str):
+    raise MixtureError(f"{where}sampling_strategy must be a string like 'all', 'first:1000', "
+                       f"'random:10%', got {strategy!r}")
+  s = strategy.strip()
+  if s == "all":
+    return "all", None, False
+  kind, sep, num = s.partition(":")
+  kind, num = kind.strip(), num.strip()
+  if not sep or kind not in SAMPLING_KINDS or kind == "all":
+    raise MixtureError(f"{where}sampling_strategy {strategy!r} not understood; use all, first:N, "
+                       "end:N or random:N (N a count or a percentage like 10%)")
+  percent = num.endswith("%")
+  try:
+    value = float(num[:-1]) if percent else int(num)
+  except ValueError:
+    raise MixtureError(f"{where}sampling_strategy {strategy!r}: N must be an integer or a "
+                       "percentage like 25%") from None
+  if value <= 0 or (percent and value > 100):
+    raise MixtureError(f"{where}sampling_strategy {strategy!r}: N must be > 0"
+                       + (" and <= 100%" if percent else ""))
+  return kind, value, percent
+
+
+def sample_indices(n_total: int, strategy: str, *, seed: int, key: str,
+                   where: str = "") -> np.ndarray:
+  """Indices selected by a sampling strategy from a source of `n_total` records (int64)."""
+  kind, value, percent = parse_sampling(strategy, where)
+  if kind == "all":
+    return np.arange(n_total, dtype=np.int64)
+  n = math.ceil(value * n_total / 100) if percent else int(value)
+  if n > n_total:
+    logging.warning("%ssampling_strategy %r asks for %d records, the source has %d: using all.",
+                    where, strategy, n, n_total)
+    n = n_total
+  if kind == "first":
+    return np.arange(n, dtype=np.int64)
+  if kind == "end":
+    return np.arange(n_total - n, n_total, dtype=np.int64)
+  # random: identical on every host (seeded by seed and the path), sorted for read locality.
+  rng = np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(key.encode("utf-8"))])
+  return np.sort(rng.choice(n_total, size=n, replace=False)).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureEntry:
+  """One validated entry of a mixture: a path, its kind and sampling strategy."""
+  path: str
+  kind: str  # "json" | "jsonl" | "arrayrecord"
+  sampling_strategy: str = "all"
+  image_root: str = ""
+
+
+def _resolve(path: str, base_dir: str) -> str:
+  path = os.path.expanduser(path)
+  if os.path.isabs(path):
+    return path
+  cand = os.path.join(base_dir, path)
+  if os.path.exists(cand) or glob.glob(cand):
+    return cand
+  return os.path.abspath(path)
+
+
+def json_kind(path: str) -> str:
+  """'json' or 'jsonl' from the file name (the authors decide by extension too)."""
+  if path.endswith(".jsonl"):
+    return "jsonl"
+  if path.endswith(".json"):
+    return "json"
+  raise MixtureError(f"{path}: unsupported file type; LLaVA data must be .json (one array) or "
+                     ".jsonl (one record per line)")
+
+
+def parse_mixture(path: str, image_root: str = "") -> list[MixtureEntry]:
+  """Validates a mixture YAML (schema in the module docstring) -> entries; MixtureError if bad."""
+  if not os.path.isfile(path):
+    raise MixtureError(f"mixture file not found: {path}")
+  with open(path) as f:
+    try:
+      doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+      raise MixtureError(f"mixture {path}: not valid YAML: {e}") from None
+  if not isinstance(doc, dict) or "datasets" not in doc:
+    raise MixtureError(f"mixture {path}: top level must be a mapping with a 'datasets' list, "
+                       "e.g.\ndatasets:\n  - json_path: a.json\n    sampling_strategy: all")
+  extra = sorted(set(doc) - {"datasets"})
+  if extra:
+    raise MixtureError(f"mixture {path}: unknown top-level keys {extra}; only 'datasets' is allowed")
+  items = doc["datasets"]
+  if not isinstance(items, list) or not items:
+    raise MixtureError(f"mixture {path}: 'datasets' must be a non-empty list")
+  base = os.path.dirname(os.path.abspath(path))
+  entries = []
+  for k, item in enumerate(items):
+    where = f"mixture {path}: datasets[{k}]: "
+    if not isinstance(item, dict):
+      raise MixtureError(f"{where}each entry must be a mapping with json_path and "
+                         f"sampling_strategy, got {item!r}")
+    unknown = sorted(set(item) - set(MIXTURE_KEYS))
+    if unknown:
+      raise MixtureError(f"{where}unknown keys {unknown}; allowed: {list(MIXTURE_KEYS)}")
+    has_json, has_ar = "json_path" in item, "arrayrecord_path" in item
+    if has_json == has_ar:
+      raise MixtureError(f"{where}give exactly one of json_path or arrayrecord_path")
+    strategy = item.get("sampling_strategy", "all")
+    parse_sampling(strategy, where)
+    root = item.get("image_root", image_root)
+    if not isinstance(root, str):
+      raise MixtureError(f"{where}image_root must be a string path")
+    if has_json:
+      p = item["json_path"]
+      if not isinstance(p, str) or not p:
+        raise MixtureError(f"{where}json_path must be a non-empty string")
+      p = _resolve(p, base)
+      kind = json_kind(p)
+      if not os.path.isfile(p):
+        raise MixtureError(f"{where}json_path {item['json_path']!r} not found (looked at {p})")
+    else:
+      p = item["arrayrecord_path"]
+      if not isinstance(p, str) or not p:
+        raise MixtureError(f"{where}arrayrecord_path must be a non-empty string")
+      p = _resolve(p, base)
+      kind = "arrayrecord"
+      try:
+        expand_arrayrecord_paths(p)
+      except MixtureError as e:
+        raise MixtureError(f"{where}{e}") from None
+    if root:
+      root = _resolve(root, base)
+    entries.append(MixtureEntry(p, kind, strategy.strip(), root))
+  return entries
+
+
+def open_entry(entry: MixtureEntry):
+  """The random-access source for one mixture entry (before sampling)."""
+  if entry.kind == "jsonl":
+    return JsonlSource(entry.path, entry.image_root)
+  if entry.kind == "json":
+    return JsonSource(entry.path, entry.image_root)
+  if entry.kind == "arrayrecord":
+    return ArrayRecordSource(entry.path)
+  raise MixtureError(f"unknown source kind {entry.kind!r}")
+
+
+class MixtureSource:
+  """Concatenation of sources, each restricted to an index selection (its sampling strategy)."""
+
+  def __init__(self, parts: Sequence[tuple[Any, np.ndarray]], names: Sequence[str] = ()):
+    self.parts = [(src, np.asarray(idx, np.int64)) for src, idx in parts]
+    self.names = list(names) or [repr(s) for s, _ in self.parts]
+    self._cum = np.cumsum([0] + [len(idx) for _, idx in self.parts]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self._cum[-1])
+
+  def __getitem__(self, i: int) -> RawSample:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"index {i} out of range for a mixture of {len(self)} records")
+    k = int(np.searchsorted(self._cum, i, side="right") - 1)
+    src, idx = self.parts[k]
+    return src[int(idx[i - self._cum[k]])]
+
+  def sizes(self) -> list[tuple[str, int]]:
+    """(name, selected records) per part, in order, for the startup log."""
+    return [(n, int(len(idx))) for n, (_, idx) in zip(self.names, self.parts)]
+
+  def __repr__(self) -> str:
+    return f"MixtureSource({len(self.parts)} parts, {len(self)} records)"
+
+
+def load_mixture(path: str, *, seed: int = 0, image_root: str = "") -> MixtureSource:
+  """Parses, validates and samples a mixture YAML into one random-access source."""
+  entries = parse_mixture(path, image_root)
+  parts, names = [], []
+  opened: dict[tuple[str, str, str], Any] = {}  # a file listed twice is read once
+  for k, e in enumerate(entries):
+    key = (e.kind, e.path, e.image_root)
+    src = opened[key] = opened.get(key) or open_entry(e)
+    idx = sample_indices(len(src), e.sampling_strategy, seed=seed, key=e.path,
+                         where=f"mixture {path}: datasets[{k}]: ")
+    parts.append((src, idx))
+    names.append(os.path.basename(e.path))
+  mix = MixtureSource(parts, names)
+  logging.info("mixture %s: %d records: %s", path, len(mix), mix.sizes())
+  return mix
+
+
+def source_from_paths(paths: Sequence[str], image_root: str = "") -> MixtureSource:
+  """All records of LLaVA JSON/JSONL files and/or ArrayRecord shards (files, dirs, globs)."""
+  if isinstance(paths, str):
+    paths = [paths]
+  if not paths:
+    raise MixtureError("no data paths given")
+  parts, names = [], []
+  for p in paths:
+    if p.endswith((".json", ".jsonl")):
+      src = open_entry(MixtureEntry(os.path.abspath(p), json_kind(p), "all", image_root))
+    else:
+      src = ArrayRecordSource(p)
+    parts.append((src, np.arange(len(src), dtype=np.int64)))
+    names.append(os.path.basename(p.rstrip("/")))
+  return MixtureSource(parts, names)
