@@ -1,0 +1,334 @@
+"""FUSION: the whole model (spec sections 2-6) as one Linen module and a pure `apply`.
+
+    images ──► static_hd crops [TL, TR, BL, BR, full]
+                 full ──► text-guided tower (instructions via aux_projector) ──► connector
+                          ──► mm_projector ──► N image tokens  +  instruction features (loss)
+                 tiles ─► plain tower ──► connector ──► mm_projector ──► 2x2 mosaic (context)
+    mosaic ──► adaptive max pool ──► q latent inits;  (w sqrt q)^2 pool ──► q context windows
+    input_ids ──► embed; image tokens into the image slot, latents into the latent slots
+              ──► LLM decoder, an interaction layer after layers start + j*stride ──► logits
+
+Batch layout (produced by fusion_jax.data; B batch, S sequence, Lq max questions, q latents
+per question, T instruction tokens, H = W = tower image size, N image tokens):
+
+| key            | shape           | dtype | meaning / padding                                       |
+|----------------|-----------------|-------|---------------------------------------------------------|
+| input_ids      | (B, S)          | int32 | token ids; image/latent slots and padding hold pad_id   |
+| token_mask     | (B, S)          | bool  | True at real tokens (slots included)                    |
+| positions      | (B, S)          | int32 | 0..n-1 over real tokens; 0 at padding                   |
+| labels         | (B, S)          | int32 | unshifted targets; -100 = not supervised                |
+| images         | (B, 5, H, W, 3) | uint8 | static_hd crops [TL, TR, BL, BR, full]; zeros text-only |
+| has_image      | (B,)            | bool  | False for text-only samples                             |
+| image_start    | (B,)            | int32 | first of the N image slots; -1 for text-only            |
+| latent_pos     | (B, Lq*q)       | int32 | index of latent slot v = l*q + kk; -1 = padding         |
+| question_pos   | (B, Lq)         | int32 | last token of user turn l (incl. assistant header); -1  |
+| instructs      | (B, T)          | int32 | all user turns' token ids, no markers; 0 padding        |
+| instructs_mask | (B, T)          | bool  | valid instruction tokens (explicit: id 0 is real in     |
+|                |                 |       | Llama-3)                                                |
+
+q = latent_pos.shape[1] // Lq: every distinct q is one compilation, nothing else varies.
+Images are normalised on device (x/255, then (x - 0.5)/0.5), so host-to-device is uint8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fusion_jax.models import global_context
+from fusion_jax.models.connector import AuxProjector, MMProjector, feature_connector
+from fusion_jax.models.interaction import InteractionLayer, apply_interaction
+from fusion_jax.models.llm import Decoder, LLMConfig
+from fusion_jax.models.mapping_loss import fusion_loss
+from fusion_jax.models.text_guided import text_guided_encode
+from fusion_jax.models.vision import VisionConfig, VisionTower
+from fusion_jax.parallel.sharding import constrain
+
+VISION_TEXT_MASKS = ("faithful", "block_vision_to_text")
+BATCH_KEYS = ("input_ids", "token_mask", "positions", "labels", "images", "has_image",
+              "image_start", "latent_pos", "question_pos", "instructs", "instructs_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+  """A FUSION model: LLM + tower + the FUSION-specific modules and switches.
+
+  `vision.num_layers` is the number of tower layers RUN (the checkpoint's L-1: FUSION drops the
+  last one). Ablation switches (`text_guidance`, `interaction`, `mapping_loss`, `latents`)
+  turn one mechanism off each, for the paper's ablation at any scale.
+  """
+  llm: LLMConfig
+  vision: VisionConfig
+  query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
+  window_size: int = 3
+  num_interaction: int = 10
+  interaction_start: int = 0
+  interaction_stride: int = 3
+  interaction_heads: int = 16
+  vision_text_mask: str = "faithful"
+  mapping_weight: float = 0.1
+  # Faithful: text-only dummy images count in vision_map; False excludes them (corrected).
+  vision_map_text_only: bool = True
+  max_instruct_len: int = 256
+  # FUSION-L: at inference, resize the image token grid to this side (0 = off; authors: 12).
+  fusion_l_grid: int = 0
+  template: str = "phi_3"
+  text_guidance: bool = True
+  interaction: bool = True
+  mapping_loss: bool = True
+  latents: bool = True
+
+  def __post_init__(self):
+    if self.vision_text_mask not in VISION_TEXT_MASKS:
+      raise ValueError(f"FusionConfig.vision_text_mask={self.vision_text_mask!r}; "
+                       f"choose one of {VISION_TEXT_MASKS}")
+    for q in self.query_len:
+      global_context.check_square(q, "query_len entry")
+    grid = 2 * self.vision.grid_size
+    worst = self.window_size * math.isqrt(max(self.query_len))
+    if worst > grid:
+      raise ValueError(
+          f"FusionConfig: context pool side window_size*sqrt(max q) = {worst} exceeds the tile "
+          f"mosaic side {grid} (2 x {self.vision.grid_size}); lower query_len or window_size")
+    if self.llm.hidden_size % self.interaction_heads:
+      raise ValueError(f"FusionConfig: interaction_heads {self.interaction_heads} must divide "
+                       f"the LLM width {self.llm.hidden_size}")
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Image tokens in the sequence: N, or the FUSION-L grid when set."""
+    return self.fusion_l_grid**2 if self.fusion_l_grid else self.vision.num_patches
+
+  @property
+  def interaction_layers(self) -> tuple[int, ...]:
+    """Decoder layer indices followed by an interaction layer (past-the-depth ones skipped)."""
+    if not self.interaction:
+      return ()
+    idx = (self.interaction_start + j * self.interaction_stride for j in range(self.num_interaction))
+    return tuple(i for i in idx if i < self.llm.num_layers)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["llm"], d["vision"] = self.llm.to_dict(), self.vision.to_dict()
+    d["query_len"] = list(self.query_len)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> FusionConfig:
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"FusionConfig: unknown fields {unknown}; known: {sorted(names)}")
+    d["llm"] = d["llm"] if isinstance(d["llm"], LLMConfig) else LLMConfig.from_dict(d["llm"])
+    d["vision"] = (d["vision"] if isinstance(d["vision"], VisionConfig)
+                   else VisionConfig.from_dict(d["vision"]))
+    if "query_len" in d:
+      ql = d["query_len"]
+      d["query_len"] = tuple(int(x) for x in (ql.split(",") if isinstance(ql, str) else ql))
+    return cls(**d)
+
+  def replace(self, **kw) -> FusionConfig:
+    return dataclasses.replace(self, **kw)
+
+
+def normalize_images(images: jax.Array, has_image: jax.Array, dtype) -> jax.Array:
+  """uint8 (B, 5, H, W, 3) -> (x/255 - 0.5)/0.5, and exact zeros for text-only samples."""
+  x = images.astype(jnp.float32) * (1.0 / 255.0)
+  x = (x - 0.5) / 0.5
+  return jnp.where(has_image[:, None, None, None, None], x, 0.0).astype(dtype)
+
+
+def _scatter_rows(h: jax.Array, dst: jax.Array, values: jax.Array) -> jax.Array:
+  """h (B, S, D) with h[b, dst[b, i]] = values[b, i]; dst >= S (or < 0 mapped there) drops."""
+  s = h.shape[1]
+  dst = jnp.where(dst >= 0, dst, s)
+  rows = jnp.arange(h.shape[0])[:, None]
+  return h.at[rows, dst].set(values.astype(h.dtype), mode="drop")
+
+
+class Fusion(nn.Module):
+  """The FUSION model. Parameter tree:
+
+    llm/...               decoder (fusion_jax.models.llm)
+    vision_tower/...      SigLIP tower, L-1 layers (fusion_jax.models.vision)
+    mm_projector/...      vision -> LLM (3Dv -> D -> D)
+    aux_projector/...     LLM -> vision (D -> Dv -> Dv)
+    interaction_{j}/...   j-th interaction layer (torch: model.vision_sampler_layers.{j})
+  """
+  config: FusionConfig
+
+  def setup(self):
+    cfg = self.config
+    self.llm = Decoder(cfg.llm)
+    self.vision_tower = VisionTower(cfg.vision)
+    kw = dict(dtype=jnp.dtype(cfg.llm.dtype), param_dtype=jnp.dtype(cfg.llm.param_dtype))
+    self.mm_projector = MMProjector(cfg.llm.hidden_size, **kw)
+    self.aux_projector = AuxProjector(cfg.vision.hidden_size, **kw)
+    self.interaction = [InteractionLayer(cfg.interaction_heads, **kw)
+                        for _ in cfg.interaction_layers]
+
+  def encode_images(self, images: jax.Array, has_image: jax.Array, instructs: jax.Array,
+                    instructs_mask: jax.Array) -> dict[str, jax.Array]:
+    """Both vision passes.
+
+    Returns a dict with image_tokens (B, N, D), mosaic (B, 2g, 2g, D), patch_embeds (B, N, Dv)
+    (hs[0] of the full view), instruct_embeds (B, T, D), instruct_feats (B, T, D) or None.
+    """
+    cfg = self.config
+    b = images.shape[0]
+    pix = normalize_images(images, has_image, jnp.dtype(cfg.vision.dtype))
+    hw = pix.shape[2:]
+    embeds = self.vision_tower.embed(pix.reshape(b * 5, *hw)).reshape(b, 5, -1, cfg.vision.hidden_size)
+    n = embeds.shape[2]
+    patch_embeds = embeds[:, 4]
+    instruct_embeds = self.llm.embed(instructs)
+    if cfg.text_guidance:
+      text_states = self.aux_projector(instruct_embeds)
+      hs = text_guided_encode(self.vision_tower, patch_embeds, text_states, instructs_mask,
+                              cfg.vision_text_mask)
+    else:
+      hs = self.vision_tower.encode(patch_embeds)
+    full = self.mm_projector(feature_connector(hs))  # (B, N [+ T], D)
+    image_tokens = constrain(full[:, :n], ("batch", "length", "embed"))
+    instruct_feats = full[:, n:] if cfg.text_guidance else None
+    # Tiles: encoded without text, (B*4, N, Dv) -> (B, 4, N, D) -> 2x2 mosaic.
+    tiles = self.vision_tower.encode(embeds[:, :4].reshape(b * 4, n, -1))
+    tile_tokens = self.mm_projector(feature_connector(tiles)).reshape(b, 4, n, -1)
+    return dict(image_tokens=image_tokens, mosaic=global_context.mosaic(tile_tokens),
+                patch_embeds=patch_embeds, instruct_embeds=instruct_embeds,
+                instruct_feats=instruct_feats)
+
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Full-sequence forward (training, scoring, prefill). Returns (logits (B, S, V), aux)."""
+    cfg = self.config
+    lq = batch["question_pos"].shape[1]
+    q = batch["latent_pos"].shape[1] // lq
+    vis = self.encode_images(batch["images"], batch["has_image"], batch["instructs"],
+                             batch["instructs_mask"])
+    image_tokens = vis["image_tokens"]
+    seq_tokens = image_tokens
+    if cfg.fusion_l_grid and not train:
+      seq_tokens = global_context.resize_image_tokens(image_tokens, cfg.fusion_l_grid)
+
+    h = self.llm.embed(batch["input_ids"])
+    has_image = batch["has_image"]
+    n_seq = seq_tokens.shape[1]
+    start = jnp.where(has_image, batch["image_start"], -1)
+    img_dst = jnp.where(start[:, None] >= 0, start[:, None] + jnp.arange(n_seq)[None], -1)
+    h = _scatter_rows(h, img_dst, seq_tokens)
+
+    mosaic = vis["mosaic"]
+    if cfg.latents:
+      init = global_context.latent_init(mosaic, q)  # (B, q, D)
+      init = jnp.where(has_image[:, None, None], init, 0.0)  # text-only: q zero vectors
+    else:
+      init = jnp.zeros((h.shape[0], q, h.shape[2]), h.dtype)
+    h = _scatter_rows(h, batch["latent_pos"], jnp.tile(init, (1, lq, 1)))
+    h = constrain(h, ("batch", "length", "embed"))
+
+    hook = None
+    if self.interaction:
+      windows = global_context.context_windows(mosaic, q, cfg.window_size)
+      layer_of = {i: j for j, i in enumerate(cfg.interaction_layers)}
+
+      def hook(i: int, x: jax.Array) -> jax.Array:
+        if i not in layer_of:
+          return x
+        return apply_interaction(self.interaction[layer_of[i]], x, batch["question_pos"],
+                                 batch["latent_pos"], windows)
+
+    hidden, _ = self.llm(h, batch["positions"], batch["token_mask"], hook=hook)
+    logits = self.llm.logits(hidden)
+    aux = dict(patch_embeds=vis["patch_embeds"],
+               projected_back=self.aux_projector(image_tokens),
+               instruct_embeds=vis["instruct_embeds"], instruct_feats=vis["instruct_feats"])
+    return logits, aux
+
+
+def init(rng: jax.Array, cfg: FusionConfig, batch: Mapping[str, Any]) -> Any:
+  """Boxed (nn.Partitioned) variables for `cfg`; `batch` may hold ShapeDtypeStructs (eval_shape)."""
+  return Fusion(cfg).init(rng, batch)
+
+
+def apply(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, q: int | None = None,
+          train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """logits (B, S, V) and aux (loss inputs) for a batch; q checked against the batch shapes."""
+  lq = batch["question_pos"].shape[1]
+  implied = batch["latent_pos"].shape[1] // max(lq, 1)
+  if q is not None and q != implied:
+    raise ValueError(f"fusion.apply: q={q} but latent_pos {batch['latent_pos'].shape} with "
+                     f"{lq} questions implies q={implied}; lay the batch out with the same q")
+  return Fusion(cfg).apply({"params": params}, batch, train=train)
+
+
+def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Spec 6: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars)."""
+  logits, out = apply(params, batch, cfg, train=train)
+  t_embeds, t_feats, t_mask = out["instruct_embeds"], out["instruct_feats"], batch["instructs_mask"]
+  if t_feats is None:  # text guidance off: no instruction features, no text mapping term
+    t_feats, t_mask = t_embeds, jnp.zeros_like(t_mask)
+  weight = cfg.mapping_weight if cfg.mapping_loss else 0.0
+  sample_mask = None if cfg.vision_map_text_only else batch["has_image"]
+  return fusion_loss(logits, batch["labels"], t_embeds, t_feats, t_mask, out["patch_embeds"],
+                     out["projected_back"], sample_mask=sample_mask, mapping_weight=weight)
+
+
+def example_batch(cfg: FusionConfig, *, batch_size: int, seq_len: int, max_questions: int, q: int,
+                  seed: int | None = 0) -> dict[str, Any]:
+  """A structurally valid batch (numpy) for init, benchmarks and tests.
+
+  Sample b lays out [text][image slot N][latents q][question 0 text] ... per question, with
+  labels on the text after each question; odd samples are text-only. `seed=None` gives zeros
+  (shapes only, e.g. for init).
+  """
+  import numpy as np  # host-side helper
+  rng = np.random.default_rng(seed)
+  b, s, lq, t = batch_size, seq_len, max_questions, cfg.max_instruct_len
+  n = cfg.num_image_tokens
+  v = cfg.llm.vocab_size
+  size = cfg.vision.image_size
+  out = dict(
+      input_ids=np.zeros((b, s), np.int32), token_mask=np.zeros((b, s), bool),
+      positions=np.zeros((b, s), np.int32), labels=np.full((b, s), -100, np.int32),
+      images=np.zeros((b, 5, size, size, 3), np.uint8), has_image=np.zeros((b,), bool),
+      image_start=np.full((b,), -1, np.int32), latent_pos=np.full((b, lq * q), -1, np.int32),
+      question_pos=np.full((b, lq), -1, np.int32), instructs=np.zeros((b, t), np.int32),
+      instructs_mask=np.zeros((b, t), bool))
+  if seed is None:
+    return out
+  for i in range(b):
+    image = i % 2 == 0
+    pos = 2
+    if image:
+      out["has_image"][i] = True
+      out["image_start"][i] = pos
+      out["images"][i] = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+      pos += n
+    nq = 1 + (i % lq)
+    for l in range(nq):
+      if pos + q + 6 > s:
+        break
+      out["latent_pos"][i, l * q:(l + 1) * q] = np.arange(pos, pos + q)
+      pos += q + 3
+      out["question_pos"][i, l] = pos - 1
+      out["labels"][i, pos:pos + 3] = rng.integers(1, v, 3)
+      pos += 3
+    length = min(pos, s)
+    out["token_mask"][i, :length] = True
+    out["positions"][i, :length] = np.arange(length)
+    ids = rng.integers(1, v, s).astype(np.int32)
+    sup = out["labels"][i] >= 0
+    ids[sup] = out["labels"][i][sup]
+    out["input_ids"][i] = np.where(out["token_mask"][i], ids, 0)
+    nt = int(rng.integers(0, t + 1)) if image else 0
+    out["instructs"][i, :nt] = rng.integers(1, v, nt)
+    out["instructs_mask"][i, :nt] = True
+  return out
