@@ -1,0 +1,240 @@
+"""Closed-answer evaluation: score every candidate answer by its log-likelihood, pick the best.
+
+A record's `qa` list (see fusion_jax/synth/records.py) is aligned with its gpt turns; an entry
+with `candidates` is a closed question. For question l the model sees the conversation up to
+and including user turn l (earlier answers are the ground truth) followed by each candidate as
+the answer; the candidate whose tokens (answer + end token) have the highest summed
+log-probability is the prediction. Chance level is 1 / len(candidates).
+
+Every scored sequence has the same static shape (seq_len, eval q), so the scorer compiles once.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax.data.conversation import encode_conversation
+from fusion_jax.data.errors import BadSample
+from fusion_jax.data.images import load_static_hd, text_only_images
+from fusion_jax.data.layout import layout_sample
+from fusion_jax.models import fusion
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+  """One closed question: which record, which answer turn, candidates and the right index."""
+  record_index: int
+  turn: int
+  category: str
+  answer_type: str
+  candidates: tuple[str, ...]
+  answer: int
+
+
+def closed_questions(records: Sequence[Mapping[str, Any]]) -> list[Question]:
+  """Every closed question of `records` (entries of `qa` with a candidate set)."""
+  out = []
+  for i, rec in enumerate(records):
+    for turn, qa in enumerate(rec.get("qa") or ()):
+      if not qa or not qa.get("candidates"):
+        continue
+      cands = tuple(str(c) for c in qa["candidates"])
+      if qa["answer"] not in cands:
+        raise ValueError(f"record {rec.get('id', i)}: answer {qa['answer']!r} of turn {turn} is "
+                         f"not among its candidates {cands}")
+      out.append(Question(i, turn, str(rec.get("category", "unknown")),
+                          str(qa.get("answer_type", "")), cands, cands.index(qa["answer"])))
+  return out
+
+
+def _candidate_record(rec: Mapping[str, Any], turn: int, answer: str) -> dict[str, Any]:
+  """The conversation up to user turn `turn`, answered with `answer`."""
+  conv = list(rec["conversations"])
+  # Turns alternate human/gpt; a leading gpt turn is dropped by the encoder like the authors'.
+  start = 1 if conv and conv[0]["from"] in ("gpt", "assistant") else 0
+  prefix = conv[start:start + 2 * turn + 1]
+  return {**rec, "conversations": prefix + [{"from": "gpt", "value": answer}]}
+
+
+def _only_last_answer(enc) -> None:
+  """Keep supervision on the last answer only (the candidate being scored)."""
+  last = max(s.turn for s in enc.segments)
+  for s in enc.segments:
+    if s.turn != last:
+      s.supervised = False
+
+
+def build_examples(records: Sequence[Mapping[str, Any]], questions: Sequence[Question],
+                   tokenizer, *, template: str, q: int, num_image_tokens: int, seq_len: int,
+                   max_questions: int, max_instruct_len: int
+                   ) -> tuple[list[dict[str, np.ndarray]], list[tuple[int, int]]]:
+  """One laid-out example per (question, candidate); returns examples and (question, cand) ids.
+
+  Examples carry the record index under `record_index` (images are attached per batch).
+  Raises ValueError naming the record when a candidate sequence does not fit `seq_len`.
+  """
+  examples, owners = [], []
+  for qi, qn in enumerate(questions):
+    rec = records[qn.record_index]
+    for ci, cand in enumerate(qn.candidates):
+      enc = encode_conversation(_candidate_record(rec, qn.turn, cand), tokenizer, template,
+                                source=str(rec.get("id", qn.record_index)))
+      _only_last_answer(enc)
+      try:
+        ex = layout_sample(enc, q=q, num_image_tokens=num_image_tokens, seq_len=seq_len,
+                           max_questions=max_questions, max_instruct_len=max_instruct_len,
+                           pad_id=tokenizer.pad_id)
+      except BadSample as e:
+        raise ValueError(f"eval: record {rec.get('id')} turn {qn.turn} candidate {cand!r} does "
+                         f"not fit seq_len={seq_len}: {e}; raise data.seq_len") from e
+      ex["record_index"] = np.asarray(qn.record_index, np.int32)
+      examples.append(ex)
+      owners.append((qi, ci))
+  return examples, owners
+
+
+def make_scorer(cfg: fusion.FusionConfig) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
+  """Jitted (params, batch) -> (B,) summed log-probability of each example's labels."""
+
+  @jax.jit
+  def score(params, batch):
+    logits, _ = fusion.apply(params, batch, cfg, train=False)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    labels = batch["labels"][:, 1:]
+    valid = labels >= 0
+    tok = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, tok, 0.0), axis=-1)
+
+  return score
+
+
+def score_examples(params: Any, cfg: fusion.FusionConfig, examples: Sequence[dict[str, np.ndarray]],
+                   image_of: Callable[[int], np.ndarray], *, batch_size: int,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+  """Scores all examples in fixed-size batches (the last one padded by repetition)."""
+  scorer = make_scorer(cfg)
+  out = np.zeros((len(examples),), np.float64)
+  cache: dict[int, np.ndarray] = {}
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)
+    batch = {k: np.stack([ex[k] for ex in chunk]) for k in chunk[0] if k != "record_index"}
+    imgs = []
+    for ex in chunk:
+      r = int(ex["record_index"])
+      if r not in cache:
+        if len(cache) > 4 * batch_size:
+          cache.clear()
+        cache[r] = image_of(r)
+      imgs.append(cache[r])
+    batch["images"] = np.stack(imgs)
+    out[start:start + n] = np.asarray(scorer(params, batch))[:n]
+    if progress:
+      progress(min(start + batch_size, len(examples)), len(examples))
+  return out
+
+
+def image_loader(records: Sequence[Mapping[str, Any]], image_root: str, size: int
+                 ) -> Callable[[int], np.ndarray]:
+  """record index -> uint8 (5, S, S, 3) static_hd crops (zeros for text-only records)."""
+
+  def load(i: int) -> np.ndarray:
+    rel = records[i].get("image")
+    if not rel:
+      return text_only_images(size)
+    return load_static_hd(os.path.join(image_root, rel), size, source=str(records[i].get("id")))
+
+  return load
+
+
+def summarize(questions: Sequence[Question], scores: np.ndarray,
+              owners: Sequence[tuple[int, int]]) -> dict[str, Any]:
+  """Accuracy, chance level and counts per category (and overall)."""
+  best: dict[int, tuple[float, int]] = {}
+  for (qi, ci), s in zip(owners, scores):
+    if qi not in best or s > best[qi][0]:
+      best[qi] = (float(s), ci)
+  per: dict[str, dict[str, float]] = collections.defaultdict(
+      lambda: {"correct": 0, "count": 0, "chance_sum": 0.0})
+  for qi, qn in enumerate(questions):
+    for key in (qn.category, "all"):
+      row = per[key]
+      row["count"] += 1
+      row["correct"] += int(best[qi][1] == qn.answer)
+      row["chance_sum"] += 1.0 / len(qn.candidates)
+  report = {}
+  for key, row in sorted(per.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+    count = row["count"]
+    report[key] = {"accuracy": row["correct"] / count, "chance": row["chance_sum"] / count,
+                   "count": count}
+  return report
+
+
+def evaluate(params: Any, cfg: fusion.FusionConfig, records: Sequence[Mapping[str, Any]],
+             tokenizer, *, image_root: str, q: int, seq_len: int, max_questions: int,
+             batch_size: int = 16, progress: Callable[[int, int], None] | None = None
+             ) -> dict[str, Any]:
+  """Per-category closed-answer accuracy of `params` on `records` (see module docstring)."""
+  questions = closed_questions(records)
+  if not questions:
+    raise ValueError("eval: no closed-answer questions (records need 'qa' entries with "
+                     "'candidates'); is this a synthesized split?")
+  examples, owners = build_examples(
+      records, questions, tokenizer, template=cfg.template, q=q,
+      num_image_tokens=cfg.num_image_tokens, seq_len=seq_len, max_questions=max_questions,
+      max_instruct_len=cfg.max_instruct_len)
+  scores = score_examples(params, cfg, examples,
+                          image_loader(records, image_root, cfg.vision.image_size),
+                          batch_size=batch_size, progress=progress)
+  return summarize(questions, scores, owners)
+
+
+def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
+  """A fixed-width text table of a report."""
+  lines = [f"{'category':<20} {'accuracy':>8} {'chance':>7} {'x chance':>8} {'n':>5}"]
+  for cat, r in report.items():
+    ratio = r["accuracy"] / r["chance"] if r["chance"] else float("nan")
+    lines.append(f"{cat:<20} {r['accuracy']:>8.3f} {r['chance']:>7.3f} {ratio:>8.2f} "
+                 f"{r['count']:>5d}")
+  return "\n".join(lines)
+
+
+def plot_report(report: Mapping[str, Mapping[str, float]], path: str) -> None:
+  """Bar chart of accuracy per category with chance level marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cats = list(report)
+  acc = [report[c]["accuracy"] for c in cats]
+  chance = [report[c]["chance"] for c in cats]
+  fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(cats)), 4))
+  xs = np.arange(len(cats))
+  ax.bar(xs, acc, color="tab:blue", label="accuracy")
+  ax.scatter(xs, chance, color="tab:red", marker="_", s=400, label="chance", zorder=3)
+  ax.set_xticks(xs, cats, rotation=40, ha="right")
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("held-out accuracy")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def iter_records(path: str) -> Iterable[dict[str, Any]]:
+  """Records of a LLaVA JSON (list) or JSONL file."""
+  import json
+  with open(path) as f:
+    if path.endswith(".jsonl"):
+      for line in f:
+        if line.strip():
+          yield json.loads(line)
+    else:
+      yield from json.load(f)
