@@ -1,0 +1,18 @@
+"""Synthesized Language-Driven QA data (FUSION spec section 9): text first, image from text,
+questions from text, then filtering.
+
+Modules (one stage or concept each):
+  scene.py       Description / Panel / Obj / Sign dataclasses, the named palette, words
+  categories.py  the 12 synthesis categories
+  describe.py    procedural describe stage (category -> planned scene + caption)
+  render.py      procedural render stage (PIL, anti-aliased, textured) + PNG writer
+  ask.py         procedural ask stage (templates -> Turns with closed-answer metadata)
+  measure.py     pixel measurements (palette classes, connected components, shapes)
+  filter.py      per-item rejection reasons, dedup, answer balancing
+  records.py     Turn, LLaVA record building / validation, ArrayRecord entry format
+  backends.py    stage protocols, import-path loading, LLM / text-to-image adapters
+  pipeline.py    the parallel deterministic engine (`synthesize(SynthConfig(...))`)
+  stats.py       chance level, majority-answer rate, rejection counts
+
+CLI: `python -m fusion_jax.synth --out DIR --num N --seed S`; see docs/synth.md.
+"""
