@@ -89,3 +89,21 @@ def test_pipeline_reads_tfds_source(prepared):
   with pytest.raises(S.MixtureError, match="cannot be opened"):
     S.TfdsSource(synth_tfds.NAME, data_dir=os.path.join(root, "empty"), split="train")
   assert "tensorflow" not in sys.modules
+
+
+def test_prepares_real_synth_output(tmp_path):
+  """fusion_jax.synth's own output: train.json -> train, heldout.json -> heldout, stats.json ignored."""
+  from fusion_jax.synth.__main__ import main as synth_main
+  out = str(tmp_path / "synth")
+  synth_main(["--out", out, "--num", "40", "--seed", "1", "--size", "32", "--quiet",
+              "--categories", "SynthColor", "SynthCount"])
+  with open(os.path.join(out, "train.json")) as f:
+    n_train = len(json.load(f))
+  with open(os.path.join(out, "heldout.json")) as f:
+    n_heldout = len(json.load(f))
+  builder = synth_tfds.prepare(out, str(tmp_path / "tfds"))
+  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+  assert splits == {"train": n_train, "heldout": n_heldout}
+  ds = tfds.data_source(synth_tfds.NAME, data_dir=str(tmp_path / "tfds"), split="heldout")
+  assert {ex["category"].decode() if isinstance(ex["category"], bytes) else ex["category"]
+          for ex in ds} <= {"SynthColor", "SynthCount"}

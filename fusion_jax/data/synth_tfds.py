@@ -12,7 +12,8 @@ or from Python::
 Input (`synth_dir`, what `fusion_jax.synth` writes): LLaVA `.json` / `.jsonl` files at its
 top level or in `jsons/`, image paths relative to `synth_dir` (or to `synth_dir/images`). Each
 file's stem is the example's `category` (SynthColor, SynthCount, ...). Files whose stem ends in
-`_val`/`_validation` go to split "validation", `_test` to "test", all others to "train".
+`heldout` (what `fusion_jax.synth` writes) goes to split "heldout", `_val`/`_validation` to
+"validation", `_test` to "test", all others to "train"; `stats.json` is the synth report, not data.
 
 Features (chosen so that writing AND reading need no TensorFlow: TFDS serialises examples with
 its own vendored tf.train.Example protos, and these features encode/decode with NumPy only.
@@ -48,7 +49,9 @@ from fusion_jax.data import sources as sources_lib
 from fusion_jax.data.errors import BadSample
 
 NAME = "fusion_synth"
-_SPLIT_SUFFIXES = {"_val": "validation", "_validation": "validation", "_test": "test"}
+_SPLIT_SUFFIXES = {"heldout": "heldout", "_val": "validation", "_validation": "validation",
+                   "_test": "test"}
+_NOT_DATA = ("manifest", "dataset_info", "stats")
 
 
 def _split_of(stem: str) -> str:
@@ -65,7 +68,7 @@ def find_json_files(synth_dir: str) -> list[str]:
     for ext in ("*.json", "*.jsonl"):
       files += glob.glob(os.path.join(synth_dir, sub, ext))
   files = sorted(set(os.path.abspath(f) for f in files
-                     if not os.path.basename(f).startswith(("manifest", "dataset_info"))))
+                     if not os.path.basename(f).startswith(_NOT_DATA)))
   if not files:
     raise FileNotFoundError(f"{synth_dir}: no LLaVA .json/.jsonl files (looked at the top level "
                             "and in jsons/); point --synth_dir at fusion_jax.synth's output")
