@@ -105,6 +105,7 @@ def write_safetensors(directory: str, tensors: Mapping[str, np.ndarray] | Iterat
     final = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
   for tmp, fin in zip(tmp_names, final):
     os.replace(os.path.join(directory, tmp), os.path.join(directory, fin))
+    os.chmod(os.path.join(directory, fin), 0o644)  # safetensors writes 0600; others must read
   if n > 1:
     index = {"metadata": {"total_size": total},
              "weight_map": {k: final[int(v)] for k, v in weight_map.items()}}

@@ -1,0 +1,188 @@
+"""Export a fusion_jax model dir as a checkpoint the authors' PyTorch code loads.
+
+  python -m fusion_jax.convert.export_torch CKPT_DIR OUT_DIR [--dtype float32|bfloat16]
+      [--shard-size 5GB] [--model-max-length 4096]
+
+OUT_DIR receives:
+  config.json                      fusion_phi / fusion_llama config (transformers 4.48 style)
+  model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                                   every tensor under the authors' key names and shapes
+  siglip_vision_tower/ (or siglip2_vision_tower/)
+                                   the tower's own config.json (num_hidden_layers = stored + 1)
+                                   and its weights (keys vision_model.*, the stored layers):
+                                   the authors' SigLipVisionTower.load_model runs
+                                   SigLipVisionModel.from_pretrained(mm_vision_tower), which
+                                   random-inits the missing last layer and then deletes it
+  tokenizer files                  copied from CKPT_DIR/tokenizer/ when present
+  README.md                        how to load it
+
+config.json's mm_vision_tower names that subfolder relatively; the authors' builder picks the
+tower class from the name ('siglip2' / 'siglip' must occur in it) and from_pretrained resolves
+it against the working directory, so run their loader from inside OUT_DIR or rewrite the
+entry to an absolute path (README.md says so). Tensors are converted and written one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+
+from fusion_jax.convert import fusion_torch
+from fusion_jax.convert.hf_siglip import siglip_tensors_to_torch
+from fusion_jax.convert.import_torch import DTYPES, np_dtype
+from fusion_jax.convert.model_dir import (CONFIG_NAME, TOKENIZER_NAME, load_model_dir,
+                                          load_model_meta)
+from fusion_jax.convert.safetensors_io import write_safetensors
+from fusion_jax.models.fusion import FusionConfig
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+  """'5GB' / '500MB' / '2GiB' / '123' -> bytes (decimal units as transformers' max_shard_size)."""
+  m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+  if not m or m.group(2).upper() not in _UNITS:
+    raise ValueError(f"--shard-size {text!r}: expected a number with an optional unit "
+                     f"({', '.join(u for u in _UNITS if u)})")
+  return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def loader_name_problems(out_dir: str, cfg: FusionConfig) -> list[str]:
+  """Why the authors' load_pretrained_model would misroute OUT_DIR (fusion/model/builder.py).
+
+  It takes the model name from the path's last component and, lower-cased: requires 'fusion';
+  then tests 'mpt', 'qwen', 'phi', 'mistral' in that order (Phi class on 'phi', Llama class
+  when none matches); 'lora' without a base model only warns.
+  """
+  name = os.path.basename(os.path.normpath(out_dir)).lower()
+  problems = []
+  if "fusion" not in name:
+    problems.append("it lacks 'fusion' (the loader would not build a FUSION model)")
+  for other in ("mpt", "qwen"):
+    if other in name:
+      problems.append(f"it contains {other!r} (the loader would pick its {other} class)")
+  if cfg.llm.arch == "phi3" and "phi" not in name:
+    problems.append("it lacks 'phi' (the loader would build the Llama class for a Phi model)")
+  if cfg.llm.arch == "llama" and ("phi" in name or "mistral" in name):
+    problems.append("it contains 'phi'/'mistral' (the loader would pick the wrong class for a "
+                    "Llama model)")
+  return problems
+
+
+README = """# FUSION checkpoint exported by fusion_jax
+
+Model: {description}
+Exported from: {source}
+
+This directory is a transformers `save_pretrained` layout of `{architecture}` (model_type
+`{model_type}`) as written by the FUSION authors' code, with tensors in {dtype}.
+
+Loading with the authors' code (starriver030515/FUSION, `fusion.model.builder`):
+
+    cd {out_dir}
+    python -c "from fusion.model.builder import load_pretrained_model; \\
+      load_pretrained_model('{out_dir}', None, '{name}')"
+
+* `config.json` has `"mm_vision_tower": "{tower}"`, a path RELATIVE to the working directory
+  (the authors' tower loader calls `from_pretrained(mm_vision_tower)` as is). Either run from
+  inside this directory, or rewrite that entry to the absolute path `{out_dir}/{tower}`. Keep
+  '{tower_word}' in the folder name: the authors' builder picks the tower class from it.
+* `{tower}/` holds the tower's config (num_hidden_layers = {full_layers}, the layer count
+  before FUSION drops the last one) and the {stored_layers} stored layers; the missing last
+  layer is randomly initialised by `from_pretrained` and then deleted by the authors' code.
+* The authors' loader takes the model name from the directory name: it must contain 'fusion'
+  {phi_rule}.
+"""
+
+
+def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
+                 shard_size: str = "5GB", model_max_length: int = 4096, log=print) -> None:
+  """Writes OUT_DIR from the model dir CKPT_DIR (see the module docstring)."""
+  if not os.path.isfile(os.path.join(ckpt_dir, CONFIG_NAME)):
+    steps = os.path.isdir(ckpt_dir) and any(n.isdigit() or n.startswith("checkpoint")
+                                           for n in os.listdir(ckpt_dir))
+    hint = (" It looks like a training run directory: export its params as a model dir first "
+            "and pass that model dir." if steps else "")
+    raise ValueError(f"{ckpt_dir} has no {CONFIG_NAME}, so it is not a fusion_jax model dir "
+                     f"(written by import_torch, import_hf or save_model_dir).{hint}")
+  max_bytes = parse_size(shard_size)
+  leaf_dtype = np_dtype(dtype)
+  if os.path.isdir(out_dir) and any(n.endswith(".safetensors") or n == "config.json"
+                                    for n in os.listdir(out_dir)):
+    raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty directory")
+  params, cfg = load_model_dir(ckpt_dir)
+  meta = load_model_meta(ckpt_dir)
+  source_cfg = meta.get("torch_config") or meta.get("llm_config")
+  config_json, tower_json = fusion_torch.fusion_config_to_torch(
+      cfg, torch_dtype=dtype, model_max_length=model_max_length, source_config=source_cfg)
+  os.makedirs(out_dir, exist_ok=True)
+  files = write_safetensors(out_dir, fusion_torch.fusion_tensors_to_torch(params, cfg,
+                                                                          dtype=leaf_dtype),
+                            max_shard_bytes=max_bytes)
+  tower = config_json["mm_vision_tower"]
+  tower_dir = os.path.join(out_dir, tower)
+  tower_tensors = ((k, v.astype(leaf_dtype)) for k, v in
+                   siglip_tensors_to_torch(params["vision_tower"], "vision_model."))
+  write_safetensors(tower_dir, tower_tensors, max_shard_bytes=max_bytes)
+  with open(os.path.join(tower_dir, "config.json"), "w") as f:
+    json.dump(tower_json, f, indent=2)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_json, f, indent=2)
+  tok_src = os.path.join(ckpt_dir, TOKENIZER_NAME)
+  copied = []
+  if os.path.isdir(tok_src):
+    for n in sorted(os.listdir(tok_src)):
+      if os.path.isfile(os.path.join(tok_src, n)):
+        shutil.copy2(os.path.join(tok_src, n), os.path.join(out_dir, n))
+        copied.append(n)
+  abs_out = os.path.abspath(out_dir)
+  name = os.path.basename(os.path.normpath(abs_out))
+  with open(os.path.join(out_dir, "README.md"), "w") as f:
+    f.write(README.format(
+        description=fusion_torch.describe(cfg), source=os.path.abspath(ckpt_dir),
+        architecture=config_json["architectures"][0], model_type=config_json["model_type"],
+        dtype=dtype, out_dir=abs_out, name=name, tower=tower,
+        tower_word="siglip2" if tower.startswith("siglip2") else "siglip",
+        full_layers=cfg.vision.num_layers + 1, stored_layers=cfg.vision.num_layers,
+        phi_rule=("and 'phi' (Phi models are routed on it)" if cfg.llm.arch == "phi3"
+                  else "and must not contain 'phi', 'mistral', 'mpt' or 'qwen'")))
+  log(f"model: {fusion_torch.describe(cfg)}")
+  log(f"wrote {out_dir}: {', '.join(files)} + {tower}/ ({cfg.vision.num_layers} stored tower "
+      f"layers, config num_hidden_layers={cfg.vision.num_layers + 1})"
+      + (f" + tokenizer files {copied}" if copied else ""))
+  for problem in loader_name_problems(out_dir, cfg):
+    log(f"WARNING: the directory name {name!r} breaks the authors' loader: {problem}; rename "
+        "the directory (see README.md)")
+  if not copied:
+    log(f"note: {ckpt_dir} has no {TOKENIZER_NAME}/; copy the tokenizer files into {out_dir} "
+        "for the authors' loader (it calls AutoTokenizer.from_pretrained on this directory)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m fusion_jax.convert.export_torch",
+      description="fusion_jax model dir -> checkpoint for the FUSION authors' PyTorch loader.")
+  p.add_argument("ckpt_dir", help="fusion_jax model dir (fusion_config.json + params/)")
+  p.add_argument("out_dir", help="output directory (its name should contain 'fusion', and "
+                                 "'phi' for Phi models)")
+  p.add_argument("--dtype", default="float32", choices=DTYPES)
+  p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard")
+  p.add_argument("--model-max-length", type=int, default=4096,
+                 help="tokenizer_model_max_length recorded in config.json")
+  args = p.parse_args(argv)
+  try:
+    export_torch(args.ckpt_dir, args.out_dir, dtype=args.dtype, shard_size=args.shard_size,
+                 model_max_length=args.model_max_length)
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    print(f"export_torch: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
