@@ -1,0 +1,53 @@
+"""Command line: `python -m fusion_jax.train --config experiments/NAME.py[:ARG] --workdir DIR`.
+
+Config fields can be overridden with `--config.KEY=VALUE` (ml_collections config flags), e.g.
+`--config.num_steps=100 --config.optim.lr=1e-5 --config.init_from=/runs/stage1`.
+On a multi-host slice run the same command on every host: jax.distributed is initialised when
+the environment describes a multi-process job (or with --multihost=true).
+"""
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fusion_jax.train.config import multihost_requested
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (experiments/NAME.py[:ARG]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
+_MULTIHOST = flags.DEFINE_enum(
+    "multihost", "auto", ["auto", "true", "false"],
+    "Call jax.distributed.initialize(): auto = when the environment names a multi-process job "
+    "(JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, multi-host Cloud TPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps warnings."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  import jax
+  if multihost_requested(_MULTIHOST.value):
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  from fusion_jax.train.loop import train
+  summary = train(_CONFIG.value, _WORKDIR.value)
+  if summary["preempted"]:
+    logging.warning("preempted at step %d; rerun the same command to resume", summary["step"])
+  sys.exit(0)
+
+
+if __name__ == "__main__":
+  app.run(main)

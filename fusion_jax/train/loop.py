@@ -1,0 +1,332 @@
+"""`train(config, workdir)`: the generic sharded training loop.
+
+  validate config -> mesh -> abstract params + shardings -> optimizer
+  -> restore the latest complete checkpoint in <workdir>/checkpoints (exact resume: params,
+     optimizer, step, rng, counters, data iterator position), or init (+ `init_from` params)
+  -> for each step: host batch -> global arrays -> jitted step -> metrics (one step behind,
+     so the host never waits on the device) -> checkpoint every N steps
+  -> SIGTERM: save at the current step and return (exit code 0); multi-host runs use orbax's
+     preemption sync point so that every host saves the same step
+  -> K consecutive non-finite steps: NonFiniteError naming the last checkpoint before them
+  -> final checkpoint, loss-curve PNG, summary dict
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from fusion_jax.parallel.sharding import make_mesh
+from fusion_jax.train import checkpoint as ckpt_lib
+from fusion_jax.train import config as config_lib
+from fusion_jax.train import metrics as metrics_lib
+from fusion_jax.train import optimizer as optim_lib
+from fusion_jax.train import state as state_lib
+from fusion_jax.train import step as step_lib
+from fusion_jax.train import task as task_lib
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def rules_of(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+  """config.rules as the list of tuples Linen expects (mesh-axis lists become tuples)."""
+  out = []
+  for name, axes in config.rules:
+    out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+  return out
+
+
+def to_global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any],
+                    global_batch: int) -> dict[str, jax.Array]:
+  """This host's rows -> global jax.Arrays laid out by `shardings` (works multi-host)."""
+  out = {}
+  for key, sharding in shardings.items():
+    if key not in host_batch:
+      raise KeyError(f"the data iterator's batch lacks {key!r} (task.batch_axes lists it); "
+                     f"it has {sorted(host_batch)}")
+    x = np.asarray(host_batch[key])
+    out[key] = jax.make_array_from_process_local_data(
+        sharding, x, (global_batch,) + x.shape[1:])
+  return out
+
+
+def _counters(it: Any) -> dict[str, int]:
+  c = getattr(it, "counters", None)
+  if c is None:
+    return {}
+  c = c() if callable(c) else c
+  return {k: int(v) for k, v in c.items()}
+
+
+def _sum_over_processes(counters: dict[str, int]) -> dict[str, int]:
+  if jax.process_count() == 1 or not counters:
+    return counters
+  from jax.experimental import multihost_utils
+  keys = sorted(counters)
+  total = multihost_utils.process_allgather(np.asarray([counters[k] for k in keys], np.int64))
+  return dict(zip(keys, np.asarray(total).reshape(-1, len(keys)).sum(0).tolist()))
+
+
+class _Preemption:
+  """SIGTERM -> flag (single process). Multi-host runs ask orbax's preemption sync point,
+  which every host reaches at the same step, instead of a per-host flag."""
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self._prev = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d received: saving a checkpoint and exiting", signum)
+    self.flag.set()
+
+  def reached(self, ckpt: ckpt_lib.Checkpointer, step: int) -> bool:
+    if jax.process_count() > 1:
+      return ckpt.reached_preemption(step)
+    return self.flag.is_set()
+
+  def restore(self) -> None:
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+      self._prev = None
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config before any array exists (shared by train() and tests).
+
+  Attributes:
+    mesh, rules: device mesh and logical axis rules.
+    num_steps: optimizer steps of the run.
+    tx, labels, trainable, schedule: optimizer, its label tree ('freeze' / 'lr_x<m>'), the
+      bool tree of trainable leaves and the base learning-rate schedule.
+    shardings: TrainState of NamedShardings; target: abstract TrainState (restore target).
+    batch_shardings: NamedSharding per batch key.
+  """
+  config: ml_collections.ConfigDict
+  task: task_lib.Task
+  mesh: jax.sharding.Mesh
+  rules: list[tuple[str, Any]]
+  num_steps: int
+  tx: Any
+  labels: Any
+  trainable: Any
+  schedule: Any
+  shardings: state_lib.TrainState
+  target: state_lib.TrainState
+  batch_shardings: dict[str, Any]
+  init_rng: jax.Array
+  step_rng: jax.Array
+
+  def init_state(self) -> state_lib.TrainState:
+    """Fresh sharded state: params initialised directly in their shardings."""
+    task, tx = self.task, self.tx
+
+    def init_fn(rng_params, rng_state):
+      params = nn.unbox(task.init_params(rng_params))
+      return state_lib.create_state(params, tx, rng_state)
+
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(init_fn, out_shardings=self.shardings)(self.init_rng, self.step_rng)
+
+  def make_step(self, donate: bool = True):
+    return step_lib.make_train_step(
+        self.task, self.tx, self.mesh, self.rules, state_shardings=self.shardings,
+        trainable=self.trainable, microbatches=int(self.config.microbatches),
+        schedule=self.schedule, donate=donate)
+
+  def global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    return to_global_batch(host_batch, self.batch_shardings, int(self.config.global_batch))
+
+
+def setup(config: ml_collections.ConfigDict, task: task_lib.Task | None = None,
+          devices: Sequence[jax.Device] | None = None) -> Setup:
+  """Validates `config` against `devices` (default: all) and derives the Setup."""
+  task = task if task is not None else task_lib.make_task(config)
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = config_lib.validate_config(config, num_devices=len(devices))
+  mesh = make_mesh(sizes, devices)
+  rules = rules_of(config)
+  num_steps = config_lib.resolve_num_steps(config, getattr(task, "num_examples", None))
+  root = jax.random.key(int(config.seed))
+  init_rng, step_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  # Parameters: shapes and shardings without materialising anything.
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(task.init_params, init_rng)
+  param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  abstract_params = nn.unbox(boxed)
+  tx, labels = optim_lib.make_optimizer(config.optim, abstract_params, num_steps)
+  shardings = state_lib.state_shardings(tx, abstract_params, param_shardings, mesh)
+  return Setup(
+      config=config, task=task, mesh=mesh, rules=rules, num_steps=num_steps, tx=tx,
+      labels=labels, trainable=optim_lib.frozen_mask(labels),
+      schedule=optim_lib.make_schedule(config.optim, num_steps), shardings=shardings,
+      target=state_lib.abstract_state(tx, abstract_params, shardings),
+      batch_shardings=step_lib.batch_shardings(task, mesh, rules),
+      init_rng=init_rng, step_rng=step_rng)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          task: task_lib.Task | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints).
+
+  Returns a summary dict: step (reached), num_steps, preempted, resumed_from (step or None),
+  checkpoint_step (newest saved), checkpoint_dir, nonfinite_total, last (the last metrics
+  record), wall_time_s, init_from (report dict or None), loss_curve (PNG path or None).
+  Raises NonFiniteError after config.max_nonfinite consecutive non-finite steps.
+  """
+  t_start = time.time()
+  su = setup(config, task)
+  task, num_steps = su.task, su.num_steps
+  primary = jax.process_index() == 0
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+  logging.info("mesh %s over %d devices (%d processes); %d steps of global batch %d (%d "
+               "microbatches)", dict(su.mesh.shape), jax.device_count(), jax.process_count(),
+               num_steps, config.global_batch, config.microbatches)
+  logging.info("parameters per optimizer label: %s",
+               optim_lib.label_summary(su.target.params, su.labels))
+
+  ck = config.checkpoint
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), keep_last=int(ck.keep_last),
+                               keep_every=int(ck.keep_every), async_save=bool(ck.async_save))
+  resumed_from = ckpt.latest_step()
+  init_report = None
+  data_state = None
+  if resumed_from is not None:
+    state, data_state = ckpt.restore(resumed_from, su.target,
+                                     restore_data=bool(ck.restore_data))
+    logging.info("resumed from %s/%d", ckpt.directory, resumed_from)
+  else:
+    state = su.init_state()
+    if config.init_from:
+      params, report = ckpt_lib.restore_params(config.init_from, su.target.params,
+                                               fresh_params=state.params)
+      state = state.replace(params=params)
+      init_report = {k: len(v) for k, v in report.items()}
+
+  it = task.make_data_iterator(jax.process_index(), jax.process_count())
+  if data_state:
+    it.set_state(data_state)
+  train_step = su.make_step()
+
+  fpt = task.flops_per_token() if hasattr(task, "flops_per_token") else None
+  peak = config_lib.peak_flops_per_device(config)
+  writer = metrics_lib.MetricsWriter(
+      workdir, num_steps=num_steps, start_step=int(jax.device_get(state.step)), enabled=primary,
+      flops_per_token=fpt, peak_flops=None if peak is None else peak * jax.device_count())
+  trace = None
+  if config.trace_batch_key:
+    os.makedirs(os.path.join(workdir, "trace"), exist_ok=True)
+    trace = open(os.path.join(workdir, "trace", f"process_{jax.process_index()}.jsonl"), "a")
+  config_json = _config_dict(config)
+  preemption = _Preemption()
+
+  start = int(jax.device_get(state.step))
+  last_saved = resumed_from
+  last_record: dict[str, Any] = {}
+  preempted = False
+  max_bad = int(config.max_nonfinite)
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    if last_saved == step:
+      return
+    ckpt.save(state, step=step, data_state=it.get_state(), config=config_json)
+    last_saved = step
+
+  def process(done: int, metrics: Any, counters: dict[str, int]) -> None:
+    """Host side of a finished step (called one step late)."""
+    nonlocal last_record
+    m = jax.device_get(metrics)
+    if done == start + 1 or done % int(config.log_every) == 0 or done == num_steps:
+      last_record = writer.write(done, m, _sum_over_processes(counters))
+    streak = int(m["nonfinite_streak"])
+    if max_bad and streak >= max_bad:
+      ckpt.wait()
+      good = [s for s in ckpt.all_steps() if s <= done - streak]
+      where = (f"{ckpt.directory}/{max(good)}" if good else
+               "none (no checkpoint was saved before the streak began)")
+      raise NonFiniteError(
+          f"{streak} consecutive steps with a non-finite loss or gradient (steps "
+          f"{done - streak + 1}..{done}); their updates were skipped "
+          f"({int(m['nonfinite_total'])} skipped in total). Last good checkpoint: {where}. "
+          "Check the data around these steps or lower optim.lr; to resume from that checkpoint, "
+          "remove the newer step directories (if any) and rerun the same command; "
+          "config.max_nonfinite sets the limit.")
+
+  pending = None
+  done = start
+  try:
+    if start >= num_steps:
+      logging.info("nothing to do: the checkpoint is at step %d of %d", start, num_steps)
+    for s in range(start, num_steps):
+      try:
+        host = next(it)
+      except StopIteration:
+        logging.warning("the data iterator ended after %d of %d steps; stopping here (raise "
+                        "the data epochs or lower num_steps)", done, num_steps)
+        if pending is not None:
+          process(*pending)
+          pending = None
+        save(done)
+        break
+      batch = su.global_batch(host)
+      state, metrics = train_step(state, batch)
+      done = s + 1
+      if trace is not None:
+        ids = np.asarray(host[config.trace_batch_key]).tolist()
+        trace.write(json.dumps({"step": done, "ids": ids}) + "\n")
+        trace.flush()
+      counters = _counters(it)
+      if pending is not None:
+        process(*pending)
+      pending = (done, metrics, counters)
+      if (int(ck.every) and done % int(ck.every) == 0) or done == num_steps:
+        save(done)
+      if done < num_steps and preemption.reached(ckpt, done):
+        process(*pending)
+        pending = None
+        save(done)
+        preempted = True
+        logging.warning("preempted at step %d: checkpoint saved, exiting", done)
+        break
+    if pending is not None:
+      process(*pending)
+  finally:
+    preemption.restore()
+    if trace is not None:
+      trace.close()
+    ckpt.close()
+    writer.close()
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+
+  curve = metrics_lib.plot_loss_curve(workdir) if primary else None
+  summary = dict(
+      step=done, num_steps=num_steps, preempted=preempted, resumed_from=resumed_from,
+      checkpoint_step=last_saved, checkpoint_dir=ckpt.directory,
+      nonfinite_total=int(jax.device_get(state.nonfinite_total)), last=last_record,
+      wall_time_s=time.time() - t_start, init_from=init_report, loss_curve=curve)
+  logging.info("training summary: %s", {k: v for k, v in summary.items() if k != "last"})
+  return summary
