@@ -53,10 +53,15 @@ def test_questions_and_candidate_labels(setup):
   root, tok, cfg, _, records = setup
   qs = closed_qa.closed_questions(records)
   assert [(q.record_index, q.turn, q.answer) for q in qs] == [(0, 0, 0), (1, 0, 2), (1, 2, 0)]
-  examples, owners = closed_qa.build_examples(
+  examples, owners, skipped = closed_qa.build_examples(
       records, qs, tok, template="phi_3", q=Q, num_image_tokens=cfg.num_image_tokens,
       seq_len=SEQ, max_questions=LQ, max_instruct_len=cfg.max_instruct_len)
-  assert len(examples) == 3 + 4 + 2 and len(owners) == 9
+  assert len(examples) == 3 + 4 + 2 and len(owners) == 9 and skipped == []
+  # With room for two questions only, the third question is reported as skipped.
+  _, owners2, skipped2 = closed_qa.build_examples(
+      records, qs, tok, template="phi_3", q=Q, num_image_tokens=cfg.num_image_tokens,
+      seq_len=SEQ, max_questions=2, max_instruct_len=cfg.max_instruct_len)
+  assert skipped2 == [2] and len(owners2) == 7
   for ex, (qi, ci) in zip(examples, owners):
     sup = ex["labels"][ex["labels"] >= 0]
     assert tok.decode(sup) == qs[qi].candidates[ci] + "<|end|>"
@@ -73,7 +78,7 @@ def test_summarize_counts_and_chance():
   owners = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1)]
   scores = np.array([-2.0, -1.0, -5.0, -1.0, -3.0, -4.0, -0.5, -0.1])
   rep = closed_qa.summarize(qs, scores, owners)
-  assert rep["A"] == {"accuracy": 0.5, "chance": (0.5 + 0.25) / 2, "count": 2}
+  assert rep["A"] == {"accuracy": 0.5, "chance": (0.5 + 0.25) / 2, "count": 2, "skipped": 0}
   assert rep["B"]["accuracy"] == 0.0 and rep["all"]["count"] == 3
   assert list(rep)[-1] == "all"
   assert "x chance" in closed_qa.format_table(rep)
@@ -86,7 +91,7 @@ def test_scores_are_negative_summed_cross_entropy(setup):
   assert report["SynthColor"]["count"] == 1 and report["SynthCount"]["count"] == 2
   assert report["all"]["chance"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 2) / 3)
   qs = closed_qa.closed_questions(records)
-  examples, _ = closed_qa.build_examples(
+  examples, _, _ = closed_qa.build_examples(
       records, qs, tok, template="phi_3", q=Q, num_image_tokens=cfg.num_image_tokens,
       seq_len=SEQ, max_questions=LQ, max_instruct_len=cfg.max_instruct_len)
   load = closed_qa.image_loader(records, root, cfg.vision.image_size)

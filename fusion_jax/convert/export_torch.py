@@ -100,23 +100,32 @@ Loading with the authors' code (starriver030515/FUSION, `fusion.model.builder`):
 """
 
 
+def _load_source(ckpt_dir: str):
+  """(params, FusionConfig, meta, tokenizer dir or None) of a model dir or a training run."""
+  if os.path.isfile(os.path.join(ckpt_dir, CONFIG_NAME)):
+    params, cfg = load_model_dir(ckpt_dir)
+    return params, cfg, load_model_meta(ckpt_dir), os.path.join(ckpt_dir, TOKENIZER_NAME)
+  from fusion_jax.train import checkpoint as ckpt_lib
+  if os.path.isdir(ckpt_lib.checkpoint_dir(ckpt_dir)):
+    from fusion_jax.train.workdir import load_run
+    params, cfg, config, _ = load_run(ckpt_dir)
+    tok = str(config.data.get("tokenizer") or "")
+    tok_dir = tok if os.path.isdir(tok) else (os.path.dirname(tok) if tok else None)
+    return params, cfg, {}, tok_dir
+  raise ValueError(f"{ckpt_dir} is neither a fusion_jax model dir (no {CONFIG_NAME}; written by "
+                   "import_torch, import_hf or save_model_dir) nor a training workdir (no "
+                   "checkpoints/)")
+
+
 def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
                  shard_size: str = "5GB", model_max_length: int = 4096, log=print) -> None:
-  """Writes OUT_DIR from the model dir CKPT_DIR (see the module docstring)."""
-  if not os.path.isfile(os.path.join(ckpt_dir, CONFIG_NAME)):
-    steps = os.path.isdir(ckpt_dir) and any(n.isdigit() or n.startswith("checkpoint")
-                                           for n in os.listdir(ckpt_dir))
-    hint = (" It looks like a training run directory: export its params as a model dir first "
-            "and pass that model dir." if steps else "")
-    raise ValueError(f"{ckpt_dir} has no {CONFIG_NAME}, so it is not a fusion_jax model dir "
-                     f"(written by import_torch, import_hf or save_model_dir).{hint}")
+  """Writes OUT_DIR from CKPT_DIR: a model dir, or a training workdir (newest checkpoint)."""
   max_bytes = parse_size(shard_size)
   leaf_dtype = np_dtype(dtype)
   if os.path.isdir(out_dir) and any(n.endswith(".safetensors") or n == "config.json"
                                     for n in os.listdir(out_dir)):
     raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty directory")
-  params, cfg = load_model_dir(ckpt_dir)
-  meta = load_model_meta(ckpt_dir)
+  params, cfg, meta, tok_src = _load_source(ckpt_dir)
   source_cfg = meta.get("torch_config") or meta.get("llm_config")
   config_json, tower_json = fusion_torch.fusion_config_to_torch(
       cfg, torch_dtype=dtype, model_max_length=model_max_length, source_config=source_cfg)
@@ -133,9 +142,8 @@ def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
     json.dump(tower_json, f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_json, f, indent=2)
-  tok_src = os.path.join(ckpt_dir, TOKENIZER_NAME)
   copied = []
-  if os.path.isdir(tok_src):
+  if tok_src and os.path.isdir(tok_src):
     for n in sorted(os.listdir(tok_src)):
       if os.path.isfile(os.path.join(tok_src, n)):
         shutil.copy2(os.path.join(tok_src, n), os.path.join(out_dir, n))
@@ -167,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m fusion_jax.convert.export_torch",
       description="fusion_jax model dir -> checkpoint for the FUSION authors' PyTorch loader.")
-  p.add_argument("ckpt_dir", help="fusion_jax model dir (fusion_config.json + params/)")
+  p.add_argument("ckpt_dir", help="fusion_jax model dir (fusion_config.json + params/) or a "
+                                  "training workdir (its newest checkpoint)")
   p.add_argument("out_dir", help="output directory (its name should contain 'fusion', and "
                                  "'phi' for Phi models)")
   p.add_argument("--dtype", default="float32", choices=DTYPES)

@@ -50,6 +50,9 @@ PHI3_CHAT_TOKENS: tuple[str, ...] = (
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>")
 _EOS_CANDIDATES = ("<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>")
 _PAD_CANDIDATES = ("<|reserved_special_token_0|>", "<unk>", "<pad>")
+# FUSION's padding token per template (spec 7). Phi-3.5's tokenizer_config names <|endoftext|>
+# as pad, but the authors pad with <unk> (id 0); pass these as `pad_token=` when loading.
+TEMPLATE_PAD_TOKENS = {"phi_3": "<unk>", "llama_3": "<|reserved_special_token_0|>"}
 
 
 def _check_no_placeholder(text: str) -> None:

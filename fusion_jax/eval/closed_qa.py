@@ -74,16 +74,19 @@ def _only_last_answer(enc) -> None:
 def build_examples(records: Sequence[Mapping[str, Any]], questions: Sequence[Question],
                    tokenizer, *, template: str, q: int, num_image_tokens: int, seq_len: int,
                    max_questions: int, max_instruct_len: int
-                   ) -> tuple[list[dict[str, np.ndarray]], list[tuple[int, int]]]:
-  """One laid-out example per (question, candidate); returns examples and (question, cand) ids.
+                   ) -> tuple[list[dict[str, np.ndarray]], list[tuple[int, int]], list[int]]:
+  """One laid-out example per (question, candidate).
 
-  Examples carry the record index under `record_index` (images are attached per batch).
-  Raises ValueError naming the record when a candidate sequence does not fit `seq_len`.
+  Returns (examples, owners, skipped): owners[i] = (question index, candidate index) of
+  examples[i]; `skipped` lists the questions that do not fit (the scored answer would be cut
+  by seq_len or max_questions): they are reported, never silently dropped. Examples carry the
+  record index under `record_index` (images are attached per batch).
   """
-  examples, owners = [], []
+  examples, owners, skipped = [], [], []
   for qi, qn in enumerate(questions):
     rec = records[qn.record_index]
-    for ci, cand in enumerate(qn.candidates):
+    laid = []
+    for cand in qn.candidates:
       enc = encode_conversation(_candidate_record(rec, qn.turn, cand), tokenizer, template,
                                 source=str(rec.get("id", qn.record_index)))
       _only_last_answer(enc)
@@ -91,13 +94,19 @@ def build_examples(records: Sequence[Mapping[str, Any]], questions: Sequence[Que
         ex = layout_sample(enc, q=q, num_image_tokens=num_image_tokens, seq_len=seq_len,
                            max_questions=max_questions, max_instruct_len=max_instruct_len,
                            pad_id=tokenizer.pad_id)
-      except BadSample as e:
-        raise ValueError(f"eval: record {rec.get('id')} turn {qn.turn} candidate {cand!r} does "
-                         f"not fit seq_len={seq_len}: {e}; raise data.seq_len") from e
+      except BadSample:
+        break
+      n_answer = sum(s.ids.size for s in enc.segments if s.supervised)
+      if int((ex["labels"] >= 0).sum()) != n_answer:  # answer partly cut off
+        break
       ex["record_index"] = np.asarray(qn.record_index, np.int32)
-      examples.append(ex)
-      owners.append((qi, ci))
-  return examples, owners
+      laid.append(ex)
+    if len(laid) != len(qn.candidates):
+      skipped.append(qi)
+      continue
+    examples += laid
+    owners += [(qi, ci) for ci in range(len(laid))]
+  return examples, owners, skipped
 
 
 def make_scorer(cfg: fusion.FusionConfig) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
@@ -156,15 +165,21 @@ def image_loader(records: Sequence[Mapping[str, Any]], image_root: str, size: in
 
 
 def summarize(questions: Sequence[Question], scores: np.ndarray,
-              owners: Sequence[tuple[int, int]]) -> dict[str, Any]:
-  """Accuracy, chance level and counts per category (and overall)."""
+              owners: Sequence[tuple[int, int]], skipped: Sequence[int] = ()) -> dict[str, Any]:
+  """Accuracy, chance level, counts and skipped (too long) questions per category and 'all'."""
   best: dict[int, tuple[float, int]] = {}
   for (qi, ci), s in zip(owners, scores):
     if qi not in best or s > best[qi][0]:
       best[qi] = (float(s), ci)
   per: dict[str, dict[str, float]] = collections.defaultdict(
       lambda: {"correct": 0, "count": 0, "chance_sum": 0.0})
+  for qi in skipped:
+    for key in (questions[qi].category, "all"):
+      per[key]["skipped"] = per[key].get("skipped", 0) + 1
+      per[key]["count"] += 0
   for qi, qn in enumerate(questions):
+    if qi not in best:
+      continue
     for key in (qn.category, "all"):
       row = per[key]
       row["count"] += 1
@@ -173,8 +188,9 @@ def summarize(questions: Sequence[Question], scores: np.ndarray,
   report = {}
   for key, row in sorted(per.items(), key=lambda kv: (kv[0] == "all", kv[0])):
     count = row["count"]
-    report[key] = {"accuracy": row["correct"] / count, "chance": row["chance_sum"] / count,
-                   "count": count}
+    report[key] = {"accuracy": row["correct"] / max(count, 1),
+                   "chance": row["chance_sum"] / max(count, 1), "count": count,
+                   "skipped": int(row.get("skipped", 0))}
   return report
 
 
@@ -187,23 +203,27 @@ def evaluate(params: Any, cfg: fusion.FusionConfig, records: Sequence[Mapping[st
   if not questions:
     raise ValueError("eval: no closed-answer questions (records need 'qa' entries with "
                      "'candidates'); is this a synthesized split?")
-  examples, owners = build_examples(
+  examples, owners, skipped = build_examples(
       records, questions, tokenizer, template=cfg.template, q=q,
       num_image_tokens=cfg.num_image_tokens, seq_len=seq_len, max_questions=max_questions,
       max_instruct_len=cfg.max_instruct_len)
+  if not examples:
+    raise ValueError(f"eval: none of the {len(questions)} questions fits seq_len={seq_len} / "
+                     f"max_questions={max_questions}; raise them")
   scores = score_examples(params, cfg, examples,
                           image_loader(records, image_root, cfg.vision.image_size),
                           batch_size=batch_size, progress=progress)
-  return summarize(questions, scores, owners)
+  return summarize(questions, scores, owners, skipped)
 
 
 def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
   """A fixed-width text table of a report."""
-  lines = [f"{'category':<20} {'accuracy':>8} {'chance':>7} {'x chance':>8} {'n':>5}"]
+  lines = [f"{'category':<20} {'accuracy':>8} {'chance':>7} {'x chance':>8} {'n':>5} "
+           f"{'skipped':>7}"]
   for cat, r in report.items():
     ratio = r["accuracy"] / r["chance"] if r["chance"] else float("nan")
     lines.append(f"{cat:<20} {r['accuracy']:>8.3f} {r['chance']:>7.3f} {ratio:>8.2f} "
-                 f"{r['count']:>5d}")
+                 f"{r['count']:>5d} {r.get('skipped', 0):>7d}")
   return "\n".join(lines)
 
 

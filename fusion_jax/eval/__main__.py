@@ -1,0 +1,34 @@
+r"""Held-out closed-answer accuracy of a FUSION training run.
+
+  python -m fusion_jax.eval --workdir runs/smoke [--split heldout] [--step N] [--data FILE]
+
+Scores every closed question of the split by candidate log-likelihood (fusion_jax/eval/
+closed_qa.py), prints accuracy vs chance per category, and writes
+<workdir>/eval_<split>.json and <workdir>/eval_<split>.png.
+"""
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from fusion_jax.eval.evaluate import run_eval
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "training workdir (python -m fusion_jax.train --workdir)")
+flags.DEFINE_string("split", "heldout", "split name: <data dir>/<split>.json")
+flags.DEFINE_string("data", "", "records file to evaluate (default: the split next to the "
+                    "run's training data)")
+flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+flags.DEFINE_integer("batch_size", 32, "sequences per scoring batch")
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)
+  run_eval(FLAGS.workdir, split=FLAGS.split, data=FLAGS.data, step=FLAGS.step,
+           batch_size=FLAGS.batch_size)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,198 @@
+r"""The main job: synthesize -> tokenizer -> train -> evaluate -> export, with a summary.
+
+  python -m fusion_jax.run --config experiments/smoke.py --workdir runs/smoke
+
+Each stage is skipped when its output exists (the dataset and tokenizer are cached by their
+parameters; training resumes from the newest checkpoint), so rerunning a finished or
+interrupted job continues it. Writes <workdir>/summary.json and prints a summary table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging as std_logging
+import os
+import sys
+import time
+from typing import Any
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiment config (experiments/smoke.py)")
+flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, eval, export)")
+flags.DEFINE_boolean("export", True, "export the final weights with export_torch")
+
+ACCURACY_TARGET = {"SynthColor": 0.9}
+CHANCE_MULTIPLE = 2.0
+
+
+def _say(msg: str) -> None:
+  print(f"[fusion_jax.run] {msg}", flush=True)
+
+
+def dataset_dir(synth: ml_collections.ConfigDict) -> str:
+  """Cache folder of a synthesized dataset, keyed by the parameters that define it."""
+  key = json.dumps({k: synth[k] for k in ("num", "seed", "size", "categories", "heldout")},
+                   sort_keys=True, default=list)
+  digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+  return os.path.join(synth.cache_dir, f"synth_{synth.size}px_{synth.num}_{digest}")
+
+
+def synthesize(synth: ml_collections.ConfigDict) -> str:
+  """fusion_jax.synth into the cache folder unless it is already there."""
+  out = dataset_dir(synth)
+  if os.path.isfile(os.path.join(out, "train.json")):
+    _say(f"dataset: reusing {out}")
+    return out
+  from fusion_jax.synth.__main__ import main as synth_main
+  tmp = out + ".partial"
+  args = ["--out", tmp, "--num", str(synth.num), "--seed", str(synth.seed), "--size",
+          str(synth.size), "--heldout", str(synth.heldout), "--overwrite",
+          "--categories", *synth.categories]
+  _say("dataset: python -m fusion_jax.synth " + " ".join(args))
+  rc = synth_main(args)
+  if rc:
+    raise RuntimeError(f"fusion_jax.synth failed with exit code {rc}")
+  os.replace(tmp, out)
+  return out
+
+
+def tokenizer_dir(data_dir: str, vocab_size: int) -> str:
+  """A sentencepiece tokenizer trained on the dataset's text (once)."""
+  from fusion_jax.data.tokenizer import IMAGE_MARKER, train_sentencepiece
+  out = os.path.join(data_dir, f"tokenizer_{vocab_size}")
+  if os.path.isfile(os.path.join(out, "tokenizer.model")):
+    _say(f"tokenizer: reusing {out}")
+    return out
+  with open(os.path.join(data_dir, "train.json")) as f:
+    records = json.load(f)
+  texts = [t["value"].replace(IMAGE_MARKER, "").strip() for r in records
+           for t in r["conversations"]]
+  texts += [r["caption"] for r in records if r.get("caption")]
+  _say(f"tokenizer: training sentencepiece ({vocab_size} pieces) on {len(texts)} texts")
+  train_sentencepiece(texts, os.path.join(out, "tokenizer"), vocab_size)
+  return out
+
+
+def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills config.data (paths, image_root, tokenizer) and the vocabulary from the tokenizer."""
+  from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
+  data_dir = synthesize(config.synth)
+  tok_dir = tokenizer_dir(data_dir, int(config.tokenizer.vocab_size))
+  template = config.model.overrides.get("template", "phi_3")
+  tok = load_tokenizer(tok_dir, pad_token=TEMPLATE_PAD_TOKENS[template])
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.paths = (os.path.join(data_dir, "train.json"),)
+  config.data.image_root = data_dir
+  config.data.tokenizer = tok_dir
+  # Round the vocabulary up so it splits over any tensor axis up to 8.
+  llm = dict(config.model.overrides.get("llm", {}))
+  llm.update(vocab_size=-(-len(tok) // 8) * 8, pad_token_id=tok.pad_id)
+  config.model.overrides.llm = llm
+  return config
+
+
+def check_targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
+  """(category, target text, met) for the main job's accuracy targets."""
+  rows = []
+  for cat, r in report.items():
+    if cat == "all":
+      continue
+    need = max(ACCURACY_TARGET.get(cat, 0.0), CHANCE_MULTIPLE * r["chance"])
+    rows.append((cat, f">= {need:.2f}", r["accuracy"] >= need))
+  return rows
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True) -> dict[str, Any]:
+  """The whole job; returns (and writes) the summary."""
+  t0 = time.time()
+  times: dict[str, float] = {}
+
+  def timed(name: str, fn, *args, **kw):
+    t = time.time()
+    out = fn(*args, **kw)
+    times[name] = time.time() - t
+    return out
+
+  config = timed("data+tokenizer", prepare, config)
+  os.makedirs(workdir, exist_ok=True)
+  from fusion_jax.train.loop import train
+  _say(f"training {config.num_steps} steps of batch {config.global_batch} in {workdir}")
+  train_summary = timed("train", train, config, workdir)
+  if train_summary.get("preempted"):
+    _say("preempted: checkpoint saved; rerun the same command to continue")
+    return {"preempted": True, "train": train_summary}
+
+  from fusion_jax.eval.evaluate import run_eval
+  ev = timed("eval", run_eval, workdir, split=config.eval.split,
+             batch_size=int(config.eval.batch_size))
+  export_dir = os.path.join(workdir, "export_torch_fusion")
+  if export:
+    from fusion_jax.convert.export_torch import export_torch
+    if os.path.isdir(export_dir):
+      import shutil
+      shutil.rmtree(export_dir)
+    timed("export", export_torch, workdir, export_dir, log=_say)
+  total = time.time() - t0
+  last = train_summary.get("last") or {}
+  summary = {
+      "workdir": workdir, "wall_time_s": total, "stage_time_s": times,
+      "train": {k: train_summary.get(k) for k in ("step", "num_steps", "resumed_from",
+                                                  "checkpoint_step", "nonfinite_total")},
+      "final_metrics": last, "eval": ev["categories"],
+      "targets": [{"category": c, "target": t, "met": m} for c, t, m in
+                  check_targets(ev["categories"])],
+      "files": {"checkpoints": train_summary.get("checkpoint_dir"),
+                "loss_curve": train_summary.get("loss_curve"),
+                "tensorboard": os.path.join(workdir, "tb"),
+                "eval": os.path.join(workdir, f"eval_{config.eval.split}.json"),
+                "eval_plot": os.path.join(workdir, f"eval_{config.eval.split}.png"),
+                "export_torch": export_dir if export else None},
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  print(format_summary(summary), flush=True)
+  return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  lines = ["", "=" * 72, "FUSION main job summary", "=" * 72]
+  lines.append(f"wall time {s['wall_time_s']:.0f} s  (" + ", ".join(
+      f"{k} {v:.0f} s" for k, v in s["stage_time_s"].items()) + ")")
+  m = s["final_metrics"]
+  if m:
+    parts = [f"{k} {m[k]:.4f}" for k in ("loss", "ce", "text_map", "vision_map") if k in m]
+    lines.append(f"step {s['train']['step']}: " + ", ".join(parts))
+  lines.append("")
+  lines.append(f"{'category':<20} {'accuracy':>8} {'chance':>7} {'target':>8} {'met':>4} "
+               f"{'n':>5}")
+  met = {t["category"]: t for t in s["targets"]}
+  for cat, r in s["eval"].items():
+    t = met.get(cat)
+    lines.append(f"{cat:<20} {r['accuracy']:>8.3f} {r['chance']:>7.3f} "
+                 f"{t['target'] if t else '':>8} {('yes' if t['met'] else 'NO') if t else '':>4} "
+                 f"{r['count']:>5d}")
+  lines.append("")
+  for k, v in s["files"].items():
+    if v:
+      lines.append(f"{k:<12} {v}")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.config is None or not FLAGS.workdir:
+    raise app.UsageError("--config and --workdir are required")
+  logging.set_verbosity(logging.INFO)
+  # Progress lines come from the trainer's logger; orbax's INFO chatter is noise here.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+  summary = run(FLAGS.config, FLAGS.workdir, export=FLAGS.export)
+  sys.exit(0 if summary else 1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,64 @@
+"""Read a FUSION training run back: its config, its FusionConfig, its newest parameters.
+
+Evaluation and export take a training workdir as well as a model dir (fusion_jax.convert.
+model_dir); this is the one place that knows how a run dir stores both.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from fusion_jax.models import fusion
+from fusion_jax.train import checkpoint as ckpt_lib
+
+
+def latest_step(workdir: str) -> int:
+  """Newest complete checkpoint step of a run; a clear error when there is none."""
+  root = ckpt_lib.checkpoint_dir(workdir)
+  steps = []
+  if os.path.isdir(root):
+    steps = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)
+                                  ).all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{workdir}: no complete checkpoint under {root}; is this a "
+                            "training workdir (python -m fusion_jax.train --workdir ...)?")
+  return max(steps)
+
+
+def run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The experiment config saved with checkpoint `step` (default the newest)."""
+  step = latest_step(workdir) if step is None else step
+  path = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), "config", "metadata")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def fusion_config_of(config: ml_collections.ConfigDict) -> fusion.FusionConfig:
+  """The FusionConfig a FUSION run trained (config.model + its compute dtype / remat)."""
+  from fusion_jax.train.fusion_task import fusion_config_from
+  if config.get("task") != "fusion":
+    raise ValueError(f"run config task is {config.get('task')!r}, not 'fusion'")
+  return fusion_config_from(config.model, config.get("compute_dtype"), config.get("remat_policy"))
+
+
+def load_run(workdir: str, step: int | None = None
+             ) -> tuple[Any, fusion.FusionConfig, ml_collections.ConfigDict, int]:
+  """(params on the default device, FusionConfig, experiment config, step) of a run."""
+  step = latest_step(workdir) if step is None else step
+  config = run_config(workdir, step)
+  cfg = fusion_config_of(config)
+  batch = fusion.example_batch(cfg, batch_size=1, seq_len=8, max_questions=1,
+                               q=min(cfg.query_len), seed=None)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(lambda: fusion.Fusion(cfg).init(jax.random.key(0), batch))["params"]
+  import flax.linen as nn
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nn.meta.unbox(abstract))
+  params, _ = ckpt_lib.restore_params(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)),
+                                      target)
+  return params, cfg, config, step
