@@ -104,3 +104,19 @@ def test_sharded_equals_unsharded(params):
   np.testing.assert_allclose(out, ref, atol=1e-5)
   spec = p["llm"]["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec
   assert tuple(spec) == ("fsdp", "tensor")
+
+
+def test_latents_off_hides_latent_slots(params):
+  """latents=False: logits do not depend on what sits in the latent slots."""
+  batch = _batch(4)
+  off = dataclasses.replace(TINY, latents=False)
+  a, _ = fusion.apply(params, batch, off)
+  ids = batch["input_ids"].copy()
+  for i in range(B):
+    lp = batch["latent_pos"][i][batch["latent_pos"][i] >= 0]
+    ids[i, lp] = 7
+  b, _ = fusion.apply(params, dict(batch, input_ids=ids), off)
+  keep = batch["token_mask"].copy()
+  for i in range(B):
+    keep[i, batch["latent_pos"][i][batch["latent_pos"][i] >= 0]] = False
+  np.testing.assert_allclose(np.asarray(a)[keep], np.asarray(b)[keep], atol=1e-5)

@@ -59,8 +59,10 @@ class FusionConfig:
   """A FUSION model: LLM + tower + the FUSION-specific modules and switches.
 
   `vision.num_layers` is the number of tower layers RUN (the checkpoint's L-1: FUSION drops the
-  last one). Ablation switches (`text_guidance`, `interaction`, `mapping_loss`, `latents`)
-  turn one mechanism off each, for the paper's ablation at any scale.
+  last one). Ablation switches turn one mechanism off each, for the paper's ablation at any
+  scale: `text_guidance` (tower sees no instructions; no text mapping term), `interaction`
+  (no interaction layers), `mapping_loss` (CE only), `latents` (latent slots masked out of
+  attention, as if absent, and nothing for interaction layers to refine).
   """
   llm: LLMConfig
   vision: VisionConfig
@@ -225,16 +227,20 @@ class Fusion(nn.Module):
     h = _scatter_rows(h, img_dst, seq_tokens)
 
     mosaic = vis["mosaic"]
+    token_mask = jnp.asarray(batch["token_mask"])
     if cfg.latents:
       init = global_context.latent_init(mosaic, q)  # (B, q, D)
       init = jnp.where(has_image[:, None, None], init, 0.0)  # text-only: q zero vectors
+      h = _scatter_rows(h, batch["latent_pos"], jnp.tile(init, (1, lq, 1)))
     else:
-      init = jnp.zeros((h.shape[0], q, h.shape[2]), h.dtype)
-    h = _scatter_rows(h, batch["latent_pos"], jnp.tile(init, (1, lq, 1)))
+      # Ablation: latent slots are masked out of attention (as if absent; positions unchanged).
+      rows = jnp.arange(h.shape[0])[:, None]
+      dst = jnp.where(batch["latent_pos"] >= 0, batch["latent_pos"], h.shape[1])
+      token_mask = token_mask.at[rows, dst].set(False, mode="drop")
     h = constrain(h, ("batch", "length", "embed"))
 
     hook = None
-    if self.interaction:
+    if self.interaction and cfg.latents:
       windows = global_context.context_windows(mosaic, q, cfg.window_size)
       layer_of = {i: j for j, i in enumerate(cfg.interaction_layers)}
 
@@ -244,7 +250,7 @@ class Fusion(nn.Module):
         return apply_interaction(self.interaction[layer_of[i]], x, batch["question_pos"],
                                  batch["latent_pos"], windows)
 
-    hidden, _ = self.llm(h, batch["positions"], batch["token_mask"], hook=hook)
+    hidden, _ = self.llm(h, batch["positions"], token_mask, hook=hook)
     logits = self.llm.logits(hidden)
     aux = dict(patch_embeds=vis["patch_embeds"],
                projected_back=self.aux_projector(image_tokens),

@@ -17,12 +17,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from fusion_jax.parallel.cross_entropy import IGNORE_INDEX
+from fusion_jax.parallel.cross_entropy import cross_entropy as vocab_parallel_ce
 COS_EPS = 1e-12  # ATen Loss.cpp EPSILON, added to each squared norm
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Next-token cross entropy: logits[:, :-1] predict labels[:, 1:]; -100 is ignored.
+
+  Computed shard-locally over the vocabulary when a mesh is in context (no full-logit gather);
+  plain fp32 log-softmax math otherwise (fusion_jax.parallel.cross_entropy).
 
   Args:
     logits: (B, S, V), any float dtype (upcast to fp32).
@@ -31,14 +35,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
   Returns:
     (sum of token losses, number of supervised tokens), both fp32 scalars.
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
-  mask = targets != IGNORE_INDEX
-  safe = jnp.where(mask, targets, 0)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-  nll = jnp.where(mask, lse - picked, 0.0)
-  return jnp.sum(nll), jnp.sum(mask).astype(jnp.float32)
+  return vocab_parallel_ce(logits, labels)
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
