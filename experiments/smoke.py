@@ -22,6 +22,7 @@ from fusion_jax.train.config import base_config
 CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMultiChoice",
               "SynthConvShort", "SynthConvLong", "SynthContrastShort", "SynthContrastLong",
               "SynthReasoning")
+CONFIG_ARGS = ("", "short", "no_text_guidance", "no_interaction", "no_mapping_loss", "no_latents")
 ABLATIONS = {"no_text_guidance": "text_guidance", "no_interaction": "interaction",
              "no_mapping_loss": "mapping_loss", "no_latents": "latents"}
 

@@ -194,12 +194,21 @@ def _resolve_source(path: str) -> tuple[str, int]:
       "or <dir>/<step>/params)")
 
 
+def _model_dir_params(path: str) -> str | None:
+  """`path`/params when `path` is a fusion_jax model dir (fusion_jax.convert.model_dir)."""
+  p = epath.Path(path)
+  if (p / "fusion_config.json").exists() and (p / "params").is_dir():
+    return str(p / "params")
+  return None
+
+
 def restore_params(path: str, target_params: Any, fresh_params: Any | None = None
                    ) -> tuple[Any, dict[str, list[str]]]:
   """Parameters from another run's checkpoint, re-sharded onto `target_params`' shardings.
 
   Args:
-    path: workdir, checkpoints directory or step directory of the source run.
+    path: workdir, checkpoints directory or step directory of the source run, or a model dir
+      (fusion_jax.convert.model_dir, e.g. the stage-1 start written by convert.import_hf).
     target_params: abstract params (ShapeDtypeStructs with shardings) of this run.
     fresh_params: this run's freshly initialised params; parameters the checkpoint lacks keep
       these values (new modules start from random init). None: every parameter must exist.
@@ -207,11 +216,23 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
   Returns:
     (params, report) with report = {"restored": [...], "fresh": [...], "unused": [...]} paths.
   """
-  root, step = _resolve_source(path)
-  mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"params": ocp.PyTreeCheckpointHandler()})
-  meta = mngr.item_metadata(step)["params"]
-  meta_tree = getattr(meta, "tree", meta)
+  model_params = _model_dir_params(path)
+  if model_params is not None:
+    where = path
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    meta_tree = ckptr.metadata(model_params).item_metadata.tree
+    read = lambda args: ckptr.restore(model_params, args=args)  # noqa: E731
+    close = ckptr.close
+  else:
+    root, step = _resolve_source(path)
+    where = f"{root}/{step}"
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers={"params": ocp.PyTreeCheckpointHandler()})
+    meta = mngr.item_metadata(step)["params"]
+    meta_tree = getattr(meta, "tree", meta)
+    read = lambda args: mngr.restore(  # noqa: E731
+        step, args=ocp.args.Composite(params=args))["params"]
+    close = mngr.close
   saved = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
       meta_tree, is_leaf=lambda x: hasattr(x, "shape"))[0]}
   flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
@@ -224,12 +245,12 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
       continue
     if tuple(saved[name].shape) != tuple(leaf.shape):
       raise ValueError(
-          f"init_from {root}/{step}: parameter {name} has shape {tuple(saved[name].shape)} in "
+          f"init_from {where}: parameter {name} has shape {tuple(saved[name].shape)} in "
           f"the checkpoint but {tuple(leaf.shape)} in this model; the model configs differ")
     restored.append(name)
     restore_target[name] = leaf
   if fresh and fresh_params is None:
-    raise ValueError(f"init_from {root}/{step}: parameters missing from the checkpoint: "
+    raise ValueError(f"init_from {where}: parameters missing from the checkpoint: "
                      f"{fresh[:10]}{' ...' if len(fresh) > 10 else ''}")
   unused = sorted(set(saved) - set(restored))
   # Nested target with only the restorable leaves (orbax partial restore).
@@ -243,8 +264,8 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
   args = ocp.args.PyTreeRestore(
       item=nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
       partial_restore=True)
-  out = mngr.restore(step, args=ocp.args.Composite(params=args))["params"]
-  mngr.close()
+  out = read(args)
+  close()
   fresh_flat = (jax.tree.leaves(fresh_params) if fresh_params is not None
                 else [None] * len(flat))
   leaves = []
@@ -255,6 +276,6 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
       if node is None:
         break
     leaves.append(fresh_leaf if node is None else node)
-  logging.info("init_from %s/%d: %d parameters restored, %d fresh, %d unused in checkpoint",
-               root, step, len(restored), len(fresh), len(unused))
+  logging.info("init_from %s: %d parameters restored, %d fresh, %d unused in checkpoint",
+               where, len(restored), len(fresh), len(unused))
   return treedef.unflatten(leaves), dict(restored=restored, fresh=fresh, unused=unused)

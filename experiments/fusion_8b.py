@@ -1,0 +1,38 @@
+r"""FUSION 8B (Llama-3.1-8B + SigLIP so400m/14@384): the paper's training recipe (spec 8).
+
+ARG       data                 batch  lr    tower lr  max len  starts from
+stage1    FUSION-Pretrain-10M  256    2e-5  2e-5      2048     BASE_MODEL
+stage1_5  FUSION-5M-Stage1.5   128    2e-5  2e-6      4096     RUN_ROOT/stage1
+stage2    FUSION-7M-Stage2     128    1e-5  1e-6      4096     RUN_ROOT/stage1_5
+
+Before stage 1, import the base model (writes BASE_MODEL with params/ and tokenizer/):
+
+  python -m fusion_jax.convert.import_hf --llm /path/to/Llama-3.1-8B-Instruct \
+      --vision /path/to/siglip-so400m-patch14-384 --preset fusion_8b \
+      --out /path/to/fusion_8b_base
+
+Then on a v5p-128 slice (64 chips, 16 hosts; launch/README.md), one stage after the other:
+
+  export TPU_NAME=my-v5p ZONE=us-east5-a PROJECT=my-project
+  launch/tpu_pod.sh train experiments/fusion_8b.py:stage1 gs://YOUR_BUCKET/fusion_8b/stage1
+
+which runs on every host:
+
+  python -m fusion_jax.train --multihost=true --config experiments/fusion_8b.py:stage1 \
+      --workdir gs://YOUR_BUCKET/fusion_8b/stage1
+
+Edit the paths below or override them: --config.data.mixture=... --config.data.image_root=...
+--config.data.tokenizer=... --config.init_from=... (the recipe: fusion_task.STAGES).
+"""
+from fusion_jax.train.fusion_task import STAGES, stage_config
+
+CONFIG_ARGS = tuple(STAGES)
+DATA_ROOT = "/path/to/fusion_data"           # <DATA_ROOT>/<dataset>/mixture.yaml per stage
+IMAGE_ROOT = "/path/to/fusion_data/images"   # relative image paths of the records
+BASE_MODEL = "/path/to/fusion_8b_base"       # import_hf output (stage 1 start + tokenizer)
+RUN_ROOT = "gs://YOUR_BUCKET/fusion_8b"      # stage workdirs: <RUN_ROOT>/<stage>
+
+
+def get_config(arg: str = "stage1"):
+  return stage_config("fusion_8b", arg, data_root=DATA_ROOT, image_root=IMAGE_ROOT,
+                      base_model=BASE_MODEL, run_root=RUN_ROOT)

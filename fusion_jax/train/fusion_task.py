@@ -1,0 +1,327 @@
+"""The FUSION training task: model config + data pipeline + the loss as the trainer sees it.
+
+Config (besides the common trainer fields of fusion_jax/train/config.py):
+
+  config.model.preset      a name of fusion_jax.models.presets (e.g. "fusion_3b", "tiny")
+  config.model.overrides   FusionConfig fields to replace (ConfigDict; nested `llm` / `vision`
+                           dicts override fields of those sub-configs)
+  config.data.*            fusion_jax.data.pipeline.DataConfig fields (paths / mixture /
+                           tfds_name, image_root, seq_len, max_questions, ...) plus
+  config.data.tokenizer    a tokenizer file or directory (fusion_jax.data.tokenizer)
+  config.data.num_examples dataset size in records for config.num_epochs (0 = unknown: then
+                           config.num_steps must be set)
+
+Fields the model fixes (image_size, num_image_tokens, template, max_instruct_len, query_len)
+are derived from the model config; setting them to something else in config.data is an error.
+The model side (`cfg`, `init_params`, `loss_fn`) never touches the tokenizer or the data, so a
+config can be checked and its shapes evaluated (`jax.eval_shape(task.init_params, key)`) on a
+machine without the dataset; the tokenizer is loaded when the data iterator is built.
+
+The loss is spec 6 split into sums the trainer normalises over the global batch:
+ce / supervised tokens + lambda * (text_map / instruction tokens + vision_map / patches).
+
+The paper's training recipe (spec 8) is `STAGES` + `stage_config`, used by experiments/fusion_*.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fusion_jax.data import pipeline as data_pipeline
+from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, Tokenizer, load_tokenizer
+from fusion_jax.models import fusion
+from fusion_jax.models import mapping_loss
+from fusion_jax.models.presets import get_preset
+from fusion_jax.parallel import cross_entropy as ce_lib
+from fusion_jax.train import task as task_lib
+from fusion_jax.train.config import base_config
+
+# Batch keys and their logical axes (the leading axis is split over hosts and microbatches).
+BATCH_AXES: dict[str, tuple[str | None, ...]] = {
+    "input_ids": ("batch", "length"), "token_mask": ("batch", "length"),
+    "positions": ("batch", "length"), "labels": ("batch", "length"),
+    "images": ("batch", None, None, None, None), "has_image": ("batch",),
+    "image_start": ("batch",), "latent_pos": ("batch", None), "question_pos": ("batch", None),
+    "instructs": ("batch", None), "instructs_mask": ("batch", None),
+}
+_MODEL_FIXED = ("image_size", "num_image_tokens", "template", "max_instruct_len", "query_len")
+# config.data keys that are not DataConfig fields: read here (tokenizer, num_examples) or by
+# the evaluation job (heldout).
+_TASK_DATA_KEYS = ("tokenizer", "num_examples", "heldout")
+
+
+def _plain(x: Any) -> Any:
+  return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else x
+
+
+def fusion_config_from(model: ml_collections.ConfigDict | Mapping[str, Any],
+                       compute_dtype: str | None = None,
+                       remat_policy: str | None = None) -> fusion.FusionConfig:
+  """FusionConfig from config.model (preset + overrides) and the trainer's dtype / remat.
+
+  compute_dtype / remat_policy apply to both the LLM and the tower unless config.model.overrides
+  sets them explicitly for one of them. Needs no tokenizer and no data.
+  """
+  model = _plain(model)
+  if not model.get("preset"):
+    raise ValueError("config.model.preset is empty; name a preset of fusion_jax.models.presets "
+                     "(e.g. 'fusion_3b', 'tiny')")
+  overrides = dict(_plain(model.get("overrides") or {}))
+  base = get_preset(model["preset"])
+  llm = dict(_plain(overrides.pop("llm", None)) or {})
+  vision = dict(_plain(overrides.pop("vision", None)) or {})
+  for sub in (llm, vision):
+    if compute_dtype:
+      sub.setdefault("dtype", compute_dtype)
+    if remat_policy:
+      sub.setdefault("remat_policy", remat_policy)
+  if "query_len" in overrides:
+    overrides["query_len"] = _ints(overrides["query_len"])
+  try:
+    return dataclasses.replace(
+        base, llm=dataclasses.replace(base.llm, **llm) if llm else base.llm,
+        vision=dataclasses.replace(base.vision, **vision) if vision else base.vision,
+        **overrides)
+  except TypeError as e:  # an unknown field name
+    raise ValueError(f"config.model.overrides: {e}; see FusionConfig / LLMConfig / "
+                     "VisionConfig for the field names") from None
+
+
+def _ints(v: Any) -> tuple[int, ...]:
+  if isinstance(v, str):
+    return tuple(int(x) for x in v.split(",") if x.strip())
+  return tuple(int(x) for x in v)
+
+
+def _norm(v: Any) -> Any:
+  return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def data_config_from(data: ml_collections.ConfigDict | Mapping[str, Any],
+                     cfg: fusion.FusionConfig, per_host_batch: int) -> data_pipeline.DataConfig:
+  """DataConfig with the model-fixed fields derived from `cfg` (mismatches are errors)."""
+  d = dict(_plain(data))
+  for key in _TASK_DATA_KEYS:
+    d.pop(key, None)
+  fixed = dict(image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,
+               template=cfg.template, max_instruct_len=cfg.max_instruct_len,
+               query_len=tuple(cfg.query_len))
+  for key in _MODEL_FIXED:
+    value = d.get(key)
+    if value in (None, "", ()):
+      continue
+    value = _ints(value) if key == "query_len" else _norm(value)
+    if value != fixed[key]:
+      raise ValueError(f"config.data.{key}={d[key]!r} disagrees with the model ({fixed[key]!r}); "
+                       f"remove it from config.data: the model config decides it")
+  d.update(fixed, batch_size=per_host_batch)
+  return data_pipeline.as_data_config(d)
+
+
+class FusionTask:
+  """fusion_jax.train.task.Task for FUSION (see the module docstring)."""
+
+  batch_axes = BATCH_AXES
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.cfg = fusion_config_from(config.model, config.get("compute_dtype"),
+                                  config.get("remat_policy"))
+    # Mesh-axis lists (a config read back from JSON) become tuples, as Linen expects.
+    self.rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                       for name, axes in config.rules)
+    self.global_batch = int(config.global_batch)
+    self.loss_weights = {"ce": 1.0}
+    if self.cfg.mapping_loss and self.cfg.mapping_weight:
+      if self.cfg.text_guidance:
+        self.loss_weights["text_map"] = float(self.cfg.mapping_weight)
+      self.loss_weights["vision_map"] = float(self.cfg.mapping_weight)
+    n = int(config.data.get("num_examples", 0) or 0)
+    self.num_examples = n if n > 0 else None
+    self._tokenizer: Tokenizer | None = None
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    """config.data.tokenizer with the template's pad token, loaded once (data side only)."""
+    if self._tokenizer is None:
+      path = self.config.data.get("tokenizer", "")
+      if not path:
+        raise ValueError("config.data.tokenizer is empty; point it to the LLM's tokenizer "
+                         "directory or file (e.g. <import_hf output>/tokenizer)")
+      tok = load_tokenizer(path, pad_token=TEMPLATE_PAD_TOKENS[self.cfg.template])
+      if len(tok) > self.cfg.llm.vocab_size:
+        raise ValueError(f"tokenizer {path} has {len(tok)} tokens but the model vocabulary is "
+                         f"{self.cfg.llm.vocab_size}; set config.model.overrides.llm.vocab_size")
+      self._tokenizer = tok
+    return self._tokenizer
+
+  def data_config(self, process_count: int) -> data_pipeline.DataConfig:
+    """This host's DataConfig (batch = global_batch / process_count)."""
+    if self.global_batch % process_count:
+      raise ValueError(f"global_batch {self.global_batch} is not divisible by the "
+                       f"{process_count} hosts")
+    return data_config_from(self.config.data, self.cfg, self.global_batch // process_count)
+
+  def init_params(self, rng: jax.Array) -> Any:
+    # Parameters do not depend on B, S or q: initialise on the smallest valid batch.
+    batch = fusion.example_batch(self.cfg, batch_size=1, seq_len=8, max_questions=1,
+                                 q=min(self.cfg.query_len), seed=None)
+    return fusion.init(rng, self.cfg, batch)["params"]
+
+  def loss_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
+              ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    del rng  # FUSION trains without dropout
+    logits, out = fusion.apply(params, batch, self.cfg, train=True)
+    ce_sum, _ = ce_lib.cross_entropy(logits, batch["labels"], rules=self.rules)
+    sums = {"ce": ce_sum}
+    if "text_map" in self.loss_weights:
+      sums["text_map"], _ = mapping_loss.text_mapping_loss(
+          out["instruct_embeds"], out["instruct_feats"], batch["instructs_mask"])
+    if "vision_map" in self.loss_weights:
+      sample_mask = None if self.cfg.vision_map_text_only else batch["has_image"]
+      sums["vision_map"], _ = mapping_loss.vision_mapping_loss(
+          out["patch_embeds"], out["projected_back"], sample_mask)
+    aux = {"tokens": jnp.sum(batch["token_mask"]).astype(jnp.float32)}
+    return sums, aux
+
+  def loss_denominators(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    targets = ce_lib.shift_labels(batch["labels"])
+    dens = {"ce": jnp.sum(targets != ce_lib.IGNORE_INDEX).astype(jnp.float32)}
+    n = jnp.float32(self.cfg.vision.num_patches)
+    if "text_map" in self.loss_weights:
+      dens["text_map"] = jnp.sum(batch["instructs_mask"]).astype(jnp.float32)
+    if "vision_map" in self.loss_weights:
+      samples = (batch["has_image"].shape[0] if self.cfg.vision_map_text_only
+                 else jnp.sum(batch["has_image"]))
+      dens["vision_map"] = jnp.asarray(samples, jnp.float32) * n
+    return dens
+
+  def make_data_iterator(self, process_index: int, process_count: int
+                         ) -> data_pipeline.DataIterator:
+    return data_pipeline.make_pipeline(self.data_config(process_count), self.tokenizer,
+                                       process_index=process_index,
+                                       process_count=process_count, train=True)
+
+  def flops_per_token(self) -> float:
+    """Matmul FLOPs (fwd + bwd = 6 x params x tokens) of the LLM per token, plus the vision
+    passes (5 crops of N tokens, T instruction tokens) amortised over the sequence."""
+    c, v = self.cfg.llm, self.cfg.vision
+    s = int(self.config.data.get("seq_len", data_pipeline.DataConfig.seq_len))
+    attn = c.num_heads * c.head_dim
+    per_layer = c.hidden_size * (attn + 2 * c.num_kv_heads * c.head_dim) + attn * c.hidden_size
+    per_layer += 3 * c.hidden_size * c.intermediate_size
+    llm = c.num_layers * per_layer + c.hidden_size * c.vocab_size
+    llm_attn = 2 * c.num_layers * s * attn
+    vis_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    vis_tokens = 5 * v.num_patches + self.cfg.max_instruct_len
+    vision = v.num_layers * vis_layer * vis_tokens / s
+    return 6.0 * (llm + llm_attn + vision)
+
+
+task_lib.register_task("fusion", FusionTask)
+
+
+# ----------------------------------------------------------------------------- spec 8 recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One row of the paper's training recipe (spec 8)."""
+  title: str
+  dataset: str          # the authors' dataset name (the placeholder mixture path uses it)
+  num_examples: int     # documented dataset size: 1 epoch = ceil(num_examples / global_batch)
+  global_batch: int
+  lr: float
+  vision_lr: float      # vision tower learning rate (an optim.rules multiplier of lr)
+  seq_len: int
+  previous: str         # the stage whose weights this one starts from ('' = the base model)
+
+
+STAGES: dict[str, Stage] = {
+    "stage1": Stage("Foundational Semantic Alignment", "FUSION-Pretrain-10M", 10_000_000,
+                    256, 2e-5, 2e-5, 2048, ""),
+    "stage1_5": Stage("Contextual Multimodal Fusion", "FUSION-5M-Stage1.5", 5_000_000,
+                      128, 2e-5, 2e-6, 4096, "stage1"),
+    "stage2": Stage("Visual Instruction Tuning", "FUSION-7M-Stage2", 7_000_000,
+                    128, 1e-5, 1e-6, 4096, "stage1_5"),
+}
+VISION_TOWER_RULE = "^vision_tower/"
+
+
+def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, base_model: str,
+                 run_root: str, seq_len: Mapping[str, int] | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The experiment config of one paper stage (spec 8) for a FUSION preset.
+
+  AdamW (wd 0), cosine with 3% warmup, 1 epoch, bf16 compute with fp32 master weights, full
+  remat, every module trainable, the vision tower at its own learning rate.
+
+  Args:
+    preset: fusion_jax.models.presets name (fusion_3b, fusion_8b, fusion_x_3b, fusion_x_8b).
+    stage: 'stage1' | 'stage1_5' | 'stage2' (keys of STAGES).
+    data_root: directory holding one folder per dataset with its mixture YAML:
+      <data_root>/<Stage.dataset>/mixture.yaml.
+    image_root: where relative image paths of the JSON records resolve.
+    base_model: the stage-1 start, a model dir written by `python -m
+      fusion_jax.convert.import_hf --preset <preset> --out <base_model>` (base LLM + SigLIP,
+      new modules random); its tokenizer/ is the training tokenizer.
+    run_root: stage workdirs are <run_root>/<stage>; stages 1.5 and 2 start from the previous
+      stage's workdir.
+    seq_len: per-stage max length overrides (FUSION-X 8B stage 2: 3072).
+  """
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)} "
+                     "(e.g. --config experiments/fusion_3b.py:stage1)")
+  s = STAGES[stage]
+  c = base_config()
+  c.task = "fusion"
+  c.model = ml_collections.ConfigDict(dict(preset=preset, overrides=ml_collections.ConfigDict()))
+  c.data = ml_collections.ConfigDict(dict(
+      mixture=f"{data_root}/{s.dataset}/mixture.yaml",
+      image_root=image_root,
+      tokenizer=f"{base_model}/tokenizer",
+      num_examples=s.num_examples,         # num_steps = ceil(num_epochs * this / global_batch)
+      seq_len=int((seq_len or {}).get(stage, s.seq_len)),
+      # User turns with latent slots per sample (later turns are cut with their tokens).
+      max_questions=16,
+      seed=0, shuffle=True,
+      worker_count=8, read_threads=8, read_buffer=64, prefetch=2))
+  # FSDP over every chip (tested for 64 and 128 chips: v5p-128 / v5p-256). Every sharded
+  # parameter dim must divide by its mesh axes: the vision width (1152 SigLIP, 1536 SigLIP2)
+  # and the projector input (3 x that) limit fsdp to 128, as does the global batch of stages
+  # 1.5 / 2 (128 examples over data x fsdp shards). Larger slices: tensor 2 or a larger batch.
+  # tensor must stay 1 for FUSION 3B / X-3B: their vocabulary (Phi-3.5's 32011 + 2 vision
+  # tokens = 32013) is odd and the vocab-sharded cross entropy needs vocab % tensor == 0
+  # (Llama-3's 128258 allows tensor 2); more needs a vocabulary padded at import.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.optim.lr = s.lr
+  c.optim.schedule = "cosine"
+  c.optim.warmup_frac = 0.03
+  c.optim.weight_decay = 0.0
+  c.optim.rules = ((VISION_TOWER_RULE, round(s.vision_lr / s.lr, 12)),)
+  c.global_batch = s.global_batch
+  c.microbatches = 1        # raise (e.g. 2, 4) if the activations do not fit
+  c.num_steps = 0           # 0 = num_epochs over data.num_examples
+  c.num_epochs = 1.0
+  c.checkpoint.every = 1000
+  c.checkpoint.keep_last = 2
+  c.log_every = 10
+  c.seed = 0
+  c.compute_dtype = "bfloat16"
+  c.remat_policy = "full"
+  # Stage 1 starts from the imported base model; later stages from the previous stage's run
+  # (params only, fresh optimizer; modules missing there start from random init).
+  c.init_from = f"{run_root}/{s.previous}" if s.previous else base_model
+  return c
+
+
+def recipe_num_steps(stage: str) -> int:
+  """Optimizer steps of one epoch of the stage's documented dataset at its global batch."""
+  s = STAGES[stage]
+  return math.ceil(s.num_examples / s.global_batch)
