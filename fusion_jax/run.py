@@ -109,6 +109,7 @@ def check_targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
 def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True) -> dict[str, Any]:
   """The whole job; returns (and writes) the summary."""
   t0 = time.time()
+  workdir = os.path.abspath(workdir)
   times: dict[str, float] = {}
 
   def timed(name: str, fn, *args, **kw):

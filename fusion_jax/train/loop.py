@@ -195,6 +195,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   Raises NonFiniteError after config.max_nonfinite consecutive non-finite steps.
   """
   t_start = time.time()
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)  # orbax requires absolute checkpoint paths
   su = setup(config, task)
   task, num_steps = su.task, su.num_steps
   primary = jax.process_index() == 0

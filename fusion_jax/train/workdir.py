@@ -49,6 +49,7 @@ def fusion_config_of(config: ml_collections.ConfigDict) -> fusion.FusionConfig:
 def load_run(workdir: str, step: int | None = None
              ) -> tuple[Any, fusion.FusionConfig, ml_collections.ConfigDict, int]:
   """(params on the default device, FusionConfig, experiment config, step) of a run."""
+  workdir = os.path.abspath(workdir) if "://" not in workdir else workdir  # orbax: absolute
   step = latest_step(workdir) if step is None else step
   config = run_config(workdir, step)
   cfg = fusion_config_of(config)
