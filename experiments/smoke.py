@@ -23,6 +23,9 @@ CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMu
               "SynthConvShort", "SynthConvLong", "SynthContrastShort", "SynthContrastLong",
               "SynthReasoning")
 CONFIG_ARGS = ("", "short", "no_text_guidance", "no_interaction", "no_mapping_loss", "no_latents")
+# Paper recipe in miniature (spec 8): alignment data first, then everything (instruction data
+# with the alignment data kept), each stage from the previous one's weights, fresh optimizer.
+ALIGNMENT = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene")
 ABLATIONS = {"no_text_guidance": "text_guidance", "no_interaction": "interaction",
              "no_mapping_loss": "mapping_loss", "no_latents": "latents"}
 
@@ -59,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       paths=(), image_root="", tokenizer="", seq_len=192, max_questions=4, eval_q=4, seed=0,
       shuffle=True, worker_count=0, read_threads=2, prefetch=2))
   c.eval = ml_collections.ConfigDict(dict(split="heldout", batch_size=32))
+
+  # (name, categories (() = all), fraction of num_steps); see fusion_jax.run.stage_plan.
+  c.stages = (("alignment", ALIGNMENT, 0.5), ("instruction", (), 0.5))
 
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.compute_dtype = "float32"

@@ -106,6 +106,38 @@ def check_targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
   return rows
 
 
+def stage_plan(config: ml_collections.ConfigDict, workdir: str
+               ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
+  """[(name, config, workdir)] of the training stages (spec 8: each starts from the previous
+  stage's weights with a fresh optimizer). config.stages = ((name, categories, step fraction),
+  ...), categories () = all; the last stage trains in `workdir` itself, earlier ones in
+  <workdir>/stages/<name>. Without config.stages: one stage on all data."""
+  stages = tuple(config.get("stages") or (("all", (), 1.0),))
+  data_file = config.data.paths[0]
+  with open(data_file) as f:
+    records = json.load(f)
+  plan, previous = [], ""
+  for i, (name, categories, frac) in enumerate(stages):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.num_steps = max(1, int(round(float(frac) * int(config.num_steps))))
+    if categories:
+      subset = os.path.join(os.path.dirname(data_file), f"train_{name}.json")
+      if not os.path.isfile(subset):
+        keep = [r for r in records if r.get("category") in set(categories)]
+        if not keep:
+          raise ValueError(f"stage {name!r}: no training record of categories {categories}")
+        with open(subset + ".tmp", "w") as f:
+          json.dump(keep, f)
+        os.replace(subset + ".tmp", subset)
+      c.data.paths = (subset,)
+    last = i == len(stages) - 1
+    stage_dir = workdir if last else os.path.join(workdir, "stages", name)
+    c.init_from = previous or config.init_from
+    plan.append((name, c, stage_dir))
+    previous = stage_dir
+  return plan
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True) -> dict[str, Any]:
   """The whole job; returns (and writes) the summary."""
   t0 = time.time()
@@ -121,11 +153,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
   config = timed("data+tokenizer", prepare, config)
   os.makedirs(workdir, exist_ok=True)
   from fusion_jax.train.loop import train
-  _say(f"training {config.num_steps} steps of batch {config.global_batch} in {workdir}")
-  train_summary = timed("train", train, config, workdir)
-  if train_summary.get("preempted"):
-    _say("preempted: checkpoint saved; rerun the same command to continue")
-    return {"preempted": True, "train": train_summary}
+  stage_runs = []
+  plan = stage_plan(config, workdir)
+  for i, (name, stage_config, stage_dir) in enumerate(plan):
+    _say(f"stage {i + 1}/{len(plan)} '{name}': {stage_config.num_steps} steps of batch "
+         f"{stage_config.global_batch} on {stage_config.data.paths[0]} in {stage_dir}"
+         + (f", starting from {stage_config.init_from}" if stage_config.init_from else ""))
+    train_summary = timed(f"train:{name}", train, stage_config, stage_dir)
+    stage_runs.append({"stage": name, "workdir": stage_dir,
+                       **{k: train_summary.get(k) for k in ("step", "num_steps", "resumed_from",
+                                                           "checkpoint_step", "nonfinite_total")}})
+    if train_summary.get("preempted"):
+      _say("preempted: checkpoint saved; rerun the same command to continue")
+      return {"preempted": True, "train": train_summary}
 
   from fusion_jax.eval.evaluate import run_eval
   ev = timed("eval", run_eval, workdir, split=config.eval.split,
@@ -141,8 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
   last = train_summary.get("last") or {}
   summary = {
       "workdir": workdir, "wall_time_s": total, "stage_time_s": times,
-      "train": {k: train_summary.get(k) for k in ("step", "num_steps", "resumed_from",
-                                                  "checkpoint_step", "nonfinite_total")},
+      "train": stage_runs[-1], "stages": stage_runs,
       "final_metrics": last, "eval": ev["categories"],
       "targets": [{"category": c, "target": t, "met": m} for c, t, m in
                   check_targets(ev["categories"])],
@@ -167,6 +206,8 @@ def format_summary(s: dict[str, Any]) -> str:
   if m:
     parts = [f"{k} {m[k]:.4f}" for k in ("loss", "ce", "text_map", "vision_map") if k in m]
     lines.append(f"step {s['train']['step']}: " + ", ".join(parts))
+  for st in s.get("stages", []):
+    lines.append(f"stage {st['stage']}: {st['step']} steps in {st['workdir']}")
   lines.append("")
   lines.append(f"{'category':<20} {'accuracy':>8} {'chance':>7} {'target':>8} {'met':>4} "
                f"{'n':>5}")

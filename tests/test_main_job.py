@@ -21,13 +21,17 @@ def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
   workdir = str(tmp_path / "run")
 
   first = run_lib.run(config, workdir, export=False)
-  assert first["train"]["step"] == 4 and first["train"]["resumed_from"] is None
+  # Two stages (alignment, then everything from the alignment weights) of 2 steps each.
+  assert [s["stage"] for s in first["stages"]] == ["alignment", "instruction"]
+  assert [s["step"] for s in first["stages"]] == [2, 2]
+  assert first["train"]["resumed_from"] is None
   assert not os.path.exists(os.path.join(workdir, "export_torch_fusion"))
 
-  # Same job, longer: the dataset and tokenizer are reused and training resumes at step 4.
+  # Same job, longer: the dataset and tokenizer are reused and both stages resume at step 2.
   config.num_steps = 6
   second = run_lib.run(config, workdir, export=True)
-  assert second["train"]["resumed_from"] == 4 and second["train"]["step"] == 6
+  assert [s["resumed_from"] for s in second["stages"]] == [2, 2]
+  assert second["train"]["step"] == 3
   assert second["stage_time_s"]["data+tokenizer"] < 5
 
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -43,7 +47,7 @@ def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
 
   # The exported PyTorch-layout checkpoint imports back to the trained parameters, bitwise.
   params, cfg, _, step = load_run(workdir)
-  assert step == 6
+  assert step == 3
   model_dir = str(tmp_path / "reimported")
   import_torch(os.path.join(workdir, "export_torch_fusion"), model_dir)
   back, back_cfg = load_model_dir(model_dir)
