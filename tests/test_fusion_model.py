@@ -120,3 +120,14 @@ def test_latents_off_hides_latent_slots(params):
   for i in range(B):
     keep[i, batch["latent_pos"][i][batch["latent_pos"][i] >= 0]] = False
   np.testing.assert_allclose(np.asarray(a)[keep], np.asarray(b)[keep], atol=1e-5)
+
+
+def test_fusion_l_resizes_image_tokens_at_inference(params):
+  """FUSION-L: the image slot holds grid^2 resized tokens; training with it is refused."""
+  lcfg = dataclasses.replace(TINY, fusion_l_grid=2)
+  assert lcfg.num_image_tokens == 4
+  batch = fusion.example_batch(lcfg, batch_size=B, seq_len=S, max_questions=LQ, q=4)
+  logits, _ = fusion.apply(params, batch, lcfg, train=False)
+  assert logits.shape == (B, S, TINY.llm.vocab_size) and np.isfinite(logits).all()
+  with pytest.raises(ValueError, match="inference option"):
+    fusion.apply(params, batch, lcfg, train=True)

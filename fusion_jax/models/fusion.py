@@ -216,7 +216,10 @@ class Fusion(nn.Module):
                              batch["instructs_mask"])
     image_tokens = vis["image_tokens"]
     seq_tokens = image_tokens
-    if cfg.fusion_l_grid and not train:
+    if cfg.fusion_l_grid:
+      if train:
+        raise ValueError("FusionConfig.fusion_l_grid (FUSION-L) is an inference option: train "
+                         "the FUSION-X model (fusion_l_grid=0) and evaluate with it set")
       seq_tokens = global_context.resize_image_tokens(image_tokens, cfg.fusion_l_grid)
 
     h = self.llm.embed(batch["input_ids"])
