@@ -9,9 +9,8 @@ from fusion_jax.data.conversation import (
     IMAGE_SLOT, LATENT_SLOT, LLAMA3_SYSTEM, TEXT, encode_conversation, get_template)
 from fusion_jax.data.errors import FIXUP_KEYS, REASON_KEYS, BadSample
 from fusion_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer_json, train_sentencepiece
+from tokenizer_fixtures import WORDS, corpus, llama, phi  # noqa: F401  (pytest fixtures)
 
-WORDS = ("the a red blue green cat dog sits on mat image shows two three colour what is in "
-         "picture yes no left right of you are helpful assistant language vision").split()
 PHI_SYS = "<|system|>\nYou are a helpful AI assistant.<|end|>"
 L3_SYS = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + LLAMA3_SYSTEM
           + "<|eot_id|>")
@@ -19,24 +18,6 @@ L3_U = "<|start_header_id|>user<|end_header_id|>\n\n"
 L3_A = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 VS, VE = "<vision_start>", "<vision_end>"
 
-
-def corpus(n=300, seed=0):
-  rng = random.Random(seed)
-  return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def phi(tmp_path_factory):
-  d = tmp_path_factory.mktemp("sp")
-  train_sentencepiece(corpus(), str(d / "tokenizer"), 320)
-  return load_tokenizer(str(d))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  d = tmp_path_factory.mktemp("hf")
-  train_bpe_tokenizer_json(corpus(), str(d), 400)
-  return load_tokenizer(str(d))
 
 
 def render(enc, tok):

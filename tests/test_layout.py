@@ -10,33 +10,14 @@ from fusion_jax.data.layout import (
     IGNORE_INDEX, LAYOUT_KEYS, QUERY_LEN_CANDIDATES, check_sample, choose_q, layout_batch,
     layout_sample, render_example)
 from fusion_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer_json, train_sentencepiece
+from tokenizer_fixtures import WORDS, corpus, llama, phi  # noqa: F401  (pytest fixtures)
 
-WORDS = ("the a red blue green cat dog sits on mat image shows two three colour what is in "
-         "picture yes no left right of you are helpful assistant language vision").split()
 N_IMG = 9
 LQ = 3
 T = 12
 PHI_SYS = "<|system|>\nYou are a helpful AI assistant.<|end|>"
 VS, VE = "<vision_start>", "<vision_end>"
 
-
-def corpus(n=300, seed=0):
-  rng = random.Random(seed)
-  return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def phi(tmp_path_factory):
-  d = tmp_path_factory.mktemp("sp")
-  train_sentencepiece(corpus(), str(d / "tokenizer"), 320)
-  return load_tokenizer(str(d))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  d = tmp_path_factory.mktemp("hf")
-  train_bpe_tokenizer_json(corpus(), str(d), 400)
-  return load_tokenizer(str(d))
 
 
 def rec(*turns, image=None):
