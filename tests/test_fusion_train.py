@@ -1,7 +1,6 @@
 """FusionTask through the real trainer (experiments/fusion_tiny.py on a tiny on-disk dataset):
 sharded step == single-device step, train() writes checkpoints / metrics, a frozen vision tower
 stays bitwise unchanged, init_from a model dir (the stage-1 start)."""
-import importlib.util
 import math
 import os
 
@@ -13,10 +12,10 @@ from fusion_jax.convert.model_dir import save_model_dir
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import metrics as metrics_lib
 from fusion_jax.train.fusion_task import FusionTask
+from experiment_helpers import load_experiment, override
 from fusion_jax.train.loop import setup, train
 from pipeline_fixtures import make_tokenizer, write_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_222 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 ONE_DEVICE = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
 
@@ -32,24 +31,14 @@ def data_dir(tmp_path_factory):
 
 def tiny_config(data_dir, **overrides):
   """experiments/fusion_tiny.py pointed at the fixture data, with dotted-key overrides."""
-  spec = importlib.util.spec_from_file_location(
-      "fusion_tiny_exp", os.path.join(ROOT, "experiments", "fusion_tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_experiment("fusion_tiny")
   c.data.paths = os.path.join(data_dir, "data.json")
   c.data.image_root = data_dir
   c.data.tokenizer = os.path.join(data_dir, "tok")
   # Adam's first update is ~lr * sign(g): a larger eps keeps the sharded-vs-single comparison
   # about the gradients, not about the sign of near-zero entries' rounding.
   c.optim.eps = 1e-4
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, **overrides)
 
 
 def leaves(tree):

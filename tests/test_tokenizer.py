@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import random
 
 import numpy as np
 import pytest
@@ -10,14 +9,8 @@ import pytest
 from fusion_jax.data.tokenizer import (
     LLAMA3_SPECIAL_TOKENS, PHI3_CHAT_TOKENS, HFTokenizer, SentencePieceTokenizer,
     load_tokenizer, train_bpe_tokenizer_json, train_sentencepiece)
+from tokenizer_fixtures import WORDS, corpus  # noqa: F401
 
-WORDS = ("the a red blue green cat dog sits on mat image shows two three colour what is in "
-         "picture yes no left right of you are helpful assistant language vision").split()
-
-
-def corpus(n=300, seed=0):
-  rng = random.Random(seed)
-  return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

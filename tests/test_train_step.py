@@ -1,8 +1,6 @@
 """Train step: sharded == single device, microbatch accumulation, freezing / per-module LR,
 non-finite skip; optimizer schedule and config validation."""
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,30 +9,21 @@ import pytest
 
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
+from experiment_helpers import load_experiment, override
 from fusion_jax.train.loop import setup
 from fusion_jax.train.task import ToyTask
 
 ONE_DEVICE = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def toy_config(**overrides):
   """experiments/toy.py with dotted-key overrides (like --config.KEY=VALUE)."""
-  spec = importlib.util.spec_from_file_location("toy_exp", os.path.join(ROOT, "experiments", "toy.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_experiment("toy")
   c.global_batch = 8
   c.num_steps = 10
   c.optim.warmup_frac = 0.0
   c.optim.lr = 1e-2
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, **overrides)
 
 
 def host_batches(config, n):
