@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Dataset (fusion_jax.synth), cached under cache_dir by its own parameters.
   c.synth = ml_collections.ConfigDict(dict(
-      num=200 if short else 3000, seed=0, size=32, categories=CATEGORIES, heldout=0.1,
+      num=200 if short else 24000, seed=0, size=32, categories=CATEGORIES,
+      heldout=0.1 if short else 0.025,
       cache_dir=".cache/smoke_data"))
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=400))
 
@@ -63,13 +64,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       shuffle=True, worker_count=0, read_threads=2, prefetch=2))
   c.eval = ml_collections.ConfigDict(dict(split="heldout", batch_size=32))
 
-  # (name, categories (() = all), fraction of num_steps); see fusion_jax.run.stage_plan.
-  c.stages = (("alignment", ALIGNMENT, 0.5), ("instruction", (), 0.5))
+  # (name, categories (() = all), fraction of num_steps[, overrides]); fusion_jax.run.stage_plan.
+  # The alignment data is short: its stage trains at 128 tokens (spec 8: max len per stage).
+  c.stages = (("alignment", ALIGNMENT, 0.6, {"data.seq_len": 128}), ("instruction", (), 0.4))
 
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.compute_dtype = "float32"
   c.global_batch = 16
-  c.num_steps = 6 if short else 700
+  c.num_steps = 6 if short else 1000
   c.optim.lr = 1e-3
   c.optim.warmup_frac = 0.05
   c.checkpoint.every = 3 if short else 200

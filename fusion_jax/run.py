@@ -106,20 +106,41 @@ def check_targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
   return rows
 
 
+def _override(c: ml_collections.ConfigDict, key: str, value: Any, where: str) -> None:
+  """c[key] = value for a dotted key that must already exist (typos fail here, not later)."""
+  *path, last = key.split(".")
+  node = c
+  for p in path:
+    if p not in node:
+      raise ValueError(f"{where}: unknown config key {key!r} (no {p!r})")
+    node = node[p]
+  if last not in node:
+    raise ValueError(f"{where}: unknown config key {key!r}")
+  node[last] = value
+
+
 def stage_plan(config: ml_collections.ConfigDict, workdir: str
                ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
   """[(name, config, workdir)] of the training stages (spec 8: each starts from the previous
-  stage's weights with a fresh optimizer). config.stages = ((name, categories, step fraction),
-  ...), categories () = all; the last stage trains in `workdir` itself, earlier ones in
+  stage's weights with a fresh optimizer). config.stages = ((name, categories, step fraction
+  [, overrides]), ...), categories () = all; overrides maps dotted config keys to this stage's
+  values (spec 8 gives each stage its own max length, batch and learning rates), e.g.
+  {"data.seq_len": 128}. The last stage trains in `workdir` itself, earlier ones in
   <workdir>/stages/<name>. Without config.stages: one stage on all data."""
   stages = tuple(config.get("stages") or (("all", (), 1.0),))
   data_file = config.data.paths[0]
   with open(data_file) as f:
     records = json.load(f)
   plan, previous = [], ""
-  for i, (name, categories, frac) in enumerate(stages):
+  for i, stage in enumerate(stages):
+    if len(stage) not in (3, 4):
+      raise ValueError(f"config.stages[{i}] = {stage!r}: expected (name, categories, step "
+                       "fraction) or (name, categories, step fraction, {dotted key: value})")
+    name, categories, frac = stage[:3]
     c = ml_collections.ConfigDict(config.to_dict())
     c.num_steps = max(1, int(round(float(frac) * int(config.num_steps))))
+    for key, value in dict(stage[3] if len(stage) == 4 else {}).items():
+      _override(c, key, value, where=f"config.stages[{i}] ({name!r})")
     if categories:
       subset = os.path.join(os.path.dirname(data_file), f"train_{name}.json")
       if not os.path.isfile(subset):

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import smoke
 from fusion_jax import run as run_lib
@@ -16,22 +17,25 @@ from fusion_jax.train.workdir import load_run
 def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
   config = smoke.get_config("short")
   config.synth.cache_dir = str(tmp_path / "cache")
-  config.num_steps = 4
+  config.num_steps = 5
   config.checkpoint.every = 2
   workdir = str(tmp_path / "run")
 
   first = run_lib.run(config, workdir, export=False)
-  # Two stages (alignment, then everything from the alignment weights) of 2 steps each.
+  # Two stages (alignment, then everything from the alignment weights), 0.6 / 0.4 of the steps.
   assert [s["stage"] for s in first["stages"]] == ["alignment", "instruction"]
-  assert [s["step"] for s in first["stages"]] == [2, 2]
+  assert [s["step"] for s in first["stages"]] == [3, 2]
   assert first["train"]["resumed_from"] is None
   assert not os.path.exists(os.path.join(workdir, "export_torch_fusion"))
+  # The alignment stage trains at its own sequence length (config.stages overrides).
+  assert load_run(first["stages"][0]["workdir"])[2].data.seq_len == 128
+  assert load_run(workdir)[2].data.seq_len == config.data.seq_len != 128
 
-  # Same job, longer: the dataset and tokenizer are reused and both stages resume at step 2.
-  config.num_steps = 6
+  # Same job, longer: the dataset and tokenizer are reused and both stages resume.
+  config.num_steps = 10
   second = run_lib.run(config, workdir, export=True)
-  assert [s["resumed_from"] for s in second["stages"]] == [2, 2]
-  assert second["train"]["step"] == 3
+  assert [s["resumed_from"] for s in second["stages"]] == [3, 2]
+  assert second["train"]["step"] == 4
   assert second["stage_time_s"]["data+tokenizer"] < 5
 
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -47,10 +51,27 @@ def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
 
   # The exported PyTorch-layout checkpoint imports back to the trained parameters, bitwise.
   params, cfg, _, step = load_run(workdir)
-  assert step == 3
+  assert step == 4
   model_dir = str(tmp_path / "reimported")
   import_torch(os.path.join(workdir, "export_torch_fusion"), model_dir)
   back, back_cfg = load_model_dir(model_dir)
   assert back_cfg == cfg
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params, back)
+
+
+def test_stage_overrides_reject_unknown_keys(tmp_path):
+  config = smoke.get_config("short")
+  data = tmp_path / "train.json"
+  data.write_text(json.dumps([{"category": "SynthColor"}]))
+  config.data.paths = (str(data),)
+  config.stages = (("only", (), 1.0, {"data.seq_lenn": 64}),)
+  with pytest.raises(ValueError, match=r"config.stages\[0\] \('only'\): unknown config key "
+                     r"'data.seq_lenn'"):
+    run_lib.stage_plan(config, str(tmp_path / "run"))
+  config.stages = (("only", ()),)
+  with pytest.raises(ValueError, match=r"config.stages\[0\]"):
+    run_lib.stage_plan(config, str(tmp_path / "run"))
+  config.stages = (("only", (), 1.0, {"data.seq_len": 64, "optim.lr": 3e-4}),)
+  (_, c, _), = run_lib.stage_plan(config, str(tmp_path / "run"))
+  assert (c.data.seq_len, c.optim.lr) == (64, 3e-4)
