@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion_jax.models.llm import LLMConfig
+from fusion_jax.models.llm_config import LLMConfig
 
 Path = tuple[str, ...]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from fusion_jax.models.fusion import FusionConfig
-from fusion_jax.models.llm import LLAMA_3_1_8B, PHI_3_5_MINI, LLMConfig
+from fusion_jax.models.llm_config import LLAMA_3_1_8B, PHI_3_5_MINI, LLMConfig
 from fusion_jax.models.vision import (SIGLIP2_GIANT_OPT_16_384, SIGLIP_SO400M_14_384, VisionConfig,
                                       fusion_tower)
 
