@@ -15,7 +15,6 @@ compile, synthesis or evaluation.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import statistics
@@ -28,6 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 from fusion_jax import run as run_lib  # noqa: E402
 from fusion_jax.eval.evaluate import run_eval  # noqa: E402
 from fusion_jax.train.metrics import read_metrics  # noqa: E402
+from fusion_jax.train.workdir import checkpoint_steps  # noqa: E402
 
 FLAGS = flags.FLAGS
 # --config and --workdir are fusion_jax.run's flags (defined when it is imported).
@@ -40,11 +40,6 @@ flags.DEFINE_integer("batch_size", 64, "sequences per scoring batch")
 def _step_time(stage_dir: str) -> float:
   times = [r["step_time_s"] for r in read_metrics(stage_dir) if r.get("step_time_s")]
   return statistics.median(times) if times else float("nan")
-
-
-def _checkpoints(stage_dir: str) -> list[int]:
-  paths = glob.glob(os.path.join(stage_dir, "checkpoints", "[0-9]*"))
-  return sorted(int(os.path.basename(p)) for p in paths if os.path.basename(p).isdigit())
 
 
 def main(argv) -> None:
@@ -69,7 +64,7 @@ def main(argv) -> None:
     print(f"== stage {name}: {stage_config.num_steps} steps in {stage_dir}", flush=True)
     train(stage_config, stage_dir)
     dt = _step_time(stage_dir)
-    for step in _checkpoints(stage_dir):
+    for step in checkpoint_steps(stage_dir):
       ev = run_eval(stage_dir, data=heldout, step=step, batch_size=a.batch_size,
                     seq_len=seq_len, write=False)
       cats = ev["categories"]

@@ -17,15 +17,21 @@ from fusion_jax.models import fusion
 from fusion_jax.train import checkpoint as ckpt_lib
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Sorted steps of a run's complete checkpoints ([] when there is none)."""
+  root = ckpt_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(root):
+    return []
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+  return sorted(manager.all_steps())
+
+
 def latest_step(workdir: str) -> int:
   """Newest complete checkpoint step of a run; a clear error when there is none."""
-  root = ckpt_lib.checkpoint_dir(workdir)
-  steps = []
-  if os.path.isdir(root):
-    steps = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)
-                                  ).all_steps()
+  steps = checkpoint_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f"{workdir}: no complete checkpoint under {root}; is this a "
+    raise FileNotFoundError(f"{workdir}: no complete checkpoint under "
+                            f"{ckpt_lib.checkpoint_dir(workdir)}; is this a "
                             "training workdir (python -m fusion_jax.train --workdir ...)?")
   return max(steps)
 
