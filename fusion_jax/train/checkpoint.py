@@ -176,6 +176,11 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- init_from
 
 
+def finalized_steps(root: str) -> list[int]:
+  """Sorted steps of the complete (finalized) checkpoints directly under `root`."""
+  return sorted(ocp.path.step.checkpoint_steps(root))
+
+
 def _resolve_source(path: str) -> tuple[str, int]:
   """`path` may be a workdir, its checkpoints/ directory, or one step directory."""
   p = epath.Path(path)
@@ -185,8 +190,7 @@ def _resolve_source(path: str) -> tuple[str, int]:
     return str(p.parent), int(p.name)
   for root in (p / CHECKPOINT_SUBDIR, p):
     if root.exists():
-      steps = ocp.CheckpointManager(
-          str(root), options=ocp.CheckpointManagerOptions(read_only=True)).all_steps()
+      steps = finalized_steps(str(root))
       if steps:
         return str(root), max(steps)
   raise FileNotFoundError(
@@ -216,23 +220,19 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
   Returns:
     (params, report) with report = {"restored": [...], "fresh": [...], "unused": [...]} paths.
   """
-  model_params = _model_dir_params(path)
-  if model_params is not None:
-    where = path
-    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    meta_tree = ckptr.metadata(model_params).item_metadata.tree
-    read = lambda args: ckptr.restore(model_params, args=args)  # noqa: E731
-    close = ckptr.close
-  else:
+  params_dir = _model_dir_params(path)
+  where = path
+  if params_dir is None:
     root, step = _resolve_source(path)
     where = f"{root}/{step}"
-    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_handlers={"params": ocp.PyTreeCheckpointHandler()})
-    meta = mngr.item_metadata(step)["params"]
-    meta_tree = getattr(meta, "tree", meta)
-    read = lambda args: mngr.restore(  # noqa: E731
-        step, args=ocp.args.Composite(params=args))["params"]
-    close = mngr.close
+    params_dir = str(epath.Path(root) / str(step) / "params")
+  # The params item alone, read by its own handler: a CheckpointManager (or Checkpointer) would
+  # warn about every other item of the step (opt_state, data, config) and the step metadata.
+  handler = ocp.PyTreeCheckpointHandler()
+  meta = handler.metadata(epath.Path(params_dir))
+  meta_tree = getattr(meta, "tree", meta)
+  read = lambda args: handler.restore(epath.Path(params_dir), args=args)  # noqa: E731
+  close = handler.close
   saved = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
       meta_tree, is_leaf=lambda x: hasattr(x, "shape"))[0]}
   flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)

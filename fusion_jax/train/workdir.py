@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from fusion_jax.models import fusion
 from fusion_jax.train import checkpoint as ckpt_lib
@@ -22,8 +21,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
   root = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(root):
     return []
-  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
-  return sorted(manager.all_steps())
+  return ckpt_lib.finalized_steps(root)
 
 
 def latest_step(workdir: str) -> int:
