@@ -30,7 +30,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fusion_jax.data import conversation, images, layout, pipeline  # noqa: E402
-from fusion_jax.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from fusion_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from fusion_jax.data.tokenizer_train import train_sentencepiece  # noqa: E402
 
 _WORDS = ("the a red blue green small large cat dog tree house car person table window left "
           "right above below near far bright dark two three several wooden metal glass sky "

@@ -2,7 +2,7 @@ r"""A tiny FUSION (preset 'tiny': every mechanism on, CPU-sized) on a small LLaV
 
 Used by the tests (tests/test_fusion_train.py builds the dataset and tokenizer in a tmp dir); by
 hand, with any LLaVA-format JSON / JSONL and a Phi-3-style tokenizer of at most 320 tokens
-(e.g. fusion_jax.data.tokenizer.train_sentencepiece on your captions):
+(e.g. fusion_jax.data.tokenizer_train.train_sentencepiece on your captions):
 
   python -m fusion_jax.train --config experiments/fusion_tiny.py --workdir /tmp/fusion_tiny \
       --config.data.paths=DATA/data.json --config.data.image_root=DATA \

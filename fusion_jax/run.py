@@ -62,7 +62,8 @@ def synthesize(synth: ml_collections.ConfigDict) -> str:
 
 def tokenizer_dir(data_dir: str, vocab_size: int) -> str:
   """A sentencepiece tokenizer trained on the dataset's text (once)."""
-  from fusion_jax.data.tokenizer import IMAGE_MARKER, train_sentencepiece
+  from fusion_jax.data.tokenizer import IMAGE_MARKER
+  from fusion_jax.data.tokenizer_train import train_sentencepiece
   out = os.path.join(data_dir, f"tokenizer_{vocab_size}")
   if os.path.isfile(os.path.join(out, "tokenizer.model")):
     _say(f"tokenizer: reusing {out}")

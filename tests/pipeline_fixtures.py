@@ -13,7 +13,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from fusion_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from fusion_jax.data.tokenizer import load_tokenizer
+from fusion_jax.data.tokenizer_train import train_sentencepiece
 
 _CORPUS = [
     "What color is the ball? The ball is red.", "How many cats are there? There are 3 cats.",

@@ -8,7 +8,8 @@ import pytest
 from fusion_jax.data.conversation import (
     IMAGE_SLOT, LATENT_SLOT, LLAMA3_SYSTEM, TEXT, encode_conversation, get_template)
 from fusion_jax.data.errors import FIXUP_KEYS, REASON_KEYS, BadSample
-from fusion_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer_json, train_sentencepiece
+from fusion_jax.data.tokenizer import load_tokenizer
+from fusion_jax.data.tokenizer_train import train_bpe_tokenizer_json, train_sentencepiece
 from tokenizer_fixtures import WORDS, corpus, llama, phi  # noqa: F401  (pytest fixtures)
 
 PHI_SYS = "<|system|>\nYou are a helpful AI assistant.<|end|>"

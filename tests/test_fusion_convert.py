@@ -341,7 +341,8 @@ def test_import_hf_cli_with_tokenizer(tmp_path, hf_dirs):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
-  from fusion_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer_json
+  from fusion_jax.data.tokenizer import load_tokenizer
+  from fusion_jax.data.tokenizer_train import train_bpe_tokenizer_json
   _, siglip = hf_dirs
   llm_dir = str(tmp_path / "llm_tok")
   texts = [f"a small caption number {i} about red cubes and blue spheres" for i in range(50)]

@@ -9,7 +9,8 @@ from fusion_jax.data.errors import BadSample
 from fusion_jax.data.layout import (
     IGNORE_INDEX, LAYOUT_KEYS, QUERY_LEN_CANDIDATES, check_sample, choose_q, layout_batch,
     layout_sample, render_example)
-from fusion_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer_json, train_sentencepiece
+from fusion_jax.data.tokenizer import load_tokenizer
+from fusion_jax.data.tokenizer_train import train_bpe_tokenizer_json, train_sentencepiece
 from tokenizer_fixtures import WORDS, corpus, llama, phi  # noqa: F401  (pytest fixtures)
 
 N_IMG = 9

@@ -125,7 +125,8 @@ def test_conversations_do_not_leak_answers_into_later_turns(dataset):
 def test_data_pipeline_accepts_json_and_arrayrecord(dataset, tmp_path):
   from fusion_jax.data import pipeline as pl
   from fusion_jax.data import sources
-  from fusion_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+  from fusion_jax.data.tokenizer import load_tokenizer
+  from fusion_jax.data.tokenizer_train import train_sentencepiece
 
   recs = _load(dataset, "train.json") + _load(dataset, "heldout.json")
   texts = [m["value"].replace("<image>\n", "") for r in recs for m in r["conversations"]]

@@ -6,9 +6,10 @@ import pickle
 import numpy as np
 import pytest
 
-from fusion_jax.data.tokenizer import (
-    LLAMA3_SPECIAL_TOKENS, PHI3_CHAT_TOKENS, HFTokenizer, SentencePieceTokenizer,
-    load_tokenizer, train_bpe_tokenizer_json, train_sentencepiece)
+from fusion_jax.data.tokenizer import (PHI3_CHAT_TOKENS, HFTokenizer, SentencePieceTokenizer,
+                                       load_tokenizer)
+from fusion_jax.data.tokenizer_train import (LLAMA3_SPECIAL_TOKENS, train_bpe_tokenizer_json,
+                                             train_sentencepiece)
 from tokenizer_fixtures import WORDS, corpus  # noqa: F401
 
 

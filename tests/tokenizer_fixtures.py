@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from fusion_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer_json, train_sentencepiece
+from fusion_jax.data.tokenizer import load_tokenizer
+from fusion_jax.data.tokenizer_train import train_bpe_tokenizer_json, train_sentencepiece
 
 WORDS = ("the a red blue green cat dog sits on mat image shows two three colour what is in "
          "picture yes no left right of you are helpful assistant language vision").split()
