@@ -7,6 +7,7 @@ import os
 import pytest
 
 from fusion_jax.data import pipeline as pl
+from fusion_jax.data import mixture as M
 from fusion_jax.data import sources as S
 from fusion_jax.data import to_arrayrecord as tar
 from pipeline_fixtures import TINY_CFG, assert_batches_equal, make_tokenizer, write_dataset
@@ -40,7 +41,7 @@ def test_round_trip_records_and_images(data):
   assert len(manifest["shards"]) == 3
   ar = S.ArrayRecordSource(out)
   assert len(ar) == 16
-  orig = S.load_mixture(mix, image_root=root)
+  orig = M.load_mixture(mix, image_root=root)
   for i in range(16):
     raw, want = ar[i], orig[i]
     assert S.parse_record(raw) == S.parse_record(want)
@@ -70,7 +71,7 @@ def test_pipeline_from_shards_equals_pipeline_from_json(data):
   mix2 = os.path.join(root, "mix2.yaml")
   with open(mix2, "w") as f:
     f.write(f"datasets:\n  - arrayrecord_path: {out}\n    sampling_strategy: end:3\n")
-  src = S.load_mixture(mix2)
+  src = M.load_mixture(mix2)
   assert [S.parse_record(src[i])["id"] for i in range(3)] == ["s23", "s24", "s25"]
 
 

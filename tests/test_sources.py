@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
+from fusion_jax.data import mixture as M
 from fusion_jax.data import sources as S
 from fusion_jax.data.errors import BadSample
 from pipeline_fixtures import good_record, write_dataset
@@ -61,22 +62,22 @@ def test_json_array_source_and_startup_errors(tmp_path):
     ("first:100", 12, list(range(12))),              # clamped to the source
 ])
 def test_sampling_counts(strategy, n, expected):
-  assert S.sample_indices(n, strategy, seed=0, key="k").tolist() == expected
+  assert M.sample_indices(n, strategy, seed=0, key="k").tolist() == expected
 
 
 def test_random_sampling_is_seeded_distinct_and_sized():
-  a = S.sample_indices(1000, "random:10%", seed=1, key="x.json")
+  a = M.sample_indices(1000, "random:10%", seed=1, key="x.json")
   assert len(a) == 100 and len(set(a.tolist())) == 100 and a.max() < 1000
-  np.testing.assert_array_equal(a, S.sample_indices(1000, "random:100", seed=1, key="x.json"))
-  assert not np.array_equal(a, S.sample_indices(1000, "random:100", seed=2, key="x.json"))
-  assert not np.array_equal(a, S.sample_indices(1000, "random:100", seed=1, key="y.json"))
+  np.testing.assert_array_equal(a, M.sample_indices(1000, "random:100", seed=1, key="x.json"))
+  assert not np.array_equal(a, M.sample_indices(1000, "random:100", seed=2, key="x.json"))
+  assert not np.array_equal(a, M.sample_indices(1000, "random:100", seed=1, key="y.json"))
 
 
 @pytest.mark.parametrize("strategy", ["first", "first:", "first:abc", "random:0", "end:-3",
                                       "first:150%", "sample:3", "all:3", 5])
 def test_bad_sampling_strategies(strategy):
   with pytest.raises(S.MixtureError, match="sampling_strategy"):
-    S.parse_sampling(strategy)
+    M.parse_sampling(strategy)
 
 
 def test_mixture_sampling_counts_and_relative_paths(tmp_path):
@@ -94,7 +95,7 @@ datasets:
   - json_path: a.json
     sampling_strategy: end:2
 """)
-  src = S.load_mixture(mix, seed=0, image_root="/root_default")
+  src = M.load_mixture(mix, seed=0, image_root="/root_default")
   assert len(src) == 5 + 4 + 2
   assert [n for _, n in src.sizes()] == [5, 4, 2]
   ids = [S.parse_record(src[i])["id"] for i in range(len(src))]
@@ -102,7 +103,7 @@ datasets:
   assert all(100 <= int(x[1:]) < 110 for x in ids[5:9])
   assert src[0].image_root == "/root_default" and src[0].source == f"{a}#0"
   assert src[5].image_root == str(d / "imgs_b")  # resolved against the YAML's directory
-  assert [S.parse_record(S.load_mixture(mix, seed=0)[i])["id"] for i in range(5, 9)] == ids[5:9]
+  assert [S.parse_record(M.load_mixture(mix, seed=0)[i])["id"] for i in range(5, 9)] == ids[5:9]
   with pytest.raises(IndexError):
     src[len(src)]
 
@@ -126,7 +127,7 @@ def test_mixture_schema_errors_are_clear(tmp_path, body, match):
   _write(str(tmp_path / "a.txt"), "")
   mix = _write(str(tmp_path / "m.yaml"), body)
   with pytest.raises(S.MixtureError, match=match) as e:
-    S.load_mixture(mix)
+    M.load_mixture(mix)
   assert "m.yaml" in str(e.value) or "a.txt" in str(e.value)
 
 
@@ -148,6 +149,6 @@ def test_fjr1_record_round_trip():
 def test_source_from_paths_concatenates(tmp_path):
   a = write_dataset(str(tmp_path), 3, name="a.json")
   b = write_dataset(str(tmp_path), 2, name="b.jsonl", start=10)
-  src = S.source_from_paths([a, b], image_root=str(tmp_path))
+  src = M.source_from_paths([a, b], image_root=str(tmp_path))
   assert [S.parse_record(src[i])["id"] for i in range(5)] == ["s0", "s1", "s2", "s10", "s11"]
   assert src.sizes() == [("a.json", 3), ("b.jsonl", 2)]

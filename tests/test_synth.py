@@ -124,7 +124,7 @@ def test_conversations_do_not_leak_answers_into_later_turns(dataset):
 
 def test_data_pipeline_accepts_json_and_arrayrecord(dataset, tmp_path):
   from fusion_jax.data import pipeline as pl
-  from fusion_jax.data import sources
+  from fusion_jax.data import mixture
   from fusion_jax.data.tokenizer import load_tokenizer
   from fusion_jax.data.tokenizer_train import train_sentencepiece
 
@@ -148,7 +148,7 @@ def test_data_pipeline_accepts_json_and_arrayrecord(dataset, tmp_path):
     assert n == NUM, name
     assert it.skip_counters() == {}, name
   # The ArrayRecord entries hold the same records and the image files' bytes.
-  src = sources.source_from_paths([os.path.join(dataset, "train.array_record")])
+  src = mixture.source_from_paths([os.path.join(dataset, "train.array_record")])
   got = list(R.read_arrayrecord(os.path.join(dataset, "train.array_record")))
   assert len(got) == len(src) == len(_load(dataset, "train.json"))
   rec, img = got[0]

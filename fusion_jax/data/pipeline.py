@@ -64,6 +64,7 @@ import numpy as np
 from fusion_jax.data import conversation as conversation_lib
 from fusion_jax.data import images as images_lib
 from fusion_jax.data import layout as layout_lib
+from fusion_jax.data import mixture as mixture_lib
 from fusion_jax.data import sources as sources_lib
 from fusion_jax.data.data_config import DataConfig, as_data_config
 from fusion_jax.data.errors import FIXUPS, REASONS, BadSample
@@ -80,9 +81,9 @@ _MAX_SKIP_LOGS_PER_BATCH = 16
 def build_source(cfg: DataConfig):
   """The global random-access source named by the config (identical on every host)."""
   if cfg.mixture:
-    return sources_lib.load_mixture(cfg.mixture, seed=cfg.seed, image_root=cfg.image_root)
+    return mixture_lib.load_mixture(cfg.mixture, seed=cfg.seed, image_root=cfg.image_root)
   if cfg.paths:
-    return sources_lib.source_from_paths(cfg.paths, cfg.image_root)
+    return mixture_lib.source_from_paths(cfg.paths, cfg.image_root)
   if cfg.tfds_name:
     return sources_lib.TfdsSource(cfg.tfds_name, cfg.tfds_data_dir, cfg.tfds_split)
   raise ValueError("data config: no data; set one of paths, mixture or tfds_name")

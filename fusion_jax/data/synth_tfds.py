@@ -45,6 +45,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fusion_jax.data import mixture as mixture_lib
 from fusion_jax.data import sources as sources_lib
 from fusion_jax.data.errors import BadSample
 
@@ -133,7 +134,7 @@ class FusionSynth(tfds.core.GeneratorBasedBuilder):
     skipped: collections.Counter[str] = collections.Counter()
     roots = (synth_dir, os.path.join(synth_dir, "images"))
     for path in files:
-      src = sources_lib.open_entry(sources_lib.MixtureEntry(path, sources_lib.json_kind(path)))
+      src = mixture_lib.open_entry(mixture_lib.MixtureEntry(path, mixture_lib.json_kind(path)))
       category = _stem(path)
       for i in range(len(src)):
         raw = src[i]

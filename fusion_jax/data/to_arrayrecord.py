@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from fusion_jax.data import mixture as mixture_lib
 from fusion_jax.data import sources as sources_lib
 from fusion_jax.data.errors import BadSample
 
@@ -72,8 +73,8 @@ def _image_bytes(raw: sources_lib.RawSample, record: dict) -> bytes:
 
 def _build_source(args: argparse.Namespace):
   if args.mixture:
-    return sources_lib.load_mixture(args.mixture, seed=args.seed, image_root=args.image_root)
-  return sources_lib.source_from_paths(args.paths, args.image_root)
+    return mixture_lib.load_mixture(args.mixture, seed=args.seed, image_root=args.image_root)
+  return mixture_lib.source_from_paths(args.paths, args.image_root)
 
 
 def write_shard(source, k: int, num_shards: int, out_dir: str, *, progress: bool = False,
