@@ -1,4 +1,4 @@
-r"""The main job: synthesize -> tokenizer -> train -> evaluate -> export, with a summary.
+r"""The main job: synthesize -> tokenizer -> train -> evaluate -> sample answers -> export.
 
   python -m fusion_jax.run --config experiments/smoke.py --workdir runs/smoke
 
@@ -192,6 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
   from fusion_jax.eval.evaluate import run_eval
   ev = timed("eval", run_eval, workdir, split=config.eval.split,
              batch_size=int(config.eval.batch_size))
+  samples = timed("samples", sample_answers, workdir, ev["data"])
   export_dir = os.path.join(workdir, "export_torch_fusion")
   if export:
     from fusion_jax.convert.export_torch import export_torch
@@ -207,6 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
       "final_metrics": last, "eval": ev["categories"],
       "targets": [{"category": c, "target": t, "met": m} for c, t, m in
                   check_targets(ev["categories"])],
+      "samples": samples,
       "files": {"checkpoints": train_summary.get("checkpoint_dir"),
                 "loss_curve": train_summary.get("loss_curve"),
                 "tensorboard": os.path.join(workdir, "tb"),
@@ -218,6 +220,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
     json.dump(summary, f, indent=2, default=str)
   print(format_summary(summary), flush=True)
   return summary
+
+
+def sample_answers(workdir: str, heldout: str) -> list[dict[str, str]]:
+  """The trained model's greedy answer to the first held-out question of each category."""
+  from fusion_jax.eval.closed_qa import iter_records
+  from fusion_jax.infer.generate import answer_run, first_questions
+  firsts: dict[str, dict[str, Any]] = {}
+  for rec in iter_records(heldout):
+    firsts.setdefault(str(rec.get("category", "")), rec)
+  prompts, refs = first_questions(list(firsts.values()), len(firsts))
+  answers, _ = answer_run(workdir, prompts, image_root=os.path.dirname(heldout),
+                          max_new_tokens=16)
+  return [{"category": p.get("category", ""), "question":
+           p["conversations"][0]["value"].replace("<image>", "").strip(),
+           "answer": a, "reference": r} for p, a, r in zip(prompts, answers, refs)]
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -239,6 +256,16 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"{cat:<20} {r['accuracy']:>8.3f} {r['chance']:>7.3f} "
                  f"{t['target'] if t else '':>8} {('yes' if t['met'] else 'NO') if t else '':>4} "
                  f"{r['count']:>5d}")
+  if s.get("samples"):
+    lines.append("")
+    lines.append("sample answers (greedy, first held-out question per category):")
+    for x in s["samples"]:
+      def short(t: str, n: int) -> str:
+        t = " ".join(t.split())
+        return t if len(t) <= n else t[:n - 3] + "..."
+
+      lines.append(f"  {x['category']:<20} {short(x['question'], 56):<56} -> "
+                   f"{short(x['answer'], 30)!r} (reference {short(x['reference'], 30)!r})")
   lines.append("")
   for k, v in s["files"].items():
     if v:

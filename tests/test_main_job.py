@@ -2,6 +2,8 @@
 resume -> eval -> export, and the export imports back to identical parameters."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -43,11 +45,22 @@ def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
   report = summary["eval"]
   assert report["all"]["count"] > 0 and 0.0 <= report["all"]["accuracy"] <= 1.0
   assert {t["category"] for t in summary["targets"]} == set(report) - {"all"}
+  # One greedy answer per held-out category, next to its reference.
+  assert {x["category"] for x in summary["samples"]} == set(report) - {"all"}
+  assert all(isinstance(x["answer"], str) and x["reference"] for x in summary["samples"])
   for name in ("loss_curve.png", "metrics.jsonl", "eval_heldout.json", "eval_heldout.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert os.listdir(os.path.join(workdir, "tb"))
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+
+  # The question-answering CLI on the run (KV-cached generation).
+  heldout = os.path.join(run_lib.dataset_dir(config.synth), "heldout.json")
+  cli = subprocess.run([sys.executable, "-m", "fusion_jax.infer", "--workdir", workdir,
+                        "--data", heldout, "--num", "2", "--max_new_tokens", "4"],
+                       capture_output=True, text=True, check=True)
+  answers = [json.loads(l) for l in cli.stdout.splitlines() if l.startswith("{")]
+  assert len(answers) == 2 and all("answer" in a and "reference" in a for a in answers)
 
   # The exported PyTorch-layout checkpoint imports back to the trained parameters, bitwise.
   params, cfg, _, step = load_run(workdir)

@@ -208,7 +208,27 @@ class Fusion(nn.Module):
 
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Full-sequence forward (training, scoring, prefill). Returns (logits (B, S, V), aux)."""
+    """Full-sequence forward (training, scoring). Returns (logits (B, S, V), aux)."""
+    logits, aux, _ = self._forward(batch, train=train, cache=None)
+    return logits, aux
+
+  def prefill(self, batch: Mapping[str, jax.Array], cache: dict[str, Any]
+              ) -> tuple[jax.Array, dict[str, Any]]:
+    """Generation, step 1: the whole prompt batch (interaction layers included) into an empty
+    KV cache (fusion_jax.models.llm.init_cache). Returns (logits (B, S, V), cache)."""
+    logits, _, new_cache = self._forward(batch, train=False, cache=cache)
+    return logits, new_cache
+
+  def decode(self, input_ids: jax.Array, positions: jax.Array, cache: dict[str, Any]
+             ) -> tuple[jax.Array, dict[str, Any]]:
+    """Generation, later steps: (B, 1) new token ids at (B, 1) positions -> (logits (B, 1, V),
+    cache). The LLM alone: interaction layers never run on single-token decode (spec 5)."""
+    return self.llm.forward(input_ids, positions, jnp.ones(input_ids.shape, jnp.bool_),
+                            cache=cache)
+
+  def _forward(self, batch: Mapping[str, jax.Array], *, train: bool,
+               cache: dict[str, Any] | None
+               ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any] | None]:
     cfg = self.config
     lq = batch["question_pos"].shape[1]
     q = batch["latent_pos"].shape[1] // lq
@@ -253,12 +273,12 @@ class Fusion(nn.Module):
         return apply_interaction(self.interaction[layer_of[i]], x, batch["question_pos"],
                                  batch["latent_pos"], windows)
 
-    hidden, _ = self.llm(h, batch["positions"], token_mask, hook=hook)
+    hidden, new_cache = self.llm(h, batch["positions"], token_mask, cache=cache, hook=hook)
     logits = self.llm.logits(hidden)
     aux = dict(patch_embeds=vis["patch_embeds"],
                projected_back=self.aux_projector(image_tokens),
                instruct_embeds=vis["instruct_embeds"], instruct_feats=vis["instruct_feats"])
-    return logits, aux
+    return logits, aux, new_cache
 
 
 def init(rng: jax.Array, cfg: FusionConfig, batch: Mapping[str, Any]) -> Any:
@@ -275,6 +295,18 @@ def apply(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, q: 
     raise ValueError(f"fusion.apply: q={q} but latent_pos {batch['latent_pos'].shape} with "
                      f"{lq} questions implies q={implied}; lay the batch out with the same q")
   return Fusion(cfg).apply({"params": params}, batch, train=train)
+
+
+def prefill(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig,
+            cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+  """Fusion.prefill as a pure function: (logits (B, S, V), filled cache)."""
+  return Fusion(cfg).apply({"params": params}, batch, cache, method=Fusion.prefill)
+
+
+def decode(params: Any, input_ids: jax.Array, positions: jax.Array, cfg: FusionConfig,
+           cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+  """Fusion.decode as a pure function: (logits (B, 1, V), cache)."""
+  return Fusion(cfg).apply({"params": params}, input_ids, positions, cache, method=Fusion.decode)
 
 
 def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True

@@ -1,0 +1,72 @@
+r"""Ask a trained FUSION run questions (KV-cached generation, fusion_jax/infer/generate.py).
+
+  python -m fusion_jax.infer --workdir runs/smoke --image IMG.png --question "What color is it?"
+  python -m fusion_jax.infer --workdir runs/smoke --data DATA/heldout.json [--num 5]
+      [--step N] [--max_new_tokens 64] [--temperature 0] [--q 4]
+
+--image/--question answers one question about one image. --data answers the first question of
+the first --num records of a LLaVA JSON/JSONL file (images relative to the file's directory)
+and prints the reference answer beside the model's. Sequence length, questions per sample,
+q and the template come from the run's config (its data.seq_len, data.max_questions,
+data.eval_q).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "training workdir (python -m fusion_jax.train --workdir)")
+flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+flags.DEFINE_string("image", "", "image file for --question")
+flags.DEFINE_string("question", "", "the question to ask about --image")
+flags.DEFINE_string("data", "", "LLaVA .json/.jsonl records: answer their first question")
+flags.DEFINE_integer("num", 5, "records of --data to answer")
+flags.DEFINE_integer("max_new_tokens", 64, "answer length limit in tokens")
+flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling")
+flags.DEFINE_integer("q", 0, "latent tokens per question (0: the run's data.eval_q)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+
+
+def _prompts() -> tuple[list[dict], list[str], str]:
+  """(prompt records, reference answers or '', image root) from the flags."""
+  if FLAGS.image or FLAGS.question:
+    if not (FLAGS.image and FLAGS.question):
+      raise app.UsageError("--image and --question go together")
+    if not os.path.isfile(FLAGS.image):
+      raise app.UsageError(f"--image {FLAGS.image}: no such file")
+    rec = {"id": os.path.basename(FLAGS.image), "image": os.path.abspath(FLAGS.image),
+           "conversations": [{"from": "human", "value": "<image>\n" + FLAGS.question}]}
+    return [rec], [""], ""
+  if not FLAGS.data:
+    raise app.UsageError("give --image and --question, or --data FILE")
+  from fusion_jax.eval.closed_qa import iter_records
+  from fusion_jax.infer.generate import first_questions
+  prompts, refs = first_questions(list(iter_records(FLAGS.data)), FLAGS.num)
+  if not prompts:
+    raise app.UsageError(f"--data {FLAGS.data}: no record starts with a user turn")
+  return prompts, refs, os.path.dirname(os.path.abspath(FLAGS.data))
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)
+  from fusion_jax.infer.generate import answer_run
+
+  prompts, refs, image_root = _prompts()
+  answers, step = answer_run(FLAGS.workdir, prompts, image_root=image_root, step=FLAGS.step,
+                             q=FLAGS.q, max_new_tokens=FLAGS.max_new_tokens,
+                             temperature=FLAGS.temperature, seed=FLAGS.seed)
+  print(f"{FLAGS.workdir} at step {step}:")
+  for rec, ref, ans in zip(prompts, refs, answers):
+    question = rec["conversations"][0]["value"].replace("<image>", "").strip()
+    print(json.dumps({"id": rec.get("id"), "question": question, "answer": ans,
+                      **({"reference": ref} if ref else {})}, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+  app.run(main)
