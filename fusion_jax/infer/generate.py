@@ -10,6 +10,11 @@ seq_len + max_new_tokens slots; `Fusion.decode` then adds one token per step wit
 token (the template's end-of-answer token or EOS), so a batch compiles once per (batch size,
 seq_len, q, max_new_tokens).
 
+LongRoPE (Phi-3.5): prefill picks its factor set from the prompt's largest position and cached
+keys keep it; answers that run past original_max_position_embeddings (4096) would need a
+re-prefill as in transformers, which this loop does not do (keep seq_len + max_new_tokens
+<= 4096 for Phi models; Llama-3 scaling has no such switch).
+
 Not reproduced from the authors' inference (spec 11): batch > 1 positions computed before
 padding, instructions taken from the first question only, random q at inference (q is an
 argument here), a context cached across calls.
