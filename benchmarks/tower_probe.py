@@ -37,7 +37,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from fusion_jax import run as run_lib  # noqa: E402
 from fusion_jax.data.images import load_static_hd  # noqa: E402
-from fusion_jax.data.tokenizer import IMAGE_MARKER, TEMPLATE_PAD_TOKENS, load_tokenizer  # noqa: E402
+from fusion_jax.data.tokenizer import (IMAGE_MARKER, TEMPLATE_PAD_TOKENS,  # noqa: E402
+                                       load_tokenizer)
 from fusion_jax.models.connector import feature_connector  # noqa: E402
 from fusion_jax.models.fusion import FusionConfig  # noqa: E402
 from fusion_jax.models.text_guided import text_guided_encode  # noqa: E402

@@ -256,6 +256,10 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"{cat:<20} {r['accuracy']:>8.3f} {r['chance']:>7.3f} "
                  f"{t['target'] if t else '':>8} {('yes' if t['met'] else 'NO') if t else '':>4} "
                  f"{r['count']:>5d}")
+  unmet = [t["category"] for t in s["targets"] if not t["met"]]
+  if unmet:
+    lines.append(f"{len(unmet)} of {len(s['targets'])} targets not met (expected for the default "
+                 "smoke run: README 'Main job' and benchmarks/tower_probe.py say why)")
   if s.get("samples"):
     lines.append("")
     lines.append("sample answers (greedy, first held-out question per category):")

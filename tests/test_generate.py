@@ -106,7 +106,8 @@ def test_answer_decodes_text_and_sampling_is_seeded(setup):
             batch_size=2)  # 3 prompts: the last batch is padded by repetition
   greedy = gen_lib.answer(params, cfg, tok, records, **kw)
   assert len(greedy) == 3 and all(isinstance(a, str) for a in greedy)
-  hot = lambda seed: gen_lib.answer(params, cfg, tok, records, temperature=1.0, seed=seed, **kw)  # noqa: E731
+  def hot(seed):
+    return gen_lib.answer(params, cfg, tok, records, temperature=1.0, seed=seed, **kw)
   assert hot(1) == hot(1)
 
 

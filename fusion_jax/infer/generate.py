@@ -77,7 +77,7 @@ def prompt_batch(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
 
 def make_generate(cfg: fusion.FusionConfig, *, max_new_tokens: int, stop: Sequence[int],
                   pad_id: int, temperature: float = 0.0
-                  ) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array]]:
+                  ) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """Jitted (params, prompt batch, rng key) -> (tokens (B, max_new_tokens) int32, lengths (B,)).
 
   tokens[b, :lengths[b]] is example b's answer without its stop token; later entries hold
