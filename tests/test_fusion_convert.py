@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from fusion_jax.convert import export_torch, fusion_torch, import_hf, import_torch
+from fusion_jax.convert import (export_torch, fusion_torch, fusion_torch_config, import_hf,
+                                import_torch)
 from fusion_jax.convert.hf import load_hf_dir
 from fusion_jax.convert.model_dir import load_model_dir, load_model_meta, save_model_dir
 from fusion_jax.convert.safetensors_io import SafetensorsReader, write_safetensors
@@ -39,7 +40,7 @@ FUSION_FIELDS = {
     "model_type", "architectures", "query_len", "window_size", "num_of_vision_sampler_layers",
     "start_of_vision_sampler_layers", "stride_of_vision_sampler_layers", "image_aspect_ratio",
     "unfreeze_mm_vision_tower", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "use_mm_proj",
-    "tokenizer_model_max_length", "tokenizer_padding_side", fusion_torch.FUSION_JAX_KEY}
+    "tokenizer_model_max_length", "tokenizer_padding_side", fusion_torch_config.FUSION_JAX_KEY}
 
 
 def random_params(cfg, seed: int) -> dict:
@@ -152,7 +153,7 @@ def test_export_layout(exported):
 def _torch_llm(cfg, tensors):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
-  cj, _ = fusion_torch.fusion_config_to_torch(cfg)
+  cj, _ = fusion_torch_config.fusion_config_to_torch(cfg)
   base = {k: v for k, v in cj.items() if k not in FUSION_FIELDS and not k.startswith("mm_")}
   conf_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if cfg.llm.arch == "llama"
                          else (Phi3Config, Phi3ForCausalLM))
@@ -218,7 +219,7 @@ def _bad_dir(path, tensors, cj):
 
 def _load(directory, cj, tower):
   reader = SafetensorsReader(directory)
-  cfg = fusion_torch.fusion_config_from_torch(cj, tower, reader)
+  cfg = fusion_torch_config.fusion_config_from_torch(cj, tower, reader)
   return fusion_torch.fusion_params_from_reader(reader, cfg)
 
 
@@ -260,11 +261,11 @@ def test_import_rejects_unknown_model_type_and_tower_depth(tmp_path, stored):
   tensors, cj, tower = stored
   d = _bad_dir(tmp_path / "mt", tensors, cj)
   with pytest.raises(ValueError, match="'fusion_qwen'") as e:
-    fusion_torch.fusion_config_from_torch(dict(cj, model_type="fusion_qwen"), tower,
+    fusion_torch_config.fusion_config_from_torch(dict(cj, model_type="fusion_qwen"), tower,
                                           SafetensorsReader(d))
   assert "fusion_phi" in str(e.value) and "fusion_llama" in str(e.value)
   with pytest.raises(ValueError, match="stores 3 tower encoder layers.*num_hidden_layers=3"):
-    fusion_torch.fusion_config_from_torch(cj, dict(tower, num_hidden_layers=3),
+    fusion_torch_config.fusion_config_from_torch(cj, dict(tower, num_hidden_layers=3),
                                           SafetensorsReader(d))
 
 
@@ -386,10 +387,10 @@ def test_config_round_trip_authors_form(name, tmp_path):
   the tower from its config.json or, as for a hub id, from the stored shapes."""
   cfg = {"fusion_3b": FUSION_3B, "fusion_8b": FUSION_8B, "fusion_x_3b": FUSION_X_3B,
          "fusion_x_8b": FUSION_X_8B, "phi": PHI_TINY}[name]
-  cj, tower = fusion_torch.fusion_config_to_torch(cfg)
-  cj.pop(fusion_torch.FUSION_JAX_KEY)
+  cj, tower = fusion_torch_config.fusion_config_to_torch(cfg)
+  cj.pop(fusion_torch_config.FUSION_JAX_KEY)
   reader = ShapeReader(cfg, str(tmp_path))
-  back = fusion_torch.fusion_config_from_torch(cj, tower, reader)
+  back = fusion_torch_config.fusion_config_from_torch(cj, tower, reader)
   if name == "phi":  # fields the authors' config cannot carry fall back to the paper's
     assert back.llm == cfg.llm.replace(dtype="bfloat16", pad_token_id=0)
     assert back.vision == dataclasses.replace(cfg.vision, dtype="bfloat16")
@@ -397,8 +398,8 @@ def test_config_round_trip_authors_form(name, tmp_path):
     assert back.interaction_layers == cfg.interaction_layers and back.template == "phi_3"
     return
   assert back == cfg
-  assert fusion_torch.fusion_config_from_torch(cj, None, reader) == cfg
-  assert fusion_torch.matching_preset(back) == name
+  assert fusion_torch_config.fusion_config_from_torch(cj, None, reader) == cfg
+  assert fusion_torch_config.matching_preset(back) == name
   expected_tower = "siglip2_vision_tower" if "_x_" in name else "siglip_vision_tower"
   assert cj["mm_vision_tower"] == expected_tower
 

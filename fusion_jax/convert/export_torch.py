@@ -31,7 +31,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from fusion_jax.convert import fusion_torch
+from fusion_jax.convert import fusion_torch, fusion_torch_config
 from fusion_jax.convert.hf_siglip import siglip_tensors_to_torch
 from fusion_jax.convert.import_torch import DTYPES, np_dtype
 from fusion_jax.convert.model_dir import (CONFIG_NAME, TOKENIZER_NAME, load_model_dir,
@@ -127,7 +127,7 @@ def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
     raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty directory")
   params, cfg, meta, tok_src = _load_source(ckpt_dir)
   source_cfg = meta.get("torch_config") or meta.get("llm_config")
-  config_json, tower_json = fusion_torch.fusion_config_to_torch(
+  config_json, tower_json = fusion_torch_config.fusion_config_to_torch(
       cfg, torch_dtype=dtype, model_max_length=model_max_length, source_config=source_cfg)
   os.makedirs(out_dir, exist_ok=True)
   files = write_safetensors(out_dir, fusion_torch.fusion_tensors_to_torch(params, cfg,

@@ -25,7 +25,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from fusion_jax.convert import fusion_torch
+from fusion_jax.convert import fusion_torch, fusion_torch_config
 from fusion_jax.convert.model_dir import TOKENIZER_NAME, save_model_dir
 from fusion_jax.convert.safetensors_io import SafetensorsReader
 from fusion_jax.models.fusion import FusionConfig
@@ -96,7 +96,7 @@ def import_torch(src_dir: str, out_dir: str, *, tower_config: str | None = None,
   leaf_dtype = np_dtype(dtype)
   reader = SafetensorsReader(src_dir)
   tower = find_tower_config(src_dir, config_json, tower_config, log)
-  cfg = fusion_torch.fusion_config_from_torch(config_json, tower, reader)
+  cfg = fusion_torch_config.fusion_config_from_torch(config_json, tower, reader)
   if dtype != "float32":
     # The stored leaves are `dtype`: say so, so that init-shaped code agrees with them.
     cfg = cfg.replace(llm=cfg.llm.replace(param_dtype=dtype),
@@ -111,7 +111,7 @@ def import_torch(src_dir: str, out_dir: str, *, tower_config: str | None = None,
           "torch_config": config_json, "tower_config": tower}
   save_model_dir(out_dir, params, cfg, extra_meta=meta)
   copied = copy_tokenizer(src_dir, os.path.join(out_dir, TOKENIZER_NAME))
-  preset = fusion_torch.matching_preset(cfg)
+  preset = fusion_torch_config.matching_preset(cfg)
   log(f"model: {fusion_torch.describe(cfg)}")
   log(f"preset: {preset or 'none (custom architecture)'}; parameters: "
       f"{fusion_torch.param_count(params):,} ({dtype})")
