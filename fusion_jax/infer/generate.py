@@ -49,9 +49,9 @@ def prompt_batch(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
                  max_questions: int) -> dict[str, np.ndarray]:
   """Fixed-shape prompt batch (the fusion.py batch contract) for records ending in a user turn.
 
-  Raises:
-    fusion_jax.data.errors.BadSample naming the record when a prompt cannot be encoded or its
-    question does not fit seq_len / max_questions (raise them).
+  Raises (naming the record): fusion_jax.data.errors.BadSample when a prompt cannot be
+  encoded (e.g. it does not end with a user turn); ValueError when its last question does not
+  fit seq_len / max_questions.
   """
   rows = []
   for i, rec in enumerate(records):
