@@ -98,9 +98,7 @@ def examples(records: list[dict], image_root: str, tok, size: int, max_len: int
   """The first closed question of each record: image, question ids/mask, label, #candidates."""
   out = {k: [] for k in ("images", "ids", "mask", "label", "num")}
   for r in records:
-    if not _question(r):
-      continue
-    qa, question = _question(r)
+    qa, question = _question(r)  # callers pass records that have one
     ids = tok.encode(question)[:max_len]
     out["images"].append(load_static_hd(os.path.join(image_root, r["image"]), size,
                                         source=r["id"])[4])

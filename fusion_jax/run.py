@@ -225,16 +225,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
 def sample_answers(workdir: str, heldout: str) -> list[dict[str, str]]:
   """The trained model's greedy answer to the first held-out question of each category."""
   from fusion_jax.eval.closed_qa import iter_records
-  from fusion_jax.infer.generate import answer_run, first_questions
+  from fusion_jax.infer.generate import answer_run, first_questions, question_text
   firsts: dict[str, dict[str, Any]] = {}
   for rec in iter_records(heldout):
     firsts.setdefault(str(rec.get("category", "")), rec)
   prompts, refs = first_questions(list(firsts.values()), len(firsts))
   answers, _ = answer_run(workdir, prompts, image_root=os.path.dirname(heldout),
                           max_new_tokens=16)
-  return [{"category": p.get("category", ""), "question":
-           p["conversations"][0]["value"].replace("<image>", "").strip(),
-           "answer": a, "reference": r} for p, a, r in zip(prompts, answers, refs)]
+  return [{"category": p.get("category", ""), "question": question_text(p), "answer": a,
+           "reference": r} for p, a, r in zip(prompts, answers, refs)]
+
+
+def _short(text: str, n: int) -> str:
+  """`text` on one line, cut to n characters."""
+  text = " ".join(text.split())
+  return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -264,12 +269,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append("")
     lines.append("sample answers (greedy, first held-out question per category):")
     for x in s["samples"]:
-      def short(t: str, n: int) -> str:
-        t = " ".join(t.split())
-        return t if len(t) <= n else t[:n - 3] + "..."
-
-      lines.append(f"  {x['category']:<20} {short(x['question'], 56):<56} -> "
-                   f"{short(x['answer'], 30)!r} (reference {short(x['reference'], 30)!r})")
+      lines.append(f"  {x['category']:<20} {_short(x['question'], 56):<56} -> "
+                   f"{_short(x['answer'], 30)!r} (reference {_short(x['reference'], 30)!r})")
   lines.append("")
   for k, v in s["files"].items():
     if v:

@@ -55,7 +55,7 @@ def main(argv) -> None:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
-  from fusion_jax.infer.generate import answer_run
+  from fusion_jax.infer.generate import answer_run, question_text
 
   prompts, refs, image_root = _prompts()
   answers, step = answer_run(FLAGS.workdir, prompts, image_root=image_root, step=FLAGS.step,
@@ -63,8 +63,7 @@ def main(argv) -> None:
                              temperature=FLAGS.temperature, seed=FLAGS.seed)
   print(f"{FLAGS.workdir} at step {step}:")
   for rec, ref, ans in zip(prompts, refs, answers):
-    question = rec["conversations"][0]["value"].replace("<image>", "").strip()
-    print(json.dumps({"id": rec.get("id"), "question": question, "answer": ans,
+    print(json.dumps({"id": rec.get("id"), "question": question_text(rec), "answer": ans,
                       **({"reference": ref} if ref else {})}, ensure_ascii=False))
 
 

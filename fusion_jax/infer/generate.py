@@ -32,7 +32,7 @@ import numpy as np
 from fusion_jax.data.conversation import encode_conversation, get_template
 from fusion_jax.data.images import load_static_hd, text_only_images
 from fusion_jax.data.layout import layout_sample
-from fusion_jax.data.tokenizer import Tokenizer
+from fusion_jax.data.tokenizer import IMAGE_MARKER, Tokenizer
 from fusion_jax.models import fusion
 from fusion_jax.models.llm import init_cache
 
@@ -163,6 +163,11 @@ def first_questions(records: Sequence[Mapping[str, Any]], num: int
     if len(prompts) == num:
       break
   return prompts, refs
+
+
+def question_text(prompt: Mapping[str, Any]) -> str:
+  """The last user turn of a prompt record, without the image marker."""
+  return prompt["conversations"][-1]["value"].replace(IMAGE_MARKER, "").strip()
 
 
 def answer_run(workdir: str, prompts: Sequence[Mapping[str, Any]], *, image_root: str,

@@ -231,8 +231,6 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
   handler = ocp.PyTreeCheckpointHandler()
   meta = handler.metadata(epath.Path(params_dir))
   meta_tree = getattr(meta, "tree", meta)
-  read = lambda args: handler.restore(epath.Path(params_dir), args=args)  # noqa: E731
-  close = handler.close
   saved = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
       meta_tree, is_leaf=lambda x: hasattr(x, "shape"))[0]}
   flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
@@ -264,8 +262,8 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
   args = ocp.args.PyTreeRestore(
       item=nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
       partial_restore=True)
-  out = read(args)
-  close()
+  out = handler.restore(epath.Path(params_dir), args=args)
+  handler.close()
   fresh_flat = (jax.tree.leaves(fresh_params) if fresh_params is not None
                 else [None] * len(flat))
   leaves = []
