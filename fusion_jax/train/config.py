@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fusion_jax.models import flops as flops_lib
 from fusion_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, resolve_mesh_shape
 
 
@@ -218,23 +219,12 @@ def resolve_num_steps(config: ml_collections.ConfigDict, num_examples: int | Non
   return int(math.ceil(float(config.num_epochs) * num_examples / int(config.global_batch)))
 
 
-# Dense bf16 peak per device (TFLOP/s) for the MFU estimate, by jax device_kind substring.
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v5", 459.0), ("TPU v4", 275.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0),
-    ("L4", 121.0),
-)
-
-
 def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
-  """Configured or looked-up peak FLOP/s of one device; None when unknown (e.g. CPU)."""
+  """Configured or looked-up peak FLOP/s of one device (the table: fusion_jax.models.flops);
+  None when unknown (e.g. CPU)."""
   if float(config.peak_tflops_per_device) > 0:
     return float(config.peak_tflops_per_device) * 1e12
-  kind = jax.devices()[0].device_kind
-  for key, tflops in PEAK_TFLOPS:
-    if key.lower() in kind.lower():
-      return tflops * 1e12
-  return None
+  return flops_lib.peak_flops(jax.devices()[0].device_kind)
 
 
 # Environment variables that mean "this process is one of several" (jax's cluster detection
