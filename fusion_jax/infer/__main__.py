@@ -1,14 +1,18 @@
-r"""Ask a trained FUSION run questions (KV-cached generation, fusion_jax/infer/generate.py).
+r"""Ask a FUSION model questions (KV-cached generation, fusion_jax/infer/generate.py).
 
-  python -m fusion_jax.infer --workdir runs/smoke --image IMG.png --question "What color is it?"
-  python -m fusion_jax.infer --workdir runs/smoke --data DATA/heldout.json [--num 5]
-      [--step N] [--max_new_tokens 64] [--temperature 0] [--q 4]
+  python -m fusion_jax.infer --workdir DIR --image IMG.png --question "What color is it?"
+  python -m fusion_jax.infer --workdir DIR --data DATA/heldout.json [--num 5]
+      [--step N] [--dtype bfloat16] [--max_new_tokens 64] [--temperature 0] [--top_p 1]
+      [--top_k 0] [--q 4]
+
+DIR is a training workdir (newest checkpoint, or --step) or a model dir written by
+import_torch / import_hf (fusion_jax/infer/load.py).
 
 --image/--question answers one question about one image. --data answers the first question of
 the first --num records of a LLaVA JSON/JSONL file (images relative to the file's directory)
 and prints the reference answer beside the model's. Sequence length, questions per sample,
 q and the template come from the run's config (its data.seq_len, data.max_questions,
-data.eval_q).
+data.eval_q), or from a model dir's defaults (fusion_jax.infer.load.model_dir_layout).
 """
 from __future__ import annotations
 
@@ -18,14 +22,17 @@ import os
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "training workdir (python -m fusion_jax.train --workdir)")
-flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+flags.DEFINE_string("workdir", None, "training workdir or model dir (import_torch / import_hf)")
+flags.DEFINE_integer("step", None, "checkpoint step of a training workdir (default: the newest)")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)")
 flags.DEFINE_string("image", "", "image file for --question")
 flags.DEFINE_string("question", "", "the question to ask about --image")
 flags.DEFINE_string("data", "", "LLaVA .json/.jsonl records: answer their first question")
 flags.DEFINE_integer("num", 5, "records of --data to answer")
 flags.DEFINE_integer("max_new_tokens", 64, "answer length limit in tokens")
 flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling")
+flags.DEFINE_float("top_p", 1.0, "sampling: nucleus probability mass (1: off)")
+flags.DEFINE_integer("top_k", 0, "sampling: keep the k most likely tokens (0: off)")
 flags.DEFINE_integer("q", 0, "latent tokens per question (0: the run's data.eval_q)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 
@@ -55,13 +62,19 @@ def main(argv) -> None:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
-  from fusion_jax.infer.generate import answer_run, question_text
+  from fusion_jax.infer.generate import answer_model, question_text
+  from fusion_jax.infer.load import load_model
 
   prompts, refs, image_root = _prompts()
-  answers, step = answer_run(FLAGS.workdir, prompts, image_root=image_root, step=FLAGS.step,
-                             q=FLAGS.q, max_new_tokens=FLAGS.max_new_tokens,
-                             temperature=FLAGS.temperature, seed=FLAGS.seed)
-  print(f"{FLAGS.workdir} at step {step}:")
+  try:
+    model = load_model(FLAGS.workdir, step=FLAGS.step, dtype=FLAGS.dtype)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  answers = answer_model(model, prompts, image_root=image_root, q=FLAGS.q,
+                         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                         seed=FLAGS.seed)
+  print(f"{FLAGS.workdir}" + (f" at step {model.step}:" if model.step is not None else
+                               f" ({model.name}, compute dtype {model.cfg.llm.dtype}):"))
   for rec, ref, ans in zip(prompts, refs, answers):
     print(json.dumps({"id": rec.get("id"), "question": question_text(rec), "answer": ans,
                       **({"reference": ref} if ref else {})}, ensure_ascii=False))

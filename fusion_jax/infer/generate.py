@@ -170,17 +170,21 @@ def question_text(prompt: Mapping[str, Any]) -> str:
   return prompt["conversations"][-1]["value"].replace(IMAGE_MARKER, "").strip()
 
 
-def answer_run(workdir: str, prompts: Sequence[Mapping[str, Any]], *, image_root: str,
-               step: int | None = None, q: int = 0, **kw: Any) -> tuple[list[str], int]:
-  """`answer` with a training run's newest (or `step`) weights, tokenizer and data layout
-  (its data.seq_len, data.max_questions, data.eval_q unless q > 0). Returns (answers, step)."""
-  from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
-  from fusion_jax.train.workdir import load_run
-  params, cfg, config, step = load_run(workdir, step)
-  d = config.data
-  tok = load_tokenizer(d.tokenizer, pad_token=TEMPLATE_PAD_TOKENS[cfg.template])
+def answer_model(model: Any, prompts: Sequence[Mapping[str, Any]], *, image_root: str | None = None,
+                 q: int = 0, **kw: Any) -> list[str]:
+  """`answer` with a loaded model (fusion_jax.infer.load.LoadedModel): its weights, tokenizer
+  and prompt layout (seq_len, max_questions, q unless q > 0, image_root unless given)."""
   kw.setdefault("batch_size", min(8, len(prompts)))
-  answers = answer(params, cfg, tok, prompts, image_root=image_root,
-                   q=q or int(d.get("eval_q") or max(cfg.query_len)), seq_len=int(d.seq_len),
-                   max_questions=int(d.max_questions), **kw)
-  return answers, step
+  return answer(model.params, model.cfg, model.tokenizer, prompts,
+                image_root=model.image_root if image_root is None else image_root,
+                q=q or model.q, seq_len=model.seq_len, max_questions=model.max_questions, **kw)
+
+
+def answer_run(workdir: str, prompts: Sequence[Mapping[str, Any]], *, image_root: str,
+               step: int | None = None, q: int = 0, dtype: str | None = None, **kw: Any
+               ) -> tuple[list[str], int | None]:
+  """`answer_model` on the model at `workdir` (a training run's newest or `step` checkpoint, or
+  a model dir; fusion_jax.infer.load). Returns (answers, step; None for a model dir)."""
+  from fusion_jax.infer.load import load_model
+  model = load_model(workdir, step=step, dtype=dtype)
+  return answer_model(model, prompts, image_root=image_root, q=q, **kw), model.step

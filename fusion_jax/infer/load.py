@@ -1,0 +1,190 @@
+"""Load "a model" for inference: a training workdir or a model dir, through one call.
+
+  from fusion_jax.infer.load import load_model
+  m = load_model(path, step=None, dtype=None)
+  m.params, m.cfg, m.tokenizer, m.cfg.template, m.seq_len, m.max_questions, m.q, m.step
+
+`path` is either
+  * a training workdir (python -m fusion_jax.train --workdir): its newest complete checkpoint,
+    or `step`; the FusionConfig, tokenizer and prompt layout (data.seq_len, data.max_questions,
+    data.eval_q, data.image_root) come from the experiment config saved with that step;
+  * a model dir (fusion_jax.convert.model_dir, written by import_torch / import_hf /
+    save_model_dir): fusion_config.json, params/, tokenizer/ (and meta.json). Its prompt layout
+    defaults are `model_dir_layout` below.
+
+`dtype` ('float32' | 'bfloat16') replaces the COMPUTE dtype of the LLM and the tower (and so
+of the KV cache) that the model states (the run's compute_dtype, or fusion_config.json's
+llm.dtype / vision.dtype, which import_torch / import_hf log); the stored parameters are not
+cast. Every command that takes --workdir (infer, eval, serve, convert.export_torch, and
+eval.bench) loads through here.
+
+Params reach the model through `params_for_config` alone: the one place that adapts a stored
+parameter layout (e.g. unscanned layers_i vs a scanned `layers` stack) to the FusionConfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from fusion_jax.models import fusion
+from fusion_jax.models.llm import stack_layers, unstack_layers
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+KINDS = ("workdir", "model_dir")
+# Model-dir prompt layout defaults (a training run states its own in config.data).
+MODEL_DIR_MAX_QUESTIONS = 8
+MODEL_DIR_MAX_SEQ_LEN = 4096  # the authors' tokenizer_model_max_length in the final stages
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A model ready for generation / scoring.
+
+  Attributes:
+    cfg: the FusionConfig (compute dtype already overridden when `dtype` was given).
+    params: plain nested dict of jax arrays on the default device, in cfg's layout.
+    kind: 'workdir' (a training run) or 'model_dir'.
+    path: the directory it was loaded from (absolute).
+    step: the checkpoint step of a run; None for a model dir.
+    seq_len: the longest prompt layout (image and latent slots included) this model is asked
+      with: the run's data.seq_len, or `model_dir_layout`'s for a model dir.
+    max_questions: user turns per prompt that get latent slots (data.max_questions).
+    q: latent tokens per question at inference (data.eval_q, default max(cfg.query_len)).
+    image_root: where relative image paths of the run's records resolve ('' for a model dir).
+    tokenizer_path: tokenizer file or directory ('' when the model has none).
+    config: the run's experiment config (ml_collections.ConfigDict); None for a model dir.
+    meta: a model dir's meta.json ({} for a run).
+  """
+  cfg: fusion.FusionConfig
+  params: Any
+  kind: str
+  path: str
+  step: int | None
+  seq_len: int
+  max_questions: int
+  q: int
+  image_root: str = ""
+  tokenizer_path: str = ""
+  config: Any = None
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def name(self) -> str:
+    """Short model id: the directory name, with @step for a run."""
+    base = os.path.basename(os.path.normpath(self.path))
+    return f"{base}@{self.step}" if self.step is not None else base
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The model's fusion_jax Tokenizer (pad token of its template); loaded on first use."""
+    from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
+    if not self.tokenizer_path:
+      raise FileNotFoundError(
+          f"{self.path}: no tokenizer (a model dir keeps it in tokenizer/; copy the LLM's "
+          "tokenizer.json or tokenizer.model there)")
+    return load_tokenizer(self.tokenizer_path, pad_token=TEMPLATE_PAD_TOKENS[self.cfg.template])
+
+
+def with_compute_dtype(cfg: fusion.FusionConfig, dtype: str | None) -> fusion.FusionConfig:
+  """cfg with the LLM's and the tower's compute dtype set to `dtype` (None: unchanged)."""
+  if dtype is None:
+    return cfg
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"--dtype {dtype!r}: choose one of {COMPUTE_DTYPES}")
+  return cfg.replace(llm=cfg.llm.replace(dtype=dtype),
+                     vision=dataclasses.replace(cfg.vision, dtype=dtype))
+
+
+def params_for_config(params: Any, cfg: fusion.FusionConfig) -> Any:
+  """Stored params -> the layout `cfg` expects (the only params -> model step of loading).
+
+  Today: the LLM's layer stack, unscanned (layers_0 .. layers_{L-1}) vs scanned (`layers` with
+  a leading layer axis), converted to cfg.llm.scan_layers either way.
+  """
+  llm = params.get("llm") if isinstance(params, Mapping) else None
+  if not isinstance(llm, Mapping):
+    raise ValueError("params have no 'llm' subtree; not FUSION parameters")
+  if cfg.llm.scan_layers and "layers_0" in llm:
+    llm = stack_layers(llm, cfg.llm.num_layers)
+  elif not cfg.llm.scan_layers and "layers" in llm:
+    llm = unstack_layers(llm)
+  else:
+    return params
+  return {**params, "llm": llm}
+
+
+def model_dir_layout(cfg: fusion.FusionConfig, meta: Mapping[str, Any]) -> tuple[int, int, int]:
+  """(seq_len, max_questions, q) for a model dir.
+
+  seq_len: the checkpoint's tokenizer_model_max_length (import_torch keeps the authors'
+  config.json in meta), else MODEL_DIR_MAX_SEQ_LEN, capped by the LLM's
+  max_position_embeddings. q: max(cfg.query_len), the evaluation default.
+  """
+  torch_cfg = meta.get("torch_config") or {}
+  seq = int(torch_cfg.get("tokenizer_model_max_length") or MODEL_DIR_MAX_SEQ_LEN)
+  return min(seq, int(cfg.llm.max_position_embeddings)), MODEL_DIR_MAX_QUESTIONS, max(cfg.query_len)
+
+
+def _run_tokenizer_path(config: Any) -> str:
+  return str(config.data.get("tokenizer") or "")
+
+
+def load_model(path: str, *, step: int | None = None, dtype: str | None = None) -> LoadedModel:
+  """The model at `path`: a training workdir (newest checkpoint, or `step`) or a model dir.
+
+  Args:
+    path: training workdir or model dir (see the module docstring).
+    step: checkpoint step of a training run; must be None for a model dir.
+    dtype: compute dtype override ('float32' | 'bfloat16'); None keeps the model's.
+
+  Raises:
+    FileNotFoundError / ValueError with one line naming the directory and what it lacks.
+  """
+  from fusion_jax.convert import model_dir as md
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such directory (expected a training workdir or a "
+                            "model dir written by import_torch / import_hf)")
+  path = os.path.abspath(path)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if md.is_model_dir(path):
+    if step is not None:
+      raise ValueError(f"{path} is a model dir (one set of weights); --step applies to "
+                       "training workdirs only")
+    params, cfg = md.load_model_dir(path, shardings=device)
+    meta = md.load_model_meta(path)
+    seq_len, max_questions, q = model_dir_layout(cfg, meta)
+    tok = os.path.join(path, md.TOKENIZER_NAME)
+    cfg = with_compute_dtype(cfg, dtype)
+    return LoadedModel(cfg=cfg, params=params_for_config(params, cfg), kind="model_dir",
+                       path=path, step=None, seq_len=seq_len, max_questions=max_questions, q=q,
+                       tokenizer_path=tok if os.path.isdir(tok) else "", meta=meta)
+  from fusion_jax.train import workdir as wd
+  if not wd.checkpoint_steps(path):
+    raise FileNotFoundError(
+        f"{path} is neither a model dir (no {md.CONFIG_NAME} + {md.PARAMS_NAME}/; written by "
+        "import_torch / import_hf) nor a training workdir with a complete checkpoint (nothing "
+        "under checkpoints/)")
+  if step is not None and step not in wd.checkpoint_steps(path):
+    raise FileNotFoundError(f"{path}: no complete checkpoint at step {step}; steps: "
+                            f"{wd.checkpoint_steps(path)}")
+  params, cfg, config, step = wd.load_run(path, step)
+  d = config.data
+  cfg = with_compute_dtype(cfg, dtype)
+  return LoadedModel(
+      cfg=cfg, params=params_for_config(params, cfg), kind="workdir", path=path, step=step,
+      seq_len=int(d.seq_len), max_questions=int(d.max_questions),
+      q=int(d.get("eval_q") or max(cfg.query_len)), image_root=str(d.get("image_root") or ""),
+      tokenizer_path=_run_tokenizer_path(config), config=config)
+
+
+def tokenizer_dir(model: LoadedModel) -> str | None:
+  """The directory holding the model's tokenizer files (for copying them), or None."""
+  p = model.tokenizer_path
+  if not p:
+    return None
+  return p if os.path.isdir(p) else os.path.dirname(p)
