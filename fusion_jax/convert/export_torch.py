@@ -34,8 +34,7 @@ from collections.abc import Sequence
 from fusion_jax.convert import fusion_torch, fusion_torch_config
 from fusion_jax.convert.hf_siglip import siglip_tensors_to_torch
 from fusion_jax.convert.import_torch import DTYPES, np_dtype
-from fusion_jax.convert.model_dir import (CONFIG_NAME, TOKENIZER_NAME, load_model_dir,
-                                          load_model_meta)
+from fusion_jax.convert.model_dir import TOKENIZER_NAME
 from fusion_jax.convert.safetensors_io import write_safetensors
 from fusion_jax.models.fusion import FusionConfig
 
@@ -100,32 +99,24 @@ Loading with the authors' code (starriver030515/FUSION, `fusion.model.builder`):
 """
 
 
-def _load_source(ckpt_dir: str):
-  """(params, FusionConfig, meta, tokenizer dir or None) of a model dir or a training run."""
-  if os.path.isfile(os.path.join(ckpt_dir, CONFIG_NAME)):
-    params, cfg = load_model_dir(ckpt_dir)
-    return params, cfg, load_model_meta(ckpt_dir), os.path.join(ckpt_dir, TOKENIZER_NAME)
-  from fusion_jax.train import checkpoint as ckpt_lib
-  if os.path.isdir(ckpt_lib.checkpoint_dir(ckpt_dir)):
-    from fusion_jax.train.workdir import load_run
-    params, cfg, config, _ = load_run(ckpt_dir)
-    tok = str(config.data.get("tokenizer") or "")
-    tok_dir = tok if os.path.isdir(tok) else (os.path.dirname(tok) if tok else None)
-    return params, cfg, {}, tok_dir
-  raise ValueError(f"{ckpt_dir} is neither a fusion_jax model dir (no {CONFIG_NAME}; written by "
-                   "import_torch, import_hf or save_model_dir) nor a training workdir (no "
-                   "checkpoints/)")
+def _load_source(ckpt_dir: str, step: int | None = None):
+  """(params, FusionConfig, meta, tokenizer dir or None) of a model dir or a training run
+  (newest checkpoint, or `step`), read by the one model loader (fusion_jax/infer/load.py)."""
+  from fusion_jax.infer.load import load_model, tokenizer_dir
+  model = load_model(ckpt_dir, step=step)
+  return model.params, model.cfg, dict(model.meta), tokenizer_dir(model)
 
 
 def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
-                 shard_size: str = "5GB", model_max_length: int = 4096, log=print) -> None:
+                 shard_size: str = "5GB", model_max_length: int = 4096, step: int | None = None,
+                 log=print) -> None:
   """Writes OUT_DIR from CKPT_DIR: a model dir, or a training workdir (newest checkpoint)."""
   max_bytes = parse_size(shard_size)
   leaf_dtype = np_dtype(dtype)
   if os.path.isdir(out_dir) and any(n.endswith(".safetensors") or n == "config.json"
                                     for n in os.listdir(out_dir)):
     raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty directory")
-  params, cfg, meta, tok_src = _load_source(ckpt_dir)
+  params, cfg, meta, tok_src = _load_source(ckpt_dir, step)
   source_cfg = meta.get("torch_config") or meta.get("llm_config")
   config_json, tower_json = fusion_torch_config.fusion_config_to_torch(
       cfg, torch_dtype=dtype, model_max_length=model_max_length, source_config=source_cfg)
@@ -176,17 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog="python -m fusion_jax.convert.export_torch",
       description="fusion_jax model dir -> checkpoint for the FUSION authors' PyTorch loader.")
   p.add_argument("ckpt_dir", help="fusion_jax model dir (fusion_config.json + params/) or a "
-                                  "training workdir (its newest checkpoint)")
+                                  "training workdir (its newest checkpoint, or --step)")
   p.add_argument("out_dir", help="output directory (its name should contain 'fusion', and "
                                  "'phi' for Phi models)")
   p.add_argument("--dtype", default="float32", choices=DTYPES)
   p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard")
   p.add_argument("--model-max-length", type=int, default=4096,
                  help="tokenizer_model_max_length recorded in config.json")
+  p.add_argument("--step", type=int, default=None,
+                 help="checkpoint step of a training workdir (default: the newest)")
   args = p.parse_args(argv)
   try:
     export_torch(args.ckpt_dir, args.out_dir, dtype=args.dtype, shard_size=args.shard_size,
-                 model_max_length=args.model_max_length)
+                 model_max_length=args.model_max_length, step=args.step)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f"export_torch: error: {e}", file=sys.stderr)
     return 1

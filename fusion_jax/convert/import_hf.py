@@ -193,6 +193,8 @@ def import_hf(llm_dir: str, vision_dir: str, preset: str, out_dir: str, *, seed:
   else:
     log(f"no tokenizer files in {llm_dir}; add the LLM's tokenizer to {out_dir}/{TOKENIZER_NAME}")
   log(f"model: {fusion_torch.describe(cfg)}")
+  log(f"compute dtype: LLM {cfg.llm.dtype}, tower {cfg.vision.dtype} (parameters stored in "
+      "float32); infer / eval / serve --dtype overrides it at load time")
   log(f"parameters: {fusion_torch.param_count(params):,}; new rows {n_old}, {n_old + 1} = mean of "
       f"rows 0..{n_old - 1}; tower layers 0..{vision_cfg.num_layers - 1} of {full.num_layers}")
   log(f"wrote {out_dir}")

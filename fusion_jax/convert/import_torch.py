@@ -116,6 +116,8 @@ def import_torch(src_dir: str, out_dir: str, *, tower_config: str | None = None,
   log(f"preset: {preset or 'none (custom architecture)'}; parameters: "
       f"{fusion_torch.param_count(params):,} ({dtype})")
   log(f"interaction layers after LLM layers {list(cfg.interaction_layers)}")
+  log(f"compute dtype: LLM {cfg.llm.dtype}, tower {cfg.vision.dtype} (parameters stored in "
+      f"{dtype}); infer / eval / serve --dtype overrides it at load time")
   if copied:
     log(f"tokenizer files copied to {os.path.join(out_dir, TOKENIZER_NAME)}: {copied}")
   log(f"wrote {out_dir}")

@@ -1,6 +1,10 @@
-r"""Held-out closed-answer accuracy of a FUSION training run.
+r"""Held-out closed-answer accuracy of a FUSION model.
 
   python -m fusion_jax.eval --workdir runs/smoke [--split heldout] [--step N] [--data FILE]
+  python -m fusion_jax.eval --workdir MODEL_DIR --data FILE [--dtype bfloat16]
+
+--workdir is a training workdir (newest checkpoint, or --step) or a model dir written by
+import_torch / import_hf (fusion_jax/infer/load.py); a model dir needs --data.
 
 Scores every closed question of the split by candidate log-likelihood (fusion_jax/eval/
 closed_qa.py), prints accuracy vs chance per category, and writes
@@ -13,11 +17,12 @@ from absl import app, flags, logging
 from fusion_jax.eval.evaluate import run_eval
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "training workdir (python -m fusion_jax.train --workdir)")
+flags.DEFINE_string("workdir", None, "training workdir or model dir (import_torch / import_hf)")
 flags.DEFINE_string("split", "heldout", "split name: <data dir>/<split>.json")
 flags.DEFINE_string("data", "", "records file to evaluate (default: the split next to the "
                     "run's training data)")
-flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+flags.DEFINE_integer("step", None, "checkpoint step of a training workdir (default: the newest)")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)")
 flags.DEFINE_integer("batch_size", 32, "sequences per scoring batch")
 
 
@@ -26,8 +31,11 @@ def main(argv) -> None:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
-  run_eval(FLAGS.workdir, split=FLAGS.split, data=FLAGS.data, step=FLAGS.step,
-           batch_size=FLAGS.batch_size)
+  try:
+    run_eval(FLAGS.workdir, split=FLAGS.split, data=FLAGS.data, step=FLAGS.step,
+             batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Evaluate a FUSION training run (its newest checkpoint) on a split of its dataset."""
+"""Evaluate a FUSION model (a training run's newest or --step checkpoint, or a model dir) on a
+split of its dataset or a records file."""
 from __future__ import annotations
 
 import json
@@ -16,30 +17,34 @@ def split_path(config, split: str) -> str:
 
 
 def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int | None = None,
-             batch_size: int = 32, seq_len: int | None = None, write: bool = True) -> dict:
-  """Evaluates a run; returns the report and writes eval_<split>.json / .png in the workdir.
+             batch_size: int = 32, seq_len: int | None = None, write: bool = True,
+             dtype: str | None = None) -> dict:
+  """Evaluates a model; returns the report and writes eval_<split>.json / .png in `workdir`.
 
+  workdir: a training workdir or a model dir (fusion_jax.infer.load); a model dir needs
+    `data` (it has no dataset of its own; images resolve relative to the file's directory).
   seq_len: scoring length (default: the run's data.seq_len; an earlier stage trained shorter
     sequences than the final evaluation uses). write=False only returns the report.
+  dtype: compute dtype override.
   """
-  from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
   from fusion_jax.eval import closed_qa
-  from fusion_jax.train.workdir import load_run
+  from fusion_jax.infer.load import load_model
 
   t0 = time.time()
-  params, cfg, config, step = load_run(workdir, step)
-  path = data or split_path(config, split)
+  model = load_model(workdir, step=step, dtype=dtype)
+  cfg, params, step, tok, q = model.cfg, model.params, model.step, model.tokenizer, model.q
+  if model.config is None and not data:
+    raise ValueError(f"{workdir} is a model dir: pass --data FILE (records to evaluate)")
+  path = data or split_path(model.config, split)
   records = list(closed_qa.iter_records(path))
-  tok = load_tokenizer(config.data.tokenizer, pad_token=TEMPLATE_PAD_TOKENS[cfg.template])
-  d = config.data
-  q = int(d.get("eval_q") or max(cfg.query_len))
+  image_root = model.image_root if model.config is not None else os.path.dirname(path)
 
   def progress(done: int, total: int) -> None:
     print(f"\reval {done}/{total} sequences", end="", file=sys.stderr, flush=True)
 
-  report = closed_qa.evaluate(params, cfg, records, tok, image_root=d.get("image_root", ""),
-                              q=q, seq_len=int(seq_len or d.seq_len),
-                              max_questions=int(d.max_questions),
+  report = closed_qa.evaluate(params, cfg, records, tok, image_root=image_root,
+                              q=q, seq_len=int(seq_len or model.seq_len),
+                              max_questions=model.max_questions,
                               batch_size=batch_size, progress=progress)
   print(file=sys.stderr)
   out = {"workdir": workdir, "step": step, "data": path, "q": q, "categories": report,
@@ -48,6 +53,6 @@ def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int 
     with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
       json.dump(out, f, indent=2)
     closed_qa.plot_report(report, os.path.join(workdir, f"eval_{split}.png"))
-  print(f"{split} accuracy at step {step} ({path}, q={q}):")
+  print(f"{split} accuracy of {model.name} ({path}, q={q}):")
   print(closed_qa.format_table(report))
   return out
