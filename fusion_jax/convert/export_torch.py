@@ -1,7 +1,11 @@
 """Export a fusion_jax model dir as a checkpoint the authors' PyTorch code loads.
 
   python -m fusion_jax.convert.export_torch CKPT_DIR OUT_DIR [--dtype float32|bfloat16]
-      [--shard-size 5GB] [--model-max-length 4096]
+      [--shard-size 5GB] [--model-max-length 4096] [--allow_incompatible]
+
+A model the authors' code cannot run (their code hard-codes 729 / 576 tower patches, the tower
+depth its feature connector splits, 16 interaction heads) is refused with every mismatch listed,
+unless --allow_incompatible (then README.md says it is not runnable there).
 
 OUT_DIR receives:
   config.json                      fusion_phi / fusion_llama config (transformers 4.48 style)
@@ -51,6 +55,43 @@ def parse_size(text: str) -> int:
   return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+# What the authors' code hard-codes, per tower class (chosen by fusion_torch.tower_dir_name):
+# the patch count (SigLipVisionEmbeddings asserts 729 and the text-guided masks use 729;
+# SigLIP2 576) and the stored depth its feature connector splits (hidden states 0-12 | 13-25 and
+# early attention in layers < 13 for SigLIP; 0-18 | 19-37 and < 19 for SigLIP2).
+AUTHORS_TOWERS = {"siglip_vision_tower": ("SigLipVisionTower", 729, 26),
+                  "siglip2_vision_tower": ("SigLip2VisionTower", 576, 39)}
+# The interaction layers' attention heads (their vision sampler hard-codes 16).
+AUTHORS_INTERACTION_HEADS = 16
+
+
+def authors_code_problems(cfg: FusionConfig) -> list[str]:
+  """Every reason the authors' PyTorch code could not run `cfg` ([] when it can).
+
+  Their code loads such a checkpoint strictly (the tensors are exact) and then fails in, or
+  silently changes, its forward pass.
+  """
+  v = cfg.vision
+  cls, patches, depth = AUTHORS_TOWERS[fusion_torch.tower_dir_name(v)]
+  problems = []
+  if v.num_patches != patches:
+    problems.append(f"the tower has {v.num_patches} patches ({v.image_size} px / patch "
+                    f"{v.patch_size}) but their {cls} hard-codes {patches}")
+  if v.num_layers != depth:
+    problems.append(f"the tower stores {v.num_layers} layers but their {cls}'s feature "
+                    f"connector and early-layer masks expect {depth} (k = {depth // 2})")
+  if cfg.interaction_layers and cfg.interaction_heads != AUTHORS_INTERACTION_HEADS:
+    problems.append(f"the interaction layers have {cfg.interaction_heads} heads but their code "
+                    f"hard-codes {AUTHORS_INTERACTION_HEADS} (it would run silently with "
+                    f"{AUTHORS_INTERACTION_HEADS})")
+  return problems
+
+
+def torch_dir_name(cfg: FusionConfig) -> str:
+  """A folder name the authors' loader routes correctly: 'torch_fusion_phi' / '..._llama'."""
+  return "torch_" + fusion_torch_config.model_type_of(cfg)
+
+
 def loader_name_problems(out_dir: str, cfg: FusionConfig) -> list[str]:
   """Why the authors' load_pretrained_model would misroute OUT_DIR (fusion/model/builder.py).
 
@@ -96,6 +137,12 @@ Loading with the authors' code (starriver030515/FUSION, `fusion.model.builder`):
   layer is randomly initialised by `from_pretrained` and then deleted by the authors' code.
 * The authors' loader takes the model name from the directory name: it must contain 'fusion'
   {phi_rule}.
+{incompatible}"""
+
+INCOMPATIBLE = """
+**The authors' code cannot run this model** (exported with --allow_incompatible): {problems}.
+It loads (names and shapes are exact) but its forward pass fails or differs. Use the weights with
+fusion_jax (`python -m fusion_jax.convert.import_torch` reads this directory back exactly).
 """
 
 
@@ -107,16 +154,31 @@ def _load_source(ckpt_dir: str, step: int | None = None):
   return model.params, model.cfg, dict(model.meta), tokenizer_dir(model)
 
 
+class IncompatibleModelError(ValueError):
+  """The model cannot run in the authors' code (see authors_code_problems)."""
+
+
 def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
-                 shard_size: str = "5GB", model_max_length: int = 4096, step: int | None = None,
-                 log=print) -> None:
-  """Writes OUT_DIR from CKPT_DIR: a model dir, or a training workdir (newest checkpoint)."""
+                 shard_size: str = "5GB", model_max_length: int = 4096,
+                 step: int | None = None, allow_incompatible: bool = False, log=print) -> list[str]:
+  """Writes OUT_DIR from CKPT_DIR: a model dir, or a training workdir (newest checkpoint).
+
+  Raises IncompatibleModelError, listing every mismatch, when the authors' code could not run
+  the model (authors_code_problems), unless allow_incompatible: then it exports anyway, says
+  so in the log and README.md, and returns the problems ([] for a compatible model).
+  """
   max_bytes = parse_size(shard_size)
   leaf_dtype = np_dtype(dtype)
   if os.path.isdir(out_dir) and any(n.endswith(".safetensors") or n == "config.json"
                                     for n in os.listdir(out_dir)):
     raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty directory")
   params, cfg, meta, tok_src = _load_source(ckpt_dir, step)
+  problems = authors_code_problems(cfg)
+  if problems and not allow_incompatible:
+    raise IncompatibleModelError(
+        f"{ckpt_dir}: the authors' code cannot run this model: " + "; ".join(problems)
+        + ". Nothing was written. Pass --allow_incompatible to export it anyway (the weights "
+        "stay exact and import_torch reads them back)")
   source_cfg = meta.get("torch_config") or meta.get("llm_config")
   config_json, tower_json = fusion_torch_config.fusion_config_to_torch(
       cfg, torch_dtype=dtype, model_max_length=model_max_length, source_config=source_cfg)
@@ -149,7 +211,8 @@ def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
         tower_word="siglip2" if tower.startswith("siglip2") else "siglip",
         full_layers=cfg.vision.num_layers + 1, stored_layers=cfg.vision.num_layers,
         phi_rule=("and 'phi' (Phi models are routed on it)" if cfg.llm.arch == "phi3"
-                  else "and must not contain 'phi', 'mistral', 'mpt' or 'qwen'")))
+                  else "and must not contain 'phi', 'mistral', 'mpt' or 'qwen'"),
+        incompatible=INCOMPATIBLE.format(problems="; ".join(problems)) if problems else ""))
   log(f"model: {fusion_torch.describe(cfg)}")
   log(f"wrote {out_dir}: {', '.join(files)} + {tower}/ ({cfg.vision.num_layers} stored tower "
       f"layers, config num_hidden_layers={cfg.vision.num_layers + 1})"
@@ -160,6 +223,10 @@ def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
   if not copied:
     log(f"note: {ckpt_dir} has no {TOKENIZER_NAME}/; copy the tokenizer files into {out_dir} "
         "for the authors' loader (it calls AutoTokenizer.from_pretrained on this directory)")
+  for problem in problems:
+    log(f"WARNING: exported with --allow_incompatible; the authors' code cannot run it: "
+        f"{problem}")
+  return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,11 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="tokenizer_model_max_length recorded in config.json")
   p.add_argument("--step", type=int, default=None,
                  help="checkpoint step of a training workdir (default: the newest)")
+  p.add_argument("--allow_incompatible", "--allow-incompatible", action="store_true",
+                 help="export a model the authors' code cannot run (tower patches other than "
+                      "729/576, another tower depth, interaction heads != 16); README.md says so")
   args = p.parse_args(argv)
   try:
     export_torch(args.ckpt_dir, args.out_dir, dtype=args.dtype, shard_size=args.shard_size,
-                 model_max_length=args.model_max_length, step=args.step)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+                 model_max_length=args.model_max_length, step=args.step,
+                 allow_incompatible=args.allow_incompatible)
+  except (ValueError, KeyError, OSError) as e:
     print(f"export_torch: error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -31,6 +31,13 @@ MODEL_TYPES: dict[str, tuple[str, str, str]] = {
     "fusion_llama": ("llama", "llama_3", "FusionLlamaForCausalLM"),
 }
 _MODEL_TYPE_OF_ARCH = {arch: mt for mt, (arch, _, _) in MODEL_TYPES.items()}
+
+
+def model_type_of(cfg: FusionConfig) -> str:
+  """config.json's model_type for `cfg`: 'fusion_phi' (Phi-3 LLM) or 'fusion_llama'."""
+  return _MODEL_TYPE_OF_ARCH[cfg.llm.arch]
+
+
 # FUSION's padding ids per template (train.py: Phi `<unk>` 0, Llama-3 reserved_special_token_0).
 _TEMPLATE_PAD = {"phi_3": 0, "llama_3": 128002}
 
@@ -97,7 +104,7 @@ def fusion_config_to_torch(cfg: FusionConfig, *, torch_dtype: str = "float32",
       (bos/eos) and dropout fields are kept.
   """
   llm, vision = cfg.llm, cfg.vision
-  model_type = _MODEL_TYPE_OF_ARCH[llm.arch]
+  model_type = model_type_of(cfg)
   rope_scaling, rope_extra = _rope_to_legacy(llm)
   base: dict[str, Any] = {k: source_config[k] for k in _PASSTHROUGH
                           if source_config and k in source_config}
@@ -119,7 +126,9 @@ def fusion_config_to_torch(cfg: FusionConfig, *, torch_dtype: str = "float32",
       raise ValueError(f"fusion_config_to_torch: Phi-3 needs head_dim * heads == hidden_size "
                        f"({llm.head_dim} * {llm.num_heads} != {llm.hidden_size})")
     base.update(sliding_window=None)
-  num_interaction = cfg.num_interaction if cfg.interaction else 0
+  # The authors build one vision_sampler_layers module per entry and run entry j after decoder
+  # layer start + j * stride: entries past the depth would be modules without tensors.
+  num_interaction = len(cfg.interaction_layers)
   base.update({
       # fusion_arch.py initialize_vision_modules / train.py model.config.* assignments.
       "mm_vision_tower": tower_dir_name(vision), "mm_hidden_size": vision.hidden_size,
@@ -193,7 +202,15 @@ def fusion_config_from_torch(config_json: Mapping[str, Any], tower_config: Mappi
   if tower_config is not None:
     vision = _vision_from_tower_config(tower_config, reader)
   else:
-    vision = siglip_config_from_reader(reader, TOWER_PREFIX)
+    try:
+      vision = siglip_config_from_reader(reader, TOWER_PREFIX)
+    except ValueError:  # not a known tower: its head count is not stored anywhere
+      raise ValueError(
+          f"{where}: the vision tower's config is unknown (mm_vision_tower "
+          f"{config_json.get('mm_vision_tower')!r} is not a local directory) and its stored "
+          "shapes match no known tower (SigLIP so400m/14@384, SigLIP2 giant-opt/16@384), so its "
+          "head count cannot be inferred; give the tower's config.json with "
+          "`python -m fusion_jax.convert.import_torch ... --tower-config DIR`") from None
 
   ql = config_json.get("query_len", "4,16,36,64,144")
   query_len = tuple(int(x) for x in (ql.split(",") if isinstance(ql, str) else ql))
@@ -217,7 +234,12 @@ def fusion_config_from_torch(config_json: Mapping[str, Any], tower_config: Mappi
     for f in dataclasses.fields(FusionConfig):
       if f.name not in fields:
         fields[f.name] = getattr(saved, f.name)
-    if not saved.interaction:  # exported with 0 interaction layers; keep the schedule
+    # The export writes the interaction layers that exist (schedule entries past the LLM depth
+    # have no tensors) or 0 when interaction is off; the block keeps the schedule as configured.
+    same_schedule = (saved.interaction_start, saved.interaction_stride) == (
+        fields["interaction_start"], fields["interaction_stride"])
+    if not saved.interaction or (same_schedule and len(saved.interaction_layers)
+                                 == fields["num_interaction"]):
       fields["num_interaction"] = saved.num_interaction
   return FusionConfig(**fields)
 

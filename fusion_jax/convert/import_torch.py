@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from fusion_jax.convert import fusion_torch, fusion_torch_config
-from fusion_jax.convert.model_dir import TOKENIZER_NAME, save_model_dir
+from fusion_jax.convert.model_dir import CONFIG_NAME, PARAMS_NAME, TOKENIZER_NAME, save_model_dir
 from fusion_jax.convert.safetensors_io import SafetensorsReader
 from fusion_jax.models.fusion import FusionConfig
 
@@ -42,9 +42,31 @@ def np_dtype(name: str):
   return ml_dtypes.bfloat16 if name == "bfloat16" else np.float32
 
 
-def _read_json(path: str) -> dict[str, Any]:
-  with open(path) as f:
-    return json.load(f)
+def read_config_json(path: str, what: str = "config") -> dict[str, Any]:
+  """A config.json as a dict; errors name the file and the fix (bad JSON, not an object)."""
+  try:
+    with open(path) as f:
+      doc = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); the {what} file is damaged or truncated: "
+                     "copy it again") from None
+  except UnicodeDecodeError:
+    raise ValueError(f"{path}: not a text file; the {what} file is damaged: copy it "
+                     "again") from None
+  if not isinstance(doc, dict):
+    raise ValueError(f"{path}: expected a JSON object (the {what} as key: value pairs), got a "
+                     f"JSON {type(doc).__name__}; point at the checkpoint's own config.json")
+  return doc
+
+
+def check_out_dir(out_dir: str) -> None:
+  """OUT_DIR must be a new or empty-of-model directory: checked before any tensor is read."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f"{out_dir} is a file; choose a new directory for the model dir")
+  taken = [n for n in (PARAMS_NAME, CONFIG_NAME) if os.path.exists(os.path.join(out_dir, n))]
+  if taken:
+    raise FileExistsError(f"{out_dir} already holds a model dir ({', '.join(taken)}); choose a "
+                          "new directory or remove it first")
 
 
 def find_tower_config(src_dir: str, config_json: dict[str, Any], tower_config: str | None,
@@ -59,7 +81,7 @@ def find_tower_config(src_dir: str, config_json: dict[str, Any], tower_config: s
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--tower-config {tower_config}: no config.json there")
     log(f"tower config: {path}")
-    return _read_json(path)
+    return read_config_json(path, "tower config")
   name = config_json.get("mm_vision_tower")
   if not name:
     log("config.json has no mm_vision_tower; inferring the tower from the stored shapes")
@@ -68,7 +90,7 @@ def find_tower_config(src_dir: str, config_json: dict[str, Any], tower_config: s
     path = os.path.join(cand, "config.json")
     if os.path.isfile(path):
       log(f"tower config: {path}")
-      return _read_json(path)
+      return read_config_json(path, "tower config")
   log(f"mm_vision_tower {name!r} is not a local directory (relative to {src_dir} or the working "
       "directory), e.g. a hub id: inferring the tower from the stored shapes (known towers: "
       "SigLIP so400m/14@384, SigLIP2 giant-opt/16@384); pass --tower-config DIR to override")
@@ -88,12 +110,13 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
 def import_torch(src_dir: str, out_dir: str, *, tower_config: str | None = None,
                  dtype: str = "float32", log=print) -> FusionConfig:
   """Converts SRC_DIR into the model dir OUT_DIR; returns the FusionConfig."""
+  leaf_dtype = np_dtype(dtype)
+  check_out_dir(out_dir)
   config_path = os.path.join(src_dir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{src_dir}: no config.json; point at the authors' FUSION checkpoint "
                             "directory (save_pretrained output)")
-  config_json = _read_json(config_path)
-  leaf_dtype = np_dtype(dtype)
+  config_json = read_config_json(config_path)
   reader = SafetensorsReader(src_dir)
   tower = find_tower_config(src_dir, config_json, tower_config, log)
   cfg = fusion_torch_config.fusion_config_from_torch(config_json, tower, reader)
@@ -136,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   try:
     import_torch(args.src_dir, args.out_dir, tower_config=args.tower_config, dtype=args.dtype)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except (ValueError, KeyError, OSError) as e:  # OSError: missing / existing / unreadable files
     print(f"import_torch: error: {e}", file=sys.stderr)
     return 1
   return 0

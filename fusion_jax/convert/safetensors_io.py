@@ -11,11 +11,44 @@ import os
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointFileError(ValueError):
+  """A checkpoint file that cannot be read (truncated, damaged, not what it claims to be)."""
+
+
+def open_safetensors(path: str):
+  """safe_open(path) with an error naming the file and the fix instead of a bare
+  SafetensorError (a truncated download fails here: the header no longer covers the file)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such safetensors file (listed by the checkpoint); "
+                            "copy the complete checkpoint directory again")
+  try:
+    return safe_open(path, "np")
+  except (SafetensorError, OSError) as e:
+    raise CheckpointFileError(
+        f"{path}: not a readable safetensors file ({e}); it is truncated or damaged: download "
+        "or copy it again (its size should match the original)") from None
+
+
+def _read_index(path: str) -> dict[str, str]:
+  """weight_map of a model.safetensors.index.json, with errors naming the file."""
+  try:
+    with open(path) as f:
+      index = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointFileError(f"{path}: not valid JSON ({e}); copy the checkpoint's index "
+                              "file again") from None
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict):
+    raise CheckpointFileError(f"{path}: no 'weight_map' object (tensor name -> shard file); "
+                              "not a transformers safetensors index, copy it again")
+  return weight_map
 
 
 class SafetensorsReader:
@@ -23,15 +56,16 @@ class SafetensorsReader:
 
   def __init__(self, directory: str):
     self.directory = directory
+    self._handles: dict[str, object] = {}
     index = os.path.join(directory, INDEX_NAME)
     single = os.path.join(directory, SINGLE_NAME)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = _read_index(index)
       self._file_of = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+      for path in sorted(set(self._file_of.values())):  # a bad shard fails here, named
+        self._handle(path)
     elif os.path.exists(single):
-      with safe_open(single, "np") as f:
-        self._file_of = {k: single for k in f.keys()}
+      self._file_of = {k: single for k in self._handle(single).keys()}
     else:
       files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
       if not files:
@@ -40,14 +74,13 @@ class SafetensorsReader:
             "point at a transformers save_pretrained directory.")
       self._file_of = {}
       for n in files:
-        with safe_open(os.path.join(directory, n), "np") as f:
-          for k in f.keys():
-            self._file_of[k] = os.path.join(directory, n)
-    self._handles: dict[str, object] = {}
+        path = os.path.join(directory, n)
+        for k in self._handle(path).keys():
+          self._file_of[k] = path
 
   def _handle(self, path: str):
     if path not in self._handles:
-      self._handles[path] = safe_open(path, "np")
+      self._handles[path] = open_safetensors(path)
     return self._handles[path]
 
   def keys(self) -> list[str]:
@@ -62,7 +95,12 @@ class SafetensorsReader:
   def get(self, key: str) -> np.ndarray:
     if key not in self._file_of:
       raise KeyError(f"{self.directory}: tensor {key!r} not found in checkpoint")
-    return self._handle(self._file_of[key]).get_tensor(key)
+    path = self._file_of[key]
+    try:
+      return self._handle(path).get_tensor(key)
+    except SafetensorError as e:
+      raise CheckpointFileError(f"{path}: tensor {key!r} cannot be read ({e}); the file is "
+                                "damaged: copy it again") from None
 
 
 def write_safetensors(directory: str, tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
