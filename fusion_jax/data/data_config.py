@@ -32,7 +32,16 @@ class DataConfig:
     query_len: q candidates (perfect squares); training draws one per batch from
       (seed, batch index).
     eval_q: the fixed q used when train=False; None = max(query_len).
-    batch_size: examples per HOST batch (global batch = batch_size * process_count).
+    batch_size: rows per HOST batch (global batch = batch_size * process_count); one sample
+      per row unless packing.
+    packing: put several samples into each row of seq_len tokens (fusion_jax/data/packing.py;
+      batch contract in fusion_jax/models/batch_spec.py). Training batches then hold a varying
+      number of samples; the loss is the same as for those samples unpacked.
+    max_samples_per_row: P, the most samples one row holds when packing (every sample slot
+      costs one image encoding whether used or not: size it near the expected samples per
+      row). Unpacked batches have P = 1.
+    packing_buffer: samples the packer chooses from (0 = 2 x batch_size x
+      max_samples_per_row); larger packs tighter and holds more decoded images in memory.
     seed: shuffle seed, q-draw seed and mixture random:N seed.
     shuffle: globally shuffle (training); evaluation never shuffles.
     num_epochs: passes over the data; None = forever. Evaluation does exactly one.
@@ -66,6 +75,9 @@ class DataConfig:
   query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
   eval_q: int | None = None
   batch_size: int = 8
+  packing: bool = False
+  max_samples_per_row: int = 4
+  packing_buffer: int = 0
   seed: int = 0
   shuffle: bool = True
   num_epochs: int | None = None
@@ -97,15 +109,23 @@ class DataConfig:
       if q <= 0 or r * r != q:
         raise ValueError(f"data config: q={q} is not a positive perfect square "
                          "(query_len / eval_q must be like 4,16,36,64,144)")
-    for name in ("seq_len", "max_questions", "max_instruct_len", "image_size", "batch_size"):
+    for name in ("seq_len", "max_questions", "max_instruct_len", "image_size", "batch_size",
+                 "max_samples_per_row"):
       if getattr(self, name) <= 0:
         raise ValueError(f"data config: {name} must be > 0, got {getattr(self, name)}")
+    if self.packing_buffer < 0:
+      raise ValueError("data config: packing_buffer must be >= 0 (0 = the default size)")
     if self.num_image_tokens < 0:
       raise ValueError("data config: num_image_tokens must be >= 0")
     if self.num_epochs is not None and self.num_epochs <= 0:
       raise ValueError("data config: num_epochs must be > 0 or None (forever)")
     if not 0 <= self.seed < 2 ** 32:
       raise ValueError("data config: seed must be in [0, 2**32)")
+
+  @property
+  def samples_per_row(self) -> int:
+    """P of this pipeline's batches: max_samples_per_row when packing, else 1."""
+    return self.max_samples_per_row if self.packing else 1
 
   @property
   def q_eval(self) -> int:

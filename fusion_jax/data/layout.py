@@ -1,18 +1,12 @@
-"""`EncodedSample` -> fixed-shape arrays of the FUSION batch layout contract.
+"""`EncodedSample` -> fixed-shape arrays of the FUSION batch contract (models/batch_spec.py).
 
 For one q (drawn per batch, `choose_q`) and N image tokens per image, `layout_sample` expands
-the slots and produces every key of the contract except `images`:
-
-  input_ids (S,) int32      token ids; slot positions and right padding hold pad_id
-  token_mask (S,) bool      True at real positions (slots included)
-  positions (S,) int32      0..n-1 over real positions, 0 at padding
-  labels (S,) int32         input_ids at supervised positions, else -100 (unshifted, HF style)
-  has_image () bool         the sample has an image
-  image_start () int32      first of the N image slots, -1 for text-only
-  latent_pos (Lq*q,) int32  latent slot v = l*q + kk of question l, -1 padding / dropped
-  question_pos (Lq,) int32  last position of user turn l (assistant header included), -1 pad
-  instructs (T,) int32      instruction ids (first T kept), 0 padding
-  instructs_mask (T,) bool  valid instruction ids (explicit: 0 is a real Llama-3 id)
+the slots of one sample into an "example": every key of the contract except `images` and
+`segment_ids`, without the row and sample axes (input_ids (S,), has_image (), latent_pos
+(Lq*q,), question_pos (Lq,), instructs (T,), ...), its tokens first in the (S,) row.
+`layout_batch` lays out one sample per row (P = 1); the packer (packing.py) puts several
+examples into one row with `batch_spec.pack_examples`. `sample_length` is an example's length
+without laying it out.
 
 Slots: an image sample's first slot gets N positions (`image_start`), every other slot q latent
 positions; a text-only sample's slots are all latent (spec 5).
@@ -38,14 +32,13 @@ import numpy as np
 
 from fusion_jax.data.conversation import IMAGE_SLOT, LATENT_SLOT, TEXT, EncodedSample
 from fusion_jax.data.errors import BadSample
+from fusion_jax.models import batch_spec
 
 IGNORE_INDEX = -100
 QUERY_LEN_CANDIDATES: tuple[int, ...] = (4, 16, 36, 64, 144)
 
 # Keys layout_sample produces (the pipeline adds "images").
-LAYOUT_KEYS: tuple[str, ...] = (
-    "input_ids", "token_mask", "positions", "labels", "has_image", "image_start",
-    "latent_pos", "question_pos", "instructs", "instructs_mask")
+LAYOUT_KEYS: tuple[str, ...] = tuple(k for k in batch_spec.EXAMPLE_KEYS if k != "images")
 
 
 def _expand(enc: EncodedSample, q: int, n_img: int, max_questions: int):
@@ -85,6 +78,21 @@ def _expand(enc: EncodedSample, q: int, n_img: int, max_questions: int):
   ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0,), np.int32)
   sup = np.concatenate(sup_parts) if sup_parts else np.zeros((0,), bool)
   return ids, sup, image_start, latent_pos[:len(question_pos)], question_pos
+
+
+def sample_length(enc: EncodedSample, *, q: int, num_image_tokens: int, seq_len: int,
+                  max_questions: int) -> int:
+  """Tokens `layout_sample` gives the sample at this q (slots included, truncated to seq_len),
+  from the segment sizes alone (the packer's per-batch cost)."""
+  n = 0
+  for seg in enc.segments:
+    if seg.turn >= max_questions:
+      break  # rule 1, as _expand
+    if seg.kind == TEXT:
+      n += int(seg.ids.size)
+    else:
+      n += num_image_tokens if seg.kind == IMAGE_SLOT else q
+  return min(n, seq_len)
 
 
 def _check_sizes(q: int, num_image_tokens: int, seq_len: int, max_questions: int) -> None:
@@ -151,7 +159,7 @@ def layout_sample(enc: EncodedSample, *, q: int, num_image_tokens: int, seq_len:
 
 def layout_batch(encs: Sequence[EncodedSample], q: int, *, num_image_tokens: int, seq_len: int,
                  max_questions: int, max_instruct_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Stacks `layout_sample` over a batch: every key gets a leading (B,) axis.
+  """One sample per row (P = 1): the batch contract without `images`, rows in `encs` order.
 
   Raises BadSample from a sample that does not fit; filter with `check_sample` (at the
   largest q) before batching so this never happens.
@@ -161,7 +169,7 @@ def layout_batch(encs: Sequence[EncodedSample], q: int, *, num_image_tokens: int
   rows = [layout_sample(e, q=q, num_image_tokens=num_image_tokens, seq_len=seq_len,
                         max_questions=max_questions, max_instruct_len=max_instruct_len,
                         pad_id=pad_id) for e in encs]
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}  # TEMP: pre-packing contract
 
 
 def check_sample(enc: EncodedSample, *, q_max: int, num_image_tokens: int, seq_len: int,

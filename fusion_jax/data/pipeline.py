@@ -13,6 +13,8 @@ Stages (W = grain worker processes; everything above `mp_prefetch` runs inside e
       .mp_prefetch(W workers)
       .map_with_index(LayoutBatch)          main process: q = choose_q(seed, batch index),
                                             fixed-shape layout (fusion_jax.data.layout)
+      or PackBatches (data.packing)         main process: several samples per row, its own
+                                            batch counter for q (fusion_jax.data.packing)
     ThreadPrefetch(prefetch)                overlaps layout with the training step
     DataIterator                            sums counters, get_state()/set_state()
 
@@ -65,9 +67,11 @@ from fusion_jax.data import conversation as conversation_lib
 from fusion_jax.data import images as images_lib
 from fusion_jax.data import layout as layout_lib
 from fusion_jax.data import mixture as mixture_lib
+from fusion_jax.data import packing as packing_lib
 from fusion_jax.data import sources as sources_lib
 from fusion_jax.data.data_config import DataConfig, as_data_config
 from fusion_jax.data.errors import FIXUPS, REASONS, BadSample
+from fusion_jax.models import batch_spec
 
 # Counter layout of the per-batch count vector (also the keys of `DataIterator.counters`):
 # samples = good samples batched, then one entry per skip reason, per fix-up, and "other" for a
@@ -238,12 +242,6 @@ class _SkipAwareBatchIterator(grain.DatasetIterator):
 
 # ----------------------------------------------------------------------------- per batch (main)
 
-# Padding value of every contract key, for the padded examples of a short final eval batch.
-_PAD_VALUES = {"token_mask": False, "positions": 0, "labels": -100, "images": 0,
-               "has_image": False, "image_start": -1, "latent_pos": -1, "question_pos": -1,
-               "instructs": 0, "instructs_mask": False}
-
-
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
   """Pads every array to `batch_size` rows with the contract's padding values.
 
@@ -256,7 +254,7 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dic
     if n >= batch_size:
       out[k] = v
       continue
-    fill = pad_id if k == "input_ids" else _PAD_VALUES.get(k, 0)
+    fill = batch_spec.pad_value(k, pad_id)
     pad = np.full((batch_size - n,) + v.shape[1:], fill, v.dtype)
     out[k] = np.concatenate([v, pad], axis=0)
   return out
@@ -377,9 +375,8 @@ def make_pipeline(data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *,
     source: a random-access source to use instead of the config's (tests, custom sources).
 
   Returns:
-    a `DataIterator` of host batches, dicts of NumPy arrays in the batch layout contract
-    (COMMON.md): input_ids, token_mask, positions, labels, images, has_image, image_start,
-    latent_pos, question_pos, instructs, instructs_mask.
+    a `DataIterator` of host batches, dicts of NumPy arrays in the batch contract
+    (fusion_jax/models/batch_spec.py) with P = data.samples_per_row samples per row.
   """
   cfg = as_data_config(data_cfg)
   if process_index is None or process_count is None:
@@ -410,11 +407,15 @@ def make_pipeline(data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *,
   ds = ds.map(DecodeSample(cfg, tokenizer, q_check))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
                                                prefetch_buffer_size=max(cfg.read_buffer, 1)))
-  it_ds = SkipAwareBatch(it_ds, cfg.batch_size, drop_remainder=train)
+  # The packer takes chunks of batch_size samples and decides itself what ends a stream.
+  it_ds = SkipAwareBatch(it_ds, cfg.batch_size, drop_remainder=train and not cfg.packing)
   if cfg.worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count, per_worker_buffer_size=max(cfg.worker_buffer_size, 1)))
-  it_ds = it_ds.map_with_index(LayoutBatch(cfg, tokenizer.pad_id, train))
+  if cfg.packing:
+    it_ds = packing_lib.PackBatches(it_ds, cfg, tokenizer.pad_id, train, len(COUNTER_KEYS))
+  else:
+    it_ds = it_ds.map_with_index(LayoutBatch(cfg, tokenizer.pad_id, train))
   if cfg.prefetch > 0:
     it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds,
                                                          prefetch_buffer_size=cfg.prefetch)
