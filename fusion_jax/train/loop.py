@@ -211,12 +211,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ck = config.checkpoint
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), keep_last=int(ck.keep_last),
                                keep_every=int(ck.keep_every), async_save=bool(ck.async_save))
-  resumed_from = ckpt.latest_step()
+  # The newest step that restores completely; damaged newer steps are logged and moved aside.
+  restored = ckpt.restore_latest(su.target, restore_data=bool(ck.restore_data))
+  resumed_from = None if restored is None else restored[0]
   init_report = None
   data_state = None
-  if resumed_from is not None:
-    state, data_state = ckpt.restore(resumed_from, su.target,
-                                     restore_data=bool(ck.restore_data))
+  if restored is not None:
+    _, state, data_state = restored
     logging.info("resumed from %s/%d", ckpt.directory, resumed_from)
   else:
     state = su.init_state()
@@ -249,18 +250,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   preempted = False
   max_bad = int(config.max_nonfinite)
 
-  def save(step: int) -> None:
-    nonlocal last_saved
-    if last_saved == step:
-      return
-    ckpt.save(state, step=step, data_state=it.get_state(), config=config_json)
-    last_saved = step
+  saved_data: dict[str, Any] | None = None
 
-  def process(done: int, metrics: Any, counters: dict[str, int]) -> None:
-    """Host side of a finished step (called one step late)."""
+  def save(step: int, overwrite: bool = False) -> None:
+    """Checkpoints `step` once; `overwrite` re-saves it if the data state moved since."""
+    nonlocal last_saved, saved_data
+    data = it.get_state()
+    if last_saved == step and not (overwrite and data != saved_data):
+      return
+    ckpt.save(state, step=step, data_state=data, config=config_json, overwrite=overwrite)
+    last_saved, saved_data = step, data
+
+  def process(done: int, metrics: Any, counters: dict[str, int], force: bool = False) -> None:
+    """Host side of a finished step (called one step late); `force` logs it regardless of
+    log_every (the last record of a run)."""
     nonlocal last_record
     m = jax.device_get(metrics)
-    if done == start + 1 or done % int(config.log_every) == 0 or done == num_steps:
+    if force or done == start + 1 or done % int(config.log_every) == 0 or done == num_steps:
       last_record = writer.write(done, m, _sum_over_processes(counters))
     streak = int(m["nonfinite_streak"])
     if max_bad and streak >= max_bad:
@@ -288,9 +294,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         logging.warning("the data iterator ended after %d of %d steps; stopping here (raise "
                         "the data epochs or lower num_steps)", done, num_steps)
         if pending is not None:
-          process(*pending)
+          # Skips after the last batch were counted while the iterator ran dry: the final
+          # record and the checkpoint both take the counters as they are now.
+          process(*pending[:2], _counters(it), force=True)
           pending = None
-        save(done)
+          save(done, overwrite=True)
         break
       batch = su.global_batch(host)
       state, metrics = train_step(state, batch)
@@ -306,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if (int(ck.every) and done % int(ck.every) == 0) or done == num_steps:
         save(done)
       if done < num_steps and preemption.reached(ckpt, done):
-        process(*pending)
+        process(*pending, force=True)
         pending = None
         save(done)
         preempted = True
