@@ -68,6 +68,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--progress-every", type=float, default=10.0, help="seconds between lines")
   g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
   g.add_argument("--max-retries", type=int, default=5, help="retries per request")
+  g.add_argument("--retry-backoff", type=float, default=1.0,
+                 help="first retry's wait in seconds, doubling per retry (capped at 60 s)")
   g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                  help="environment variable holding the endpoints' bearer token")
   g = p.add_argument_group("LLM describe + ask (OpenAI-compatible chat API)")
@@ -104,6 +106,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def model_backends(args: argparse.Namespace, backends: BackendConfig) -> BackendConfig:
   """backends with the stages named by the model flags replaced."""
   client = {"timeout_s": args.request_timeout, "max_retries": args.max_retries,
+            "backoff_s": args.retry_backoff,
             "max_concurrency": args.concurrency, "api_key_env": args.api_key_env}
   stages = backends.to_dict()
   if args.llm_url:

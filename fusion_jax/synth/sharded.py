@@ -77,11 +77,20 @@ class RunLimits:
         raise ValueError(f"{k} must be >= 0, got {v}")
 
 
+# Backend arguments that change how items are made, not what they are (may differ on a rerun).
+OPERATIONAL_KWARGS = frozenset({
+    "url", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "max_concurrency",
+    "api_key_env", "device", "cpu_offload", "batch_size", "max_wait_s"})
+
+
 def manifest(cfg: SynthConfig) -> dict[str, Any]:
   """What determines each item: a rerun must match it to continue (num may grow)."""
+  backends = cfg.backends.to_dict()
+  for spec in backends.values():
+    spec["kwargs"] = {k: v for k, v in spec["kwargs"].items() if k not in OPERATIONAL_KWARGS}
   return {"seed": cfg.seed, "categories": list(cfg.categories), "size": cfg.size,
           "image_format": cfg.image_format, "png_level": cfg.png_level,
-          "write_scenes": cfg.write_scenes, "backends": cfg.backends.to_dict()}
+          "write_scenes": cfg.write_scenes, "backends": backends}
 
 
 def _prepare(cfg: SynthConfig) -> None:
