@@ -1,0 +1,245 @@
+r"""Evaluate a FUSION model on a benchmark file, with the benchmark's official metric.
+
+  python -m fusion_jax.eval.bench --workdir DIR --benchmark MMBench --data MMBench_DEV_EN.tsv \
+      --out mmbench.json [--limit N] [--batch_size 8] [--circular] [--step N] [--dtype bfloat16]
+  python -m fusion_jax.eval.bench --workdir DIR --benchmark POPE --data llava_pope_test.jsonl \
+      --answers coco_pope_all.jsonl --image_root val2014/ --out pope.json
+
+DIR is a training workdir or a model dir (import_torch / import_hf). --data is a VLMEvalKit TSV
+(base64 images inside) or a LLaVA question jsonl with --answers (fusion_jax/eval/bench_formats.py).
+Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench (names match
+case-insensitively by prefix: MMBench_DEV_EN, CV-Bench-2D, ...). Prompts follow the lmms-eval
+tasks (bench_prompts.py), answers are greedy and batched (bench_model.py), metrics are the
+official ones (bench_metrics.py). Writes --out (JSON: metrics, per-category metrics, `count` =
+rows scored, skipped rows with their index and reason, every prediction) and a bar chart next
+to it (.png), and prints the per-category table.
+
+--circular (multiple-choice benchmarks): accuracy per question, right only if every rotation of
+its options is answered right (MMBench's CircularEval); the rotations are the file's circular
+copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none, made
+here. Without it, circular copies in the file are not asked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fusion_jax.eval import bench_formats, bench_metrics, bench_prompts
+from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """How one benchmark is asked and scored.
+
+  max_new_tokens: lmms-eval's generation limit for the task (MMBench and CV-Bench, 1024 there,
+  are capped at 64: their answers are one letter).
+  """
+  name: str
+  prompt: Callable[[Row], str]
+  score: Callable[..., dict[str, Any]]
+  primary: str
+  max_new_tokens: int
+  multiple_choice: bool = False
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("MMBench", bench_prompts.mmbench, bench_metrics.score_multiple_choice,
+              "accuracy", 64, multiple_choice=True),
+    Benchmark("POPE", bench_prompts.short_answer, bench_metrics.score_pope, "f1", 128),
+    Benchmark("MME", bench_prompts.mme, bench_metrics.score_mme, "score", 16),
+    Benchmark("ScienceQA_IMG", bench_prompts.scienceqa, bench_metrics.score_multiple_choice,
+              "accuracy", 16, multiple_choice=True),
+    Benchmark("TextVQA_VAL", bench_prompts.textvqa, bench_metrics.score_vqa, "vqa_accuracy", 32),
+    Benchmark("GQA", bench_prompts.short_answer, bench_metrics.score_exact, "accuracy", 16),
+    Benchmark("MMVP", bench_prompts.mmvp, bench_metrics.score_mmvp, "accuracy", 16,
+              multiple_choice=True),
+    Benchmark("CV-Bench", bench_prompts.cv_bench, bench_metrics.score_cv_bench, "accuracy", 64,
+              multiple_choice=True),
+)}
+
+
+def _key(name: str) -> str:
+  return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def get_benchmark(name: str) -> Benchmark:
+  """The benchmark whose name (case, '-' and '_' ignored) starts `name`: 'mmbench_dev_en' ->
+  MMBench, 'scienceqa_img' -> ScienceQA_IMG, 'cv-bench-2d' -> CV-Bench."""
+  k = _key(name)
+  for b in BENCHMARKS.values():
+    short = _key(b.name).removesuffix("img").removesuffix("val")
+    if k.startswith(short):
+      return b
+  raise ValueError(f"--benchmark {name!r}: unknown; choose one of {', '.join(BENCHMARKS)}")
+
+
+def read_rows(data: str, *, answers: str = "", image_root: str = ""
+              ) -> tuple[list[Row], list[tuple[str, str]]]:
+  """(rows, bad rows) of a VLMEvalKit TSV, or of a LLaVA question jsonl with its answers."""
+  if not os.path.isfile(data):
+    raise FileNotFoundError(f"--data {data}: no such file")
+  if data.endswith(".tsv"):
+    return bench_formats.read_tsv(data)
+  if data.endswith((".jsonl", ".json")):
+    if not answers:
+      raise ValueError(f"--data {data} is a question jsonl: pass --answers FILE with the "
+                       "references (question_id -> answer)")
+    root = image_root or os.path.dirname(os.path.abspath(data))
+    return bench_formats.read_jsonl(data, bench_formats.answers_for_jsonl(answers),
+                                    image_root=root)
+  raise ValueError(f"--data {data}: expected a VLMEvalKit .tsv or a LLaVA question .jsonl")
+
+
+def _is_copy(row: Row) -> bool:
+  try:
+    return int(row.index) >= CIRCULAR_OFFSET
+  except ValueError:
+    return False
+
+
+def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list[tuple[str, Any]]],
+                  list[str | None]], *, circular: bool = False) -> dict[str, Any]:
+  """Asks `predict` every row's prompt and scores the answers.
+
+  predict: [(prompt text, image)] -> answers (None: the prompt could not be asked).
+  Returns the scorer's report plus `skipped` [(index, reason)] for unasked rows.
+  """
+  rows = list(rows)
+  if bench.multiple_choice:
+    rows = (bench_metrics.circular_rows(rows) if circular
+            else [r for r in rows if not _is_copy(r)])
+  elif circular:
+    raise ValueError(f"--circular applies to multiple-choice benchmarks, not {bench.name}")
+  preds = predict([(bench.prompt(r), r.image) for r in rows])
+  skipped = [(r.index, "prompt longer than the model's seq_len") for r, p in zip(rows, preds)
+             if p is None]
+  if circular:  # a question with an unasked rotation cannot be scored
+    lost = {bench_formats.group_index(rows[i]) for i, p in enumerate(preds) if p is None}
+    keep = [i for i, r in enumerate(rows) if bench_formats.group_index(r) not in lost]
+    skipped += [(rows[i].index, "another rotation of this question could not be asked")
+                for i in range(len(rows)) if i not in set(keep) and preds[i] is not None]
+  else:
+    keep = [i for i, p in enumerate(preds) if p is not None]
+  kept_rows, kept_preds = [rows[i] for i in keep], [preds[i] for i in keep]
+  if not kept_rows:
+    raise ValueError(f"{bench.name}: no row could be scored ({len(skipped)} skipped)")
+  rep = (bench_metrics.score_multiple_choice(kept_rows, kept_preds, circular=True) if circular
+         else bench.score(kept_rows, kept_preds))
+  rep["skipped"] = skipped
+  return rep
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+  """Per-category metrics, then the overall line, as fixed-width text."""
+  lines_in = [*report["categories"].items(), ("overall", report["metrics"])]
+  keys = [k for k in report["metrics"] if k != "count"]
+  for _, m in lines_in:
+    keys += [k for k in m if k not in keys and k != "count"]
+  width = max(12, *(len(c) for c, _ in lines_in))
+
+  def cell(v: Any) -> str:
+    if v is None:
+      return f"{'':>10}"
+    return f"{v:>10.3f}" if isinstance(v, float) and abs(v) <= 1 else f"{v:>10.4g}"
+
+  out = [f"{'category':<{width}} " + " ".join(f"{k[:10]:>10}" for k in keys) + f" {'count':>6}"]
+  for c, m in lines_in:
+    out.append(f"{c:<{width}} " + " ".join(cell(m.get(k)) for k in keys)
+               + f" {m.get('count', 0):>6d}")
+  return "\n".join(out)
+
+
+def plot(report: Mapping[str, Any], bench: Benchmark, path: str) -> None:
+  """Bar chart of the benchmark's primary metric per category (overall as the last bar)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cats = [c for c, m in report["categories"].items() if bench.primary in m]
+  vals = [report["categories"][c][bench.primary] for c in cats]
+  if bench.primary in report["metrics"]:
+    cats.append("overall")
+    vals.append(report["metrics"][bench.primary])
+  fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats)), 4))
+  ax.bar(range(len(cats)), vals, color=["tab:blue"] * (len(cats) - 1) + ["tab:orange"])
+  ax.set_xticks(range(len(cats)), cats, rotation=45, ha="right", fontsize=8)
+  ax.set_ylabel(bench.primary)
+  ax.set_title(f"{bench.name}: {report.get('model', '')}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run(workdir: str, benchmark: str, data: str, out: str, *, answers: str = "",
+        image_root: str = "", limit: int | None = None, batch_size: int = 8,
+        circular: bool = False, step: int | None = None, dtype: str | None = None,
+        max_new_tokens: int = 0) -> dict[str, Any]:
+  """Loads the model, evaluates, writes `out` (JSON) and its .png; returns the report."""
+  from fusion_jax.eval import bench_model
+  t0 = time.time()
+  bench = get_benchmark(benchmark)
+  rows, bad = read_rows(data, answers=answers, image_root=image_root)
+  rows = bench_formats.limit_rows(rows, limit)
+  model = bench_model.load(workdir, step=step, dtype=dtype)
+
+  def progress(done: int, total: int) -> None:
+    print(f"\r{bench.name}: {done}/{total} prompts", end="", file=sys.stderr, flush=True)
+
+  def predict(prompts):
+    return bench_model.generate(model, prompts, batch_size=batch_size, progress=progress,
+                                max_new_tokens=max_new_tokens or bench.max_new_tokens)
+
+  rep = evaluate_rows(bench, rows, predict, circular=circular)
+  print(file=sys.stderr)
+  skipped = [{"index": i, "reason": r} for i, r in [*bad, *rep.pop("skipped")]]
+  report = {"benchmark": bench.name, "data": os.path.abspath(data), "model": model.name,
+            "step": model.step, "circular": circular, "count": rep["metrics"]["count"],
+            "skipped": len(skipped), "metrics": rep["metrics"], "categories": rep["categories"],
+            "skipped_rows": skipped, "wall_time_s": round(time.time() - t0, 1),
+            "predictions": rep["rows"]}
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(report, f, indent=1, ensure_ascii=False)
+  plot(report, bench, os.path.splitext(out)[0] + ".png")
+  print(f"{bench.name} on {data} ({model.name}): {report['count']} rows scored, "
+        f"{len(skipped)} skipped")
+  for s in skipped[:10]:
+    print(f"  skipped {s['index']}: {s['reason']}")
+  print(format_table(report))
+  return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m fusion_jax.eval.bench",
+                              description=__doc__.split("\n\n")[0].strip())
+  p.add_argument("--workdir", required=True, help="training workdir or model dir")
+  p.add_argument("--benchmark", required=True, help=", ".join(BENCHMARKS))
+  p.add_argument("--data", required=True, help="VLMEvalKit .tsv or LLaVA question .jsonl")
+  p.add_argument("--out", required=True, help="report JSON (the chart goes next to it)")
+  p.add_argument("--answers", default="", help="references for a question jsonl")
+  p.add_argument("--image_root", default="", help="images of a question jsonl (default: its "
+                 "directory)")
+  p.add_argument("--limit", type=int, default=None, help="first N questions only")
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--circular", action="store_true", help="all option rotations must be right")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step of a training run")
+  p.add_argument("--dtype", default=None, help="compute dtype override: float32 | bfloat16")
+  p.add_argument("--max_new_tokens", type=int, default=0, help="0: the benchmark's default")
+  a = p.parse_args(argv)
+  try:
+    run(a.workdir, a.benchmark, a.data, a.out, answers=a.answers, image_root=a.image_root,
+        limit=a.limit, batch_size=a.batch_size, circular=a.circular, step=a.step,
+        dtype=a.dtype, max_new_tokens=a.max_new_tokens)
+  except (ValueError, FileNotFoundError) as e:
+    p.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,103 @@
+"""Benchmark prompts, as the lmms-eval tasks FUSION is evaluated with build them.
+
+Strings copied from lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval, lmms_eval/tasks/, commit
+75571cf), `default` lmms_eval_specific_kwargs:
+  * MMBench  (mmbench/_default_template_mmbench_en_yaml, en_utils.mmbench_doc_to_text,
+    mmbench_evals.create_options_prompt, mmbench.yaml sys_prompt):
+    "{hint} {question} There are several options:\nA. ..\nB. .." + MC_POST
+  * ScienceQA_IMG (scienceqa/scienceqa_img.yaml, utils.sqa_doc_to_text):
+    "Context: {hint}\n{question}\nA. ..\nB. .." + MC_POST  (no Context line without a hint)
+  * MMVP (mmvp/_default_template_yaml, utils.mmvp_doc_to_text): "{question}\nA. ..\nB. .." + MC_POST
+  * CV-Bench (cv_bench/_default_template_yaml, utils.cv_bench_doc_to_text): CV_BENCH_PRE with the
+    letters, "\n", then the dataset's `prompt` ("{question} Select from the following
+    choices.\n(A) ..\n(B) ..", rebuilt from the option columns when the file has no prompt)
+  * POPE, GQA (pope/pope.yaml, gqa/gqa.yaml): "{question}" + SHORT_POST
+  * TextVQA (textvqa/_default_template_textvqa_yaml, utils.textvqa_doc_to_text):
+    "{question.capitalize()}" + SHORT_POST
+  * MME (mme/mme.yaml, utils.mme_doc_to_text): the question with MME_REPLACED removed, + SHORT_POST
+LLaVA question jsonl `text` often already ends in the instruction; it is then not added twice.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import string
+
+from fusion_jax.eval.bench_formats import Row
+
+MC_POST = "\nAnswer with the option's letter from the given choices directly."
+SHORT_POST = "\nAnswer the question using a single word or phrase."
+MMBENCH_OPTIONS_HEADER = "There are several options:"
+MME_REPLACED = " Please answer yes or no."
+CV_BENCH_PRE = ("Note: You only need to respond with {} without providing any additional "
+                "information.\n")
+
+
+def _with_post(text: str, post: str) -> str:
+  return text if post.strip() in text else text + post
+
+
+def options_of(row: Row) -> dict[str, str]:
+  """letter -> option text: the option columns, else an `options` / `choices` cell
+  ("(a) x (b) y" as MMVP's, or a list as CV-Bench's)."""
+  if row.options:
+    return dict(row.options)
+  raw = row.extra.get("options") or row.extra.get("choices") or ""
+  if raw.startswith("["):
+    try:
+      items = [str(x) for x in ast.literal_eval(raw)]
+    except (ValueError, SyntaxError):
+      items = []
+  else:  # lmms-eval mmvp utils._parse_options
+    items = [m.strip() for m in re.findall(r"\([a-z]\)\s*([^(]+?)(?=\s*\([a-z]\)|$)", raw, re.I)]
+  return {string.ascii_uppercase[i]: t for i, t in enumerate(items)}
+
+
+def _lettered(options: dict[str, str], fmt: str = "{}. {}") -> str:
+  return "\n".join(fmt.format(k, v) for k, v in options.items())
+
+
+def mmbench(row: Row) -> str:
+  opts = options_of(row)
+  body = f"{row.question} {MMBENCH_OPTIONS_HEADER}\n{_lettered(opts)}" if opts else row.question
+  if row.hint:
+    body = f"{row.hint} {body}"
+  return _with_post(body, MC_POST)
+
+
+def scienceqa(row: Row) -> str:
+  opts = options_of(row)
+  context = f"Context: {row.hint}\n" if row.hint else ""
+  body = f"{context}{row.question}" + (f"\n{_lettered(opts)}" if opts else "")
+  return _with_post(body, MC_POST)
+
+
+def mmvp(row: Row) -> str:
+  opts = options_of(row)
+  return _with_post(row.question + (f"\n{_lettered(opts)}" if opts else ""), MC_POST)
+
+
+def cv_bench(row: Row) -> str:
+  opts = options_of(row)
+  prompt = row.extra.get("prompt")
+  if not prompt:
+    prompt = row.question
+    if opts:
+      prompt += " Select from the following choices.\n" + _lettered(opts, "({}) {}")
+  letters = ", ".join(opts) if opts else "A, B"
+  if CV_BENCH_PRE.split("{}")[0] in prompt:
+    return prompt
+  return CV_BENCH_PRE.format(letters) + "\n" + prompt
+
+
+def short_answer(row: Row) -> str:
+  return _with_post(row.question.strip(), SHORT_POST)
+
+
+def textvqa(row: Row) -> str:
+  q = row.question.strip()
+  return q if SHORT_POST.strip() in q else q.capitalize() + SHORT_POST
+
+
+def mme(row: Row) -> str:
+  return _with_post(row.question.strip().replace(MME_REPLACED, ""), SHORT_POST)

@@ -1,0 +1,95 @@
+"""python -m fusion_jax.eval.bench end to end on a tiny random model dir (TSV and jsonl)."""
+import dataclasses
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import pytest
+from PIL import Image
+
+from fusion_jax.convert.model_dir import TOKENIZER_NAME, save_model_dir
+from fusion_jax.eval import bench, bench_model
+from fusion_jax.models import fusion
+from fusion_jax.models.presets import TINY
+from tests.pipeline_fixtures import make_tokenizer
+from tests.test_bench_formats import MMB_COLS, png_b64, write_tsv
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("bench"))
+  tok = make_tokenizer(root)
+  cfg = dataclasses.replace(TINY, llm=TINY.llm.replace(vocab_size=len(tok), pad_token_id=tok.pad_id,
+                                                       initializer_range=0.5),
+                            template="phi_3")
+  batch = fusion.example_batch(cfg, batch_size=1, seq_len=64, max_questions=1, q=4)
+  params = nn.meta.unbox(fusion.init(jax.random.key(0), cfg, batch)["params"])
+  out = os.path.join(root, "model")
+  save_model_dir(out, params, cfg)
+  shutil.copytree(os.path.join(root, "tok"), os.path.join(out, TOKENIZER_NAME))
+  return out
+
+
+def test_tsv_end_to_end(model_dir, tmp_path, capsys):
+  rows = [{"index": i, "question": f"What color is the ball {i}?", "A": "red", "B": "blue",
+           "answer": "AB"[i % 2], "category": ["color", "count"][i % 2],
+           "image": png_b64((40 * i, 20, 200))} for i in range(3)]
+  rows.append({"index": 9, "question": "Broken?", "A": "x", "B": "y", "answer": "A",
+               "image": "%" * 100})
+  data = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows, MMB_COLS)
+  out = str(tmp_path / "res" / "mmbench.json")
+  bench.main(["--workdir", model_dir, "--benchmark", "MMBench_DEV_EN", "--data", str(data),
+              "--out", out, "--batch_size", "2", "--max_new_tokens", "3"])
+  rep = json.load(open(out))
+  assert rep["count"] == 3 and rep["skipped"] == 1
+  assert rep["skipped_rows"][0]["index"] == "9"
+  assert set(rep["categories"]) == {"color", "count"}
+  preds = rep["predictions"]
+  assert len(preds) == 3 and all(isinstance(p["prediction"], str) for p in preds)
+  assert rep["metrics"]["accuracy"] == sum(p["correct"] for p in preds) / 3
+  assert os.path.getsize(out.replace(".json", ".png")) > 0
+  printed = capsys.readouterr().out
+  assert "skipped 9:" in printed and "overall" in printed
+
+
+def test_jsonl_end_to_end_and_bucketed_answers_match(model_dir, tmp_path):
+  os.makedirs(tmp_path / "img")
+  for i, color in enumerate([(250, 0, 0), (0, 0, 250)]):
+    Image.new("RGB", (30, 20), color).save(tmp_path / "img" / f"{i}.png")
+  qs = [{"question_id": i, "image": f"{i % 2}.png", "text": f"Is there a ball {i}?",
+         "category": "random"} for i in range(3)]
+  (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in qs))
+  (tmp_path / "a.jsonl").write_text("\n".join(
+      json.dumps({"question_id": i, "label": ["yes", "no"][i % 2]}) for i in range(3)))
+  out = str(tmp_path / "pope.json")
+  bench.main(["--workdir", model_dir, "--benchmark", "pope", "--data", str(tmp_path / "q.jsonl"),
+              "--answers", str(tmp_path / "a.jsonl"), "--image_root", str(tmp_path / "img"),
+              "--out", out, "--batch_size", "2", "--max_new_tokens", "3"])
+  rep = json.load(open(out))
+  assert rep["count"] == 3 and rep["skipped"] == 0
+  assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= set(rep["metrics"])
+  # the length-bucketed answers are the answers of an unbucketed batch at the model's seq_len
+  from fusion_jax.infer.generate import answer
+  model = bench_model.load(model_dir)
+  prompts = [(bench.get_benchmark("pope").prompt(r), str(tmp_path / "img" / f"{i % 2}.png"))
+             for i, r in enumerate(bench.read_rows(str(tmp_path / "q.jsonl"),
+                                                   answers=str(tmp_path / "a.jsonl"),
+                                                   image_root=str(tmp_path / "img"))[0])]
+  recs = [bench_model._record(t, im, i) for i, (t, im) in enumerate(prompts)]
+  ref = answer(model.params, model.cfg, model.tokenizer, recs, q=model.q,
+               seq_len=model.seq_len, max_questions=1, max_new_tokens=3, batch_size=2)
+  assert [p["prediction"] for p in rep["predictions"]] == ref
+
+
+def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--workdir", model_dir, "--benchmark", "pope", "--data",
+                str(tmp_path / "none.tsv"), "--out", str(tmp_path / "x.json")])
+  assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+  (tmp_path / "q.jsonl").write_text("{}")
+  with pytest.raises(SystemExit):
+    bench.main(["--workdir", model_dir, "--benchmark", "pope", "--data",
+                str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "x.json")])
+  assert "--answers" in capsys.readouterr().err
