@@ -181,16 +181,22 @@ def _normalize_turns(record: Mapping[str, Any], source: str,
     else:
       raise BadSample("unknown_role", f"turn {k} from {t['from']!r}", source)
   fixups: list[str] = []
+  first = 0
   if turns[0][0] == "assistant":
     turns = turns[1:]
+    first = 1
     fixups.append("starts_with_gpt")
+  # Alternation is checked before a trailing human turn is dropped: [human, human] is a role
+  # error, not a one-turn record that then has nothing to supervise.
+  for k, (role, _) in enumerate(turns):
+    if role != ("user" if k % 2 == 0 else "assistant"):
+      # Only a repeated role breaks the alternation (k = 0 can only follow a dropped gpt turn).
+      raise BadSample("non_alternating_roles",
+                      f"turns {k + first - 1} and {k + first} are both "
+                      f"{'human' if role == 'user' else 'gpt'}", source)
   if turns and turns[-1][0] == "user" and not allow_open_end:
     turns = turns[:-1]
     fixups.append("trailing_human")
-  for k, (role, _) in enumerate(turns):
-    if role != ("user" if k % 2 == 0 else "assistant"):
-      raise BadSample("non_alternating_roles",
-                      f"turn {k} is {role} after {turns[k - 1][0]}", source)
   if allow_open_end:
     if not turns or turns[-1][0] != "user":
       raise BadSample("bad_record", "a generation prompt must end with a human turn", source)

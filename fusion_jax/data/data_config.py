@@ -19,7 +19,16 @@ class DataConfig:
     tfds_name, tfds_data_dir, tfds_split: a prepared TFDS dataset read with
       `tfds.data_source` (e.g. "fusion_synth", see `synth_tfds`), no TensorFlow needed.
     image_root: directory relative image paths of JSON records resolve against (a mixture
-      entry's own image_root wins). Embedded images (ArrayRecord, TFDS) need none.
+      entry's own image_root wins; '' = the working directory). Embedded images (ArrayRecord,
+      TFDS) need none. A path that leaves it (`..`, symlinks) is skipped as
+      `image_outside_root`.
+    allow_absolute_image_paths: accept absolute image paths in records (off: they are
+      skipped as `image_outside_root`, so a record cannot make the trainer open any file).
+    pad_final_batch: training with finite num_epochs: the short last batch is trained, padded
+      with empty rows (no token, no label, no image, no instruction). Off: it is not trained
+      and its samples are counted as `dropped_remainder`. Turn it on only for a task whose
+      every loss term and denominator ignores empty rows; FUSION's vision_map with
+      vision_map_text_only counts every row (packing has its own empty-slot mask).
     template: conversation template, "phi_3" or "llama_3" (spec 7).
     seq_len: S, tokens per sequence (image and latent slots included); longer samples are
       truncated per spec 5.
@@ -65,6 +74,8 @@ class DataConfig:
   tfds_data_dir: str = ""
   tfds_split: str = "train"
   image_root: str = ""
+  allow_absolute_image_paths: bool = False
+  pad_final_batch: bool = False
   template: str = "phi_3"
   seq_len: int = 2048
   max_questions: int = 8

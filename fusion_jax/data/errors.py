@@ -12,6 +12,7 @@ REASONS: tuple[tuple[str, str], ...] = (
     ("missing_image", "the record names an image file that does not exist / cannot be opened"),
     ("corrupt_image", "the image bytes cannot be decoded by PIL (truncated, wrong format, ...)"),
     ("image_too_large", "the image exceeds PIL's decompression-bomb limit (MAX_IMAGE_PIXELS)"),
+    ("image_outside_root", "the image path is absolute or leaves the image root (.., symlinks)"),
     ("no_answer_turn", "no gpt turn after the (fixed-up) conversation, nothing to supervise"),
     ("empty_text", "a turn's value is empty or whitespace only"),
     ("non_alternating_roles", "turns do not alternate human, gpt, human, gpt, ..."),

@@ -30,6 +30,11 @@ turn it on where decoding big images dominates.
     and trained on grey-filled remains; we skip and count them instead. Images above PIL's
     decompression-bomb limit raise `image_too_large`.
 Errors are `BadSample` with the path (or the given source) in the message.
+
+`resolve_image_path` confines a record's image path to its image root: absolute paths and
+paths that leave the root (`../x.jpg`, a symlink pointing outside) are `image_outside_root`
+skips, so a hostile or sloppy corpus cannot make the trainer read arbitrary files.
+Absolute paths are allowed only when the caller says so (data.allow_absolute_image_paths).
 """
 from __future__ import annotations
 
@@ -45,6 +50,32 @@ from fusion_jax.data.errors import BadSample
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
 FAST_REDUCING_GAP = 3.0
+
+
+def resolve_image_path(image: str, root: str, *, allow_absolute: bool = False,
+                       source: str = "") -> str:
+  """The file a record's `image` names, inside `root` ('' = the working directory).
+
+  Both are resolved with symlinks followed (os.path.realpath), so a link inside the root that
+  points outside it is caught like `../`.
+
+  Raises:
+    BadSample('image_outside_root'): `image` is absolute (unless `allow_absolute`) or
+      resolves outside `root`.
+  """
+  if os.path.isabs(image):
+    if allow_absolute:
+      return image
+    raise BadSample("image_outside_root",
+                    f"absolute image path {image!r}; give it relative to the image root, or "
+                    "set data.allow_absolute_image_paths=True to allow absolute paths", source)
+  base = os.path.realpath(root or os.getcwd())
+  path = os.path.realpath(os.path.join(base, image))
+  if os.path.commonpath([base, path]) != base:
+    raise BadSample("image_outside_root",
+                    f"image path {image!r} resolves to {path}, outside the image root {base}",
+                    source)
+  return path
 
 
 def load_image(path_or_bytes: PathOrBytes, source: str = "", *, exif_transpose: bool = True,

@@ -48,8 +48,9 @@ Why it is built this way:
 `make_pipeline` with its own process index, then `to_global_batch` assembles the host batches
 into global arrays. With a finite `num_epochs`, hosts can run dry a step apart (shards differ
 by up to one record and skips differ per shard): bound training by a step count (the default,
-num_epochs=None, never runs dry). Training drops a short final batch; evaluation pads it
-(see `make_pipeline`).
+num_epochs=None, never runs dry). Training counts the samples of a short final batch as
+`dropped_remainder` (or trains it padded with empty rows: data.pad_final_batch); evaluation
+pads it (see `make_pipeline`).
 """
 from __future__ import annotations
 
@@ -76,8 +77,11 @@ from fusion_jax.models import batch_spec
 # Counter layout of the per-batch count vector (also the keys of `DataIterator.counters`):
 # samples = good samples batched, then one entry per skip reason, per fix-up, and "other" for a
 # BadSample reason not listed in errors.REASONS.
+# dropped_remainder = good samples of a short final training batch that was not trained
+# (pad_final_batch off): counted so that no record is lost silently.
 COUNTER_KEYS: tuple[str, ...] = (
-    ("samples",) + tuple(k for k, _ in REASONS) + tuple(k for k, _ in FIXUPS) + ("other",))
+    ("samples",) + tuple(k for k, _ in REASONS) + tuple(k for k, _ in FIXUPS)
+    + ("other", "dropped_remainder"))
 _COUNTER_INDEX = {k: i for i, k in enumerate(COUNTER_KEYS)}
 _MAX_SKIP_LOGS_PER_BATCH = 16
 
@@ -137,7 +141,10 @@ class DecodeSample(grain.transforms.Map):
                           raw.source)
         data = raw.image_bytes
       else:
-        data = os.path.join(raw.image_root, enc.image)
+        where = f"{raw.source} (id {enc.id})" if enc.id else raw.source
+        data = images_lib.resolve_image_path(
+            enc.image, raw.image_root, allow_absolute=cfg.allow_absolute_image_paths,
+            source=where)
       crops = images_lib.load_static_hd(data, cfg.image_size, raw.source, fast=cfg.fast_images)
     else:
       crops = images_lib.text_only_images(cfg.image_size)
@@ -210,8 +217,10 @@ class _SkipAwareBatchIterator(grain.DatasetIterator):
       if not good and not counts.any():
         raise StopIteration
       if self._drop_remainder and good:
-        # Dropped samples are not counted as batched; the skips found on the way still are.
+        # Dropped samples are not counted as batched but as dropped_remainder; the skips
+        # found on the way still are.
         counts[0] = 0
+        counts[_COUNTER_INDEX["dropped_remainder"]] = len(good)
         for it in good:
           for f in _fixups_of(it["enc"]):
             counts[_COUNTER_INDEX.get(f, _COUNTER_INDEX["other"])] -= 1
@@ -324,6 +333,9 @@ class DataIterator:
   def _count(self, counts: np.ndarray, skips: Sequence[Skip]) -> None:
     for k, c in zip(COUNTER_KEYS, np.asarray(counts).tolist()):
       self.counters[k] += int(c)
+      if k == "dropped_remainder" and c:
+        logging.warning("data: the last %d samples (a short final batch) were not trained; "
+                        "set data.pad_final_batch=True to train them padded", int(c))
     for s in skips:
       self.recent_skips.append(s)
       if self._logged[s.reason] < self.cfg.log_skips:
@@ -370,8 +382,9 @@ def make_pipeline(data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *,
     process_index, process_count: this host's shard; default jax.process_index() /
       jax.process_count() (grain's ShardByJaxProcess).
     train: True: seeded global shuffle, q drawn per batch, `num_epochs` (None = forever),
-      a short final batch is dropped. False: no shuffle, one epoch, q = eval_q, the short
-      final batch is padded to batch_size with empty examples.
+      a short final batch is dropped and counted (or padded: pad_final_batch). False: no
+      shuffle, one epoch, q = eval_q, the short final batch is padded to batch_size with
+      empty examples.
     source: a random-access source to use instead of the config's (tests, custom sources).
 
   Returns:
@@ -408,7 +421,8 @@ def make_pipeline(data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
                                                prefetch_buffer_size=max(cfg.read_buffer, 1)))
   # The packer takes chunks of batch_size samples and decides itself what ends a stream.
-  it_ds = SkipAwareBatch(it_ds, cfg.batch_size, drop_remainder=train and not cfg.packing)
+  it_ds = SkipAwareBatch(it_ds, cfg.batch_size,
+                         drop_remainder=train and not cfg.packing and not cfg.pad_final_batch)
   if cfg.worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count, per_worker_buffer_size=max(cfg.worker_buffer_size, 1)))
