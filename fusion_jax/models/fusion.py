@@ -32,6 +32,7 @@ Images are normalised on device (x/255, then (x - 0.5)/0.5), so host-to-device i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -41,11 +42,11 @@ import jax
 import jax.numpy as jnp
 
 from fusion_jax.models import global_context
-from fusion_jax.models.connector import AuxProjector, MMProjector, feature_connector
+from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
 from fusion_jax.models.llm import Decoder, LLMConfig
 from fusion_jax.models.mapping_loss import fusion_loss
-from fusion_jax.models.text_guided import text_guided_encode
+from fusion_jax.models.text_guided import text_guided_features
 from fusion_jax.models.vision import VisionConfig, VisionTower
 from fusion_jax.parallel.sharding import constrain
 
@@ -139,6 +140,14 @@ class FusionConfig:
     return dataclasses.replace(self, **kw)
 
 
+def scanned_interaction_layers(cfg: FusionConfig) -> tuple[int, ...]:
+  """Decoder layers whose interaction layer runs inside the scanned stack (scan_layers only;
+  () when the interaction layers never run: ablated, or no latents to refine)."""
+  if not cfg.llm.scan_layers or not cfg.latents:
+    return ()
+  return cfg.interaction_layers
+
+
 def normalize_images(images: jax.Array, has_image: jax.Array, dtype) -> jax.Array:
   """uint8 (B, 5, H, W, 3) -> (x/255 - 0.5)/0.5, and exact zeros for text-only samples."""
   x = images.astype(jnp.float32) * (1.0 / 255.0)
@@ -167,13 +176,19 @@ class Fusion(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.llm = Decoder(cfg.llm)
-    self.vision_tower = VisionTower(cfg.vision)
     kw = dict(dtype=jnp.dtype(cfg.llm.dtype), param_dtype=jnp.dtype(cfg.llm.param_dtype))
+    if cfg.llm.scan_layers:
+      # Scanned: interaction layers run inside the decoder's scanned groups (llm/.../block).
+      self.llm = Decoder(cfg.llm, hook_layers=scanned_interaction_layers(cfg),
+                         hook_block=functools.partial(InteractionLayer, cfg.interaction_heads, **kw))
+      self.interaction = []
+    else:
+      self.llm = Decoder(cfg.llm)
+      self.interaction = [InteractionLayer(cfg.interaction_heads, **kw)
+                          for _ in cfg.interaction_layers]
+    self.vision_tower = VisionTower(cfg.vision)
     self.mm_projector = MMProjector(cfg.llm.hidden_size, **kw)
     self.aux_projector = AuxProjector(cfg.vision.hidden_size, **kw)
-    self.interaction = [InteractionLayer(cfg.interaction_heads, **kw)
-                        for _ in cfg.interaction_layers]
 
   def encode_images(self, images: jax.Array, has_image: jax.Array, instructs: jax.Array,
                     instructs_mask: jax.Array) -> dict[str, jax.Array]:
@@ -192,16 +207,16 @@ class Fusion(nn.Module):
     instruct_embeds = self.llm.embed(instructs)
     if cfg.text_guidance:
       text_states = self.aux_projector(instruct_embeds)
-      hs = text_guided_encode(self.vision_tower, patch_embeds, text_states, instructs_mask,
-                              cfg.vision_text_mask)
+      feats = text_guided_features(self.vision_tower, patch_embeds, text_states, instructs_mask,
+                                   cfg.vision_text_mask)
     else:
-      hs = self.vision_tower.encode(patch_embeds)
-    full = self.mm_projector(feature_connector(hs))  # (B, N [+ T], D)
+      feats = self.vision_tower.features(patch_embeds)
+    full = self.mm_projector(feats)  # (B, N [+ T], D)
     image_tokens = constrain(full[:, :n], ("batch", "length", "embed"))
     instruct_feats = full[:, n:] if cfg.text_guidance else None
     # Tiles: encoded without text, (B*4, N, Dv) -> (B, 4, N, D) -> 2x2 mosaic.
-    tiles = self.vision_tower.encode(embeds[:, :4].reshape(b * 4, n, -1))
-    tile_tokens = self.mm_projector(feature_connector(tiles)).reshape(b, 4, n, -1)
+    tiles = self.vision_tower.features(embeds[:, :4].reshape(b * 4, n, -1))
+    tile_tokens = self.mm_projector(tiles).reshape(b, 4, n, -1)
     return dict(image_tokens=image_tokens, mosaic=global_context.mosaic(tile_tokens),
                 patch_embeds=patch_embeds, instruct_embeds=instruct_embeds,
                 instruct_feats=instruct_feats)
@@ -262,8 +277,11 @@ class Fusion(nn.Module):
       token_mask = token_mask.at[rows, dst].set(False, mode="drop")
     h = constrain(h, ("batch", "length", "embed"))
 
-    hook = None
-    if self.interaction and cfg.latents:
+    hook, hook_ctx = None, None
+    if scanned_interaction_layers(cfg):
+      hook_ctx = dict(question_pos=batch["question_pos"], latent_pos=batch["latent_pos"],
+                      windows=global_context.context_windows(mosaic, q, cfg.window_size))
+    elif self.interaction and cfg.latents:
       windows = global_context.context_windows(mosaic, q, cfg.window_size)
       layer_of = {i: j for j, i in enumerate(cfg.interaction_layers)}
 
@@ -273,7 +291,8 @@ class Fusion(nn.Module):
         return apply_interaction(self.interaction[layer_of[i]], x, batch["question_pos"],
                                  batch["latent_pos"], windows)
 
-    hidden, new_cache = self.llm(h, batch["positions"], token_mask, cache=cache, hook=hook)
+    hidden, new_cache = self.llm(h, batch["positions"], token_mask, cache=cache, hook=hook,
+                                 hook_ctx=hook_ctx)
     logits = self.llm.logits(hidden)
     aux = dict(patch_embeds=vis["patch_embeds"],
                projected_back=self.aux_projector(image_tokens),

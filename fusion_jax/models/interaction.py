@@ -140,6 +140,11 @@ class InteractionLayer(nn.Module):
     out = ProjOut(name="proj_out", **kw)(y) + latents
     return constrain(out.astype(latents.dtype), ("batch", None, None, "embed"))
 
+  def refine(self, h: jax.Array, ctx: dict[str, jax.Array]) -> jax.Array:
+    """The layer on a whole sequence (the Decoder's scanned-block contract): h (B, S, D) and
+    ctx {'question_pos', 'latent_pos', 'windows'} (see apply_interaction) -> (B, S, D)."""
+    return apply_interaction(self, h, ctx["question_pos"], ctx["latent_pos"], ctx["windows"])
+
 
 def apply_interaction(
     layer: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],

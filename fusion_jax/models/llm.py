@@ -16,7 +16,9 @@ fusion_jax/convert/hf_llm.py):
   lm_head/kernel                               (D, V)        ('embed', 'vocab')  (absent if tied)
 
 With `scan_layers=True` the layers are one `layers` subtree whose leaves carry a leading
-('layers',) axis; `stack_layers` / `unstack_layers` convert between the two layouts.
+('layers',) axis; `stack_layers` / `unstack_layers` convert between the two layouts. With
+blocks between layers the scanned stack is segmented (below); fusion_jax.models.param_layout
+converts a whole FUSION tree between layouts.
 
 Calling convention (pure functional, `apply(..., method=...)`):
   Decoder.embed(input_ids (B, S)) -> (B, S, D)
@@ -25,11 +27,19 @@ Calling convention (pure functional, `apply(..., method=...)`):
   Decoder.logits(hidden (B, S, D)) -> (B, S, V) float32
   Decoder.forward(input_ids, positions, token_mask, *, cache=None) -> (logits, new_cache)
 
-`hook(layer_index, h) -> h` runs after decoder layer i (FUSION's interaction layers). It may call
-Linen submodules of the module that owns the Decoder; their parameters live under that owner.
-Hooks need the unrolled layer loop: with scan_layers=True a hook raises ValueError (a scanned
-stack has one traced body; running different per-layer modules between iterations would need
-the stack cut into segments, which FUSION's few-layer LLM does not need for compile time).
+Blocks between layers (FUSION's interaction layers) come in two forms:
+  - unscanned: `hook(layer_index, h) -> h` runs after decoder layer i; it may call Linen
+    submodules of the module that owns the Decoder (their parameters live under that owner);
+  - scanned: the Decoder is built with `hook_layers` (evenly spaced layer indices) and a
+    `hook_block` factory; the stack is cut into segments (`layer_plan`) and each block runs
+    inside the scanned body of its group, after the group's last layer:
+      head    layers 0..hook_layers[0], then block 0           head/{layers (n0,...), block}
+      groups  G x (stride layers, then a block)                groups/{layers (G, stride, ...),
+                                                                       block (G, ...)}
+      tail    the layers after the last block                  tail (nt, ...)
+    `__call__(..., hook_ctx=ctx)` hands ctx (any pytree, broadcast to every group) to
+    `block.refine(h, ctx) -> h`; hook_ctx=None skips the blocks (single-token decode).
+    Compile time and program size then grow with the number of segments, not with depth.
 
 KV cache (generation): `init_cache(cfg, batch, max_len)` gives
   {'k', 'v': per layer (B, max_len, KV, hd) — a tuple of L arrays, or one (L, B, max_len, KV, hd)
@@ -46,6 +56,7 @@ re-prefill, as transformers does (see fusion_jax.models.rope.longrope_is_long).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -57,7 +68,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from fusion_jax.models import remat as remat_lib
-from fusion_jax.models.attention import causal_mask, dot_product_attention
+from fusion_jax.models import attention_kernels
+from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.layers import DenseGeneral
 # The config (and presets) live in llm_config.py; importable from here as well.
 from fusion_jax.models.llm_config import LLAMA_3_1_8B, PHI_3_5_MINI, LLMConfig  # noqa: F401
@@ -109,7 +121,12 @@ def _write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
 
 
 class SelfAttention(nn.Module):
-  """Rotary grouped-query self-attention with an optional per-layer KV cache."""
+  """Rotary grouped-query self-attention with an optional per-layer KV cache.
+
+  Without a cache, `mask` is (B, S) int32 segment ids (causal within a segment, 0 = padding)
+  and the kernel is cfg.attention_impl (fusion_jax.models.attention_kernels); with a cache it
+  is the dense (B, 1, S, M) bool mask of `_cache_mask` and the XLA path runs.
+  """
   cfg: LLMConfig
 
   @nn.compact
@@ -136,7 +153,9 @@ class SelfAttention(nn.Module):
       v = constrain(_write_slots(kv["v"], v, write_index), ("batch", "length", "kv_heads", "head_dim"))
       new_kv = {"k": k, "v": v}
       k, v = k.astype(dt), v.astype(dt)
-    out = dot_product_attention(q, k, v, mask)
+      out = dot_product_attention(q, k, v, mask)
+    else:
+      out = attention_kernels.causal_attention(q, k, v, mask, impl=cfg.attention_impl)
     out = checkpoint_name(out, remat_lib.ATTN_OUT)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     y = DenseGeneral(cfg.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False,
@@ -181,22 +200,96 @@ class DecoderLayer(nn.Module):
     return constrain(h, ("batch", "length", "embed")), new_kv
 
 
-class Decoder(nn.Module):
-  """Token embedding, L decoder layers, final RMSNorm and LM head (see module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """Segments of a scanned stack with blocks after `hook_layers` (see the module docstring)."""
+  head: int     # layers before and including hook_layers[0] (0 = no blocks at all)
+  stride: int   # layers per group
+  groups: int   # groups after the head, each ending with a block
+  tail: int     # layers after the last block
+
+  @property
+  def segments(self) -> tuple[tuple[str, int], ...]:
+    """(name, layer count) in order, empty segments left out."""
+    segs = (("head", self.head), ("groups", self.groups * self.stride), ("tail", self.tail))
+    return tuple((n, c) for n, c in segs if c)
+
+
+def layer_plan(num_layers: int, hook_layers: tuple[int, ...]) -> LayerPlan:
+  """Cuts L layers into head / groups / tail around evenly spaced hook layers."""
+  hooks = tuple(hook_layers)
+  if not hooks:
+    return LayerPlan(0, 1, 0, num_layers)
+  stride = hooks[1] - hooks[0] if len(hooks) > 1 else 1
+  expected = tuple(hooks[0] + j * stride for j in range(len(hooks)))
+  if hooks != expected or stride < 1 or hooks[0] < 0 or hooks[-1] >= num_layers:
+    raise ValueError(f"layer_plan: scanned blocks need evenly spaced layers in [0, {num_layers}), "
+                     f"got {hooks}; set scan_layers=False for irregular schedules")
+  return LayerPlan(hooks[0] + 1, stride, len(hooks) - 1, num_layers - 1 - hooks[-1])
+
+
+def _layer_scan(block: type[nn.Module], cfg: LLMConfig, length: int, name: str | None = None,
+                axis_name: str = "layers") -> nn.Module:
+  """`length` decoder layers as one nn.scan over stacked params (carry h, scanned kv)."""
+  return nn.scan(
+      block, variable_axes={"params": 0}, split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+      length=length, metadata_params={nn.PARTITION_NAME: axis_name})(cfg, name=name)
+
+
+class _HookedGroup(nn.Module):
+  """`n` scanned decoder layers, then one block (`block.refine(h, ctx)`) unless ctx is None."""
   cfg: LLMConfig
+  n: int
+  hook_block: Any
+
+  @nn.compact
+  def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               write_index: jax.Array | None, ctx: Any, kv: dict[str, jax.Array] | None):
+    block = remat_lib.remat(DecoderLayer, self.cfg.remat_policy, prevent_cse=False)
+    h, new_kv = _layer_scan(block, self.cfg, self.n, name="layers")(h, cos, sin, mask,
+                                                                    write_index, kv)
+    if ctx is not None:
+      h = constrain(self.hook_block(name="block").refine(h, ctx), ("batch", "length", "embed"))
+    return h, new_kv
+
+
+class Decoder(nn.Module):
+  """Token embedding, L decoder layers, final RMSNorm and LM head (see module docstring).
+
+  hook_layers / hook_block: scanned stacks only; blocks after those layers (FUSION's
+  interaction layers). hook_block() builds the block module (it must have `refine(h, ctx)`).
+  """
+  cfg: LLMConfig
+  hook_layers: tuple[int, ...] = ()
+  hook_block: Any = None
+
+  @property
+  def plan(self) -> LayerPlan:
+    return layer_plan(self.cfg.num_layers, self.hook_layers)
 
   def setup(self):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
                                  embedding_init=_init(cfg, ("vocab", "embed")))
+    if self.hook_layers and not cfg.scan_layers:
+      raise ValueError("Decoder: hook_layers/hook_block are for scanned stacks; pass `hook` to "
+                       "__call__ for the unrolled loop")
     # inside nn.scan the scan itself stops CSE across the remat boundary.
     block = remat_lib.remat(DecoderLayer, cfg.remat_policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      self.layers = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    if cfg.scan_layers and self.hook_layers:
+      plan = self.plan
+      self.head = _HookedGroup(cfg, plan.head, self.hook_block)
+      if plan.groups:
+        self.groups = nn.scan(
+            _HookedGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 5 + (0,), length=plan.groups,
+            metadata_params={nn.PARTITION_NAME: "layer_groups"})(cfg, plan.stride, self.hook_block)
+      if plan.tail:
+        self.tail = _layer_scan(block, cfg, plan.tail)
+    elif cfg.scan_layers:
+      self.layers = _layer_scan(block, cfg, cfg.num_layers)
     else:
       # A list attribute names its modules layers_0 .. layers_{L-1}.
       self.layers = [block(cfg) for _ in range(cfg.num_layers)]
@@ -222,13 +315,20 @@ class Decoder(nn.Module):
     return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, token_mask: jax.Array, *,
-               cache: dict[str, Any] | None = None, hook: Hook | None = None):
-    """(B, S, D) embeddings -> (hidden (B, S, D) after the final norm, new cache or None)."""
+               cache: dict[str, Any] | None = None, hook: Hook | None = None,
+               hook_ctx: Any = None, segment_ids: jax.Array | None = None):
+    """(B, S, D) embeddings -> (hidden (B, S, D) after the final norm, new cache or None).
+
+    segment_ids: (B, S) int32 for packed rows (causal attention within a segment, 0 =
+    padding); None = one segment per row. Ignored with a cache.
+
+    hook: unrolled stacks; hook_ctx: scanned stacks built with hook_layers (module docstring).
+    """
     cfg = self.cfg
     if hook is not None and cfg.scan_layers:
-      raise ValueError("Decoder: a per-layer hook needs scan_layers=False (a scanned layer stack "
-                       "cannot run other modules between its iterations); set "
-                       "LLMConfig.scan_layers=False for models with interaction layers")
+      raise ValueError("Decoder: a per-layer hook callable needs scan_layers=False; scanned "
+                       "stacks take blocks as Decoder(hook_layers=..., hook_block=...) and "
+                       "__call__(hook_ctx=...)")
     if self.is_initializing():
       # Create every parameter whatever entry point init uses.
       self.logits(self.embed(jnp.zeros((1, 1), jnp.int32)))
@@ -236,11 +336,14 @@ class Decoder(nn.Module):
     h = constrain(inputs_embeds.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
     cos, sin = rope_cos_sin(rope_tables(cfg), positions)
     if cache is None:
-      mask, write_index, new_meta = causal_mask(token_mask), None, None
+      mask = attention_kernels.segment_ids_from(token_mask, segment_ids)
+      write_index, new_meta = None, None
     else:
       mask, write_index, new_meta = _cache_mask(cache, token_mask)
 
-    if cfg.scan_layers:
+    if cfg.scan_layers and self.hook_layers:
+      h, new_kv = self._segments(h, cos, sin, mask, write_index, hook_ctx, cache)
+    elif cfg.scan_layers:
       kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
       h, new_kv = self.layers(h, cos, sin, mask, write_index, kv)
     else:
@@ -257,6 +360,30 @@ class Decoder(nn.Module):
     h = self.norm(h)
     new_cache = None if cache is None else {**new_kv, **new_meta}
     return constrain(h, ("batch", "length", "embed")), new_cache
+
+  def _segments(self, h, cos, sin, mask, write_index, ctx, cache):
+    """Runs head / groups / tail; the stacked (L, ...) cache is cut to match and rejoined."""
+    plan = self.plan
+    kvs: dict[str, Any] = {}
+    if cache is not None:
+      start = 0
+      for name, count in plan.segments:
+        part = {k: cache[k][start:start + count] for k in ("k", "v")}
+        if name == "groups":
+          part = jax.tree.map(lambda x: x.reshape(plan.groups, plan.stride, *x.shape[1:]), part)
+        kvs[name] = part
+        start += count
+    new: dict[str, Any] = {}
+    h, new["head"] = self.head(h, cos, sin, mask, write_index, ctx, kvs.get("head"))
+    if plan.groups:
+      h, new["groups"] = self.groups(h, cos, sin, mask, write_index, ctx, kvs.get("groups"))
+    if plan.tail:
+      h, new["tail"] = self.tail(h, cos, sin, mask, write_index, kvs.get("tail"))
+    if cache is None:
+      return h, None
+    parts = [jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), new[n]) if n == "groups"
+             else new[n] for n, _ in plan.segments]
+    return h, {k: jnp.concatenate([p[k] for p in parts], axis=0) for k in ("k", "v")}
 
   def forward(self, input_ids: jax.Array, positions: jax.Array, token_mask: jax.Array, *,
               cache: dict[str, Any] | None = None, hook: Hook | None = None):

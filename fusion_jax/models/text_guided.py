@@ -60,10 +60,7 @@ def text_guided_layer_masks(num_patches: int, text_mask: jax.Array, num_layers: 
     vision_sees_text = ~is_text[:, None] & is_text[None, :]  # (M query, M key)
     early = (late_mask & ~vision_sees_text[None, None], None)
 
-  def layer_masks(i: int) -> LayerMask:
-    return early if i < k else late
-
-  return layer_masks
+  return LayerMasks(early, late, k)
 
 
 def text_guided_encode(tower: VisionTower, patch_embeds: jax.Array, text_states: jax.Array | None,
@@ -85,6 +82,21 @@ def text_guided_encode(tower: VisionTower, patch_embeds: jax.Array, text_states:
   """
   if text_states is None:
     return tower.encode(patch_embeds)
+  x, masks = _guided_inputs(tower, patch_embeds, text_states, text_mask, mode)
+  return tower.encode(x, masks)
+
+
+def text_guided_features(tower: VisionTower, patch_embeds: jax.Array, text_states: jax.Array,
+                         text_mask: jax.Array | None = None, mode: str = "faithful") -> jax.Array:
+  """feature_connector(text_guided_encode(...)) without keeping every hidden state when the
+  tower is scanned: (B, N + T, 3Dv)."""
+  x, masks = _guided_inputs(tower, patch_embeds, text_states, text_mask, mode)
+  return tower.features(x, masks)
+
+
+def _guided_inputs(tower: VisionTower, patch_embeds: jax.Array, text_states: jax.Array,
+                   text_mask: jax.Array | None, mode: str) -> tuple[jax.Array, LayerMasks]:
+  """(B, N + T, Dv) tower input and the per-layer rules; checks shapes."""
   b, n, dv = patch_embeds.shape
   if text_states.shape[0] != b or text_states.shape[2] != dv:
     raise ValueError(f"text_guided: text_states {text_states.shape} do not match patch_embeds "
@@ -96,5 +108,4 @@ def text_guided_encode(tower: VisionTower, patch_embeds: jax.Array, text_states:
     raise ValueError(f"text_guided: text_mask {text_mask.shape} != text_states (B, T) "
                      f"{text_states.shape[:2]}")
   x = jnp.concatenate([patch_embeds, text_states.astype(patch_embeds.dtype)], axis=1)
-  masks = text_guided_layer_masks(n, text_mask, tower.config.num_layers, mode)
-  return tower.encode(x, masks)
+  return x, text_guided_layer_masks(n, text_mask, tower.config.num_layers, mode)

@@ -18,15 +18,17 @@ Parameter tree (mirrors transformers' SiglipVisionModel; see fusion_jax/convert/
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from fusion_jax.models import remat as remat_lib
 from fusion_jax.models.attention import dot_product_attention
+from fusion_jax.models.connector import connector_k, feature_connector
 from fusion_jax.models.layers import DenseGeneral
 from fusion_jax.models.remat import policy_from_name, remat
 from fusion_jax.parallel.sharding import constrain
@@ -45,6 +47,7 @@ class VisionConfig:
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  scan_layers: bool = False        # one nn.scan over the layers (stacked `layers` params)
 
   def __post_init__(self):
     # image_size need not be a multiple of patch_size: the VALID conv drops the remainder
@@ -102,7 +105,40 @@ def fusion_tower(cfg: VisionConfig) -> VisionConfig:
 # Attention rule of one layer: (mask broadcastable to (B, 1, M, M) bool | None,
 # uniform_rows (B, M) bool | None); True in mask = may attend.
 LayerMask = tuple[jax.Array | None, jax.Array | None]
-LayerMasks = Callable[[int], LayerMask]
+
+
+class LayerMasks(NamedTuple):
+  """Per-layer attention rules: `early` for layers i < k, `late` for the rest.
+
+  Callable with a Python layer index (the unrolled loop); `select(i)` takes a traced index
+  (the scanned loop).
+  """
+  early: LayerMask
+  late: LayerMask
+  k: int
+
+  def __call__(self, i: int) -> LayerMask:
+    return self.early if i < self.k else self.late
+
+  def select(self, i: jax.Array) -> LayerMask:
+    is_early = i < self.k
+    (em, eu), (lm, lu) = self.early, self.late
+    if em is None and lm is None:
+      mask = None
+    else:
+      em = jnp.bool_(True) if em is None else em
+      lm = jnp.bool_(True) if lm is None else lm
+      mask = jnp.where(is_early, em, lm)
+    if eu is None and lu is None:
+      uniform = None
+    else:
+      eu = jnp.bool_(False) if eu is None else eu
+      lu = jnp.bool_(False) if lu is None else lu
+      uniform = jnp.where(is_early, eu, lu)
+    return mask, uniform
+
+
+PLAIN = LayerMasks((None, None), (None, None), 0)  # full bidirectional attention everywhere
 
 
 def _partitioned(init, names: tuple[str | None, ...]):
@@ -208,6 +244,10 @@ class VisionEncoderLayer(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                uniform_rows: jax.Array | None = None) -> jax.Array:
     """x: (B, M, Dv); mask broadcastable to (B, 1, M, M); uniform_rows (B, M). -> (B, M, Dv)."""
+    return self._block(x, mask, uniform_rows)
+
+  def _block(self, x: jax.Array, mask: jax.Array | None,
+             uniform_rows: jax.Array | None) -> jax.Array:
     cfg = self.config
     y = _layer_norm(cfg, "layer_norm1")(x)
     x = x + VisionAttention(cfg, name="self_attn")(y, mask, uniform_rows)
@@ -216,16 +256,44 @@ class VisionEncoderLayer(nn.Module):
     return constrain(x, ("batch", "length", "embed"))
 
 
+class VisionScanLayer(VisionEncoderLayer):
+  """The encoder layer as an nn.scan body that keeps only what the feature connector reads.
+
+  Carry (x, sum_a, sum_b, i): the current state hs[i], float32 running sums of hs[0..k-1] and
+  hs[k..2k-1] (k = floor(L'/2), spec 2), and the layer index. The sums add the states in the
+  order the unrolled connector does, so the features are bitwise the same.
+  """
+
+  @nn.compact
+  def __call__(self, carry: tuple[jax.Array, ...], masks: LayerMasks, _: None = None):
+    x, sum_a, sum_b, i = carry
+    mask, uniform_rows = masks.select(i)
+    x = self._block(x, mask, uniform_rows)
+    k = self.config.num_layers // 2
+    j = i + 1  # x is hs[j]
+    xf = x.astype(jnp.float32)
+    sum_a = jnp.where(j < k, sum_a + xf, sum_a)
+    sum_b = jnp.where((j >= k) & (j < 2 * k), sum_b + xf, sum_b)
+    return (x, sum_a, sum_b, j), None
+
+
 class VisionTower(nn.Module):
   """SigLIP ViT returning every hidden state. Methods: embed, encode, post_norm, __call__."""
   config: VisionConfig
 
   def setup(self):
     cfg = self.config
-    layer_cls = remat(VisionEncoderLayer, cfg.remat_policy)  # names: fusion_jax.models.remat
     self.embeddings = VisionEmbeddings(cfg)
-    # A list attribute names its modules layers_0 .. layers_{L-1}, like HF's encoder.layers.{i}.
-    self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      body = remat(VisionScanLayer, cfg.remat_policy, prevent_cse=False)
+      self.layers = nn.scan(
+          body, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast,), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    else:
+      layer_cls = remat(VisionEncoderLayer, cfg.remat_policy)  # names: fusion_jax.models.remat
+      # A list attribute names its modules layers_0 .. layers_{L-1}, like HF's encoder.layers.{i}.
+      self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
     self.post_layernorm = _layer_norm(cfg, "post_layernorm")
 
   def embed(self, pixels: jax.Array) -> jax.Array:
@@ -243,6 +311,9 @@ class VisionTower(nn.Module):
     Returns:
       [hs0 = x, hs1, ..., hsL], each (B, M, Dv).
     """
+    if self.config.scan_layers:
+      raise ValueError("VisionTower.encode returns every hidden state, which a scanned tower "
+                       "does not keep; use VisionTower.features (or scan_layers=False)")
     x = constrain(x.astype(self.config.dtype), ("batch", "length", "embed"))
     hidden_states = [x]
     for i, layer in enumerate(self.layers):
@@ -254,6 +325,27 @@ class VisionTower(nn.Module):
       # initialises through, without using them.
       self.post_norm(x)
     return hidden_states
+
+  def features(self, x: jax.Array, layer_masks: LayerMasks | None = None) -> jax.Array:
+    """The feature connector's input, computed without keeping every hidden state when scanned.
+
+    x: (B, M, Dv) hs[0] -> (B, M, 3Dv) = concat[hs[L'], mean(hs[0..k-1]), mean(hs[k..2k-1])]
+    (fusion_jax.models.connector.feature_connector of `encode`, bitwise).
+    """
+    cfg = self.config
+    if not cfg.scan_layers:
+      return feature_connector(self.encode(x, layer_masks))
+    k = connector_k(cfg.num_layers)
+    if k < 1:
+      raise ValueError(f"VisionTower.features: the connector needs >= 2 layers, got {cfg.num_layers}")
+    x = constrain(x.astype(cfg.dtype), ("batch", "length", "embed"))
+    xf = x.astype(jnp.float32)
+    carry = (x, xf, jnp.zeros_like(xf), jnp.int32(0))  # hs[0] opens the first group
+    (x, sum_a, sum_b, _), _ = self.layers(carry, PLAIN if layer_masks is None else layer_masks)
+    if self.is_initializing():
+      self.post_norm(x)
+    out = jnp.concatenate([x, (sum_a / k).astype(x.dtype), (sum_b / k).astype(x.dtype)], axis=-1)
+    return constrain(out, ("batch", "length", "embed"))
 
   def post_norm(self, x: jax.Array) -> jax.Array:
     """post_layernorm (HF's last_hidden_state); FUSION never applies it."""
