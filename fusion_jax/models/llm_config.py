@@ -13,6 +13,7 @@ from fusion_jax.models.rope import (Llama3Scaling, LongRopeScaling, RopeScaling,
                                     scaling_to_dict)
 
 ARCHS = ("llama", "phi3")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # fusion_jax.models.attention_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,9 @@ class LLMConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"       # see fusion_jax.models.remat.POLICY_NAMES
   scan_layers: bool = False
+  # Decoder self attention without a KV cache: auto | xla | splash | cudnn
+  # (fusion_jax.models.attention_kernels; cached decode always runs the XLA path).
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.arch not in ARCHS:
@@ -47,6 +51,9 @@ class LLMConfig:
     if self.head_dim % 2:
       raise ValueError(f"LLMConfig: head_dim {self.head_dim} must be even for RoPE")
     remat_lib.policy_from_name(self.remat_policy)  # clear error on a bad name
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"LLMConfig.attention_impl={self.attention_impl!r}; choose one of "
+                       f"{ATTENTION_IMPLS}")
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", scaling_from_dict(dict(self.rope_scaling)))
     for name in ("dtype", "param_dtype"):

@@ -1,0 +1,200 @@
+"""Causal self-attention of the LLM decoder (training, cache-less forward) by kernel, chosen by
+`LLMConfig.attention_impl`:
+
+  xla     fusion_jax.models.attention.dot_product_attention with a (B, 1, S, S) segment mask:
+          float32 scores (B, H, S, S) are materialised (2 GiB per 4k row per layer at 32 heads).
+  splash  TPU Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention):
+          causal mask + segment ids, block-sparse (fully masked blocks are skipped), grouped
+          kv heads handled by the kernel; vmapped over the batch. Off TPU it runs in Pallas
+          interpret mode (slow: numerics tests only).
+  cudnn   GPU cuDNN flash attention through jax.nn.dot_product_attention(implementation=
+          'cudnn', is_causal=True) with the segment mask as its (B, 1, S, S) mask (cuDNN
+          takes it as a bias shared by all heads: 2 bytes x S^2 per row, 32 MiB at 4k, not the
+          2 GiB of scores). cuDNN runs bf16/fp16 only: other dtypes are cast to bfloat16 and
+          the output cast back. (jax 0.10 exposes cuDNN's packed-segment layout only through
+          a private module; the mask route is public API.)
+  auto    splash on TPU, cudnn on GPU when the compute dtype is bf16/fp16, else xla.
+
+Segment ids (B, S) int32: tokens attend causally to earlier tokens of the same segment; 0 marks
+padding (padding tokens attend among themselves, and no real token sees them). One unpacked
+sample per row is `token_mask.astype(int32)`. Every implementation gives the same output at
+every row, padding rows included (tests/test_attention_kernels.py).
+
+Under a mesh (jax.set_mesh + flax logical axis rules) the kernels run in a shard_map over the
+'batch' and 'heads' mesh axes of the rules; the sequence is gathered (kernels need whole rows).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from fusion_jax.models.attention import dot_product_attention
+from fusion_jax.models.llm_config import ATTENTION_IMPLS as IMPLS
+from fusion_jax.parallel.sharding import DEFAULT_RULES
+
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_LANES = 128  # splash needs sequence blocks that are multiples of the TPU lane width
+
+
+def resolve_impl(impl: str, dtype, backend: str | None = None) -> str:
+  """The implementation `impl` runs as on `backend` (default: jax's) for compute `dtype`."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r}; choose one of {IMPLS}")
+  backend = backend or jax.default_backend()
+  if impl == "auto":
+    if backend == "tpu":
+      return "splash"
+    if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in _HALF:
+      return "cudnn"
+    return "xla"
+  return impl
+
+
+def segment_ids_from(token_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """(B, S) int32 segment ids; 0 wherever token_mask is False. One segment per row when
+  `segment_ids` is None."""
+  token_mask = token_mask.astype(jnp.bool_)
+  if segment_ids is None:
+    return token_mask.astype(jnp.int32)
+  if segment_ids.shape != token_mask.shape:
+    raise ValueError(f"attention: segment_ids {segment_ids.shape} != token_mask "
+                     f"{token_mask.shape}; give one id per token (0 = padding)")
+  return jnp.where(token_mask, segment_ids.astype(jnp.int32), 0)
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """(B, S) segment ids -> (B, 1, S, S) bool: causal and same segment (True = may attend)."""
+  s = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((s, s), jnp.bool_))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return causal[None, None] & same[:, None]
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+def _splash_blocks(s: int):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  # 512 is MaxText's default for long sequences; smaller rows take the largest divisor.
+  b = next(x for x in (512, 256, 128) if s % x == 0)
+  return sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                       block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(heads: int, seq: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.MultiHeadMask([sm.CausalMask((seq, seq)) for _ in range(heads)])
+  # Concrete block tables even when first built inside a trace (they are cached across traces).
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(mask, block_sizes=_splash_blocks(seq), head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                     interpret: bool = False) -> jax.Array:
+  """Splash attention, causal within segments. q (B, S, H, hd), k/v (B, S, KV, hd) -> (B, S, H, hd).
+
+  Rows are padded to a multiple of 128 with segment 0 (only padding attends to it).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  b, s, h, hd = q.shape
+  pad = -s % _LANES
+  if pad:
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+  kernel = _splash_kernel(h, s + pad, interpret)
+  # The kernel applies no softmax scale; (H, S, hd) per example.
+  qh = (q * jnp.asarray(hd**-0.5, q.dtype)).transpose(0, 2, 1, 3)
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+  def one(q1, k1, v1, seg):
+    return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+
+  out = jax.vmap(one)(qh, kh, vh, segment_ids.astype(jnp.int32))
+  return out.transpose(0, 2, 1, 3)[:, :s].astype(q.dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                    implementation: str = "cudnn") -> jax.Array:
+  """jax.nn.dot_product_attention, causal + segment mask. Shapes as `splash_attention`.
+
+  implementation='xla' runs the same wrapper through jax's XLA path (CPU tests).
+  """
+  dt = q.dtype
+  if implementation == "cudnn" and jnp.dtype(dt) not in _HALF:
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))  # cuDNN: bf16/fp16 only
+  same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, S, S)
+  out = jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
+                                     implementation=implementation)
+  return out.astype(dt)
+
+
+def _mesh_axes(names: tuple[str, ...]) -> tuple:
+  rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+  return tuple(nn.logical_to_mesh_axes(names, list(rules)))
+
+
+def _axis_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  n = 1
+  for a in (axes,) if isinstance(axes, str) else axes:
+    n *= mesh.shape[a]
+  return n
+
+
+def _sharded(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
+             segment_ids: jax.Array) -> jax.Array:
+  """fn per shard of a shard_map over the batch and heads mesh axes (no mesh: fn directly)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(q, k, v, segment_ids)
+  batch_ax, _, heads_ax, _ = _mesh_axes(("batch", "length", "heads", "head_dim"))
+  h, kv = q.shape[2], k.shape[2]
+  if q.shape[0] % _axis_size(mesh, batch_ax):
+    batch_ax = None
+  shards = _axis_size(mesh, heads_ax)
+  if h % shards:
+    heads_ax = None
+  elif kv % shards:
+    # Whole kv groups per shard need KV divisible too; else give every q head its own kv head.
+    k, v = (jnp.repeat(x, h // kv, axis=2) for x in (k, v))
+  qs = P(batch_ax, None, heads_ax, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, qs, qs, P(batch_ax, None)), out_specs=qs,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                     impl: str = "auto", cudnn_implementation: str = "cudnn") -> jax.Array:
+  """Causal self attention within segments (module docstring).
+
+  Args:
+    q: (B, S, H, hd) queries (rotary applied).
+    k: (B, S, KV, hd) keys; H a multiple of KV.
+    v: (B, S, KV, hd) values.
+    segment_ids: (B, S) int32, 0 = padding.
+    impl: one of IMPLS.
+    cudnn_implementation: 'xla' runs the cudnn wrapper on jax's XLA path (CPU tests).
+
+  Returns:
+    (B, S, H, hd) in q's dtype.
+  """
+  impl = resolve_impl(impl, q.dtype)
+  if impl == "xla":
+    return dot_product_attention(q, k, v, segment_mask(segment_ids))
+  if impl == "splash":
+    fn = functools.partial(splash_attention, interpret=jax.default_backend() != "tpu")
+  else:
+    if cudnn_implementation == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
+      raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
+                       f"{jax.default_backend()!r}); use 'auto' or 'xla'")
+    fn = functools.partial(cudnn_attention, implementation=cudnn_implementation)
+  return _sharded(fn, q, k, v, segment_ids)
