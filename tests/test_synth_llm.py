@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import time
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 from fusion_jax.synth import __main__ as cli
 from fusion_jax.synth import scene as S
+from fusion_jax.synth.backends import BackendConfig
 from fusion_jax.synth.categories import CATEGORIES
 from fusion_jax.synth.llm_backend import (PROMPT_DIR, LLMBackend, Malformed, Prompts, parse_qa,
                                           slug)
@@ -234,3 +237,17 @@ def test_cli_end_to_end_llm_and_vlm_filter(server, tmp_path, capsys):
   assert "items/s" in err and "rejected" in err and "vlm_disagree" in err
   with pytest.raises(ValueError, match="--llm-model"):
     cli.main(["--out", out, "--num", "8", "--llm-url", server.url])
+
+
+def test_documented_vllm_flux_command_parses():
+  doc = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                          "synth.md")).read()
+  block = re.search(r"### End to end: vLLM \+ FLUX.1-dev\n\n```bash\n(.*?)```", doc, re.S)
+  command = block.group(1).split("python -m fusion_jax.synth", 1)[1].replace("\\\n", " ")
+  args = cli.parse_args(shlex.split(command))
+  assert cli.use_sharded(args) and args.t2i_pipeline == "/models/FLUX.1-dev"
+  stages = cli.model_backends(args, BackendConfig()).to_dict()
+  assert stages["describer"] == stages["asker"]
+  assert stages["asker"]["kwargs"]["model"] == "Qwen/Qwen2.5-72B-Instruct"
+  assert stages["renderer"]["kwargs"]["batch_size"] == 4
+  assert stages["filter"]["kwargs"]["base_filter"]["path"].endswith("ProceduralFilter")

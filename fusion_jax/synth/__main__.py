@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   cfg = config_from_args(args)
   if use_sharded(args):
+    if args.workers > 1:
+      raise ValueError("--workers applies to the procedural pipeline; the resumable engine "
+                       "runs items in threads: use --concurrency")
     limits = RunLimits(concurrency=args.concurrency, max_items=args.max_items,
                        budget_requests=args.budget_requests, shard_size=args.shard_size,
                        max_errors=args.max_failures, progress_every_s=args.progress_every)
