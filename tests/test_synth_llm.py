@@ -134,8 +134,9 @@ def test_prompts_cover_every_category_and_can_be_overridden(tmp_path):
       "Colour question. F\nDescription: D"
   assert user.path("describe.md") == os.path.join(PROMPT_DIR, "describe.md")
   (tmp_path / "describe.md").write_text("Expand $caption with $focuss")
+  assert user.fingerprint() != Prompts(str(tmp_path)).fingerprint() != p.fingerprint()
   with pytest.raises(ValueError, match="describe.md: bad placeholder"):
-    user.render("describe.md", caption="c", focus="f")
+    Prompts(str(tmp_path)).render("describe.md", caption="c", focus="f")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     Prompts(str(tmp_path / "missing"))
 

@@ -109,6 +109,12 @@ def test_torn_shard_line_and_changed_config(server, tmp_path, backends_file):
   assert all(json.loads(l) for l in open(shard).read().splitlines()[:3])
   with pytest.raises(ValueError, match="differs in: seed"):
     _run(server, out, backends_file, "--seed", "1")
+  # Edited prompts make different items: refused too (the run keeps one prompt version).
+  prompts = tmp_path / "prompts"
+  prompts.mkdir()
+  (prompts / "ask_count.md").write_text("$format\nDescription: $description")
+  with pytest.raises(ValueError, match="fingerprints"):
+    _run(server, out, backends_file, "--prompts", str(prompts))
   assert _run(server, out, backends_file, "--seed", "1", "--overwrite")["complete"]
 
 

@@ -23,6 +23,7 @@ counted per reason in stats.json and never written.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -76,13 +77,21 @@ def slug(category: str) -> str:
 
 
 class Prompts:
-  """The prompt templates: packaged files, each replaceable by a same-named file in `user_dir`."""
+  """The prompt templates: packaged files, each replaceable by a same-named file in `user_dir`.
+
+  All files are read once, here, so a run uses one version of them (edits take effect on the
+  next run, which the resumable engine refuses to mix with the old version's items).
+  """
 
   def __init__(self, user_dir: str | None = None):
     if user_dir is not None and not os.path.isdir(user_dir):
       raise FileNotFoundError(f"prompt directory {user_dir!r} does not exist (it should hold "
                               f"files named like those in {PROMPT_DIR})")
     self.user_dir = user_dir
+    self.texts: dict[str, str] = {}
+    for name in sorted(os.listdir(PROMPT_DIR)):
+      with open(self.path(name), encoding="utf-8") as f:
+        self.texts[name] = f.read().strip()
 
   def path(self, name: str) -> str:
     if self.user_dir and os.path.exists(os.path.join(self.user_dir, name)):
@@ -90,8 +99,13 @@ class Prompts:
     return os.path.join(PROMPT_DIR, name)
 
   def text(self, name: str) -> str:
-    with open(self.path(name), encoding="utf-8") as f:
-      return f.read().strip()
+    if name not in self.texts:
+      raise FileNotFoundError(f"no prompt {name!r} in {PROMPT_DIR}")
+    return self.texts[name]
+
+  def fingerprint(self) -> str:
+    """sha1 of every prompt text in use."""
+    return hashlib.sha1(json.dumps(self.texts, sort_keys=True).encode("utf-8")).hexdigest()
 
   def render(self, name: str, **values: str) -> str:
     try:
@@ -101,8 +115,10 @@ class Prompts:
                        f"{', '.join('$' + k for k in values)} (write $$ for a literal $)") from e
 
   def focus(self, category: str) -> str:
-    with open(self.path("focus.json"), encoding="utf-8") as f:
-      table = json.load(f)
+    try:
+      table = json.loads(self.text("focus.json"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{self.path('focus.json')}: not valid JSON ({e})") from None
     if category not in table:
       raise ValueError(f"{self.path('focus.json')}: no entry for {category}")
     return table[category]
@@ -277,6 +293,11 @@ class LLMBackend:
     self.captions = read_captions(seed_captions) if seed_captions else None
     self.seed_describer = (None if self.captions else BackendSpec.parse(
         seed_describer or DEFAULTS["describer"]).build("describer"))
+
+  def fingerprint(self) -> str:
+    """What decides this backend's items beyond its kwargs: prompt texts, caption pool."""
+    extra = json.dumps([self.prompts.fingerprint(), self.captions, self.system])
+    return hashlib.sha1(extra.encode("utf-8")).hexdigest()
 
   def _ask_llm(self, prompt: str, rng: np.random.Generator, parse: Callable[[str], Any],
                reason: str) -> Any:

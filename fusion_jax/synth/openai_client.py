@@ -17,6 +17,7 @@ also enforces the run's request budget (`--budget-requests`): once spent, `chat`
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import os
 import random
@@ -158,7 +159,7 @@ class ChatClient:
         last = "http_429" if e.code == 429 else "http_5xx"
         ra = e.headers.get("Retry-After") if e.headers else None
         retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
-      except (urllib.error.URLError, OSError, ValueError) as e:
+      except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError):
           raise
         reason = getattr(e, "reason", e)

@@ -83,19 +83,25 @@ OPERATIONAL_KWARGS = frozenset({
     "api_key_env", "device", "cpu_offload", "batch_size", "max_wait_s"})
 
 
-def manifest(cfg: SynthConfig) -> dict[str, Any]:
-  """What determines each item: a rerun must match it to continue (num may grow)."""
-  backends = cfg.backends.to_dict()
-  for spec in backends.values():
+def manifest(cfg: SynthConfig, backends: Mapping[str, Any]) -> dict[str, Any]:
+  """What determines each item: a rerun must match it to continue (num may grow).
+
+  Besides the configuration, a built backend may report a `fingerprint()` of what else decides
+  its output (the LLM backend: its prompt texts and caption pool).
+  """
+  specs = cfg.backends.to_dict()
+  for spec in specs.values():
     spec["kwargs"] = {k: v for k, v in spec["kwargs"].items() if k not in OPERATIONAL_KWARGS}
+  prints = {stage: b.fingerprint() for stage, b in sorted(backends.items())
+            if callable(getattr(b, "fingerprint", None))}
   return {"seed": cfg.seed, "categories": list(cfg.categories), "size": cfg.size,
           "image_format": cfg.image_format, "png_level": cfg.png_level,
-          "write_scenes": cfg.write_scenes, "backends": backends}
+          "write_scenes": cfg.write_scenes, "backends": specs, "fingerprints": prints}
 
 
-def _prepare(cfg: SynthConfig) -> None:
+def _prepare(cfg: SynthConfig, backends: Mapping[str, Any]) -> None:
   path = os.path.join(cfg.out, MANIFEST)
-  want = manifest(cfg)
+  want = manifest(cfg, backends)
   if cfg.overwrite:
     for n in OUTPUTS + (MANIFEST, RUN_LOG, SHARD_DIR, "images"):
       p = os.path.join(cfg.out, n)
@@ -160,7 +166,8 @@ def _run_item(index: int, cfg: SynthConfig, backends: Mapping[str, Any]) -> dict
 
 def synthesize_sharded(cfg: SynthConfig, limits: RunLimits = RunLimits()) -> dict[str, Any]:
   """Make (or continue) the dataset of cfg in cfg.out; returns the stats dict (also written)."""
-  _prepare(cfg)
+  backends = cfg.backends.build()
+  _prepare(cfg, backends)
   store = ShardStore(cfg.out, limits.shard_size)
   done = store.load()
   quotas = _quotas(cfg)
@@ -185,7 +192,6 @@ def synthesize_sharded(cfg: SynthConfig, limits: RunLimits = RunLimits()) -> dic
   stopped = None
   METER.reset(limits.budget_requests)
   progress = Progress(cfg.progress, limits.progress_every_s)
-  backends = cfg.backends.build()
   pool = cf.ThreadPoolExecutor(limits.concurrency, thread_name_prefix="synth")
 
   def next_index(c: str) -> int | None:

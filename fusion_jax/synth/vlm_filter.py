@@ -74,6 +74,10 @@ class VLMFilter:
     self.base = BackendSpec.parse(base_filter).build("filter") if base_filter else None
     self.prompts = Prompts(prompt_dir)
 
+  def fingerprint(self) -> str:
+    """What decides this filter's verdicts beyond its kwargs: the prompt texts."""
+    return self.prompts.fingerprint()
+
   def _vote(self, url: str, turn: Turn, seed: int) -> bool | None:
     """One vote: True / False, or None for a reply that breaks the format."""
     closed = self.mode == "answer" and turn.qa is not None
