@@ -29,6 +29,10 @@ would return pixels while we want the original file bytes for our own static_hd 
 
 Records that cannot be read while preparing (bad JSON line, missing image file) are skipped,
 counted and logged with their source; the counts are printed at the end of `prepare`.
+A file without records (e.g. the empty heldout.json of a small `--num`) is left out, and so is
+a split that gets no file (logged); a split whose every record is skipped, or a directory with
+no record at all, is a clear error. A failed `prepare` removes what it created under
+`data_dir` (no partial dataset directories).
 `fusion_jax.data.sources.TfdsSource` adapts the examples back to LLaVA records for the pipeline.
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ import argparse
 import collections
 import glob
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -124,11 +129,8 @@ class FusionSynth(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     synth_dir = os.fspath(dl_manager.manual_dir)
-    by_split: dict[str, list[str]] = collections.defaultdict(list)
-    for f in find_json_files(synth_dir):
-      by_split[_split_of(_stem(f))].append(f)
     return {split: self._generate_examples(files, synth_dir)
-            for split, files in sorted(by_split.items())}
+            for split, files in sorted(files_by_split(synth_dir).items())}
 
   def _generate_examples(self, files: Sequence[str], synth_dir: str):
     skipped: collections.Counter[str] = collections.Counter()
@@ -146,6 +148,29 @@ class FusionSynth(tfds.core.GeneratorBasedBuilder):
           logging.warning("fusion_synth: skipped %s: %s", e.source or raw.source, e)
     if skipped:
       logging.warning("fusion_synth: skipped while preparing: %s", dict(skipped))
+
+
+def files_by_split(synth_dir: str) -> dict[str, list[str]]:
+  """{split: data files holding at least one record}; empty files and splits are left out
+  (TFDS cannot write a split without examples)."""
+  by_split: dict[str, list[str]] = collections.defaultdict(list)
+  empty = []
+  for f in find_json_files(synth_dir):
+    src = mixture_lib.open_entry(mixture_lib.MixtureEntry(f, mixture_lib.json_kind(f)))
+    if len(src):
+      by_split[_split_of(_stem(f))].append(f)
+    else:
+      empty.append(f)
+  for f in empty:
+    split = _split_of(_stem(f))
+    logging.warning("fusion_synth: %s holds no records; %s", f,
+                    f"split {split!r} gets the other files only" if split in by_split else
+                    f"split {split!r} is left out")
+  if not by_split:
+    names = [os.path.basename(f) for f in empty]
+    raise ValueError(f"{synth_dir}: every LLaVA file is empty ({names}); synthesize some "
+                     "records first (python -m fusion_jax.synth --num N)")
+  return dict(by_split)
 
 
 def _example(rec: dict, source: str, category: str, roots: Sequence[str]) -> dict:
@@ -177,11 +202,44 @@ def _example(rec: dict, source: str, category: str, roots: Sequence[str]) -> dic
                             "value": [t["value"] for t in turns]}}
 
 
+def _tree(path: str, depth: int = 2) -> set[str]:
+  """Paths under `path` down to `depth` levels (what a failed prepare may have created)."""
+  out = set()
+  if os.path.isdir(path):
+    for entry in os.listdir(path):
+      p = os.path.join(path, entry)
+      out.add(p)
+      if depth > 1 and os.path.isdir(p):
+        out |= _tree(p, depth - 1)
+  return out
+
+
 def prepare(synth_dir: str, data_dir: str) -> FusionSynth:
-  """Builds (or reuses) the TFDS dataset of `synth_dir` under `data_dir`; returns the builder."""
-  builder = FusionSynth(data_dir=data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(synth_dir)))
+  """Builds (or reuses) the TFDS dataset of `synth_dir` under `data_dir`; returns the builder.
+
+  Raises ValueError (nothing left behind under `data_dir`) when `synth_dir` holds no record or
+  when every record of a split is skipped.
+  """
+  files_by_split(synth_dir)  # fails early, before anything is created
+  existed = os.path.isdir(data_dir)
+  before = _tree(data_dir, 3)
+  try:
+    builder = FusionSynth(data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(synth_dir)))
+  except BaseException as e:
+    # Longest paths first: children before their parents.
+    for p in sorted(_tree(data_dir, 3) - before, key=len, reverse=True):
+      if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+      elif os.path.lexists(p):
+        os.remove(p)
+    if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
+      os.rmdir(data_dir)
+    if isinstance(e, AssertionError) and "No examples were yielded" in str(e):
+      raise ValueError(f"{synth_dir}: {e}; every record of that split was skipped while "
+                       "preparing (see the warnings above: missing images, bad records)") from e
+    raise
   return builder
 
 
@@ -191,7 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--synth_dir", required=True, help="output directory of fusion_jax.synth")
   p.add_argument("--data_dir", required=True, help="TFDS data_dir to write into")
   args = p.parse_args(argv)
-  builder = prepare(args.synth_dir, args.data_dir)
+  try:
+    builder = prepare(args.synth_dir, args.data_dir)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f"fusion_synth {builder.version} prepared in {builder.data_dir}: {splits}")
   return 0

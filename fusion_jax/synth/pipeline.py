@@ -171,6 +171,14 @@ def split_heldout(records: Sequence[Mapping[str, Any]], fraction: float, seed: i
     held.update(r["id"] for r in ranked[:int(round(fraction * len(recs)))])
   train = [r for r in records if r["id"] not in held]
   heldout = [r for r in records if r["id"] in held]
+  if fraction > 0 and not heldout and records:
+    # Still written (an empty list) so the outputs keep their shape; synth_tfds leaves the
+    # empty split out. Say so now rather than when an evaluation finds nothing to score.
+    sizes = sorted(len(v) for v in by_cat.values())
+    need = math.floor(0.5 / fraction) + 1
+    print(f"warning: the held-out split is empty: {fraction} of {sizes[0]}-{sizes[-1]} records "
+          f"per category rounds to 0; to hold some out give >= {need} records per category "
+          f"(--num >= {need * len(by_cat)} for {len(by_cat)} categories)", file=sys.stderr)
   return train, heldout
 
 
