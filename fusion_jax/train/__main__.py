@@ -23,7 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 _MULTIHOST = flags.DEFINE_enum(
     "multihost", "auto", ["auto", "true", "false"],
     "Call jax.distributed.initialize(): auto = when the environment names a multi-process job "
-    "(JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, multi-host Cloud TPU).")
+    "(JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, multi-host Cloud TPU). Elsewhere set "
+    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +41,11 @@ def main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietOrbax())
   import jax
   if multihost_requested(_MULTIHOST.value):
-    jax.distributed.initialize()
+    from fusion_jax.parallel import distributed
+    try:
+      distributed.initialize()
+    except ValueError as e:  # a missing / malformed coordinator, process count or id
+      raise app.UsageError(f"--multihost: {e}") from None
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
   from fusion_jax.train.loop import train
   summary = train(_CONFIG.value, _WORKDIR.value)
