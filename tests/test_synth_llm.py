@@ -109,6 +109,12 @@ def test_parse_qa_accepts_and_normalises():
                       {"question": "Describe the picture.", "answer": "A red ball."}),
                   "SynthConvLong", rng)
   assert [t.qa is None for t in conv] == [False, False, True]
+  (t,) = parse_qa(_qa({"question": "How many?", "answer": 3, "candidates": [1, 2, 3],
+                       "answer_type": "count"}), "SynthCount", rng)
+  assert (t.answer, t.qa["candidates"]) == ("3", ["1", "2", "3"])
+  (t, u) = parse_qa(_qa(COLOUR_QA, {"question": "Why?", "answer": "Sun.", "candidates": None}),
+                    "SynthConvShort", rng)
+  assert u.qa is None
   with pytest.raises(Malformed, match="open question"):
     parse_qa(_qa(COLOUR_QA, dict(COLOUR_QA, question="B?"), dict(COLOUR_QA, question="C?")),
              "SynthConvLong", rng)

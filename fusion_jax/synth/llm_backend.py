@@ -146,8 +146,13 @@ def parse_json_object(reply: str) -> dict[str, Any]:
   return obj
 
 
+def _as_str(v: Any) -> Any:
+  """Integers become strings (a count answered as 3 instead of "3"); anything else is kept."""
+  return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 def _text(obj: Mapping[str, Any], key: str) -> str:
-  v = obj.get(key)
+  v = _as_str(obj.get(key))
   if not isinstance(v, str) or not v.strip():
     raise Malformed(f"{key!r} must be a non-empty string")
   return " ".join(v.split())
@@ -165,6 +170,7 @@ def parse_description(reply: str, contrast: bool) -> dict[str, str]:
 
 def _candidates(item: Mapping[str, Any], k: int) -> list[str]:
   cands = item.get("candidates")
+  cands = [_as_str(c) for c in cands] if isinstance(cands, list) else cands
   if not isinstance(cands, list) or not all(isinstance(c, str) and c.strip() for c in cands):
     raise Malformed(f"qa[{k}]: 'candidates' must be a list of non-empty strings")
   cands = [" ".join(c.split()) for c in cands]
@@ -218,7 +224,7 @@ def parse_qa(reply: str, category: str, rng: np.random.Generator) -> list[Turn]:
       turns.append(Turn(q, letter, closed(letter, "choice", LETTERS, "choice_llm",
                                           options=opts)))
       continue
-    if "candidates" in it:
+    if it.get("candidates") is not None:
       cands = _candidates(it, k)
       a = _match(a, cands, k)
       atype = it.get("answer_type", rule.answer_type)
