@@ -284,12 +284,12 @@ class LLMBackend:
                json_mode: bool = True, parse_retries: int = 2,
                seed_captions: str | None = None, seed_describer: str | Mapping | None = None,
                prompt_dir: str | None = None, system: str | None = None,
-               timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-               max_concurrency: int = 16, api_key_env: str = "OPENAI_API_KEY"):
+               timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 1.0,
+               max_backoff_s: float = 60.0, max_concurrency: int = 16,
+               api_key_env: str = "OPENAI_API_KEY"):
     self.client = ChatClient(url, model, api_key_env=api_key_env, timeout_s=timeout_s,
                              max_retries=max_retries, backoff_s=backoff_s,
-                             max_backoff_s=max_backoff_s,
-                             max_concurrency=max_concurrency)
+                             max_backoff_s=max_backoff_s, max_concurrency=max_concurrency)
     self.temperature = temperature
     self.max_tokens = max_tokens
     self.json_mode = json_mode

@@ -50,8 +50,12 @@ class VLMFilter:
   url / model: the VLM endpoint ("http://host:8000/v1") and model name.
   votes / min_yes: the agreement rule (min_yes of votes; votes 1, min_yes 1 = one judgement).
   mode: "verify" or "answer". temperature: sampling of the votes (> 0 so votes can differ;
-    each vote carries its own seed). base_filter: import path or spec of the filter run first
-    (None: none).
+    each vote carries its own seed; at temperature 0 the votes of a question all agree).
+  max_tokens / json_mode: per vote (json_mode off by default: not every server honours
+    response_format with images). base_filter: import path or spec of the filter run first
+    (None: none). prompt_dir: overrides of verify.md / answer.md (llm_backend.Prompts).
+  timeout_s, max_retries, backoff_s, max_backoff_s, max_concurrency, api_key_env: the
+    ChatClient's.
   """
 
   def __init__(self, url: str, model: str, votes: int = 3, min_yes: int = 2,
@@ -67,8 +71,7 @@ class VLMFilter:
       raise ValueError(f"VLMFilter: mode must be 'verify' or 'answer', got {mode!r}")
     self.client = ChatClient(url, model, api_key_env=api_key_env, timeout_s=timeout_s,
                              max_retries=max_retries, backoff_s=backoff_s,
-                             max_backoff_s=max_backoff_s,
-                             max_concurrency=max_concurrency)
+                             max_backoff_s=max_backoff_s, max_concurrency=max_concurrency)
     self.votes, self.min_yes, self.mode = votes, min_yes, mode
     self.temperature, self.max_tokens, self.json_mode = temperature, max_tokens, json_mode
     self.base = BackendSpec.parse(base_filter).build("filter") if base_filter else None
