@@ -44,6 +44,9 @@ def test_remat_and_shares():
   no = flops.train_step_flops(FUSION_3B, batch=1, seq_len=4096, q=64, max_questions=8, remat=False)
   assert no["hardware"] == no["model"]
   assert 0.05 < r["fusion_share"] < 0.2  # tower + projectors + interaction at paper shapes
+  packed = flops.train_step_flops(FUSION_3B, batch=1, seq_len=4096, q=64, max_questions=8,
+                                  segments_per_row=2)
+  assert packed["fwd"]["llm_attn"] == pytest.approx(r["fwd"]["llm_attn"] / 2)
 
 
 def test_peak_table():

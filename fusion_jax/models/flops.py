@@ -58,19 +58,21 @@ def llm_layer_flops(cfg: LLMConfig, tokens: int) -> float:
   return 2.0 * tokens * (qo + kv + mlp)
 
 
-def causal_attention_flops(cfg: LLMConfig, batch: int, seq_len: int) -> float:
+def causal_attention_flops(cfg: LLMConfig, batch: float, seq_len: float) -> float:
   """Forward QK^T + PV FLOPs of one decoder layer, causal half: 2 * 2 * B * S^2/2 * H * hd."""
   return 2.0 * batch * seq_len * seq_len * cfg.num_heads * cfg.head_dim
 
 
-def llm_train_flops(cfg: LLMConfig, *, batch: int, seq_len: int, remat: bool = True
-                    ) -> dict[str, float]:
+def llm_train_flops(cfg: LLMConfig, *, batch: int, seq_len: int, remat: bool = True,
+                    segments_per_row: int = 1) -> dict[str, float]:
   """The decoder alone (also the PyTorch Phi-3 baseline's step): forward by part, `model`
-  (3 x forward) and `remat` (decoder layers' forward again; the LM head is not remat'd)."""
+  (3 x forward) and `remat` (decoder layers' forward again; the LM head is not remat'd).
+  Packed rows of `segments_per_row` equal segments attend within each segment only."""
   tokens = batch * seq_len
   head = 2.0 * tokens * cfg.hidden_size * cfg.vocab_size
   layers = cfg.num_layers * llm_layer_flops(cfg, tokens)
-  attn = cfg.num_layers * causal_attention_flops(cfg, batch, seq_len)
+  seg = seq_len / segments_per_row
+  attn = cfg.num_layers * causal_attention_flops(cfg, batch * segments_per_row, seg)
   fwd = {"llm": layers + head, "llm_attn": attn}
   model = 3.0 * (layers + head + attn)
   return {"fwd": fwd, "model": model, "remat": (layers + attn) if remat else 0.0}
@@ -78,7 +80,7 @@ def llm_train_flops(cfg: LLMConfig, *, batch: int, seq_len: int, remat: bool = T
 
 def train_step_flops(cfg: FusionConfig, *, batch: int, seq_len: int, q: int, max_questions: int,
                      remat: bool = True, instruct_len: int | None = None,
-                     images_per_row: int = 1) -> dict[str, float]:
+                     images_per_row: int = 1, segments_per_row: int = 1) -> dict[str, float]:
   """FLOPs of one FUSION train step (forward + backward), by module.
 
   Args:
@@ -86,10 +88,12 @@ def train_step_flops(cfg: FusionConfig, *, batch: int, seq_len: int, q: int, max
     batch: rows per step (all devices together).
     seq_len: S, tokens per row (padding counted: it is computed).
     q: latent tokens per question.
-    max_questions: Lq, question slots per row.
+    max_questions: question slots per row (Lq; P x Lq for packed rows).
     remat: decoder and tower layers are rematerialised (adds their forward to `hardware`).
     instruct_len: T, instruction tokens per image; default cfg.max_instruct_len.
     images_per_row: tower passes (5 crops each) per row; > 1 for packed rows.
+    segments_per_row: packed rows: decoder attention within this many equal segments (the
+      causal half of each segment's square; splash skips the blocks between segments).
 
   Returns:
     {'fwd': {module: forward FLOPs}, 'model': 3 x forward (the MFU numerator), 'remat':
@@ -104,7 +108,8 @@ def train_step_flops(cfg: FusionConfig, *, batch: int, seq_len: int, q: int, max
   tokens = batch * seq_len
   d, dv, n = llm.hidden_size, vis.hidden_size, vis.num_patches
 
-  dec = llm_train_flops(llm, batch=batch, seq_len=seq_len, remat=remat)
+  dec = llm_train_flops(llm, batch=batch, seq_len=seq_len, remat=remat,
+                        segments_per_row=segments_per_row)
   fwd: dict[str, float] = dict(dec["fwd"])
 
   images = batch * images_per_row
