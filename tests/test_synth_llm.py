@@ -161,7 +161,8 @@ def test_llm_backend_describes_asks_and_rejects_malformed(server):
   server.faults = [("text", "{\"qa\": 3}"), ("text", "no")]
   with pytest.raises(ItemRejected, match="malformed_qa") as e:
     backend.ask(d, rng)
-  assert e.value.reason == "malformed_qa" and "non-empty list" not in e.value.detail
+  assert e.value.reason == "malformed_qa" and "not a JSON object" in e.value.detail
+  assert METER.snapshot()["retries"] == {"malformed_description": 1, "malformed_qa": 1}
   server.faults = [("status", 413)]
   with pytest.raises(ItemRejected, match="request_rejected"):
     backend.describe("SynthColor", rng)

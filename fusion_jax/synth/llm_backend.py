@@ -35,7 +35,7 @@ import numpy as np
 from fusion_jax.synth import scene as S
 from fusion_jax.synth.backends import DEFAULTS, BackendSpec, item_seed
 from fusion_jax.synth.categories import CATEGORIES, CONTRAST
-from fusion_jax.synth.openai_client import ChatClient, RequestRejected
+from fusion_jax.synth.openai_client import METER, ChatClient, RequestRejected
 from fusion_jax.synth.records import ANSWER_TYPES, Turn, closed
 from fusion_jax.synth.rejection import ItemRejected
 
@@ -310,7 +310,9 @@ class LLMBackend:
     messages = ([{"role": "system", "content": self.system}] if self.system else []) + \
         [{"role": "user", "content": prompt}]
     problem = ""
-    for _ in range(self.parse_retries + 1):
+    for attempt in range(self.parse_retries + 1):
+      if attempt:
+        METER.retried(reason)  # re-asks are counted with the HTTP retries (run_log.jsonl)
       reply = self.client.chat(messages, temperature=self.temperature,
                                max_tokens=self.max_tokens, seed=item_seed(rng),
                                json_mode=self.json_mode)
