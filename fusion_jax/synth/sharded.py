@@ -173,13 +173,7 @@ def synthesize_sharded(cfg: SynthConfig, limits: RunLimits = RunLimits()) -> dic
   quotas = _quotas(cfg)
   ncat = len(cfg.categories)
   cats = cfg.categories
-  kept: collections.Counter = collections.Counter()
-  rejected: collections.Counter = collections.Counter()
-  for e in done.values():
-    if e.get("reason") is None:
-      kept[e["category"]] += 1
-    else:
-      rejected[e["reason"]] += 1
+  kept = collections.Counter(e["category"] for e in done.values() if e.get("reason") is None)
   target = dict(quotas)
   cursor = {c: k for k, c in enumerate(cats)}  # next index to consider per category
   limit = {c: MAX_INDEX_FACTOR * quotas[c] * ncat + ncat for c in cats}
@@ -260,7 +254,6 @@ def synthesize_sharded(cfg: SynthConfig, limits: RunLimits = RunLimits()) -> dic
             entry["scene"] = res["scene"]
           kept[c] += 1
         else:
-          rejected[res["reason"]] += 1
           run_rejected[res["reason"]] += 1
         store.append(entry)
         done[i] = entry

@@ -186,7 +186,7 @@ class DiffusersRenderer:
     return self._pipe
 
   def _generate(self, items: list[tuple[str, int, int]]) -> list[np.ndarray]:
-    """[(prompt, seed, resolution)] of one resolution -> [(res, res, 3) uint8]."""
+    """[(prompt, seed, resolution)] -> [(resolution, resolution, 3) uint8], in order."""
     import torch
     pipe = self._load()
     result: list[Any] = [None] * len(items)
