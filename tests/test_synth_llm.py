@@ -40,12 +40,12 @@ def _chat(client: ChatClient) -> str:
 
 
 def test_client_retries_timeouts_429_and_5xx_with_backoff(server):
-  server.faults = [("status", 500), ("status", 429, 0.3), ("delay", 1.0), ("raw", b"<html>")]
-  client = ChatClient(server.url, "m", timeout_s=0.4, max_retries=4, **FAST)
+  server.faults = [("status", 500), ("status", 429, 0.3), ("delay", 2.5), ("raw", b"<html>")]
+  client = ChatClient(server.url, "m", timeout_s=1.0, max_retries=4, **FAST)
   t0 = time.perf_counter()
   reply = _chat(client)
   assert json.loads(reply)["qa"][0]["answer"] in S.COLORS
-  assert time.perf_counter() - t0 >= 0.3 + 0.4  # Retry-After honoured, the slow reply waited on
+  assert time.perf_counter() - t0 >= 0.3 + 1.0  # Retry-After honoured, the slow reply waited on
   snap = METER.snapshot()
   assert snap["requests"] == 5
   assert snap["retries"] == {"bad_envelope": 1, "http_429": 1, "http_5xx": 1, "timeout": 1}
