@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import ml_collections
@@ -201,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   task, num_steps = su.task, su.num_steps
   primary = jax.process_index() == 0
   if primary:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # gs:// workdirs too
   logging.info("mesh %s over %d devices (%d processes); %d steps of global batch %d (%d "
                "microbatches)", dict(su.mesh.shape), jax.device_count(), jax.process_count(),
                num_steps, config.global_batch, config.microbatches)

@@ -4,20 +4,103 @@ Only process 0 writes. Files in the workdir:
   metrics.jsonl      one JSON object per logged step (appended across restarts)
   tb/                TensorBoard event files (tensorboardX)
   loss_curve.png     total loss and its parts vs step, written at the end of `train()`
+
+Every file goes through etils.epath, so a gs:// (or any epath-supported) workdir gets them
+like a local one. Object stores cannot append: for a remote workdir metrics.jsonl and the
+event file are kept in memory and rewritten whole, at most every `REMOTE_UPLOAD_S` seconds
+and at close (a local workdir appends and flushes every record).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
+REMOTE_UPLOAD_S = 30.0
+
+
+def is_remote(path: str | epath.Path) -> bool:
+  """True for URLs such as gs://bucket/run (no local append, no os.* calls)."""
+  return "://" in str(path)
+
+
+class AppendFile:
+  """A text file that grows by appends, through epath.
+
+  Local: opened in append mode, flushed after every write. Remote (gs://...): the whole text is
+  kept and rewritten at most every `upload_every_s` seconds and at `close()`.
+  """
+
+  def __init__(self, path: str | epath.Path, upload_every_s: float = REMOTE_UPLOAD_S):
+    self.path = epath.Path(path)
+    self._remote = is_remote(path)
+    self._every = upload_every_s
+    self._last_upload = -math.inf
+    self._dirty = False
+    if self._remote:
+      self._text = self.path.read_text() if self.path.exists() else ""
+      self._f = None
+    else:
+      self._f = self.path.open("a")
+
+  def write(self, text: str) -> None:
+    if self._f is not None:
+      self._f.write(text)
+      self._f.flush()
+      return
+    self._text += text
+    self._dirty = True
+    if time.monotonic() - self._last_upload >= self._every:
+      self.upload()
+
+  def upload(self) -> None:
+    if self._remote and self._dirty:
+      self.path.write_text(self._text)
+      self._dirty, self._last_upload = False, time.monotonic()
+
+  def close(self) -> None:
+    if self._f is not None:
+      self._f.close()
+      self._f = None
+    self.upload()
+
+
+class _EpathRecordWriter:
+  """tensorboardX record writer for remote paths: the event file is buffered and rewritten
+  through epath (tensorboardX's own gs:// writer needs google-cloud-storage)."""
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buf = io.BytesIO()
+    self._last_upload = -math.inf
+
+  def write(self, data: bytes) -> None:
+    self._buf.write(data)
+
+  def flush(self, force: bool = False) -> None:
+    if force or time.monotonic() - self._last_upload >= REMOTE_UPLOAD_S:
+      self._path.write_bytes(self._buf.getvalue())
+      self._last_upload = time.monotonic()
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+
+class _EpathWriterFactory:
+
+  def open(self, path: str) -> _EpathRecordWriter:
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
 def format_duration(seconds: float) -> str:
@@ -63,11 +146,16 @@ class MetricsWriter:
     self._tb = None
     self._jsonl = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+      root = epath.Path(workdir)
+      root.mkdir(parents=True, exist_ok=True)
+      self._jsonl = AppendFile(root / METRICS_FILE)
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        if is_remote(workdir):
+          from tensorboardX import record_writer
+          record_writer.register_writer_factory(str(workdir).split("://")[0],
+                                                _EpathWriterFactory())
+        self._tb = SummaryWriter(str(root / "tb"))
       except ImportError:  # TensorBoard is optional; JSONL and console stay
         logging.warning("tensorboardX not installed: no TensorBoard events")
 
@@ -99,7 +187,6 @@ class MetricsWriter:
     if self.enabled:
       print(self.progress_line(record), flush=True)
       self._jsonl.write(json.dumps(record) + "\n")
-      self._jsonl.flush()
       if self._tb is not None:
         for k, v in record.items():
           if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -146,16 +233,15 @@ class MetricsWriter:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """Records of metrics.jsonl; for steps logged twice (a resumed run redoes steps after its
   last checkpoint) the later record wins."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
   by_step: dict[int, dict[str, Any]] = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        rec = json.loads(line)
-        by_step[int(rec["step"])] = rec
+  for line in path.read_text().splitlines():
+    line = line.strip()
+    if line:
+      rec = json.loads(line)
+      by_step[int(rec["step"])] = rec
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -176,11 +262,14 @@ def plot_loss_curve(workdir: str, out: str | None = None) -> str | None:
       ax.plot(*zip(*pts), label=k, linewidth=1.5 if k == "loss" else 1.0)
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
-  ax.set_title(os.path.basename(os.path.abspath(workdir)))
+  ax.set_title(epath.Path(workdir).name if is_remote(workdir) else
+               epath.Path(workdir).resolve().name)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  out = out or os.path.join(workdir, CURVE_FILE)
-  fig.savefig(out)
+  out = out or str(epath.Path(workdir) / CURVE_FILE)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
   plt.close(fig)
+  epath.Path(out).write_bytes(buf.getvalue())
   return out
