@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from fusion_jax.train import checkpoint as ckpt_lib
+from fusion_jax.train import workdir as workdir_lib
 from fusion_jax.train.loop import setup, train
 from fusion_jax.train.state import create_state
 from test_train_step import leaves, toy_config
@@ -51,6 +52,9 @@ def test_damaged_newest_steps_resume_from_older_one(tmp_path):
   second = train(cfg, str(tmp_path))
   assert second["resumed_from"] == 2 and second["checkpoint_step"] == 6
   assert sorted(os.listdir(ckdir + ckpt_lib.DAMAGED_SUFFIX)) == ["4", "6"]
+  # Readers of the run (eval, export) see the intact steps only.
+  assert workdir_lib.checkpoint_steps(str(tmp_path)) == [2, 4, 6]
+  assert workdir_lib.run_config(str(tmp_path)).num_steps == 6
   su = setup(cfg)
   restored = []
   for directory in (ckdir, ref_dir):

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 
@@ -19,7 +20,7 @@ from fusion_jax.train import checkpoint as ckpt_lib
 def checkpoint_steps(workdir: str) -> list[int]:
   """Sorted steps of a run's complete checkpoints ([] when there is none)."""
   root = ckpt_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(root):
+  if not epath.Path(root).is_dir():  # epath: gs:// run dirs too
     return []
   return ckpt_lib.finalized_steps(root)
 
@@ -37,9 +38,8 @@ def latest_step(workdir: str) -> int:
 def run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The experiment config saved with checkpoint `step` (default the newest)."""
   step = latest_step(workdir) if step is None else step
-  path = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), "config", "metadata")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  path = epath.Path(ckpt_lib.checkpoint_dir(workdir)) / str(step) / "config" / "metadata"
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def fusion_config_of(config: ml_collections.ConfigDict) -> fusion.FusionConfig:
