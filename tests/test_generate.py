@@ -116,3 +116,96 @@ def test_prompt_that_does_not_fit_names_the_record(setup):
   with pytest.raises(ValueError, match=r"^b: .*seq_len=.*raise them"):
     gen_lib.prompt_batch(records[1:2], tok, cfg, image_root=root, q=Q, seq_len=SEQ,
                          max_questions=1)
+
+
+# ----------------------------------------------------------------------------- Generator
+
+
+def test_sample_tokens_top_k_top_p():
+  n = 256
+  logits = np.log(np.array([[0.6, 0.3, 0.1, 1e-9]] * n, np.float32))
+  keys = jax.vmap(jax.random.key)(np.arange(n, dtype=np.uint32))
+  sample = jax.jit(gen_lib.sample_tokens)
+
+  def draws(temperature, top_k, top_p):
+    return set(np.asarray(sample(logits, np.full(n, temperature, np.float32),
+                                 np.full(n, top_k, np.int32), np.full(n, top_p, np.float32),
+                                 keys)).tolist())
+
+  assert draws(0.0, 0, 1.0) == {0}  # greedy
+  assert draws(1.0, 0, 1.0) == {0, 1, 2}
+  assert draws(1.0, 2, 1.0) == {0, 1}  # top-k
+  assert draws(1.0, 0, 0.85) == {0, 1}  # mass before token 2 is 0.9 >= 0.85
+  assert draws(1.0, 0, 0.5) == {0}
+  assert draws(1.0, 1, 1.0) == {0}
+  # Per-row settings in one batch: greedy rows take the argmax, the others sample.
+  mixed = np.asarray(sample(logits, np.arange(n) % 2 * 1.0, np.zeros(n, np.int32),
+                            np.ones(n, np.float32), keys))
+  assert set(mixed[::2].tolist()) == {0} and len(set(mixed[1::2].tolist())) == 3
+
+
+@pytest.fixture(scope="module")
+def generator(setup):
+  _, tok, cfg, params, _, _ = setup
+  return gen_lib.Generator(params, cfg, tok, q=Q, max_questions=LQ, max_seq_len=SEQ,
+                           max_batch=4, max_new_tokens=NEW, stop_check_every=2)
+
+
+def test_mixed_lengths_batch_equals_alone(setup, generator):
+  root, _, _, _, records, prompts = setup
+  lengths = prompts["token_mask"].sum(-1)
+  assert len(set(lengths.tolist())) == 3  # three different prompt lengths
+  sp = gen_lib.SamplingParams(max_new_tokens=NEW)
+  together = generator.generate(records, sp, image_root=root)
+  for rec, got in zip(records, together):
+    alone = generator.generate([rec], sp, image_root=root)[0]
+    assert got == alone
+  assert len({c.token_ids for c in together}) > 1
+  assert all(c.prompt_tokens == n for c, n in zip(together, lengths))
+  # Per-row max_new_tokens in one batch.
+  short = generator.generate(records, [sp, gen_lib.SamplingParams(max_new_tokens=2), sp],
+                             image_root=root)
+  assert short[0] == together[0] and short[2] == together[2]
+  assert short[1].token_ids == together[1].token_ids[:2] and short[1].completion_tokens <= 2
+
+
+def test_stop_strings_cut_the_text(setup, generator):
+  root, tok, _, _, records, _ = setup
+  free = generator.generate(records[:1], gen_lib.SamplingParams(max_new_tokens=NEW),
+                            image_root=root)[0]
+  ids = list(free.token_ids)
+  decode = lambda k: tok.decode(ids[:k], skip_special_tokens=True)  # noqa: E731
+  # A stop string: the text the k-th generated token appends (absent from the text before).
+  found = [(k, decode(k)[len(decode(k - 1)):]) for k in range(2, len(ids) + 1)
+           if decode(k).startswith(decode(k - 1)) and len(decode(k)) > len(decode(k - 1))
+           and decode(k)[len(decode(k - 1)):] not in decode(k - 1)]
+  assert found, f"no usable stop string in the free answer {ids}"
+  k, stop = found[0]
+  got = generator.generate(records[:1], gen_lib.SamplingParams(max_new_tokens=NEW, stop=(stop,)),
+                           image_root=root)[0]
+  assert got.finish_reason == "stop"
+  assert got.text == decode(k)[:decode(k).find(stop)].strip()
+  assert got.completion_tokens == k and got.token_ids == tuple(ids[:k])
+
+
+def test_longrope_crossing_is_refused(setup):
+  from fusion_jax.models.rope import LongRopeScaling
+  _, tok, cfg, params, records, _ = setup
+  hd = cfg.llm.head_dim // 2
+  phi = cfg.replace(llm=cfg.llm.replace(
+      rope_scaling=LongRopeScaling((1.0,) * hd, (4.0,) * hd, original_max_position_embeddings=96)))
+  gen = gen_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ)
+  _, n = gen.check(records[2], gen_lib.SamplingParams(max_new_tokens=1))
+  assert n < 96
+  gen.check(records[2], gen_lib.SamplingParams(max_new_tokens=96 - n))  # stays short: fine
+  with pytest.raises(gen_lib.LongRopeCrossing,
+                     match=rf"^c: prompt \({n} positions\) \+ max_new_tokens {97 - n} crosses "
+                           rf"LongRoPE's switch .* at 96 .* max_new_tokens <= {96 - n}$"):
+    gen.check(records[2], gen_lib.SamplingParams(max_new_tokens=97 - n))
+
+
+def test_sampling_params_are_validated():
+  for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
+              dict(top_k=-1), dict(stop=("",))):
+    with pytest.raises(ValueError):
+      gen_lib.SamplingParams(**bad)

@@ -72,7 +72,7 @@ def main(argv) -> None:
     raise app.UsageError(str(e)) from None
   answers = answer_model(model, prompts, image_root=image_root, q=FLAGS.q,
                          max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                         seed=FLAGS.seed)
+                         top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
   print(f"{FLAGS.workdir}" + (f" at step {model.step}:" if model.step is not None else
                                f" ({model.name}, compute dtype {model.cfg.llm.dtype}):"))
   for rec, ref, ans in zip(prompts, refs, answers):

@@ -1,19 +1,33 @@
-"""FUSION generation: prompts -> fixed-shape batch -> prefill -> KV-cached decode loop.
+"""FUSION generation: prompts -> bucketed batch -> prefill -> KV-cached decode loop.
 
-A prompt is a LLaVA record whose conversation ends with a user turn. It is laid out exactly as
-in training (fusion_jax.data.layout, `add_generation_prompt`): right-padded to seq_len, q
-latents per question, the last prompt token (the assistant header) as the question position.
-`Fusion.prefill` runs the whole prompt, interaction layers included, into a KV cache of
-seq_len + max_new_tokens slots; `Fusion.decode` then adds one token per step with the LLM alone
-(spec 5: interaction layers never run on single-token decode). The decode loop is a
-`lax.while_loop` inside one jitted call that stops once every example has produced a stop
-token (the template's end-of-answer token or EOS), so a batch compiles once per (batch size,
-seq_len, q, max_new_tokens).
+A prompt is a LLaVA record whose conversation ends with a user turn (optionally with a
+"system" text, and "images" already decoded to static_hd crops (5, H, W, 3) uint8 instead of
+an image path). It is laid out exactly as in training (fusion_jax.data.layout,
+`add_generation_prompt`): right-padded, q latents per question, the last prompt token (the
+assistant header) as the question position. `Fusion.prefill` runs the whole prompt,
+interaction layers included, into a KV cache of S + T slots; `Fusion.decode` then adds one
+token per step with the LLM alone (spec 5: interaction layers never run on single-token
+decode). Decoding is a `lax.while_loop` inside one jitted call that stops once every row is
+done (stop token, its own max_new_tokens, or a stop string).
 
-LongRoPE (Phi-3.5): prefill picks its factor set from the prompt's largest position and cached
-keys keep it; answers that run past original_max_position_embeddings (4096) would need a
-re-prefill as in transformers, which this loop does not do (keep seq_len + max_new_tokens
-<= 4096 for Phi models; Llama-3 scaling has no such switch).
+Prompts of different lengths share a batch: each row's cache slots, positions and length are
+its own, so a row's greedy answer is the one it gets alone (tested). Per row: max_new_tokens,
+temperature (0 = greedy), top_k (0 = off), top_p (1 = off), stop strings, seed.
+
+Shapes are bucketed so compiles stay bounded (`Generator`): batch size to a power of two
+<= max_batch (padded with finished dummy rows), prompt length S to a power of two >= 64 (capped
+at the model's seq_len), new tokens T to a power of two >= 16; one prefill and one decode
+compile per (B, S, T). Stop strings are checked on the host every `stop_check_every` tokens
+(the text is then cut at the first occurrence), so a batch without stop strings decodes in one
+call.
+
+LongRoPE (Phi-3.5): transformers picks the short or long factor set for a whole forward from
+its largest position, and re-prefills the cache when generation crosses
+original_max_position_embeddings (keys cached with the short rotation would otherwise stay
+wrong). This generator does not re-prefill: a row whose prompt fits the short regime but whose
+prompt + max_new_tokens would cross it is refused with a clear error (`LongRopeCrossing`), and
+rows whose prompt is already long are batched only with each other, so no row's regime ever
+depends on its batch. Llama-3 scaling has no such switch.
 
 Not reproduced from the authors' inference (spec 11): batch > 1 positions computed before
 padding, instructions taken from the first question only, random q at inference (q is an
@@ -21,6 +35,8 @@ argument here), a context cached across calls.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,12 +45,64 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusion_jax.data.conversation import encode_conversation, get_template
+from fusion_jax.data.conversation import EncodedSample, encode_conversation, get_template
 from fusion_jax.data.images import load_static_hd, text_only_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.data.tokenizer import IMAGE_MARKER, Tokenizer
 from fusion_jax.models import fusion
-from fusion_jax.models.llm import init_cache
+from fusion_jax.models.llm import init_cache, rope_tables
+from fusion_jax.models.rope import longrope_is_long
+
+MIN_SEQ_BUCKET = 64
+MIN_NEW_BUCKET = 16
+
+
+class LongRopeCrossing(ValueError):
+  """Generation would cross LongRoPE's switch to the long factors (see the module docstring)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-prompt generation settings.
+
+  max_new_tokens: answer length limit (tokens, stop token excluded).
+  temperature: 0 = greedy; otherwise sample from softmax(logits / temperature), restricted to
+    the top_k most likely tokens (0 = all) and then to the smallest set whose probability
+    reaches top_p (1 = all; ties at a threshold are kept).
+  stop: strings that end the answer (the text is cut before the first one).
+  seed: sampling seed of this prompt (None: derived from the call's seed and the row).
+  """
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  stop: tuple[str, ...] = ()
+  seed: int | None = None
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if not self.temperature >= 0.0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0")
+    object.__setattr__(self, "stop", tuple(str(s) for s in self.stop))
+    if any(not s for s in self.stop):
+      raise ValueError("stop strings must be non-empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """One answer. finish_reason: 'stop' (stop token or stop string) or 'length'.
+  prompt_tokens: the prompt's positions (image and latent slots included); completion_tokens:
+  generated tokens up to the end of the answer (the stop token or string included)."""
+  text: str
+  token_ids: tuple[int, ...]
+  prompt_tokens: int
+  completion_tokens: int
+  finish_reason: str
 
 
 def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
@@ -42,6 +110,51 @@ def stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
   ids = [tokenizer.token_to_id(t) for t in get_template(template).stop_strings]
   ids.append(getattr(tokenizer, "eos_id", None))
   return tuple(sorted({int(i) for i in ids if i is not None and i >= 0}))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def encode_prompt(rec: Mapping[str, Any], tokenizer: Tokenizer, cfg: fusion.FusionConfig, *,
+                  q: int, index: int = 0) -> tuple[EncodedSample, int]:
+  """(encoded prompt, its length in positions) of a record ending in a user turn.
+
+  Raises fusion_jax.data.errors.BadSample naming the record when it cannot be encoded.
+  """
+  source = str(rec.get("id", f"prompt {index}"))
+  record = rec
+  if rec.get("images") is not None and not rec.get("image"):
+    record = {**rec, "image": "<decoded>"}  # the marker logic only needs to know there is one
+  enc = encode_conversation(record, tokenizer, cfg.template, source=source,
+                            system=rec.get("system"), add_generation_prompt=True)
+  return enc, enc.length(q, cfg.num_image_tokens)
+
+
+def _layout_prompt(rec: Mapping[str, Any], enc: EncodedSample, tokenizer: Tokenizer,
+                   cfg: fusion.FusionConfig, *, image_root: str, q: int, seq_len: int,
+                   max_questions: int) -> dict[str, np.ndarray]:
+  ex = layout_sample(enc, q=q, num_image_tokens=cfg.num_image_tokens, seq_len=seq_len,
+                     max_questions=max_questions, max_instruct_len=cfg.max_instruct_len,
+                     pad_id=tokenizer.pad_id, require_labels=False)
+  n_real = int(ex["token_mask"].sum())
+  last_q = int(ex["question_pos"].max())
+  if last_q != n_real - 1:
+    raise ValueError(f"{enc.source}: the prompt ({enc.length(q, cfg.num_image_tokens)} "
+                     f"positions, {enc.num_questions} questions) does not fit seq_len={seq_len} "
+                     f"/ max_questions={max_questions}; raise them")
+  size = cfg.vision.image_size
+  if rec.get("images") is not None:
+    images = np.asarray(rec["images"], np.uint8)
+    if images.shape != (5, size, size, 3):
+      raise ValueError(f"{enc.source}: decoded images {images.shape}, expected (5, {size}, "
+                       f"{size}, 3) (fusion_jax.data.images.load_static_hd)")
+    ex["images"] = images
+  elif rec.get("image"):
+    ex["images"] = load_static_hd(os.path.join(image_root, rec["image"]), size,
+                                  source=enc.source)
+  else:
+    ex["images"] = text_only_images(size)
+  return ex
 
 
 def prompt_batch(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
@@ -55,99 +168,306 @@ def prompt_batch(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
   """
   rows = []
   for i, rec in enumerate(records):
-    source = str(rec.get("id", f"prompt {i}"))
-    enc = encode_conversation(rec, tokenizer, cfg.template, source=source,
-                              add_generation_prompt=True)
-    ex = layout_sample(enc, q=q, num_image_tokens=cfg.num_image_tokens, seq_len=seq_len,
-                       max_questions=max_questions, max_instruct_len=cfg.max_instruct_len,
-                       pad_id=tokenizer.pad_id, require_labels=False)
-    n_real = int(ex["token_mask"].sum())
-    last_q = int(ex["question_pos"].max())
-    if last_q != n_real - 1:
-      raise ValueError(f"{source}: the prompt ({enc.length(q, cfg.num_image_tokens)} positions, "
-                       f"{enc.num_questions} questions) does not fit seq_len={seq_len} / "
-                       f"max_questions={max_questions}; raise them")
-    size = cfg.vision.image_size
-    rel = rec.get("image")
-    ex["images"] = (load_static_hd(os.path.join(image_root, rel), size, source=source)
-                    if rel else text_only_images(size))
-    rows.append(ex)
+    enc, _ = encode_prompt(rec, tokenizer, cfg, q=q, index=i)
+    rows.append(_layout_prompt(rec, enc, tokenizer, cfg, image_root=image_root, q=q,
+                               seq_len=seq_len, max_questions=max_questions))
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+# ----------------------------------------------------------------------------- device side
+
+
+def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array, keys: jax.Array) -> jax.Array:
+  """Next tokens (B,) int32 from logits (B, V): greedy rows (temperature <= 0) take the argmax;
+  the others sample within their top_k / top_p set (see SamplingParams). keys: (B,) keys."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sampled(_):
+    v = logits.shape[-1]
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+    desc = -jnp.sort(-scaled, axis=-1)  # (B, V) descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # (B, 1)
+    probs = jax.nn.softmax(jnp.where(jnp.arange(v)[None] < k[:, None], desc, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
+    n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)
+    pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+    masked = jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
+    draw = jax.vmap(lambda key, lg: jax.random.categorical(key, lg))(keys, masked)
+    return jnp.where(temperature > 0, draw.astype(jnp.int32), greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+
+
+def init_state(params: Any, batch: Mapping[str, jax.Array], cfg: fusion.FusionConfig, *,
+               max_new_tokens: int, pad_id: int, sampling: Mapping[str, jax.Array],
+               keys: jax.Array) -> dict[str, Any]:
+  """Prefill: the decode state after the prompt (traceable; shapes fixed by the batch and
+  max_new_tokens = T).
+
+  sampling: per-row arrays temperature (B,) f32, top_p (B,) f32, top_k (B,) i32, max_new (B,)
+  i32 (each row's own limit, <= T). keys: (B,) PRNG keys.
+  """
+  b, s = batch["input_ids"].shape
+  prompt_len = jnp.sum(batch["token_mask"], axis=-1).astype(jnp.int32)  # (B,)
+  cache = init_cache(cfg.llm, b, s + max_new_tokens)
+  logits, cache = fusion.prefill(params, batch, cfg, cache)
+  last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+  return dict(t=jnp.int32(0), tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+              lengths=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), jnp.bool_),
+              stopped=jnp.zeros((b,), jnp.bool_), last=last.astype(jnp.float32), cache=cache,
+              keys=keys, prompt_len=prompt_len, **{k: jnp.asarray(v) for k, v in sampling.items()})
+
+
+def decode_steps(params: Any, state: dict[str, Any], t_stop: jax.Array,
+                 cfg: fusion.FusionConfig, *, stop: Sequence[int], pad_id: int
+                 ) -> dict[str, Any]:
+  """Decode from state['t'] until t_stop (<= T) or every row is done (traceable).
+
+  tokens[b, :lengths[b]] is row b's answer without its stop token; later entries hold pad_id.
+  A done row keeps being fed (the batch has one shape) at a position that no longer grows, so
+  it never moves another row's LongRoPE regime.
+  """
+  stop_arr = jnp.asarray(tuple(stop) or (-1,), jnp.int32)
+  t_max = state["tokens"].shape[1]
+
+  def cond(st):
+    return (st["t"] < jnp.minimum(t_stop, t_max)) & ~jnp.all(st["done"])
+
+  def body(st):
+    t = st["t"]
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(st["keys"])
+    nxt = sample_tokens(st["last"], st["temperature"], st["top_k"], st["top_p"], step_keys)
+    hit = jnp.isin(nxt, stop_arr) & ~st["done"]
+    emit = ~st["done"] & ~hit
+    tokens = st["tokens"].at[:, t].set(jnp.where(emit, nxt, pad_id))
+    lengths = st["lengths"] + emit.astype(jnp.int32)
+    done = st["done"] | hit | (lengths >= st["max_new"])
+    pos = st["prompt_len"] + jnp.minimum(t, st["max_new"] - 1)
+    logits, cache = fusion.decode(params, nxt[:, None], pos[:, None], cfg, st["cache"])
+    return {**st, "t": t + 1, "tokens": tokens, "lengths": lengths, "done": done,
+            "stopped": st["stopped"] | hit, "last": logits[:, 0].astype(jnp.float32),
+            "cache": cache}
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def _row_keys(seeds: Sequence[int]) -> jax.Array:
+  return jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
+
+
 def make_generate(cfg: fusion.FusionConfig, *, max_new_tokens: int, stop: Sequence[int],
-                  pad_id: int, temperature: float = 0.0
+                  pad_id: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0
                   ) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """Jitted (params, prompt batch, rng key) -> (tokens (B, max_new_tokens) int32, lengths (B,)).
 
-  tokens[b, :lengths[b]] is example b's answer without its stop token; later entries hold
-  pad_id. temperature 0: greedy; otherwise samples from softmax(logits / temperature).
+  One setting for every row, token stops only (Generator does per-row settings, stop strings
+  and shape buckets). tokens[b, :lengths[b]] is row b's answer without its stop token.
   """
-  stop_arr = jnp.asarray(tuple(stop) or (-1,), jnp.int32)
-
-  def pick(logits: jax.Array, key: jax.Array) -> jax.Array:
-    if temperature <= 0.0:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
   @jax.jit
   def generate(params, batch, rng):
-    b, s = batch["input_ids"].shape
-    prompt_len = jnp.sum(batch["token_mask"], axis=-1).astype(jnp.int32)  # (B,)
-    cache = init_cache(cfg.llm, b, s + max_new_tokens)
-    logits, cache = fusion.prefill(params, batch, cfg, cache)
-    last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
-    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    lengths = jnp.zeros((b,), jnp.int32)
-    done = jnp.zeros((b,), jnp.bool_)
-
-    def cond(state):
-      t, _, _, done, _, _, _ = state
-      return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-      t, tokens, lengths, done, last, cache, rng = state
-      rng, key = jax.random.split(rng)
-      nxt = pick(last, key)
-      stopped = jnp.isin(nxt, stop_arr)
-      tokens = tokens.at[:, t].set(jnp.where(done | stopped, pad_id, nxt))
-      lengths = lengths + (~done & ~stopped).astype(jnp.int32)
-      done = done | stopped
-      logits, cache = fusion.decode(params, nxt[:, None], (prompt_len + t)[:, None], cfg, cache)
-      return t + 1, tokens, lengths, done, logits[:, 0], cache, rng
-
-    state = (jnp.int32(0), tokens, lengths, done, last, cache, rng)
-    _, tokens, lengths, _, _, _, _ = jax.lax.while_loop(cond, body, state)
-    return tokens, lengths
+    b = batch["input_ids"].shape[0]
+    sampling = dict(temperature=jnp.full((b,), temperature, jnp.float32),
+                    top_p=jnp.full((b,), top_p, jnp.float32),
+                    top_k=jnp.full((b,), top_k, jnp.int32),
+                    max_new=jnp.full((b,), max_new_tokens, jnp.int32))
+    state = init_state(params, batch, cfg, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                       sampling=sampling, keys=jax.random.split(rng, b))
+    state = decode_steps(params, state, jnp.int32(max_new_tokens), cfg, stop=stop,
+                         pad_id=pad_id)
+    return state["tokens"], state["lengths"]
 
   return generate
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _bucket(n: int, smallest: int, cap: int) -> int:
+  """The smallest power of two >= max(n, smallest), at most cap (n <= cap)."""
+  b = smallest
+  while b < n:
+    b *= 2
+  return min(b, cap)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+  """(text before the first occurrence of any stop string, whether one occurred)."""
+  hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+  return (text[:min(hits)], True) if hits else (text, False)
+
+
+@dataclasses.dataclass
+class _Row:
+  index: int
+  rec: Mapping[str, Any]
+  enc: EncodedSample
+  length: int
+  sampling: SamplingParams
+  seed: int
+
+
+class Generator:
+  """Generation for one model with bounded compiles (see the module docstring).
+
+  Args:
+    params, cfg, tokenizer: the model (fusion_jax.infer.load.LoadedModel has all three).
+    q: latent tokens per question; max_questions: user turns with latent slots.
+    max_seq_len: longest prompt layout (positions); max_batch: rows per device batch;
+    max_new_tokens: the largest allowed per-prompt limit; stop_check_every: tokens decoded
+    between host checks of stop strings.
+  """
+
+  def __init__(self, params: Any, cfg: fusion.FusionConfig, tokenizer: Tokenizer, *, q: int,
+               max_questions: int, max_seq_len: int, max_batch: int = 8,
+               max_new_tokens: int = 512, stop_check_every: int = 16):
+    self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+    self.q, self.max_questions, self.max_seq_len = int(q), int(max_questions), int(max_seq_len)
+    self.max_batch, self.max_new_tokens = int(max_batch), int(max_new_tokens)
+    self.stop_check_every = int(stop_check_every)
+    self.stop = stop_ids(tokenizer, cfg.template)
+    self._rope = rope_tables(cfg.llm)
+    pad = tokenizer.pad_id
+    self._prefill = jax.jit(
+        functools.partial(init_state, cfg=cfg, pad_id=pad), static_argnames=("max_new_tokens",))
+    self._decode = jax.jit(functools.partial(decode_steps, cfg=cfg, stop=self.stop, pad_id=pad),
+                           donate_argnums=(1,))
+
+  @classmethod
+  def for_model(cls, model: Any, **kw: Any) -> Generator:
+    """A Generator with a LoadedModel's weights, tokenizer and prompt layout."""
+    return cls(model.params, model.cfg, model.tokenizer, q=model.q,
+               max_questions=model.max_questions, max_seq_len=model.seq_len, **kw)
+
+  def check(self, rec: Mapping[str, Any], sampling: SamplingParams, index: int = 0
+            ) -> tuple[EncodedSample, int]:
+    """Validates one prompt against this generator's limits; returns (encoded, length).
+
+    Raises BadSample (bad conversation) or ValueError (too long, max_new_tokens too large,
+    LongRopeCrossing), each naming the prompt.
+    """
+    enc, n = encode_prompt(rec, self.tokenizer, self.cfg, q=self.q, index=index)
+    if sampling.max_new_tokens > self.max_new_tokens:
+      raise ValueError(f"{enc.source}: max_new_tokens {sampling.max_new_tokens} exceeds this "
+                       f"server's limit {self.max_new_tokens}")
+    if enc.num_questions > self.max_questions:
+      raise ValueError(f"{enc.source}: {enc.num_questions} user turns; at most "
+                       f"{self.max_questions} get latent tokens (max_questions)")
+    if n > self.max_seq_len:
+      raise ValueError(f"{enc.source}: the prompt takes {n} positions (image and latent slots "
+                       f"included); the limit is {self.max_seq_len} (seq_len)")
+    end = n + sampling.max_new_tokens
+    if end > self.cfg.llm.max_position_embeddings:
+      raise ValueError(f"{enc.source}: prompt ({n} positions) + max_new_tokens "
+                       f"{sampling.max_new_tokens} exceeds max_position_embeddings "
+                       f"{self.cfg.llm.max_position_embeddings}")
+    if not longrope_is_long(self._rope, n - 1) and longrope_is_long(self._rope, end - 1):
+      switch = self._rope.switch_at
+      raise LongRopeCrossing(
+          f"{enc.source}: prompt ({n} positions) + max_new_tokens {sampling.max_new_tokens} "
+          f"crosses LongRoPE's switch to the long factors at {switch} positions "
+          "(original_max_position_embeddings); cached keys would keep the short rotation "
+          "(transformers re-prefills there, this generator does not). Use max_new_tokens <= "
+          f"{switch - n}")
+    return enc, n
+
+  def generate(self, records: Sequence[Mapping[str, Any]],
+               sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+               image_root: str = "", seed: int = 0) -> list[Completion]:
+    """Completions for `records` (in order), batched by LongRoPE regime and max_batch."""
+    if isinstance(sampling, SamplingParams):
+      sampling = [sampling] * len(records)
+    if len(sampling) != len(records):
+      raise ValueError(f"{len(records)} prompts but {len(sampling)} sampling settings")
+    rows = []
+    for i, (rec, sp) in enumerate(zip(records, sampling)):
+      enc, n = self.check(rec, sp, i)
+      row_seed = sp.seed if sp.seed is not None else (seed * 1_000_003 + i) % 2**32
+      rows.append(_Row(i, rec, enc, n, sp, int(row_seed) % 2**32))
+    out: list[Completion | None] = [None] * len(rows)
+    for regime in (False, True):  # short, then long LongRoPE prompts (never mixed)
+      group = [r for r in rows if longrope_is_long(self._rope, r.length - 1) == regime]
+      for start in range(0, len(group), self.max_batch):
+        chunk = group[start:start + self.max_batch]
+        for r, c in zip(chunk, self._run(chunk, image_root)):
+          out[r.index] = c
+    return out  # type: ignore[return-value]
+
+  def _run(self, rows: Sequence[_Row], image_root: str) -> list[Completion]:
+    n = len(rows)
+    b = _bucket(n, 1, self.max_batch)
+    s = _bucket(max(r.length for r in rows), MIN_SEQ_BUCKET, self.max_seq_len)
+    t = _bucket(max(r.sampling.max_new_tokens for r in rows), MIN_NEW_BUCKET,
+                self.max_new_tokens)
+    exs = [_layout_prompt(r.rec, r.enc, self.tokenizer, self.cfg, image_root=image_root,
+                          q=self.q, seq_len=s, max_questions=self.max_questions) for r in rows]
+    exs += [exs[0]] * (b - n)  # dummy rows: finished after one token
+    batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+    sps = [r.sampling for r in rows] + [SamplingParams(max_new_tokens=1)] * (b - n)
+    sampling = dict(temperature=np.asarray([p.temperature for p in sps], np.float32),
+                    top_p=np.asarray([p.top_p for p in sps], np.float32),
+                    top_k=np.asarray([p.top_k for p in sps], np.int32),
+                    max_new=np.asarray([p.max_new_tokens for p in sps], np.int32))
+    keys = _row_keys([r.seed for r in rows] + [0] * (b - n))
+    state = self._prefill(self.params, batch, max_new_tokens=t, sampling=sampling, keys=keys)
+    stops = [r.sampling.stop for r in rows]
+    step = self.stop_check_every if any(stops) else t
+    cut = [False] * n
+    t_done = 0
+    while True:
+      t_done = min(t, t_done + step)
+      state = self._decode(self.params, state, jnp.int32(t_done))
+      if not any(stops):
+        break
+      tokens, lengths, done = jax.device_get((state["tokens"], state["lengths"], state["done"]))
+      done = np.array(done)
+      for i in range(n):
+        if stops[i] and not done[i]:
+          text = self.tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
+          if cut_at_stop(text, stops[i])[1]:
+            done[i] = cut[i] = True
+      if done.all() or t_done >= t:
+        break
+      state = {**state, "done": jnp.asarray(done)}
+    tokens, lengths, stopped = jax.device_get((state["tokens"], state["lengths"],
+                                               state["stopped"]))
+    return [self._completion(rows[i], tokens[i, :lengths[i]].tolist(), bool(stopped[i]))
+            for i in range(n)]
+
+  def _completion(self, row: _Row, ids: list[int], stopped: bool) -> Completion:
+    decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+    text, hit = cut_at_stop(decode(ids), row.sampling.stop)
+    used = len(ids) + int(stopped)
+    if hit:  # the tokens up to the one that completes the stop string
+      used = next(k for k in range(1, len(ids) + 1)
+                  if cut_at_stop(decode(ids[:k]), row.sampling.stop)[1])
+      ids = ids[:used]
+    return Completion(text=text.strip(), token_ids=tuple(ids), prompt_tokens=row.length,
+                      completion_tokens=used,
+                      finish_reason="stop" if (stopped or hit) else "length")
+
+
+# ----------------------------------------------------------------------------- conveniences
 
 
 def answer(params: Any, cfg: fusion.FusionConfig, tokenizer: Tokenizer,
            records: Sequence[Mapping[str, Any]], *, image_root: str = "", q: int | None = None,
            seq_len: int = 256, max_questions: int = 4, max_new_tokens: int = 64,
-           temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> list[str]:
+           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           stop: Sequence[str] = (), seed: int = 0, batch_size: int = 8) -> list[str]:
   """The model's answer (decoded text) to the last user turn of each record.
 
-  Batches are padded to `batch_size` by repeating the last prompt, so every batch has one
-  shape. q defaults to the largest of cfg.query_len (the evaluation default).
+  Batches hold up to `batch_size` prompts (shapes bucketed, see Generator). q defaults to the
+  largest of cfg.query_len (the evaluation default); seq_len caps the prompt layout.
   """
-  q = int(q or max(cfg.query_len))
-  gen = make_generate(cfg, max_new_tokens=max_new_tokens, stop=stop_ids(tokenizer, cfg.template),
-                      pad_id=tokenizer.pad_id, temperature=temperature)
-  out: list[str] = []
-  rng = jax.random.key(seed)
-  for start in range(0, len(records), batch_size):
-    chunk = list(records[start:start + batch_size])
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)
-    batch = prompt_batch(chunk, tokenizer, cfg, image_root=image_root, q=q, seq_len=seq_len,
-                         max_questions=max_questions)
-    rng, key = jax.random.split(rng)
-    tokens, lengths = jax.device_get(gen(params, batch, key))
-    out += [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip()
-            for i in range(n)]
-  return out
+  gen = Generator(params, cfg, tokenizer, q=int(q or max(cfg.query_len)),
+                  max_questions=max_questions, max_seq_len=seq_len, max_batch=batch_size,
+                  max_new_tokens=max(max_new_tokens, 1))
+  sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      top_k=top_k, stop=tuple(stop))
+  return [c.text for c in gen.generate(records, sp, image_root=image_root, seed=seed)]
 
 
 def first_questions(records: Sequence[Mapping[str, Any]], num: int
