@@ -209,8 +209,8 @@ class Checkpointer:
     """(step, state, data_state) of the newest step that restores completely; None if none exist.
 
     Damaged steps on the way are logged with the reason; once an older step restores they are
-    moved to `<checkpoints>_damaged/<step>` (never deleted). A mismatch (another model/optimizer) stops
-    at once: it is a config error, older steps would not match either.
+    moved to `<checkpoints>_damaged/<step>` (never deleted). A mismatch (another model or
+    optimizer) stops at once: it is a config error, older steps would not match either.
     Raises NoRestorableCheckpointError when every step is damaged (nothing is moved then).
     """
     damaged: list[tuple[int, str]] = []
