@@ -32,7 +32,7 @@ from fusion_jax.convert.fusion_keys import (_INTERACTION_TABLE, interaction_para
 from fusion_jax.convert.hf_siglip import (_key_table as _siglip_key_table,
                                           siglip_params_from_reader, siglip_tensors_to_torch)
 from fusion_jax.models.fusion import FusionConfig
-from fusion_jax.models.llm import stack_layers
+from fusion_jax.models import param_layout
 from fusion_jax.models.vision import SIGLIP2_GIANT_OPT_16_384, VisionConfig
 
 LLM_PREFIX = "model."
@@ -179,8 +179,6 @@ def fusion_params_from_reader(reader, cfg: FusionConfig, dtype: Any = np.float32
   """
   check_fusion_checkpoint(reader, cfg)
   llm = hf_llm.llm_params_from_reader(reader, cfg.llm, LLM_PREFIX, dtype=dtype, strict=True)
-  if cfg.llm.scan_layers:
-    llm = stack_layers(llm, cfg.llm.num_layers)
   params: dict[str, Any] = {
       "llm": llm,
       "vision_tower": siglip_params_from_reader(reader, TOWER_PREFIX, cfg.vision.num_layers,
@@ -201,7 +199,7 @@ def fusion_params_from_reader(reader, cfg: FusionConfig, dtype: Any = np.float32
 
   for j in range(len(cfg.interaction_layers)):
     params[f"interaction_{j}"] = interaction_params_from_torch(get, j, INTERACTION_PREFIX)
-  return params
+  return param_layout.to_config_layout(params, cfg)
 
 
 def fusion_tensors_to_torch(params: Mapping[str, Any], cfg: FusionConfig, *,
@@ -211,7 +209,7 @@ def fusion_tensors_to_torch(params: Mapping[str, Any], cfg: FusionConfig, *,
   params: the Fusion param tree (boxed or not, numpy or jax arrays, {'params': ...} accepted).
   dtype: cast every tensor (e.g. np.float32, ml_dtypes.bfloat16); None keeps the leaf dtypes.
   """
-  params = unbox(params)
+  params = param_layout.to_unscanned(unbox(params), cfg)  # torch's layout is per layer
   want = {"llm", "vision_tower", *PROJECTORS,
           *(f"interaction_{j}" for j in range(len(cfg.interaction_layers)))}
   extra, missing = sorted(set(params) - want), sorted(want - set(params))

@@ -31,8 +31,7 @@ from typing import Any
 
 import jax
 
-from fusion_jax.models import fusion
-from fusion_jax.models.llm import stack_layers, unstack_layers
+from fusion_jax.models import fusion, param_layout
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 KINDS = ("workdir", "model_dir")
@@ -101,21 +100,11 @@ def with_compute_dtype(cfg: fusion.FusionConfig, dtype: str | None) -> fusion.Fu
 
 
 def params_for_config(params: Any, cfg: fusion.FusionConfig) -> Any:
-  """Stored params -> the layout `cfg` expects (the only params -> model step of loading).
-
-  Today: the LLM's layer stack, unscanned (layers_0 .. layers_{L-1}) vs scanned (`layers` with
-  a leading layer axis), converted to cfg.llm.scan_layers either way.
-  """
-  llm = params.get("llm") if isinstance(params, Mapping) else None
-  if not isinstance(llm, Mapping):
+  """Stored params -> the layout `cfg` expects (the only params -> model step of loading):
+  unrolled or scanned layers, either way (fusion_jax.models.param_layout)."""
+  if not isinstance(params, Mapping) or not isinstance(params.get("llm"), Mapping):
     raise ValueError("params have no 'llm' subtree; not FUSION parameters")
-  if cfg.llm.scan_layers and "layers_0" in llm:
-    llm = stack_layers(llm, cfg.llm.num_layers)
-  elif not cfg.llm.scan_layers and "layers" in llm:
-    llm = unstack_layers(llm)
-  else:
-    return params
-  return {**params, "llm": llm}
+  return param_layout.to_config_layout(params, cfg)
 
 
 def model_dir_layout(cfg: fusion.FusionConfig, meta: Mapping[str, Any]) -> tuple[int, int, int]:

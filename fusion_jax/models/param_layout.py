@@ -34,7 +34,8 @@ def _stack(xs: list[Any]) -> Any:
                       else jnp.stack(a), *xs)
 
 
-def _unstack(tree: Any, n: int) -> list[Any]:
+def _unstack(tree: Any) -> list[Any]:
+  n = jax.tree.leaves(tree)[0].shape[0]
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
@@ -52,32 +53,31 @@ def is_scanned(params: Mapping[str, Any]) -> bool:
       k in params.get("llm", {}) for k in ("layers", "head"))
 
 
-def to_unscanned(params: Mapping[str, Any], cfg: FusionConfig) -> dict[str, Any]:
-  """A tree in `cfg`'s scanned layout -> the unrolled layout (a tree already unrolled passes)."""
+def to_unscanned(params: Mapping[str, Any], cfg: FusionConfig | None = None) -> dict[str, Any]:
+  """A scanned tree -> the unrolled layout (a tree already unrolled passes). The segment sizes
+  are read from the stacked arrays, so `cfg` is not needed (accepted for symmetry)."""
+  del cfg
   out = dict(params)
   tower = dict(out["vision_tower"])
   if "layers" in tower:
-    stacked = tower.pop("layers")
-    for i, layer in enumerate(_unstack(stacked, cfg.vision.num_layers)):
+    for i, layer in enumerate(_unstack(tower.pop("layers"))):
       tower[f"layers_{i}"] = layer
   out["vision_tower"] = tower
   llm = dict(out["llm"])
   layers: list[Any] = []
   blocks: list[Any] = []
   if "layers" in llm:
-    layers = _unstack(llm.pop("layers"), cfg.llm.num_layers)
+    layers = _unstack(llm.pop("layers"))
   elif "head" in llm:
-    plan = layer_plan(cfg.llm.num_layers, scanned_interaction_layers(cfg))
     head = llm.pop("head")
-    layers += _unstack(head["layers"], plan.head)
+    layers += _unstack(head["layers"])
     blocks.append(head["block"])
-    if plan.groups:
-      groups = llm.pop("groups")
-      for g in _unstack(groups, plan.groups):
-        layers += _unstack(g["layers"], plan.stride)
+    if "groups" in llm:
+      for g in _unstack(llm.pop("groups")):
+        layers += _unstack(g["layers"])
         blocks.append(g["block"])
-    if plan.tail:
-      layers += _unstack(llm.pop("tail"), plan.tail)
+    if "tail" in llm:
+      layers += _unstack(llm.pop("tail"))
   for i, layer in enumerate(layers):
     llm[f"layers_{i}"] = layer
   out["llm"] = llm

@@ -26,12 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
@@ -364,7 +365,70 @@ def _model_dir_params(path: str) -> str | None:
   return None
 
 
-def restore_params(path: str, target_params: Any, fresh_params: Any | None = None
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  nested: dict[str, Any] = {}
+  for name, leaf in flat.items():
+    node = nested
+    keys = name.split("/")
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = leaf
+  return nested
+
+
+def _restore_adapted(handler: Any, params_dir: str, meta_tree: Any,
+                     adapt: Callable[[Any], Any]) -> dict[str, Any] | None:
+  """The whole saved tree on the host, adapted to this run's layout ({name: array}); None when
+  `adapt` leaves the saved names unchanged (same layout: restore leaf by leaf instead).
+
+  Used when the source stored another parameter layout (e.g. unrolled layers into a scanned
+  run): the tree is read once onto one CPU device, converted, then placed leaf by leaf.
+  """
+  def abstract(m):
+    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+  saved_abs = jax.tree.map(abstract, meta_tree, is_leaf=lambda x: hasattr(x, "shape"))
+  names = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved_abs)[0]}
+  adapted_abs = jax.eval_shape(adapt, saved_abs)
+  if {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapted_abs)[0]} == names:
+    return None
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), saved_abs)
+  args = ocp.args.PyTreeRestore(item=target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  tree = adapt(handler.restore(epath.Path(params_dir), args=args))
+  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _place_adapted(adapted: Mapping[str, Any], flat: list[Any], treedef: Any,
+                   fresh_params: Any | None, where: str) -> tuple[Any, dict[str, list[str]]]:
+  """Target leaves from an adapted host tree (shape-checked, put on the target shardings)."""
+  fresh_flat = (jax.tree.leaves(fresh_params) if fresh_params is not None
+                else [None] * len(flat))
+  leaves, fresh, restored = [], [], []
+  for (p, leaf), fresh_leaf in zip(flat, fresh_flat):
+    name = path_str(p)
+    if name not in adapted:
+      if fresh_params is None:
+        raise ValueError(f"init_from {where}: parameter {name} missing from the checkpoint")
+      fresh.append(name)
+      leaves.append(fresh_leaf)
+      continue
+    x = adapted[name]
+    if tuple(x.shape) != tuple(leaf.shape):
+      raise ValueError(
+          f"init_from {where}: parameter {name} has shape {tuple(x.shape)} in the checkpoint "
+          f"(after layout conversion) but {tuple(leaf.shape)} in this model; the configs differ")
+    restored.append(name)
+    leaves.append(jax.device_put(jnp.asarray(x, leaf.dtype), leaf.sharding))
+  unused = sorted(set(adapted) - set(restored))
+  logging.info("init_from %s (layout converted): %d parameters restored, %d fresh, %d unused",
+               where, len(restored), len(fresh), len(unused))
+  return treedef.unflatten(leaves), dict(restored=restored, fresh=fresh, unused=unused)
+
+
+def restore_params(path: str, target_params: Any, fresh_params: Any | None = None,
+                   adapt: Callable[[Any], Any] | None = None
                    ) -> tuple[Any, dict[str, list[str]]]:
   """Parameters from another run's checkpoint, re-sharded onto `target_params`' shardings.
 
@@ -374,6 +438,8 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
     target_params: abstract params (ShapeDtypeStructs with shardings) of this run.
     fresh_params: this run's freshly initialised params; parameters the checkpoint lacks keep
       these values (new modules start from random init). None: every parameter must exist.
+    adapt: converts a saved tree to this run's parameter layout (Task.adapt_params, e.g.
+      unrolled <-> scanned layers); None = the layouts must match.
 
   Returns:
     (params, report) with report = {"restored": [...], "fresh": [...], "unused": [...]} paths.
@@ -392,6 +458,10 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
   saved = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
       meta_tree, is_leaf=lambda x: hasattr(x, "shape"))[0]}
   flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
+  adapted = None if adapt is None else _restore_adapted(handler, params_dir, meta_tree, adapt)
+  if adapted is not None:
+    handler.close()
+    return _place_adapted(adapted, flat, treedef, fresh_params, where)
   restore_target: dict[str, Any] = {}
   fresh, restored = [], []
   for p, leaf in flat:
@@ -410,13 +480,7 @@ def restore_params(path: str, target_params: Any, fresh_params: Any | None = Non
                      f"{fresh[:10]}{' ...' if len(fresh) > 10 else ''}")
   unused = sorted(set(saved) - set(restored))
   # Nested target with only the restorable leaves (orbax partial restore).
-  nested: dict[str, Any] = {}
-  for name, leaf in restore_target.items():
-    node = nested
-    keys = name.split("/")
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = leaf
+  nested = _nest(restore_target)
   args = ocp.args.PyTreeRestore(
       item=nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
       partial_restore=True)

@@ -224,7 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     state = su.init_state()
     if config.init_from:
       params, report = ckpt_lib.restore_params(config.init_from, su.target.params,
-                                               fresh_params=state.params)
+                                               fresh_params=state.params,
+                                               adapt=getattr(task, "adapt_params", None))
       state = state.replace(params=params)
       init_report = {k: len(v) for k, v in report.items()}
 

@@ -24,6 +24,8 @@ The trainer (fusion_jax.train.loop) knows nothing about FUSION. A task supplies:
                         set_state(state), optional `counters` ({name: int}, e.g. skipped
                         samples per reason) and optional close()
   flops_per_token()     training FLOPs per token (forward + backward) for MFU, or None
+  adapt_params(tree)    optional: a stored params tree (init_from) in this task's parameter
+                        layout (FUSION: unrolled <-> scanned layers)
   num_examples          dataset size for config.num_epochs, or None
 
 Register a task factory `factory(config) -> Task` under a name in `TASKS` (or give
