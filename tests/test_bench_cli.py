@@ -1,35 +1,17 @@
 """python -m fusion_jax.eval.bench end to end on a tiny random model dir (TSV and jsonl)."""
-import dataclasses
 import json
 import os
-import shutil
 
-import flax.linen as nn
-import jax
 import pytest
 from PIL import Image
 
-from fusion_jax.convert.model_dir import TOKENIZER_NAME, save_model_dir
 from fusion_jax.eval import bench, bench_model
-from fusion_jax.models import fusion
-from fusion_jax.models.presets import TINY
-from tests.pipeline_fixtures import make_tokenizer
-from tests.test_bench_formats import MMB_COLS, png_b64, write_tsv
+from tests.bench_fixtures import MMB_COLS, png_b64, tiny_model_dir, write_tsv
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("bench"))
-  tok = make_tokenizer(root)
-  cfg = dataclasses.replace(TINY, llm=TINY.llm.replace(vocab_size=len(tok), pad_token_id=tok.pad_id,
-                                                       initializer_range=0.5),
-                            template="phi_3")
-  batch = fusion.example_batch(cfg, batch_size=1, seq_len=64, max_questions=1, q=4)
-  params = nn.meta.unbox(fusion.init(jax.random.key(0), cfg, batch)["params"])
-  out = os.path.join(root, "model")
-  save_model_dir(out, params, cfg)
-  shutil.copytree(os.path.join(root, "tok"), os.path.join(out, TOKENIZER_NAME))
-  return out
+  return tiny_model_dir(str(tmp_path_factory.mktemp("bench")))
 
 
 def test_tsv_end_to_end(model_dir, tmp_path, capsys):

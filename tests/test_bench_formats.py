@@ -1,6 +1,5 @@
 """Benchmark files (VLMEvalKit TSV, LLaVA question jsonl + answers), prompts, row selection."""
 import base64
-import csv
 import io
 import json
 import os
@@ -10,25 +9,7 @@ from PIL import Image
 
 from fusion_jax.eval import bench, bench_formats, bench_prompts
 from fusion_jax.eval.bench_formats import Row
-
-
-def png_b64(color=(200, 10, 10), size=(24, 16)) -> str:
-  buf = io.BytesIO()
-  Image.new("RGB", size, color).save(buf, "PNG")
-  return base64.b64encode(buf.getvalue()).decode()
-
-
-def write_tsv(path, rows, columns):
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=columns, delimiter="\t")
-    w.writeheader()
-    for r in rows:
-      w.writerow({c: r.get(c, "") for c in columns})
-  return path
-
-
-MMB_COLS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
-            "l2-category", "split"]
+from tests.bench_fixtures import MMB_COLS, png_b64, write_tsv
 
 
 def test_tsv_image_refs_bad_rows_and_options(tmp_path):

@@ -1,0 +1,166 @@
+"""lmms-eval model `fusion_jax`: request handling with stand-ins of lmms-eval's Instance, and its
+registration (entry point + lmms subclass), without installing lmms-eval (it pins another torch).
+"""
+import dataclasses
+import importlib
+import os
+import sys
+import tomllib
+import types
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion_jax.eval import bench_model, closed_qa
+from fusion_jax.eval import lmms_eval_model as lem
+from fusion_jax.models import fusion
+from tests.bench_fixtures import tiny_model_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Instance:
+  """lmms_eval.api.instance.Instance's request fields (lmms-eval 0.7.3, commit 75571cf)."""
+  request_type: str
+  arguments: tuple
+  idx: int
+  metadata: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def args(self):
+    return self.arguments if isinstance(self.arguments, tuple) else (self.arguments,)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("lmms"))
+  m = lem.FusionJax(pretrained=tiny_model_dir(root), batch_size="2", device="cuda")
+  # lmms-eval fills task_dict with each task's dataset: {task: {split: docs}}
+  docs = [{"image": Image.new("RGB", (30, 20), (200, 30, 30)), "question": "What color?"},
+          {"image": Image.new("RGB", (20, 30), (30, 30, 200)), "question": "How many balls?"}]
+  m.task_dict = {"toy": {"test": docs}}
+  return m
+
+
+def _visual(doc):
+  return [doc["image"]]
+
+
+def test_generate_until_requests(lm, monkeypatch):
+  docs = lm.task_dict["toy"]["test"]
+  gk = {"max_new_tokens": 4, "temperature": 0, "until": ["ASSISTANT:"]}
+  reqs = [Instance("generate_until", ("What color is the ball?", gk, _visual, 0, "toy", "test"), 0),
+          Instance("generate_until", ("How many balls?", gk, _visual, 1, "toy", "test"), 1)]
+  out = lm.generate_until(reqs)  # the real model: greedy, images from task_dict
+  ref = bench_model.generate(lm.model, [("What color is the ball?", docs[0]["image"]),
+                                        ("How many balls?", docs[1]["image"])],
+                             max_new_tokens=4, batch_size=2)
+  assert out == ref and all(isinstance(a, str) for a in out)
+
+  # Request handling, with the generator replaced by a recorder: one pass per max_new_tokens,
+  # answers back in request order, cut at the first stop string, '' for a prompt too long.
+  calls = []
+
+  def fake_generate(model, prompts, *, max_new_tokens, batch_size):
+    calls.append((max_new_tokens, batch_size, prompts))
+    return [None if t == "too long" else f"{t}|ASSISTANT: more" for t, _ in prompts]
+
+  monkeypatch.setattr(bench_model, "generate", fake_generate)
+  reqs = [Instance("generate_until", ("a", gk, _visual, 1, "toy", "test"), 0),
+          Instance("generate_until", ("b", {"max_new_tokens": 7, "until": "|"}, None, 0, "toy",
+                                      "test"), 1),
+          Instance("generate_until", ("c", {"until": ["x", "more"]}, _visual, 0, "toy", "test"), 2),
+          Instance("generate_until", ("too long", gk, _visual, 0, "toy", "test"), 3)]
+  out = lm.generate_until(reqs)
+  assert out == ["a|", "b", "c|ASSISTANT: ", ""]
+  by_len = {n: (bs, p) for n, bs, p in calls}
+  assert sorted(by_len) == [4, 7, 128]                     # lmms-eval's default: 128 tokens
+  assert by_len[4][1] == [("a", docs[1]["image"]), ("too long", docs[0]["image"])]
+  assert by_len[7][1] == [("b", None)] and by_len[4][0] == 2
+  assert lem.cut_at_stop("yes</s> more", ["</s>", "ASSISTANT:"]) == "yes"
+  assert lem.cut_at_stop("abc", "x") == "abc"
+
+
+def test_loglikelihood_matches_candidate_scoring(lm):
+  ctx = "What color is the ball?"
+  cands = ["red", "blue ball"]
+  reqs = [Instance("loglikelihood", (ctx, cands[0], _visual, 0, "toy", "test"), 0),
+          Instance("loglikelihood", (ctx, lambda doc: cands[1], _visual, 0, "toy", "test"), 1)]
+  out = lm.loglikelihood(reqs)
+  assert all(isinstance(lp, float) and isinstance(g, bool) for lp, g in out)
+  # closed_qa's candidate scoring of the same conversation (its own layout, seq_len, batch)
+  m = lm.model
+  img = os.path.join(os.path.dirname(m.path), "toy.png")
+  lm.task_dict["toy"]["test"][0]["image"].save(img)
+  rec = {"id": "r", "image": img, "conversations": [
+      {"from": "human", "value": "<image>\n" + ctx}, {"from": "gpt", "value": cands[0]}],
+      "qa": [{"answer": cands[0], "candidates": cands}]}
+  qs = closed_qa.closed_questions([rec])
+  exs, owners, _ = closed_qa.build_examples(
+      [rec], qs, m.tokenizer, template=m.cfg.template, q=m.q,
+      num_image_tokens=m.cfg.num_image_tokens, seq_len=256, max_questions=1,
+      max_instruct_len=m.cfg.max_instruct_len)
+  ref = closed_qa.score_examples(m.params, m.cfg, exs,
+                                 closed_qa.image_loader([rec], "", m.cfg.vision.image_size),
+                                 batch_size=2)
+  np.testing.assert_allclose([lp for lp, _ in out], ref, rtol=1e-4, atol=1e-4)
+  # is_greedy: every continuation token is the full forward's argmax
+  batch = {k: np.stack([e[k] for e in exs]) for k in exs[0] if k != "record_index"}
+  batch["images"] = np.stack([closed_qa.image_loader([rec], "", m.cfg.vision.image_size)(0)] * 2)
+  logits, _ = jax.jit(lambda p, b: fusion.apply(p, b, m.cfg, train=False))(m.params, batch)
+  pred = np.argmax(np.asarray(logits)[:, :-1], -1)
+  labels = batch["labels"][:, 1:]
+  expect = [bool(np.all(pred[i][labels[i] >= 0] == labels[i][labels[i] >= 0])) for i in range(2)]
+  assert [g for _, g in out] == expect
+
+
+def test_registration_entry_point_and_lmms_subclass(monkeypatch):
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    eps = tomllib.load(f)["project"]["entry-points"]["lmms_eval.models"]
+  assert eps == {"fusion_jax": "fusion_jax.eval.lmms_eval_model:manifest"}
+
+  # Stand-ins for the lmms-eval modules the plugin touches (lmms base, registry, manifest).
+  class lmms:  # noqa: N801 - lmms-eval's name
+    is_simple = True
+
+    def __init__(self):
+      self._rank, self._world_size, self.task_dict, self.cache_hook = 0, 1, {}, None
+
+  registered = {}
+
+  def register_model(*names):
+    def deco(cls):
+      assert issubclass(cls, lmms)
+      registered.update({n: cls for n in names})
+      return cls
+    return deco
+
+  @dataclasses.dataclass(frozen=True)
+  class ModelManifest:
+    model_id: str
+    simple_class_path: str | None = None
+    chat_class_path: str | None = None
+
+  mods = {"lmms_eval": types.ModuleType("lmms_eval"),
+          "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+          "lmms_eval.api.model": types.SimpleNamespace(lmms=lmms),
+          "lmms_eval.api.registry": types.SimpleNamespace(register_model=register_model),
+          "lmms_eval.models": types.ModuleType("lmms_eval.models"),
+          "lmms_eval.models.registry_v2": types.SimpleNamespace(ModelManifest=ModelManifest)}
+  for name, mod in mods.items():
+    monkeypatch.setitem(sys.modules, name, mod)
+  try:
+    mod = importlib.reload(lem)
+    assert issubclass(mod.FusionJax, lmms) and mod.FusionJax.is_simple
+    assert registered == {"fusion_jax": mod.FusionJax}
+    man = importlib.import_module("fusion_jax.eval.lmms_eval_model").manifest()
+    assert man.model_id == "fusion_jax" and man.chat_class_path is None
+    module, cls = man.simple_class_path.rsplit(".", 1)
+    assert getattr(importlib.import_module(module), cls) is mod.FusionJax
+  finally:
+    monkeypatch.undo()
+    importlib.reload(lem)
+  assert not issubclass(lem.FusionJax, lmms)
