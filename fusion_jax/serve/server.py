@@ -1,0 +1,159 @@
+"""The OpenAI-compatible HTTP server (stdlib ThreadingHTTPServer).
+
+  POST /v1/chat/completions   chat request (fusion_jax/serve/chat.py) -> chat.completion
+  GET  /v1/models             the one served model
+  GET  /health                {"status": "ok", ...}
+
+Each connection has its own thread: it reads and validates the request (JSON, images decoded,
+prompt encoded and checked against the limits), so a bad request is answered 400 without
+reaching the model; good ones wait in the Batcher. Errors are JSON bodies
+{"error": {"message", "type", "code"}}: 400 bad request (malformed, oversized, unsupported),
+404 unknown path, 503 queue full, 504 timeout, 500 generation failure. No request can stop the
+server: every handler error becomes a response.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from absl import logging
+
+from fusion_jax.data.errors import BadSample
+from fusion_jax.serve.batcher import Batcher, QueueFull
+from fusion_jax.serve.chat import ChatLimits, RequestError, chat_record, sampling_params
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               500: "server_error", 503: "server_busy", 504: "timeout"}
+
+
+class FusionServer(ThreadingHTTPServer):
+  """ThreadingHTTPServer holding the Batcher, the model name and the request limits."""
+  daemon_threads = True
+  allow_reuse_address = True
+
+  def __init__(self, address: tuple[str, int], batcher: Batcher, *, model_name: str,
+               limits: ChatLimits, max_body_bytes: int = 32 * 2**20,
+               request_timeout_s: float = 600.0):
+    super().__init__(address, _Handler)
+    self.batcher, self.model_name, self.limits = batcher, model_name, limits
+    self.max_body_bytes, self.request_timeout_s = int(max_body_bytes), float(request_timeout_s)
+    self.created = int(time.time())
+
+  @property
+  def url(self) -> str:
+    host, port = self.server_address[:2]
+    return f"http://{host}:{port}"
+
+  def start(self) -> threading.Thread:
+    """serve_forever in a daemon thread (tests, notebooks); returns the thread."""
+    t = threading.Thread(target=self.serve_forever, name="fusion-http", daemon=True)
+    t.start()
+    return t
+
+
+class _Handler(BaseHTTPRequestHandler):
+  server: FusionServer
+  protocol_version = "HTTP/1.1"
+
+  def log_message(self, fmt: str, *args: Any) -> None:  # absl instead of stderr lines
+    logging.info("%s " + fmt, self.address_string(), *args)
+
+  def _send(self, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(data)))
+    if status >= 400:
+      self.send_header("Connection", "close")
+      self.close_connection = True
+    self.end_headers()
+    self.wfile.write(data)
+
+  def _error(self, status: int, message: str) -> None:
+    self._send(status, {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
+                                  "param": None, "code": status}})
+
+  def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    try:
+      path = self.path.split("?", 1)[0].rstrip("/")
+      if path == "/health":
+        st = self.server.batcher.stats
+        self._send(200, {"status": "ok", "model": self.server.model_name,
+                         "batches": st.batches, "requests": st.requests,
+                         "largest_batch": st.largest})
+      elif path == "/v1/models":
+        self._send(200, {"object": "list", "data": [{
+            "id": self.server.model_name, "object": "model", "created": self.server.created,
+            "owned_by": "fusion_jax"}]})
+      else:
+        self._error(404, f"no route GET {path}; try /health, /v1/models, "
+                         "POST /v1/chat/completions")
+    except Exception as e:  # noqa: BLE001 - answer, never die
+      logging.exception("GET %s failed", self.path)
+      self._error(500, f"internal error: {e}")
+
+  def do_POST(self) -> None:  # noqa: N802
+    try:
+      path = self.path.split("?", 1)[0].rstrip("/")
+      if path != "/v1/chat/completions":
+        self._error(404, f"no route POST {path}; use /v1/chat/completions")
+        return
+      self._send(200, self._chat(self._body()))
+    except RequestError as e:
+      self._error(e.status, str(e))
+    except QueueFull as e:
+      self._error(503, str(e))
+    except TimeoutError as e:
+      self._error(504, str(e))
+    except Exception as e:  # noqa: BLE001 - answer, never die
+      logging.exception("POST %s failed", self.path)
+      self._error(500, f"generation failed: {e}")
+
+  def _body(self) -> Any:
+    length = self.headers.get("Content-Length")
+    if length is None or not length.strip().isdigit():
+      raise RequestError("a Content-Length header is required")
+    n = int(length)
+    if n > self.server.max_body_bytes:
+      self._drain(n)
+      raise RequestError(f"request body of {n} bytes exceeds the limit of "
+                         f"{self.server.max_body_bytes}")
+    raw = self.rfile.read(n)
+    try:
+      return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+  def _drain(self, n: int) -> None:
+    """Reads (and drops) a refused body so the client gets the 400 instead of a reset; a huge
+    one is not read (the connection closes)."""
+    if n <= 8 * self.server.max_body_bytes:
+      while n > 0:
+        chunk = self.rfile.read(min(n, 2**20))
+        if not chunk:
+          break
+        n -= len(chunk)
+
+  def _chat(self, req: Any) -> dict[str, Any]:
+    rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+    record = chat_record(req, self.server.limits, rid)
+    sampling = sampling_params(req, self.server.limits)
+    if sampling.seed is None and sampling.temperature > 0:
+      sampling = dataclasses.replace(sampling, seed=uuid.uuid4().int % 2**32)
+    try:
+      self.server.batcher.generator.check(record, sampling)
+    except (BadSample, ValueError) as e:
+      raise RequestError(str(e)) from None
+    c = self.server.batcher.submit(record, sampling, timeout_s=self.server.request_timeout_s)
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()),
+        "model": req.get("model") or self.server.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": None, "finish_reason": c.finish_reason}],
+        "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                  "total_tokens": c.prompt_tokens + c.completion_tokens}}
