@@ -58,6 +58,8 @@ def test_resolve_image_path_confines_to_root(hostile_root):
     assert e.value.reason == "image_outside_root" and e.value.source == "data.json:3 (id r3)"
   with pytest.raises(BadSample, match="allow_absolute_image_paths"):
     resolve(outside, root)
+  with pytest.raises(BadSample, match="through a symlink"):
+    resolve("img/escape.png", root)
   assert resolve(outside, root, allow_absolute=True) == outside
   with pytest.raises(BadSample, match="outside the image root"):  # relative stays confined
     resolve("../outside.png", root, allow_absolute=True)

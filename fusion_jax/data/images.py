@@ -72,9 +72,12 @@ def resolve_image_path(image: str, root: str, *, allow_absolute: bool = False,
   base = os.path.realpath(root or os.getcwd())
   path = os.path.realpath(os.path.join(base, image))
   if os.path.commonpath([base, path]) != base:
+    lexical = os.path.normpath(os.path.join(base, image))
+    how = (" through a symlink (point data.image_root at the real folder, or put the data "
+           "under it)" if os.path.commonpath([base, lexical]) == base else "")
     raise BadSample("image_outside_root",
-                    f"image path {image!r} resolves to {path}, outside the image root {base}",
-                    source)
+                    f"image path {image!r} resolves to {path}, outside the image root "
+                    f"{base}{how}", source)
   return path
 
 
