@@ -20,13 +20,16 @@ def test_tsv_end_to_end(model_dir, tmp_path, capsys):
            "image": png_b64((40 * i, 20, 200))} for i in range(3)]
   rows.append({"index": 9, "question": "Broken?", "A": "x", "B": "y", "answer": "A",
                "image": "%" * 100})
+  rows.append({"index": 10, "question": "Long? " * 300, "A": "x", "B": "y", "answer": "A",
+               "image": png_b64()})  # over the model's 512 positions
   data = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows, MMB_COLS)
   out = str(tmp_path / "res" / "mmbench.json")
   bench.main(["--workdir", model_dir, "--benchmark", "MMBench_DEV_EN", "--data", str(data),
               "--out", out, "--batch_size", "2", "--max_new_tokens", "3"])
   rep = json.load(open(out))
-  assert rep["count"] == 3 and rep["skipped"] == 1
-  assert rep["skipped_rows"][0]["index"] == "9"
+  assert rep["count"] == 3 and rep["skipped"] == 2
+  assert [s["index"] for s in rep["skipped_rows"]] == ["9", "10"]
+  assert "the limit is 512" in rep["skipped_rows"][1]["reason"]
   assert set(rep["categories"]) == {"color", "count"}
   preds = rep["predictions"]
   assert len(preds) == 3 and all(isinstance(p["prediction"], str) for p in preds)
@@ -36,7 +39,7 @@ def test_tsv_end_to_end(model_dir, tmp_path, capsys):
   assert "skipped 9:" in printed and "overall" in printed
 
 
-def test_jsonl_end_to_end_and_bucketed_answers_match(model_dir, tmp_path):
+def test_jsonl_end_to_end_answers_match_generate(model_dir, tmp_path):
   os.makedirs(tmp_path / "img")
   for i, color in enumerate([(250, 0, 0), (0, 0, 250)]):
     Image.new("RGB", (30, 20), color).save(tmp_path / "img" / f"{i}.png")
@@ -52,14 +55,16 @@ def test_jsonl_end_to_end_and_bucketed_answers_match(model_dir, tmp_path):
   rep = json.load(open(out))
   assert rep["count"] == 3 and rep["skipped"] == 0
   assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= set(rep["metrics"])
-  # the length-bucketed answers are the answers of an unbucketed batch at the model's seq_len
+  # sorted, chunked, images decoded here: the same answers as generate.answer on the files
   from fusion_jax.infer.generate import answer
   model = bench_model.load(model_dir)
   prompts = [(bench.get_benchmark("pope").prompt(r), str(tmp_path / "img" / f"{i % 2}.png"))
              for i, r in enumerate(bench.read_rows(str(tmp_path / "q.jsonl"),
                                                    answers=str(tmp_path / "a.jsonl"),
                                                    image_root=str(tmp_path / "img"))[0])]
-  recs = [bench_model._record(t, im, i) for i, (t, im) in enumerate(prompts)]
+  recs = [{"id": str(i), "image": im, "conversations": [{"from": "human",
+                                                        "value": "<image>\n" + t}]}
+          for i, (t, im) in enumerate(prompts)]
   ref = answer(model.params, model.cfg, model.tokenizer, recs, q=model.q,
                seq_len=model.seq_len, max_questions=1, max_new_tokens=3, batch_size=2)
   assert [p["prediction"] for p in rep["predictions"]] == ref

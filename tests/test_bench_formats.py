@@ -9,6 +9,7 @@ from PIL import Image
 
 from fusion_jax.eval import bench, bench_formats, bench_prompts
 from fusion_jax.eval.bench_formats import Row
+from fusion_jax.eval.bench_model import Refused
 from tests.bench_fixtures import MMB_COLS, png_b64, write_tsv
 
 
@@ -129,12 +130,12 @@ def test_evaluate_rows_skips_unaskable_rows_and_circular_groups():
 
   def predict(prompts):
     asked.extend(p for p, _ in prompts)
-    return ["A" if "q1" in p else None for p, _ in prompts]  # q2's prompt "does not fit"
+    return ["A" if "q1" in p else Refused("too long") for p, _ in prompts]  # q2 does not fit
 
   rep = bench.evaluate_rows(mmb, rows, predict)
   assert len(asked) == 2                                     # circular copy not asked
   assert rep["metrics"] == {"accuracy": 1.0, "count": 1}
-  assert rep["skipped"] == [("2", "prompt longer than the model's seq_len")]
+  assert rep["skipped"] == [("2", "too long")]
   asked.clear()
   rep = bench.evaluate_rows(mmb, rows, predict, circular=True)
   # q1: the file's copy (index 1000001) answered 'A' but its answer is 'B' -> q1 wrong;

@@ -66,7 +66,8 @@ def test_generate_until_requests(lm, monkeypatch):
 
   def fake_generate(model, prompts, *, max_new_tokens, batch_size):
     calls.append((max_new_tokens, batch_size, prompts))
-    return [None if t == "too long" else f"{t}|ASSISTANT: more" for t, _ in prompts]
+    return [bench_model.Refused("too long") if t == "too long" else f"{t}|ASSISTANT: more"
+            for t, _ in prompts]
 
   monkeypatch.setattr(bench_model, "generate", fake_generate)
   reqs = [Instance("generate_until", ("a", gk, _visual, 1, "toy", "test"), 0),

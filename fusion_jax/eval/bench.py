@@ -108,9 +108,10 @@ def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list
                   list[str | None]], *, circular: bool = False) -> dict[str, Any]:
   """Asks `predict` every row's prompt and scores the answers.
 
-  predict: [(prompt text, image)] -> answers (None: the prompt could not be asked).
-  Returns the scorer's report plus `skipped` [(index, reason)] for unasked rows.
+  predict: [(prompt text, image)] -> answers (bench_model.Refused: the prompt could not be
+  asked). Returns the scorer's report plus `skipped` [(index, reason)] for unasked rows.
   """
+  from fusion_jax.eval.bench_model import Refused
   rows = list(rows)
   if bench.multiple_choice:
     rows = (bench_metrics.circular_rows(rows) if circular
@@ -118,15 +119,16 @@ def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list
   elif circular:
     raise ValueError(f"--circular applies to multiple-choice benchmarks, not {bench.name}")
   preds = predict([(bench.prompt(r), r.image) for r in rows])
-  skipped = [(r.index, "prompt longer than the model's seq_len") for r, p in zip(rows, preds)
-             if p is None]
+  refused = [isinstance(p, Refused) for p in preds]
+  skipped = [(r.index, p.reason) for r, p, no in zip(rows, preds, refused) if no]
   if circular:  # a question with an unasked rotation cannot be scored
-    lost = {bench_formats.group_index(rows[i]) for i, p in enumerate(preds) if p is None}
+    lost = {bench_formats.group_index(rows[i]) for i, no in enumerate(refused) if no}
     keep = [i for i, r in enumerate(rows) if bench_formats.group_index(r) not in lost]
+    kept = set(keep)
     skipped += [(rows[i].index, "another rotation of this question could not be asked")
-                for i in range(len(rows)) if i not in set(keep) and preds[i] is not None]
+                for i in range(len(rows)) if i not in kept and not refused[i]]
   else:
-    keep = [i for i, p in enumerate(preds) if p is not None]
+    keep = [i for i, no in enumerate(refused) if not no]
   kept_rows, kept_preds = [rows[i] for i in keep], [preds[i] for i in keep]
   if not kept_rows:
     raise ValueError(f"{bench.name}: no row could be scored ({len(skipped)} skipped)")

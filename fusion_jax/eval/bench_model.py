@@ -1,16 +1,16 @@
 """A loaded FUSION model asked benchmark prompts: greedy answers and continuation scores.
 
-A prompt is (text, image) with image = encoded bytes, a file path, a PIL image or None. Images
-that are not files already go to a temporary directory (the generation and scoring batch
-builders read image files). Prompts are sorted by length and cut into length buckets
-(multiples of BUCKET positions, at most the model's seq_len), so a benchmark compiles a handful
-of shapes instead of padding every prompt to the model's longest layout; a prompt longer than
-the model's seq_len is refused with a reason instead of truncated.
+A prompt is (text, image) with image = encoded bytes, a file path, a PIL image or None; images
+are decoded to static_hd crops per chunk of prompts (never a whole benchmark at once).
+Generation goes through fusion_jax.infer.generate.Generator (shape buckets, stop tokens);
+prompts are sorted by length first so batches hold similar lengths. A prompt the model cannot
+take (longer than its seq_len, an undecodable image, ...) comes back as `Refused` with the
+reason instead of being truncated.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,13 +20,20 @@ import numpy as np
 
 from fusion_jax.data.conversation import encode_conversation
 from fusion_jax.data.errors import BadSample
-from fusion_jax.data.images import load_static_hd, text_only_images
+from fusion_jax.data.images import load_static_hd, static_hd_crops, text_only_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.data.tokenizer import IMAGE_MARKER
 from fusion_jax.models import fusion
 
-BUCKET = 128  # prompt lengths are padded to a multiple of this (one compile per bucket)
+BUCKET = 128  # scoring: sequence lengths padded to a multiple of this (one compile per bucket)
+CHUNK_BATCHES = 16  # prompts whose images are decoded at a time, in batches
 Prompt = tuple[str, Any]  # (text, image bytes | path | PIL image | None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+  """A prompt the model cannot take, and why."""
+  reason: str
 
 
 def load(path: str, *, step: int | None = None, dtype: str | None = None) -> Any:
@@ -36,67 +43,75 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None) -> Any
   return load_model(path, step=step, dtype=dtype)
 
 
-def _image_file(image: Any, tmp: str, i: int) -> str | None:
-  """A file path for a prompt's image (None: text-only)."""
-  if image is None:
-    return None
-  if isinstance(image, (str, os.PathLike)):
-    return os.path.abspath(os.fspath(image))
-  path = os.path.join(tmp, f"{i}.img")
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    with open(path, "wb") as f:
-      f.write(bytes(image))
-  else:  # a PIL image
-    image.convert("RGB").save(path, format="PNG")
-  return path
+def crops(image: Any, size: int, source: str = "") -> np.ndarray:
+  """uint8 (5, size, size, 3) static_hd crops of encoded bytes, a file path or a PIL image."""
+  if isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
+    return load_static_hd(image, size, source=source)
+  return static_hd_crops(image.convert("RGB"), size)
 
 
-def _record(text: str, image_path: str | None, i: int, answer: str | None = None
-            ) -> dict[str, Any]:
+def _record(text: str, has_image: bool, i: int, answer: str | None = None) -> dict[str, Any]:
+  """A one-question LLaVA record; "image" only marks that there is one (crops go in
+  "images")."""
   text = text.replace(IMAGE_MARKER, "").strip()
   rec: dict[str, Any] = {"id": f"prompt {i}", "conversations": [
-      {"from": "human", "value": f"{IMAGE_MARKER}\n{text}" if image_path else text}]}
-  if image_path:
-    rec["image"] = image_path
+      {"from": "human", "value": f"{IMAGE_MARKER}\n{text}" if has_image else text}]}
+  if has_image:
+    rec["image"] = "<decoded>"
   if answer is not None:
     rec["conversations"].append({"from": "gpt", "value": answer})
   return rec
 
 
+def generate(model: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 16,
+             batch_size: int = 8, progress: Callable[[int, int], None] | None = None
+             ) -> list[str | Refused]:
+  """Greedy answers in prompt order (`Refused` for a prompt the model cannot take)."""
+  from fusion_jax.infer.generate import Generator, SamplingParams
+  size = model.cfg.vision.image_size
+  gen = Generator(model.params, model.cfg, model.tokenizer, q=model.q, max_questions=1,
+                  max_seq_len=model.seq_len, max_batch=batch_size, max_new_tokens=max_new_tokens)
+  sp = SamplingParams(max_new_tokens=max_new_tokens)
+  out: list[Any] = [None] * len(prompts)
+  recs = [_record(t, im is not None, i) for i, (t, im) in enumerate(prompts)]
+  lengths = {}
+  for i, rec in enumerate(recs):
+    try:
+      lengths[i] = gen.check(rec, sp, i)[1]
+    except ValueError as e:  # too long, LongRoPE crossing, bad conversation (BadSample)
+      out[i] = Refused(str(e))
+  order = sorted(lengths, key=lengths.get)
+  done = len(prompts) - len(order)
+  for start in range(0, len(order), CHUNK_BATCHES * batch_size):
+    part, ready = [], []
+    for i in order[start:start + CHUNK_BATCHES * batch_size]:
+      rec = dict(recs[i])
+      image = prompts[i][1]
+      if image is not None:
+        try:
+          rec["images"] = crops(image, size, source=rec["id"])
+        except BadSample as e:
+          out[i] = Refused(str(e))
+          continue
+        del rec["image"]
+      part.append(i)
+      ready.append(rec)
+    for i, c in zip(part, gen.generate(ready, sp)):
+      out[i] = c.text
+    done += len(order[start:start + CHUNK_BATCHES * batch_size])
+    if progress:
+      progress(done, len(prompts))
+  return out
+
+
 def _buckets(lengths: Sequence[int], seq_len: int) -> dict[int, list[int]]:
-  """bucket length -> indices of the prompts padded to it (prompts over seq_len left out)."""
+  """bucket length -> indices of the items padded to it (items over seq_len left out)."""
   out: dict[int, list[int]] = {}
   for i in np.argsort(lengths, kind="stable"):
     n = int(lengths[i])
     if n > seq_len:
       continue
     out.setdefault(min(-(-n // BUCKET) * BUCKET, seq_len), []).append(int(i))
-  return out
-
-
-def generate(model: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 16,
-             batch_size: int = 8, progress: Callable[[int, int], None] | None = None
-             ) -> list[str | None]:
-  """Greedy answers, in prompt order; None for a prompt longer than the model's seq_len."""
-  from fusion_jax.infer.generate import answer
-  cfg, tok = model.cfg, model.tokenizer
-  out: list[str | None] = [None] * len(prompts)
-  with tempfile.TemporaryDirectory() as tmp:
-    recs = [_record(t, _image_file(im, tmp, i), i) for i, (t, im) in enumerate(prompts)]
-    lengths = [encode_conversation(r, tok, cfg.template, add_generation_prompt=True)
-               .length(model.q, cfg.num_image_tokens) for r in recs]
-    done = 0
-    for seq_len, idx in _buckets(lengths, model.seq_len).items():
-      for start in range(0, len(idx), 64 * batch_size):  # progress every 64 batches
-        part = idx[start:start + 64 * batch_size]
-        answers = answer(model.params, cfg, tok, [recs[i] for i in part], image_root="",
-                         q=model.q, seq_len=seq_len, max_questions=1,
-                         max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(part)))
-        for i, a in zip(part, answers):
-          out[i] = a
-        done += len(part)
-        if progress:
-          progress(done, len(prompts))
   return out
 
 
@@ -119,9 +134,9 @@ def make_continuation_scorer(cfg: fusion.FusionConfig
 
 
 def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_size: int = 8
-                  ) -> list[tuple[float, bool] | None]:
+                  ) -> list[tuple[float, bool] | Refused]:
   """(log p(continuation | context, image), continuation is the greedy answer) per
-  (context, continuation, image); None for a pair that does not fit the model's seq_len.
+  (context, continuation, image); `Refused` for a pair longer than the model's seq_len.
 
   The continuation is scored as the model's answer turn: its tokens and the template's end
   token (as lmms-eval's llava scores the answer message), with one full forward (interaction
@@ -130,32 +145,29 @@ def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_si
   cfg, tok = model.cfg, model.tokenizer
   score = make_continuation_scorer(cfg)
   size = cfg.vision.image_size
-  out: list[tuple[float, bool] | None] = [None] * len(items)
-  with tempfile.TemporaryDirectory() as tmp:
-    encs, paths = [], []
-    for i, (ctx, cont, im) in enumerate(items):
-      path = _image_file(im, tmp, i)
-      enc = encode_conversation(_record(ctx, path, i, answer=cont), tok, cfg.template)
-      encs.append(enc)
-      paths.append(path)
-    lengths = [e.length(model.q, cfg.num_image_tokens) for e in encs]
-    for seq_len, idx in _buckets(lengths, model.seq_len).items():
-      for start in range(0, len(idx), batch_size):
-        part = idx[start:start + batch_size]
-        rows = []
-        for i in part:
-          try:
-            ex = layout_sample(encs[i], q=model.q, num_image_tokens=cfg.num_image_tokens,
-                               seq_len=seq_len, max_questions=1,
-                               max_instruct_len=cfg.max_instruct_len, pad_id=tok.pad_id)
-          except BadSample as e:
-            raise ValueError(f"loglikelihood item {i}: {e}") from e
-          ex["images"] = (load_static_hd(paths[i], size, source=f"item {i}") if paths[i]
-                          else text_only_images(size))
-          rows.append(ex)
-        rows += [rows[-1]] * (batch_size - len(rows))
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        logp, greedy = jax.device_get(score(model.params, batch))
-        for j, i in enumerate(part):
-          out[i] = (float(logp[j]), bool(greedy[j]))
+  out: list[Any] = [None] * len(items)
+  encs = [encode_conversation(_record(ctx, im is not None, i, answer=cont), tok, cfg.template)
+          for i, (ctx, cont, im) in enumerate(items)]
+  lengths = [e.length(model.q, cfg.num_image_tokens) for e in encs]
+  for i, n in enumerate(lengths):
+    if n > model.seq_len:
+      out[i] = Refused(f"prompt {i}: context + continuation take {n} positions; the limit is "
+                       f"{model.seq_len} (seq_len)")
+  for seq_len, idx in _buckets(lengths, model.seq_len).items():
+    for start in range(0, len(idx), batch_size):
+      part = idx[start:start + batch_size]
+      rows = []
+      for i in part:
+        ex = layout_sample(encs[i], q=model.q, num_image_tokens=cfg.num_image_tokens,
+                           seq_len=seq_len, max_questions=1,
+                           max_instruct_len=cfg.max_instruct_len, pad_id=tok.pad_id)
+        image = items[i][2]
+        ex["images"] = (crops(image, size, source=f"prompt {i}") if image is not None
+                        else text_only_images(size))
+        rows.append(ex)
+      rows += [rows[-1]] * (batch_size - len(rows))
+      batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+      logp, greedy = jax.device_get(score(model.params, batch))
+      for j, i in enumerate(part):
+        out[i] = (float(logp[j]), bool(greedy[j]))
   return out

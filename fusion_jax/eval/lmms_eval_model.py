@@ -136,9 +136,9 @@ class FusionJax(_Base):
       answers = bench_model.generate(self.model, prompts, max_new_tokens=max_new,
                                      batch_size=self.batch_size)
       for i, a in zip(idx, answers):
-        if a is None:
-          self._warn_once("long", f"fusion_jax: a {args[i][4]} prompt is longer than the "
-                          f"model's seq_len ({self.model.seq_len}); answered ''")
+        if isinstance(a, bench_model.Refused):
+          log.warning("fusion_jax: %s request %s answered '': %s", args[i][4], args[i][3],
+                      a.reason)
           a = ""
         out[i] = cut_at_stop(a, dict(args[i][1] or {}).get("until"))
         if getattr(self.cache_hook, "add_partial", None):
@@ -154,9 +154,8 @@ class FusionJax(_Base):
     scored = bench_model.loglikelihood(self.model, items, batch_size=self.batch_size)
     out = []
     for (ctx, cont, _), s in zip(items, scored):
-      if s is None:
-        self._warn_once("long", "fusion_jax: a context + continuation is longer than the "
-                        f"model's seq_len ({self.model.seq_len}); scored -inf")
+      if isinstance(s, bench_model.Refused):
+        log.warning("fusion_jax: loglikelihood scored -inf: %s", s.reason)
         s = (float("-inf"), False)
       out.append(s)
       if getattr(self.cache_hook, "add_partial", None):
