@@ -60,13 +60,13 @@ def test_generate_until_requests(lm, monkeypatch):
                              max_new_tokens=4, batch_size=2)
   assert out == ref and all(isinstance(a, str) for a in out)
 
-  # Request handling, with the generator replaced by a recorder: one pass per max_new_tokens,
-  # answers back in request order, cut at the first stop string, '' for a prompt too long.
-  calls = []
+  # Request handling, with the generator replaced by a recorder: one pass per (max_new_tokens,
+  # stop strings), answers back in request order, '' for a refused prompt.
+  calls = {}
 
-  def fake_generate(model, prompts, *, max_new_tokens, batch_size):
-    calls.append((max_new_tokens, batch_size, prompts))
-    return [bench_model.Refused("too long") if t == "too long" else f"{t}|ASSISTANT: more"
+  def fake_generate(model, prompts, *, max_new_tokens, stop, batch_size):
+    calls[(max_new_tokens, stop)] = (batch_size, prompts)
+    return [bench_model.Refused("too long") if t == "too long" else t.upper()
             for t, _ in prompts]
 
   monkeypatch.setattr(bench_model, "generate", fake_generate)
@@ -75,14 +75,12 @@ def test_generate_until_requests(lm, monkeypatch):
                                       "test"), 1),
           Instance("generate_until", ("c", {"until": ["x", "more"]}, _visual, 0, "toy", "test"), 2),
           Instance("generate_until", ("too long", gk, _visual, 0, "toy", "test"), 3)]
-  out = lm.generate_until(reqs)
-  assert out == ["a|", "b", "c|ASSISTANT: ", ""]
-  by_len = {n: (bs, p) for n, bs, p in calls}
-  assert sorted(by_len) == [4, 7, 128]                     # lmms-eval's default: 128 tokens
-  assert by_len[4][1] == [("a", docs[1]["image"]), ("too long", docs[0]["image"])]
-  assert by_len[7][1] == [("b", None)] and by_len[4][0] == 2
-  assert lem.cut_at_stop("yes</s> more", ["</s>", "ASSISTANT:"]) == "yes"
-  assert lem.cut_at_stop("abc", "x") == "abc"
+  assert lm.generate_until(reqs) == ["A", "B", "C", ""]
+  assert sorted(calls) == [(4, ("ASSISTANT:",)), (7, ("|",)), (128, ("x", "more"))]
+  batch_size, prompts = calls[(4, ("ASSISTANT:",))]
+  assert batch_size == 2
+  assert prompts == [("a", docs[1]["image"]), ("too long", docs[0]["image"])]
+  assert calls[(7, ("|",))][1] == [("b", None)]
 
 
 def test_loglikelihood_matches_candidate_scoring(lm):

@@ -64,14 +64,15 @@ def _record(text: str, has_image: bool, i: int, answer: str | None = None) -> di
 
 
 def generate(model: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 16,
-             batch_size: int = 8, progress: Callable[[int, int], None] | None = None
-             ) -> list[str | Refused]:
-  """Greedy answers in prompt order (`Refused` for a prompt the model cannot take)."""
+             batch_size: int = 8, stop: Sequence[str] = (),
+             progress: Callable[[int, int], None] | None = None) -> list[str | Refused]:
+  """Greedy answers in prompt order, each cut before the first of `stop` (`Refused` for a
+  prompt the model cannot take)."""
   from fusion_jax.infer.generate import Generator, SamplingParams
   size = model.cfg.vision.image_size
   gen = Generator(model.params, model.cfg, model.tokenizer, q=model.q, max_questions=1,
                   max_seq_len=model.seq_len, max_batch=batch_size, max_new_tokens=max_new_tokens)
-  sp = SamplingParams(max_new_tokens=max_new_tokens)
+  sp = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(s for s in stop if s))
   out: list[Any] = [None] * len(prompts)
   recs = [_record(t, im is not None, i) for i, (t, im) in enumerate(prompts)]
   lengths = {}

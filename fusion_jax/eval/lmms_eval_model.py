@@ -12,8 +12,8 @@ tested here without installing lmms-eval (which pins another torch than this pro
 
 A simple (is_simple = True) lmms model; requests carry lmms-eval Instance.args:
   generate_until: (context, gen_kwargs, doc_to_visual, doc_id, task, split) -> greedy answer,
-    cut at the first of gen_kwargs["until"]; max_new_tokens honoured; sampling settings ignored
-    (FUSION is evaluated greedily).
+    ended by the first of gen_kwargs["until"] (stop strings); max_new_tokens honoured (default
+    128); sampling settings ignored (FUSION is evaluated greedily).
   loglikelihood: (context, doc_to_target, doc_to_visual, doc_id, task, split) -> (log p of the
     continuation as the answer turn, whether greedy decoding produces it), one full forward
     (fusion_jax.eval.bench_model.loglikelihood).
@@ -80,11 +80,9 @@ def _as_int(value: Any, default: int) -> int:
     return default
 
 
-def cut_at_stop(text: str, until: Any) -> str:
-  """`text` up to the first occurrence of any stop string in `until` (str or list)."""
-  stops = [until] if isinstance(until, str) else list(until or ())
-  cut = min((text.find(s) for s in stops if s and s in text), default=len(text))
-  return text[:cut]
+def stop_strings(until: Any) -> tuple[str, ...]:
+  """lmms-eval's gen_kwargs["until"] (a string or a list of them) as a tuple."""
+  return tuple(s for s in ([until] if isinstance(until, str) else list(until or ())) if s)
 
 
 @_register(MODEL_ID)
@@ -125,22 +123,24 @@ class FusionJax(_Base):
     """Greedy answers to (context, gen_kwargs, doc_to_visual, doc_id, task, split) requests."""
     args = [r.args for r in requests]
     out = [""] * len(args)
-    by_len: dict[int, list[int]] = {}  # max_new_tokens -> requests (one generation pass each)
+    # (max_new_tokens, stop strings) -> requests: one generation pass each
+    groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
     for i, (_, gen_kwargs, *_rest) in enumerate(args):
       gk = dict(gen_kwargs or {})
       if float(gk.get("temperature", 0) or 0) > 0 or gk.get("do_sample"):
         self._warn_once("sample", "fusion_jax: sampling settings ignored; answers are greedy")
-      by_len.setdefault(_as_int(gk.get("max_new_tokens"), 128), []).append(i)
-    for max_new, idx in by_len.items():
+      key = (_as_int(gk.get("max_new_tokens"), 128), stop_strings(gk.get("until")))
+      groups.setdefault(key, []).append(i)
+    for (max_new, stop), idx in groups.items():
       prompts = [(args[i][0], self._doc_image(*args[i][2:6])) for i in idx]
-      answers = bench_model.generate(self.model, prompts, max_new_tokens=max_new,
+      answers = bench_model.generate(self.model, prompts, max_new_tokens=max_new, stop=stop,
                                      batch_size=self.batch_size)
       for i, a in zip(idx, answers):
         if isinstance(a, bench_model.Refused):
           log.warning("fusion_jax: %s request %s answered '': %s", args[i][4], args[i][3],
                       a.reason)
           a = ""
-        out[i] = cut_at_stop(a, dict(args[i][1] or {}).get("until"))
+        out[i] = a
         if getattr(self.cache_hook, "add_partial", None):
           self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), out[i])
     return out
