@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fusion_jax.infer.load import load_model, params_for_config
-from fusion_jax.models.llm import stack_layers
+from fusion_jax.models import param_layout
 from tests.model_fixtures import make_model_dir, make_workdir
 
 
@@ -67,11 +67,11 @@ def test_not_a_model(tmp_path):
 
 def test_params_for_config_converts_the_layer_layout(dirs):
   cfg, params = dirs["cfg"], dirs["params"]
-  scanned = {**params, "llm": stack_layers(params["llm"])}
-  _same(params_for_config(scanned, cfg), params)  # scanned storage -> unscanned config
   scan_cfg = cfg.replace(llm=cfg.llm.replace(scan_layers=True))
-  _same(params_for_config(params, scan_cfg), scanned)
-  assert params_for_config(params, cfg) is params
+  scanned = params_for_config(params, scan_cfg)  # unrolled storage -> scanned config
+  assert param_layout.is_scanned(scanned) and not param_layout.is_scanned(params)
+  _same(params_for_config(scanned, cfg), params)  # scanned storage -> unrolled config
+  _same(params_for_config(params, cfg), params)
 
 
 def test_infer_cli_on_a_model_dir(dirs):
@@ -87,3 +87,20 @@ def test_infer_cli_on_a_model_dir(dirs):
   lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
   assert len(lines) == 1 and isinstance(lines[0]["answer"], str)
   assert "fusion_tiny" in out.stdout
+
+
+def test_eval_on_a_model_dir(dirs, tmp_path):
+  from fusion_jax.eval.evaluate import run_eval
+  from PIL import Image
+  Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+  data = tmp_path / "heldout.json"
+  data.write_text(json.dumps([
+      {"id": "a", "image": "a.png", "category": "SynthColor",
+       "conversations": [{"from": "human", "value": "<image>\nWhat color is the ball?"},
+                         {"from": "gpt", "value": "red"}],
+       "qa": [{"answer": "red", "answer_type": "color", "candidates": ["red", "blue"]}]}]))
+  with pytest.raises(ValueError, match="is a model dir: pass --data FILE"):
+    run_eval(dirs["model_dir"], write=False)
+  out = run_eval(dirs["model_dir"], data=str(data), seq_len=128, batch_size=2, write=False)
+  assert out["step"] is None and out["q"] == max(dirs["cfg"].query_len)
+  assert out["categories"]["all"]["count"] == 1
