@@ -317,7 +317,7 @@ def _shape_mismatch(step_dir: epath.Path, target: TrainState) -> str:
     try:
       saved = _shapes(step_dir / item)
     except Exception as e:  # a corrupt _METADATA raises whatever its parser raises
-      raise CheckpointDamagedError(f"{item} metadata unreadable ({_short(e)})") from e
+      raise CheckpointDamagedError(f"{item} unreadable ({_short(e)})") from e
     want = {path_str(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     if item == "params":
