@@ -104,3 +104,25 @@ def test_eval_on_a_model_dir(dirs, tmp_path):
   out = run_eval(dirs["model_dir"], data=str(data), seq_len=128, batch_size=2, write=False)
   assert out["step"] is None and out["q"] == max(dirs["cfg"].query_len)
   assert out["categories"]["all"]["count"] == 1
+
+
+def test_authors_layout_round_trip_loads(dirs, tmp_path):
+  """export_torch (from a model dir and from a workdir --step) -> import_torch -> load_model:
+  the imported dir answers like its source (same config, weights, tokenizer); the import log
+  states the compute dtype."""
+  from fusion_jax.convert.export_torch import export_torch
+  from fusion_jax.convert.import_torch import import_torch
+  torch_dir = str(tmp_path / "torch_fusion_llama")
+  export_torch(dirs["model_dir"], torch_dir, allow_incompatible=True, log=lambda _: None)
+  logs = []
+  import_torch(torch_dir, str(tmp_path / "imported"), log=logs.append)
+  assert any(l.startswith("compute dtype: LLM float32, tower float32") for l in logs), logs
+  m = load_model(str(tmp_path / "imported"))
+  # The authors' config names no template: import picks it from the LLM (Llama -> llama_3);
+  # the test model pairs the tiny Llama with phi_3 for its tokenizer.
+  assert m.cfg.replace(template="phi_3") == dirs["cfg"] and os.path.isdir(m.tokenizer_path)
+  _same(m.params, dirs["params"])
+  run_dir = str(tmp_path / "torch_fusion_run")
+  export_torch(dirs["workdir"], run_dir, step=2, allow_incompatible=True, log=lambda _: None)
+  import_torch(run_dir, str(tmp_path / "imported_run"), log=lambda _: None)
+  _same(load_model(str(tmp_path / "imported_run")).params, dirs["saved"][2])
