@@ -150,9 +150,9 @@ class FusionSynth(tfds.core.GeneratorBasedBuilder):
       logging.warning("fusion_synth: skipped while preparing: %s", dict(skipped))
 
 
-def files_by_split(synth_dir: str) -> dict[str, list[str]]:
+def files_by_split(synth_dir: str, log: bool = True) -> dict[str, list[str]]:
   """{split: data files holding at least one record}; empty files and splits are left out
-  (TFDS cannot write a split without examples)."""
+  (TFDS cannot write a split without examples) and logged when `log`."""
   by_split: dict[str, list[str]] = collections.defaultdict(list)
   empty = []
   for f in find_json_files(synth_dir):
@@ -161,7 +161,7 @@ def files_by_split(synth_dir: str) -> dict[str, list[str]]:
       by_split[_split_of(_stem(f))].append(f)
     else:
       empty.append(f)
-  for f in empty:
+  for f in empty if log else ():
     split = _split_of(_stem(f))
     logging.warning("fusion_synth: %s holds no records; %s", f,
                     f"split {split!r} gets the other files only" if split in by_split else
@@ -220,7 +220,7 @@ def prepare(synth_dir: str, data_dir: str) -> FusionSynth:
   Raises ValueError (nothing left behind under `data_dir`) when `synth_dir` holds no record or
   when every record of a split is skipped.
   """
-  files_by_split(synth_dir)  # fails early, before anything is created
+  files_by_split(synth_dir, log=False)  # fails early, before anything is created
   existed = os.path.isdir(data_dir)
   before = _tree(data_dir, 3)
   try:
