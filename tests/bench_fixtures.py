@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import base64
 import csv
-import dataclasses
 import io
-import os
-import shutil
 
 from PIL import Image
 
@@ -31,22 +28,6 @@ def write_tsv(path, rows, columns):
 
 
 def tiny_model_dir(root: str) -> str:
-  """A random TINY FUSION model dir (phi_3 template) with its tokenizer, under root/model."""
-  import flax.linen as nn
-  import jax
-
-  from fusion_jax.convert.model_dir import TOKENIZER_NAME, save_model_dir
-  from fusion_jax.models import fusion
-  from fusion_jax.models.presets import TINY
-  from tests.pipeline_fixtures import make_tokenizer
-  tok = make_tokenizer(root)
-  cfg = dataclasses.replace(TINY, llm=TINY.llm.replace(vocab_size=len(tok), pad_token_id=tok.pad_id,
-                                                       initializer_range=0.5),
-                            template="phi_3")
-  batch = fusion.example_batch(cfg, batch_size=1, seq_len=64, max_questions=1, q=4)
-  # jitted: the persistent compile cache then makes every later init a few seconds
-  params = nn.meta.unbox(jax.jit(lambda k: fusion.init(k, cfg, batch)["params"])(jax.random.key(0)))
-  out = os.path.join(root, "model")
-  save_model_dir(out, params, cfg)
-  shutil.copytree(os.path.join(root, "tok"), os.path.join(out, TOKENIZER_NAME))
-  return out
+  """A random TINY FUSION model dir with its tokenizer (tests/model_fixtures.py)."""
+  from tests.model_fixtures import make_model_dir
+  return make_model_dir(root)[0]

@@ -1,12 +1,18 @@
-"""lmms-eval model `fusion_jax`: request handling with stand-ins of lmms-eval's Instance, and its
-registration (entry point + lmms subclass), without installing lmms-eval (it pins another torch).
+"""lmms-eval model `fusion_jax`: request handling with stand-ins of lmms-eval's Instance, its
+registration (entry point + lmms subclass), and the fallback route through the OpenAI-compatible
+server with the requests lmms-eval's `openai` model sends; all without installing lmms-eval
+(it would replace this project's torch).
 """
+import base64
 import dataclasses
 import importlib
+import io
+import json
 import os
 import sys
 import tomllib
 import types
+import urllib.request
 
 import jax
 import numpy as np
@@ -163,3 +169,48 @@ def test_registration_entry_point_and_lmms_subclass(monkeypatch):
     monkeypatch.undo()
     importlib.reload(lem)
   assert not issubclass(lem.FusionJax, lmms)
+
+
+def openai_payload(context, image, gen_kwargs, model_version="fusion_jax"):
+  """The request lmms-eval's `openai` model sends for a generate_until request
+  (lmms_eval/models/simple/openai.py, build_payload_for_index, commit 75571cf): the text part,
+  then each visual as a PNG data URL; max_tokens = max_new_tokens (default 1024); no stop."""
+  buf = io.BytesIO()
+  image.save(buf, format="PNG")
+  url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+  return {"model": model_version,
+          "messages": [{"role": "user", "content": [
+              {"type": "text", "text": context},
+              {"type": "image_url", "image_url": {"url": url}}]}],
+          "max_tokens": gen_kwargs.get("max_new_tokens", 1024),
+          "temperature": gen_kwargs.get("temperature", 0)}
+
+
+def test_openai_server_route_answers_like_the_model_class(lm):
+  from fusion_jax.infer.generate import Generator
+  from fusion_jax.serve.batcher import Batcher
+  from fusion_jax.serve.chat import ChatLimits
+  from fusion_jax.serve.server import FusionServer
+  m = lm.model
+  # the generator settings of bench_model.generate (one question per prompt): shared compiles
+  gen = Generator(m.params, m.cfg, m.tokenizer, q=m.q, max_questions=1, max_seq_len=m.seq_len,
+                  max_batch=2, max_new_tokens=4)
+  srv = FusionServer(("127.0.0.1", 0), Batcher(gen), model_name=m.name,
+                     limits=ChatLimits(image_size=m.cfg.vision.image_size))
+  srv.start()
+  try:
+    docs = lm.task_dict["toy"]["test"]
+    ctx = "What color is the ball?\nAnswer the question using a single word or phrase."
+    body = json.dumps(openai_payload(ctx, docs[0]["image"], {"max_new_tokens": 4})).encode()
+    # lmms-eval: --model openai --model_args model_version=...,base_url=<server>/v1
+    req = urllib.request.Request(srv.url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": "Bearer EMPTY"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+      reply = json.loads(r.read())
+  finally:
+    srv.shutdown()
+    srv.server_close()
+  text = reply["choices"][0]["message"]["content"]  # what lmms-eval's openai model reads
+  assert text == lm.generate_until([Instance("generate_until", (
+      ctx, {"max_new_tokens": 4}, _visual, 0, "toy", "test"), 0)])[0]
