@@ -1,0 +1,318 @@
+r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline on the same device.
+
+  python benchmarks/step_mfu.py [--preset fusion_3b] [--layers 32] [--vision-layers 26]
+      [--batch 2] [--seq 4096] [--q 64] [--questions 4] [--packed 4] [--attention auto]
+      [--steps 10] [--no-torch] [--isolate] [--out step_mfu.json]
+  python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
+
+FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 params, full
+remat of the decoder and tower layers, scanned stacks, decoder attention by --attention
+(fusion_jax.models.attention_kernels). Rows are filled with real tokens (so tokens/s counts
+real tokens); `--packed P` also times rows of P samples of S/P tokens each (segment ids, P
+images per row), when the model in this tree consumes packed batches (else that row says why
+not). Baseline: transformers' Phi3ForCausalLM, randomly initialised at the same width and depth
+(Phi3Config from the same LLMConfig), SDPA attention, bf16 autocast with fp32 params, gradient
+checkpointing, torch AdamW, the same batch x seq tokens per step.
+
+FLOPs are analytical, from fusion_jax.models.flops (the formula the AOT report uses): MFU =
+model FLOPs (fwd + bwd) / step time / peak; HFU adds the remat recompute. Peak per chip from the
+same module (None on CPU: no MFU). With fewer --layers than the preset (one device's memory),
+the table says so. `--isolate` runs each framework in its own process (GPU: JAX and torch would
+otherwise hold each other's memory); benchmarks/gpu_run.sh sets it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+TINY_ARGS = ["--preset", "tiny", "--batch", "2", "--seq", "64", "--q", "4", "--questions", "2",
+             "--packed", "2", "--steps", "2"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--preset", default="fusion_3b")
+  p.add_argument("--layers", type=int, default=0, help="LLM layers (0 = the preset's)")
+  p.add_argument("--vision-layers", type=int, default=0, help="tower layers (0 = the preset's)")
+  p.add_argument("--batch", type=int, default=2, help="rows per step")
+  p.add_argument("--seq", type=int, default=4096)
+  p.add_argument("--q", type=int, default=64, help="latents per question")
+  p.add_argument("--questions", type=int, default=4, help="question slots per sample (Lq)")
+  p.add_argument("--packed", type=int, default=4, help="samples per packed row (0 = no packed run)")
+  p.add_argument("--attention", default="auto", help="LLMConfig.attention_impl")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--no-scan", action="store_true", help="unrolled layer stacks")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--isolate", action="store_true", help="each framework in its own process")
+  p.add_argument("--part", choices=("all", "jax", "torch"), default="all", help=argparse.SUPPRESS)
+  p.add_argument("--tiny", action="store_true", help="CPU smoke shapes: " + " ".join(TINY_ARGS))
+  p.add_argument("--out", default="")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--tiny" in argv:
+    argv = TINY_ARGS + argv  # explicit flags after --tiny still win
+  return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+def model_config(a: argparse.Namespace):
+  from fusion_jax.models.presets import get_preset
+  cfg = get_preset(a.preset)
+  llm = cfg.llm.replace(num_layers=a.layers or cfg.llm.num_layers, dtype=a.dtype,
+                        remat_policy="full", scan_layers=not a.no_scan,
+                        attention_impl=a.attention)
+  vision = dataclasses.replace(cfg.vision, num_layers=a.vision_layers or cfg.vision.num_layers,
+                               dtype=a.dtype, remat_policy="full", scan_layers=not a.no_scan)
+  return cfg.replace(llm=llm, vision=vision)
+
+
+def _fill_rows(batch: dict[str, np.ndarray], vocab: int, rng: np.random.Generator) -> None:
+  """Extends every row's last sample with supervised text up to the row end (in place)."""
+  mask = batch["token_mask"]
+  for i in range(mask.shape[0]):
+    n = int(mask[i].sum())
+    s = mask.shape[1]
+    ids = rng.integers(1, vocab, s - n).astype(np.int32)
+    mask[i, n:] = True
+    batch["positions"][i, n:] = np.arange(n, s)
+    batch["input_ids"][i, n:] = ids
+    batch["labels"][i, n:] = ids
+  if "segment_ids" in batch:
+    batch["segment_ids"][:] = np.where(mask, np.maximum(batch["segment_ids"], 1), 0)
+
+
+def unpacked_batch(cfg, *, batch: int, seq: int, lq: int, q: int) -> dict[str, np.ndarray]:
+  """fusion.example_batch (one sample per row, even rows with an image) filled to full rows."""
+  from fusion_jax.models import fusion
+  out = fusion.example_batch(cfg, batch_size=batch, seq_len=seq, max_questions=lq, q=q)
+  _fill_rows(out, cfg.llm.vocab_size, np.random.default_rng(1))
+  return out
+
+
+def packed_batch(cfg, *, batch: int, seq: int, lq: int, q: int, samples: int
+                 ) -> dict[str, np.ndarray]:
+  """`samples` image samples of seq // samples tokens per row (batch_spec.pack_examples)."""
+  from fusion_jax.models import batch_spec, fusion
+  sub = seq // samples
+  one = fusion.example_batch(cfg, batch_size=1, seq_len=sub, max_questions=lq, q=q, seed=2)
+  _fill_rows(one, cfg.llm.vocab_size, np.random.default_rng(2))
+  # One example: drop the row axis (and a samples axis, if example_batch has one).
+  ex = {}
+  for k in batch_spec.EXAMPLE_KEYS + ("images",):
+    if k in one:
+      x = one[k][0]
+      if "P" in batch_spec.SPEC[k].shape and x.ndim == len(batch_spec.SPEC[k].shape) - 1:
+        x = x[0]
+      ex[k] = x
+  return batch_spec.pack_examples([[ex] * samples] * batch, seq_len=seq,
+                                  samples_per_row=samples, pad_id=cfg.llm.pad_token_id)
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def _scores_in_hlo(hlo: str, seq: int) -> bool:
+  """A float32 tensor ending in (S, S) (materialised attention scores) in the compiled step."""
+  return re.search(rf"f32\[[\d,]*\b{seq},{seq}\]", hlo) is not None
+
+
+def time_jax(cfg, batch: dict[str, np.ndarray], steps: int) -> dict[str, Any]:
+  """Compile + median step time of a FUSION AdamW train step on the default device."""
+  import flax.linen as nn
+  import jax
+  import optax
+
+  from fusion_jax.models import fusion
+  dev_batch = jax.device_put(batch)
+  params = jax.jit(lambda k: nn.meta.unbox(fusion.init(k, cfg, dev_batch)["params"]))(
+      jax.random.key(0))
+  tx = optax.adamw(1e-5, weight_decay=0.0)
+  opt = jax.jit(tx.init)(params)
+
+  def step(p, o, b):
+    (loss, _), g = jax.value_and_grad(lambda p: fusion.loss_fn(p, b, cfg), has_aux=True)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  t = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, dev_batch).compile()
+  compile_s = time.perf_counter() - t
+  scores = _scores_in_hlo(compiled.as_text(), batch["input_ids"].shape[1])
+  params, opt, loss = compiled(params, opt, dev_batch)  # warm-up
+  loss.block_until_ready()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    params, opt, loss = compiled(params, opt, dev_batch)
+    loss.block_until_ready()
+    times.append(time.perf_counter() - t)
+  return dict(step_s=statistics.median(times), compile_s=compile_s, loss=float(loss),
+              f32_scores_in_hlo=scores, device=jax.devices()[0].device_kind,
+              devices=1, real_tokens=int(np.sum(batch["token_mask"])))
+
+
+def time_torch(llm_cfg, *, batch: int, seq: int, steps: int) -> dict[str, Any]:
+  """Median step time of transformers' Phi3ForCausalLM (SDPA, bf16 autocast, gradient
+  checkpointing, AdamW) at the LLM config's width and depth."""
+  import torch
+  from transformers import Phi3Config, Phi3ForCausalLM
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  hf = llm_cfg.replace(arch="phi3", rope_scaling=None).to_hf()
+  hf.update(bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False)
+  torch.manual_seed(0)
+  model = Phi3ForCausalLM._from_config(Phi3Config(**hf), attn_implementation="sdpa").to(device)
+  if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+    model.activation_checkpointing_enable()
+  else:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0,
+                          fused=device.type == "cuda")
+  ids = torch.randint(1, llm_cfg.vocab_size, (batch, seq), device=device)
+
+  def step() -> float:
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+      loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())  # synchronises
+
+  step()  # warm-up (kernel selection, optimizer state)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    loss = step()
+    times.append(time.perf_counter() - t)
+  name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+  return dict(step_s=statistics.median(times), loss=loss, device=name, devices=1,
+              real_tokens=batch * seq, torch=torch.__version__)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def figures(run: dict[str, Any], fl: dict[str, float], tokens: int) -> dict[str, Any]:
+  """tokens/s, TFLOP/s per device, MFU and HFU of one timed run."""
+  from fusion_jax.models import flops
+  s, n = run["step_s"], run["devices"]
+  peak = flops.peak_flops(run["device"])
+  tflops = fl["model"] / s / n / 1e12
+  out = dict(run, tokens_per_s=tokens / s, real_tokens_per_s=run["real_tokens"] / s,
+             model_tflop=fl["model"] / 1e12, hardware_tflop=(fl["model"] + fl["remat"]) / 1e12,
+             tflops_per_device=tflops, peak_tflops=None if peak is None else peak / 1e12,
+             mfu=None if peak is None else tflops * 1e12 / peak,
+             hfu=None if peak is None else (fl["model"] + fl["remat"]) / s / n / peak)
+  return out
+
+
+def _fmt(x: Any, spec: str) -> str:
+  return "n/a" if x is None else format(x, spec)
+
+
+def table(report: dict[str, Any]) -> str:
+  cols = ("run", "device", "step s", "tokens/s", "TFLOP/s/dev", "MFU", "HFU", "f32 SxS")
+  lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+  for name, r in report["runs"].items():
+    if "skipped" in r:
+      lines.append(f"{name} | not run: {r['skipped']}" + " |" * (len(cols) - 2))
+      continue
+    lines.append(" | ".join([
+        name, r["device"], _fmt(r["step_s"], ".3f"), _fmt(r["tokens_per_s"], ",.0f"),
+        _fmt(r["tflops_per_device"], ".1f"), _fmt(r["mfu"], ".1%"), _fmt(r["hfu"], ".1%"),
+        {True: "yes", False: "no"}.get(r.get("f32_scores_in_hlo"), "-")]))
+  return "\n".join(lines)
+
+
+def _run_part(a: argparse.Namespace, part: str, argv: list[str]) -> dict[str, Any]:
+  """This script's `part` in a fresh process (its own device memory); its runs dict."""
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "part.json")
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--part", part, "--out", out]
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode:
+      return {f"{part} (all)": {"skipped": f"subprocess exited {proc.returncode}"}}
+    with open(out) as f:
+      return json.load(f)["runs"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  a = parse_args(argv)
+  from fusion_jax.models import flops
+  from fusion_jax.models.presets import get_preset
+  cfg = model_config(a)
+  full_depth = get_preset(a.preset).llm.num_layers
+  shapes = dict(batch=a.batch, seq_len=a.seq, q=a.q)
+  fl = {"unpacked": flops.train_step_flops(cfg, max_questions=a.questions, **shapes)}
+  if a.packed:
+    fl["packed"] = flops.train_step_flops(cfg, max_questions=a.packed * a.questions,
+                                          images_per_row=a.packed, segments_per_row=a.packed,
+                                          **shapes)
+  torch_fl = flops.llm_train_flops(cfg.llm, batch=a.batch, seq_len=a.seq)
+  tokens = a.batch * a.seq
+  runs: dict[str, Any] = {}
+
+  if a.isolate and a.part == "all":
+    raw = sys.argv[1:] if argv is None else list(argv)
+    runs.update(_run_part(a, "jax", raw))
+    if not a.no_torch:
+      runs.update(_run_part(a, "torch", raw))
+  else:
+    if a.part in ("all", "jax"):
+      b = unpacked_batch(cfg, batch=a.batch, seq=a.seq, lq=a.questions, q=a.q)
+      runs["fusion unpacked"] = figures(time_jax(cfg, b, a.steps), fl["unpacked"], tokens)
+      if a.packed:
+        try:
+          b = packed_batch(cfg, batch=a.batch, seq=a.seq, lq=a.questions, q=a.q,
+                           samples=a.packed)
+          runs["fusion packed"] = figures(time_jax(cfg, b, a.steps), fl["packed"], tokens)
+        except Exception as e:  # the model may not consume packed batches yet
+          msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+          runs["fusion packed"] = {"skipped": f"{type(e).__name__}: {msg[:160]}"}
+    if a.part in ("all", "torch") and not a.no_torch:
+      runs["torch Phi3 baseline"] = figures(
+          time_torch(cfg.llm, batch=a.batch, seq=a.seq, steps=a.steps),
+          {"model": torch_fl["model"], "remat": torch_fl["remat"]}, tokens)
+
+  base = runs.get("torch Phi3 baseline", {})
+  for name, r in runs.items():
+    if name.startswith("fusion") and "tokens_per_s" in r and "tokens_per_s" in base:
+      r["tokens_per_s_vs_torch"] = r["tokens_per_s"] / base["tokens_per_s"]
+  report = dict(
+      preset=a.preset, llm_layers=cfg.llm.num_layers, preset_llm_layers=full_depth,
+      vision_layers=cfg.vision.num_layers, batch=a.batch, seq_len=a.seq, q=a.q,
+      questions=a.questions, packed_samples=a.packed, dtype=a.dtype, attention=a.attention,
+      remat="full", scan=not a.no_scan,
+      fusion_flops_share={k: v["fusion_share"] for k, v in fl.items()},
+      flops_fwd={k: v["fwd"] for k, v in fl.items()}, runs=runs)
+  if a.part == "all":
+    print(f"FUSION {a.preset}: LLM {cfg.llm.num_layers}/{full_depth} layers"
+          + (" (fewer than the preset, for one device's memory)" if cfg.llm.num_layers < full_depth
+             else "")
+          + f", tower {cfg.vision.num_layers} layers, {a.batch} x {a.seq} tokens/step, q {a.q}, "
+          f"Lq {a.questions}, {a.dtype}, remat full, attention {a.attention}")
+    print("FUSION-specific share of the model FLOPs (tower, projectors, interaction): "
+          + ", ".join(f"{k} {v['fusion_share']:.1%}" for k, v in fl.items()))
+    print(table(report))
+  if a.out:
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+      json.dump(report, f, indent=1, default=str)
+  return report
+
+
+if __name__ == "__main__":
+  main()
