@@ -14,7 +14,7 @@ from fusion_jax.train.loop import setup, train
 from fusion_jax.train.state import create_state
 from test_train_step import leaves, toy_config
 
-MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+MESH = {"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1}
 
 
 def _largest_params_file(step_dir):
@@ -38,28 +38,28 @@ def overwrite_random(path):
 
 
 def test_damaged_newest_steps_resume_from_older_one(tmp_path):
-  """Steps 4 (random bytes) and 6 (truncated) damaged, 2 intact: the rerun resumes from 2,
-  moves 4 and 6 aside (kept) and ends bitwise equal to the undamaged run."""
-  cfg = toy_config(num_steps=6, **{"checkpoint.every": 2, "checkpoint.keep_last": 5}, **MESH)
+  """Steps 2 (random bytes) and 3 (truncated) damaged, 1 intact: the rerun resumes from 1,
+  moves 2 and 3 aside (kept) and ends bitwise equal to the undamaged run."""
+  cfg = toy_config(num_steps=3, **{"checkpoint.every": 1, "checkpoint.keep_last": 5}, **MESH)
   first = train(cfg, str(tmp_path))
-  assert first["checkpoint_step"] == 6
+  assert first["checkpoint_step"] == 3
   ckdir = first["checkpoint_dir"]
   ref_dir = str(tmp_path / "reference")
-  shutil.copytree(os.path.join(ckdir, "6"), os.path.join(ref_dir, "6"))  # read after the rerun
-  overwrite_random(_largest_params_file(os.path.join(ckdir, "4")))
-  truncate_half(_largest_params_file(os.path.join(ckdir, "6")))
+  shutil.copytree(os.path.join(ckdir, "3"), os.path.join(ref_dir, "3"))  # read after the rerun
+  overwrite_random(_largest_params_file(os.path.join(ckdir, "2")))
+  truncate_half(_largest_params_file(os.path.join(ckdir, "3")))
 
   second = train(cfg, str(tmp_path))
-  assert second["resumed_from"] == 2 and second["checkpoint_step"] == 6
-  assert sorted(os.listdir(ckdir + ckpt_lib.DAMAGED_SUFFIX)) == ["4", "6"]
+  assert second["resumed_from"] == 1 and second["checkpoint_step"] == 3
+  assert sorted(os.listdir(ckdir + ckpt_lib.DAMAGED_SUFFIX)) == ["2", "3"]
   # Readers of the run (eval, export) see the intact steps only.
-  assert workdir_lib.checkpoint_steps(str(tmp_path)) == [2, 4, 6]
-  assert workdir_lib.run_config(str(tmp_path)).num_steps == 6
+  assert workdir_lib.checkpoint_steps(str(tmp_path)) == [1, 2, 3]
+  assert workdir_lib.run_config(str(tmp_path)).num_steps == 3
   su = setup(cfg)
   restored = []
   for directory in (ckdir, ref_dir):
     ck = ckpt_lib.Checkpointer(directory)
-    state, data = ck.restore(6, su.target)
+    state, data = ck.restore(3, su.target)
     ck.close()
     restored.append((leaves((state.params, state.opt_state, state.counters())), data))
   (new, new_data), (ref, ref_data) = restored
