@@ -1,4 +1,5 @@
 """python -m fusion_jax.eval.bench end to end on a tiny random model dir (TSV and jsonl)."""
+import base64
 import json
 import os
 
@@ -22,14 +23,18 @@ def test_tsv_end_to_end(model_dir, tmp_path, capsys):
                "image": "%" * 100})
   rows.append({"index": 10, "question": "Long? " * 300, "A": "x", "B": "y", "answer": "A",
                "image": png_b64()})  # over the model's 512 positions
+  truncated = base64.b64encode(base64.b64decode(png_b64(size=(64, 64)))[:60]).decode()
+  rows.append({"index": 11, "question": "Truncated?", "A": "x", "B": "y", "answer": "A",
+               "image": truncated})  # a PNG header, no pixels: refused when decoded
   data = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows, MMB_COLS)
   out = str(tmp_path / "res" / "mmbench.json")
   bench.main(["--workdir", model_dir, "--benchmark", "MMBench_DEV_EN", "--data", str(data),
               "--out", out, "--batch_size", "2", "--max_new_tokens", "3"])
   rep = json.load(open(out))
-  assert rep["count"] == 3 and rep["skipped"] == 2
-  assert [s["index"] for s in rep["skipped_rows"]] == ["9", "10"]
-  assert "the limit is 512" in rep["skipped_rows"][1]["reason"]
+  assert rep["count"] == 3 and rep["skipped"] == 3
+  why = {s["index"]: s["reason"] for s in rep["skipped_rows"]}
+  assert sorted(why) == ["10", "11", "9"]
+  assert "the limit is 512" in why["10"] and "corrupt_image" in why["11"]
   assert set(rep["categories"]) == {"color", "count"}
   preds = rep["predictions"]
   assert len(preds) == 3 and all(isinstance(p["prediction"], str) for p in preds)

@@ -31,6 +31,7 @@ def test_tsv_image_refs_bad_rows_and_options(tmp_path):
   assert [r.index for r in good] == ["0", "1"]
   assert [i for i, _ in bad] == ["2", "3", "4", "5"]
   assert "base64" in dict(bad)["2"] and dict(bad)["3"] == "missing image"
+  assert "not a readable image" in dict(bad)["5"]
   assert "77" in dict(bad)["4"]
   r0, r1 = good
   assert r0.options == {"A": "cat", "B": "dog"} and r0.hint == ""   # 'nan' cells are missing

@@ -24,6 +24,7 @@ import base64
 import binascii
 import csv
 import dataclasses
+import io
 import json
 import os
 import string
@@ -31,8 +32,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fusion_jax.data.errors import BadSample
-from fusion_jax.data.images import load_image
+from PIL import Image
 
 # VLMEvalKit: an image cell this short is another row's index, not base64.
 IMAGE_REF_MAX_LEN = 64
@@ -71,11 +71,13 @@ def _present(value: Any) -> bool:
 
 
 def _check_image(data: bytes | str, index: str) -> str | None:
-  """None when the image decodes; else the reason (BadSample's message)."""
+  """None when `data` starts like an image PIL can read; else the reason. Only the header is
+  read (the pixels are decoded once, at generation, which refuses truncated images)."""
   try:
-    load_image(data, source=f"row {index}")
-  except BadSample as e:
-    return str(e)
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+      im.size  # noqa: B018 - the header parsed
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    return f"row {index}: not a readable image ({type(e).__name__}: {e})"
   return None
 
 
@@ -100,7 +102,7 @@ def read_tsv(path: str, *, check_images: bool = True) -> tuple[list[Row], list[t
   letters = [c for c in header if len(c) == 1 and c in string.ascii_uppercase]
   images = {r["index"]: r.get("image") or "" for r in table}
   rows, bad = [], []
-  decoded: dict[str, bytes | None] = {}
+  decoded: dict[str, tuple[bytes | None, str]] = {}  # image key -> (bytes, why not)
   for pos, r in enumerate(table):
     idx = str(r["index"]).strip()
     if not _present(r.get("question")):
@@ -121,13 +123,13 @@ def read_tsv(path: str, *, check_images: bool = True) -> tuple[list[Row], list[t
         continue
       if key not in decoded:
         data = _decode_b64(cell)
+        why = "the image cell is not valid base64" if data is None else ""
         if data is not None and check_images:
-          reason = _check_image(data, idx)
-          data = None if reason else data
-        decoded[key] = data
-      image = decoded[key]
+          why = _check_image(data, key) or ""
+        decoded[key] = (None if why else data, why)
+      image, why = decoded[key]
       if image is None:
-        bad.append((idx, "the image cell is not valid base64 of a decodable image"))
+        bad.append((idx, why))
         continue
     elif "image" in header:
       bad.append((idx, "missing image"))

@@ -301,8 +301,8 @@ def score_mme(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
 def score_vqa(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   """TextVQA: mean VQA accuracy."""
   accs = [vqa_accuracy(p, r.answer) for r, p in zip(rows, preds)]
-  per_row = [{"index": r.index, "prediction": p, "normalized": normalize_vqa(p), "score": a}
-             for r, p, a in zip(rows, preds, accs)]
+  per_row = [{"index": r.index, "prediction": p, "normalized": normalize_vqa(p),
+              "answers": r.answer, "score": a} for r, p, a in zip(rows, preds, accs)]
   return _accuracy_report(rows, accs, per_row, key="vqa_accuracy")
 
 
