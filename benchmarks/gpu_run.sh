@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The README "Speed on accelerators" table on one NVIDIA GPU: benchmarks/step_mfu.py at FUSION 3B
+# width (bf16, full remat, 4096 tokens/row), unpacked and packed, next to the PyTorch Phi-3
+# baseline, each framework in its own process.
+#
+#   benchmarks/gpu_run.sh [OUT_DIR] [extra step_mfu.py flags, e.g. --batch 4 --layers 16]
+#
+# Python: $PYTHON (default python3) must import jax with a CUDA backend, flax, optax, torch with
+# CUDA and transformers. When it does not:
+#   - WHEELS=DIR installs from a folder of wheels carried to the machine (no network needed):
+#     pip install --no-index --find-links DIR for the packages below;
+#   - otherwise it tries PyPI: jax[cuda12] at the version pinned in requirements.txt, plus torch
+#     and transformers (needs network).
+# A GPU machine without network must therefore bring its packages: preinstalled in its image, or
+# a wheel folder/venv carried with the session (CUDA jax + torch are several GB; a transport
+# limited to tens of MiB cannot carry them, so use an image that has them). The jax version that
+# ran is written into the JSON next to the pinned one; a difference is printed, not hidden.
+#
+# Depth: the full 32 LLM layers need about 16 bytes per parameter (fp32 weights, gradients, two
+# AdamW moments: ~70 GB for FUSION 3B) plus activations; on a GPU under 100 GiB the LLM is cut to
+# 16 layers (the table says so). Override with --layers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${1:-bench_out}
+shift $(( $# > 0 ? 1 : 0 ))
+mkdir -p "$OUT"
+PIN=$(sed -n 's/^jax==//p' requirements.txt)
+
+check() {
+  "$PY" - <<'EOF'
+import jax, flax, optax, torch, transformers
+assert jax.default_backend() == "gpu", f"jax backend is {jax.default_backend()}, not gpu"
+assert torch.cuda.is_available(), "torch sees no CUDA device"
+print("jax", jax.__version__, "| torch", torch.__version__, "| transformers",
+      transformers.__version__, "|", jax.devices()[0].device_kind)
+EOF
+}
+
+if ! check; then
+  pkgs=("jax[cuda12]==$PIN" "flax" "optax" "torch" "transformers")
+  if [[ -n "${WHEELS:-}" ]]; then
+    "$PY" -m pip install -q --no-index --find-links "$WHEELS" "${pkgs[@]}"
+  else
+    "$PY" -m pip install -q "${pkgs[@]}"
+  fi
+  check
+fi
+
+JAXV=$("$PY" -c 'import jax; print(jax.__version__)')
+[[ "$JAXV" == "$PIN" ]] || echo "note: jax $JAXV here, $PIN pinned in requirements.txt"
+
+MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+LAYERS=()
+if (( MEM_MIB < 100 * 1024 )); then LAYERS=(--layers 16); fi
+
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" "$@" \
+  --out "$OUT/step_mfu.json" 2>&1 | tee "$OUT/step_mfu.log"
+"$PY" - "$OUT/step_mfu.json" "$JAXV" "$PIN" <<'EOF'
+import json, sys
+path, ran, pinned = sys.argv[1:]
+report = json.load(open(path))
+report.update(jax_version=ran, jax_pinned=pinned)
+json.dump(report, open(path, "w"), indent=1)
+EOF
