@@ -53,15 +53,16 @@ def test_kernel_matches_xla_forward_and_grad(impl):
     np.testing.assert_allclose(g, r, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv", [KV, 1])  # kv heads split with the q heads / repeated first
-def test_sharded_kernel_matches_xla(kv):
+# kv heads split with the q heads / repeated first (KV = 1 < 2 tensor shards)
+@pytest.mark.parametrize("impl,kv", [("cudnn", KV), ("cudnn", 1), ("splash", KV)])
+def test_sharded_kernel_matches_xla(impl, kv):
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   q, k, v = _qkv(2, kv)
   seg = jnp.asarray(SEG)
   ref = ak.causal_attention(q, k, v, seg, impl="xla")
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
     out = jax.jit(lambda q, k, v, s: ak.causal_attention(
-        q, k, v, s, impl="cudnn", cudnn_implementation="xla"))(q, k, v, seg)
+        q, k, v, s, impl=impl, cudnn_implementation="xla"))(q, k, v, seg)
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
