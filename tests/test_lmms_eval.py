@@ -92,9 +92,15 @@ def test_generate_until_requests(lm, monkeypatch):
 def test_loglikelihood_matches_candidate_scoring(lm):
   ctx = "What color is the ball?"
   cands = ["red", "blue ball"]
+  broken = os.path.join(os.path.dirname(lm.model.path), "broken.png")
+  with open(broken, "wb") as f:
+    f.write(b"not a png")
   reqs = [Instance("loglikelihood", (ctx, cands[0], _visual, 0, "toy", "test"), 0),
-          Instance("loglikelihood", (ctx, lambda doc: cands[1], _visual, 0, "toy", "test"), 1)]
+          Instance("loglikelihood", (ctx, lambda doc: cands[1], _visual, 0, "toy", "test"), 1),
+          Instance("loglikelihood", (ctx, "red", lambda doc: [broken], 0, "toy", "test"), 2)]
   out = lm.loglikelihood(reqs)
+  assert out[2] == (float("-inf"), False)  # an undecodable image: refused, not a crash
+  out = out[:2]
   assert all(isinstance(lp, float) and isinstance(g, bool) for lp, g in out)
   # closed_qa's candidate scoring of the same conversation (its own layout, seq_len, batch)
   m = lm.model
@@ -113,8 +119,9 @@ def test_loglikelihood_matches_candidate_scoring(lm):
                                  batch_size=2)
   np.testing.assert_allclose([lp for lp, _ in out], ref, rtol=1e-4, atol=1e-4)
   # is_greedy: every continuation token is the full forward's argmax
-  batch = {k: np.stack([e[k] for e in exs]) for k in exs[0] if k != "record_index"}
-  batch["images"] = np.stack([closed_qa.image_loader([rec], "", m.cfg.vision.image_size)(0)] * 2)
+  image = closed_qa.image_loader([rec], "", m.cfg.vision.image_size)(0)
+  batch = bench_model.stack([{**{k: v for k, v in e.items() if k != "record_index"},
+                              "images": image} for e in exs])
   logits, _ = jax.jit(lambda p, b: fusion.apply(p, b, m.cfg, train=False))(m.params, batch)
   pred = np.argmax(np.asarray(logits)[:, :-1], -1)
   labels = batch["labels"][:, 1:]

@@ -116,6 +116,11 @@ def _buckets(lengths: Sequence[int], seq_len: int) -> dict[int, list[int]]:
   return out
 
 
+def stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """A model batch of laid-out examples (layout_sample + "images"), one per row."""
+  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
 def make_continuation_scorer(cfg: fusion.FusionConfig
                              ) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, ...]]:
   """Jitted (params, batch) -> ((B,) summed log-prob of the labels, (B,) all labels greedy)."""
@@ -137,7 +142,8 @@ def make_continuation_scorer(cfg: fusion.FusionConfig
 def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_size: int = 8
                   ) -> list[tuple[float, bool] | Refused]:
   """(log p(continuation | context, image), continuation is the greedy answer) per
-  (context, continuation, image); `Refused` for a pair longer than the model's seq_len.
+  (context, continuation, image); `Refused` for a pair longer than the model's seq_len or an
+  undecodable image.
 
   The continuation is scored as the model's answer turn: its tokens and the template's end
   token (as lmms-eval's llava scores the answer message), with one full forward (interaction
@@ -156,19 +162,25 @@ def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_si
                        f"{model.seq_len} (seq_len)")
   for seq_len, idx in _buckets(lengths, model.seq_len).items():
     for start in range(0, len(idx), batch_size):
-      part = idx[start:start + batch_size]
-      rows = []
-      for i in part:
+      part, rows = [], []
+      for i in idx[start:start + batch_size]:
+        image = items[i][2]
+        try:
+          images = (crops(image, size, source=f"prompt {i}") if image is not None
+                    else text_only_images(size))
+        except BadSample as e:
+          out[i] = Refused(str(e))
+          continue
         ex = layout_sample(encs[i], q=model.q, num_image_tokens=cfg.num_image_tokens,
                            seq_len=seq_len, max_questions=1,
                            max_instruct_len=cfg.max_instruct_len, pad_id=tok.pad_id)
-        image = items[i][2]
-        ex["images"] = (crops(image, size, source=f"prompt {i}") if image is not None
-                        else text_only_images(size))
+        ex["images"] = images
+        part.append(i)
         rows.append(ex)
+      if not rows:
+        continue
       rows += [rows[-1]] * (batch_size - len(rows))
-      batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-      logp, greedy = jax.device_get(score(model.params, batch))
+      logp, greedy = jax.device_get(score(model.params, stack(rows)))
       for j, i in enumerate(part):
         out[i] = (float(logp[j]), bool(greedy[j]))
   return out

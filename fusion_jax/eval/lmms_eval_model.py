@@ -91,8 +91,12 @@ class FusionJax(_Base):
   is_simple = True
 
   def __init__(self, pretrained: str, step: int | None = None, dtype: str | None = None,
-               batch_size: Any = 8, **kwargs: Any) -> None:
+               batch_size: Any = 8, device: Any = None, **kwargs: Any) -> None:
+    """pretrained: training workdir or model dir; step: a run's checkpoint; dtype: compute
+    dtype override; batch_size: prompts per device batch ('auto' -> 8); device: ignored (JAX
+    places the model on its default device)."""
     super().__init__()
+    del device
     if kwargs:
       log.warning("fusion_jax: model_args ignored: %s", sorted(kwargs))
     self.model = bench_model.load(str(pretrained), step=int(step) if step not in (None, "")
