@@ -146,3 +146,33 @@ def test_evaluate_rows_skips_unaskable_rows_and_circular_groups():
   assert {i for i, _ in rep["skipped"]} == {"2", "1000002"}
   with pytest.raises(ValueError, match="multiple-choice"):
     bench.evaluate_rows(bench.get_benchmark("POPE"), rows, predict, circular=True)
+
+
+@pytest.mark.parametrize("name", list(bench.BENCHMARKS))
+def test_every_benchmark_scores_prints_and_plots(name, tmp_path):
+  """Two categories of two rows each; the second row of each is answered wrong only for the
+  yes/no benchmarks (always 'yes')."""
+  b = bench.get_benchmark(name)
+  cats = ["existence", "code_reasoning"] if name == "MME" else ["c1", "c2"]
+  answers = {"POPE": ["yes", "no"], "MME": ["Yes", "No"], "GQA": ["left", "right"],
+             "TextVQA_VAL": [["left"] * 10, ["right"] * 10]}.get(name, ["A", "B"])
+  said = {"POPE": ["yes", "yes"], "MME": ["Yes", "Yes"]}.get(
+      name, ["A", "B"] if b.multiple_choice else ["left", "right"])
+  rows = [Row(str(i + 1), "Which side?", answers[i % 2], cats[i // 2],
+              options={"A": "left", "B": "right"} if b.multiple_choice else {},
+              image_key=str(i // 2), position=i,
+              extra={"source": ["ADE20K", "COCO", "Omni3D", "Omni3D"][i]}) for i in range(4)]
+  rep = bench.evaluate_rows(b, rows, lambda prompts: [said[i % 2] for i in range(len(prompts))])
+  m = rep["metrics"]
+  assert m["count"] == 4 and rep["skipped"] == [] and set(rep["categories"]) == set(cats)
+  if name == "MME":  # per subtask: acc 50 + acc+ 0
+    assert (m["perception"], m["cognition"]) == (50.0, 50.0)
+  elif name == "POPE":
+    assert (m["accuracy"], m["yes_ratio"], m["recall"]) == (0.5, 1.0, 1.0)
+  else:
+    assert m.get("accuracy", m.get("vqa_accuracy")) == 1.0
+  report = {**rep, "model": "tiny"}
+  table = bench.format_table(report)
+  assert table.splitlines()[-1].startswith("overall") and cats[1] in table
+  bench.plot(report, b, str(tmp_path / "chart.png"))
+  assert (tmp_path / "chart.png").stat().st_size > 0
