@@ -15,23 +15,25 @@ vocabulary, 320, divides the tensor axis).
 import ml_collections
 
 from fusion_jax.train.config import base_config
+from fusion_jax.train.fusion_task import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = base_config()
   c.task = "fusion"
-  c.model.preset = "tiny"
   # The tiny preset with the Phi-3 template (the tests' sentencepiece tokenizer), a vocabulary
   # rounded up to a multiple of 8 (it splits over any tensor axis up to 8), and fewer layers
   # (compile time is most of a CPU test): 2 decoder layers, each followed by an interaction
-  # layer, and a 2-layer tower.
-  c.model.overrides = ml_collections.ConfigDict(dict(
-      template="phi_3", llm=dict(vocab_size=320, num_layers=2), vision=dict(num_layers=2),
-      interaction_stride=1))
+  # layer, and a 2-layer tower. Every other preset field is listed (None) and can be set with
+  # --config.model.overrides.FIELD=... (e.g. vision.image_size=64).
+  c.model = model_config("tiny", template="phi_3", llm=dict(vocab_size=320, num_layers=2),
+                         vision=dict(num_layers=2), interaction_stride=1)
+  # One of paths (LLaVA JSON / JSONL / ArrayRecord) or mixture (a mixture YAML) is given.
   c.data = ml_collections.ConfigDict(dict(
-      paths="", image_root="", tokenizer="", num_examples=0, seq_len=128, max_questions=2,
-      seed=0, shuffle=True, worker_count=0, read_threads=2, read_buffer=8, prefetch=0))
+      paths="", mixture="", image_root="", tokenizer="", num_examples=0, seq_len=128,
+      max_questions=2, seed=0, shuffle=True, worker_count=0, read_threads=2, read_buffer=8,
+      prefetch=0))
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.global_batch = 8
   c.num_steps = 4

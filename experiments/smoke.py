@@ -17,6 +17,7 @@ Args (`experiments/smoke.py:ARG`):
 import ml_collections
 
 from fusion_jax.train.config import base_config
+from fusion_jax.train.fusion_task import model_config
 
 # Text categories need readable glyphs; at 32 px the synthesizer rejects every text item.
 CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMultiChoice",
@@ -47,21 +48,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model: the tiny preset as a small FUSION 3B (Phi-3 decoder, phi_3 template) ; vocab_size
   # and pad id come from the tokenizer.
-  c.model.preset = "tiny"
-  c.model.overrides = ml_collections.ConfigDict(dict(
+  c.model = model_config(
+      "tiny",
       llm=dict(arch="phi3", hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                num_kv_heads=4, head_dim=32, max_position_embeddings=1024),
       vision=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
                   num_layers=4, num_heads=4),
       query_len=(1, 4), num_interaction=2, interaction_start=0, interaction_stride=2,
-      interaction_heads=4, max_instruct_len=64, template="phi_3"))
+      interaction_heads=4, max_instruct_len=64, template="phi_3")
   if arg in ABLATIONS:
     c.model.overrides[ABLATIONS[arg]] = False
 
   # Data pipeline (paths, image_root and tokenizer are filled in by fusion_jax.run).
   c.data = ml_collections.ConfigDict(dict(
-      paths=(), image_root="", tokenizer="", seq_len=192, max_questions=4, eval_q=4, seed=0,
-      shuffle=True, worker_count=0, read_threads=2, prefetch=2))
+      paths=(), mixture="", image_root="", tokenizer="", num_examples=0, seq_len=192,
+      max_questions=4, eval_q=4, seed=0, shuffle=True, worker_count=0, read_threads=2,
+      prefetch=2))
   c.eval = ml_collections.ConfigDict(dict(split="heldout", batch_size=32))
 
   # (name, categories (() = all), fraction of num_steps[, overrides]); fusion_jax.run.stage_plan.

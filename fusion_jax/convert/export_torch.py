@@ -160,7 +160,8 @@ class IncompatibleModelError(ValueError):
 
 def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
                  shard_size: str = "5GB", model_max_length: int = 4096,
-                 step: int | None = None, allow_incompatible: bool = False, log=print) -> list[str]:
+                 step: int | None = None, allow_incompatible: bool = False,
+                 log=print) -> list[str]:
   """Writes OUT_DIR from CKPT_DIR: a model dir, or a training workdir (newest checkpoint).
 
   Raises IncompatibleModelError, listing every mismatch, when the authors' code could not run

@@ -13,13 +13,12 @@ Mixture YAML (the authors' / LLaVA-OneVision format, plus two optional keys of o
 
 N% takes ceil(N * len / 100) records (as LLaVA-NeXT does); N larger than the file is clamped
 with a warning. `random:N` draws N distinct records with a generator seeded by (seed, path), so
-every host builds the identical global list before sharding. Relative paths resolve against the
-YAML file's directory first, then the working directory.
+every host builds the identical global list before sharding. Relative paths in the YAML
+(json_path, arrayrecord_path, image_root) resolve against the YAML file's folder only.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
 import os
 import zlib
@@ -95,13 +94,12 @@ class MixtureEntry:
 
 
 def _resolve(path: str, base_dir: str) -> str:
+  """A path written in the YAML: absolute as given, relative to the YAML's folder (never to
+  the working directory, which would make a mixture mean different files from run to run)."""
   path = os.path.expanduser(path)
-  if os.path.isabs(path):
+  if os.path.isabs(path) or "://" in path:
     return path
-  cand = os.path.join(base_dir, path)
-  if os.path.exists(cand) or glob.glob(cand):
-    return cand
-  return os.path.abspath(path)
+  return os.path.normpath(os.path.join(base_dir, path))
 
 
 def json_kind(path: str) -> str:
@@ -147,8 +145,8 @@ def parse_mixture(path: str, image_root: str = "") -> list[MixtureEntry]:
       raise MixtureError(f"{where}give exactly one of json_path or arrayrecord_path")
     strategy = item.get("sampling_strategy", "all")
     parse_sampling(strategy, where)
-    root = item.get("image_root", image_root)
-    if not isinstance(root, str):
+    root = item.get("image_root")
+    if root is not None and not isinstance(root, str):
       raise MixtureError(f"{where}image_root must be a string path")
     if has_json:
       p = item["json_path"]
@@ -168,8 +166,8 @@ def parse_mixture(path: str, image_root: str = "") -> list[MixtureEntry]:
         expand_arrayrecord_paths(p)
       except MixtureError as e:
         raise MixtureError(f"{where}{e}") from None
-    if root:
-      root = _resolve(root, base)
+    # The entry's own image_root is written in the YAML (relative to it); the config's is not.
+    root = _resolve(root, base) if root else image_root
     entries.append(MixtureEntry(p, kind, strategy.strip(), root))
   return entries
 

@@ -2,6 +2,8 @@
 
 Config fields can be overridden with `--config.KEY=VALUE` (ml_collections config flags), e.g.
 `--config.num_steps=100 --config.optim.lr=1e-5 --config.init_from=/runs/stage1`.
+The config is checked before anything is built (fusion_jax.train.preflight): each mistake is one
+line on stderr and the exit status is 2 (`--verbose` adds the tracebacks).
 On a multi-host slice run the same command on every host: jax.distributed is initialised when
 the environment describes a multi-process job (or with --multihost=true).
 """
@@ -25,6 +27,8 @@ _MULTIHOST = flags.DEFINE_enum(
     "Call jax.distributed.initialize(): auto = when the environment names a multi-process job "
     "(JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, multi-host Cloud TPU). Elsewhere set "
     "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.")
+_VERBOSE = flags.DEFINE_boolean(
+    "verbose", False, "Show the traceback behind each configuration error (startup checks).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,6 +51,14 @@ def main(argv) -> None:
     except ValueError as e:  # a missing / malformed coordinator, process count or id
       raise app.UsageError(f"--multihost: {e}") from None
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  # Every file the config names and every field, before any model init or compile: one line
+  # per mistake and exit status 2, nothing created in the workdir.
+  from fusion_jax.train import preflight
+  try:
+    preflight.require(_CONFIG.value, _WORKDIR.value,
+                      config_file=config_flags.get_config_filename(flags.FLAGS["config"]))
+  except preflight.ConfigError as e:
+    sys.exit(preflight.report(e, "fusion_jax.train", _VERBOSE.value))
   from fusion_jax.train.loop import train
   summary = train(_CONFIG.value, _WORKDIR.value)
   if summary["preempted"]:

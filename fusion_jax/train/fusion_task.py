@@ -4,7 +4,10 @@ Config (besides the common trainer fields of fusion_jax/train/config.py):
 
   config.model.preset      a name of fusion_jax.models.presets (e.g. "fusion_3b", "tiny")
   config.model.overrides   FusionConfig fields to replace (ConfigDict; nested `llm` / `vision`
-                           dicts override fields of those sub-configs)
+                           dicts override fields of those sub-configs; None = the preset's).
+                           `model_config(preset, ...)` lists every field of the preset, so any
+                           of them can be set on the command line, e.g.
+                           --config.model.overrides.vision.image_size=64
   config.data.*            fusion_jax.data.pipeline.DataConfig fields (paths / mixture /
                            tfds_name, image_root, seq_len, max_questions, ...) plus
   config.data.tokenizer    a tokenizer file or directory (fusion_jax.data.tokenizer)
@@ -25,6 +28,7 @@ The paper's training recipe (spec 8) is `STAGES` + `stage_config`, used by exper
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -35,21 +39,16 @@ import ml_collections
 
 from fusion_jax.data import pipeline as data_pipeline
 from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, Tokenizer, load_tokenizer
-from fusion_jax.models import fusion
-from fusion_jax.models import mapping_loss
+from fusion_jax.models import flops as flops_lib
+from fusion_jax.models import batch_spec, fusion
+from fusion_jax.models import mapping_loss, param_layout
 from fusion_jax.models.presets import get_preset
 from fusion_jax.parallel import cross_entropy as ce_lib
 from fusion_jax.train import task as task_lib
 from fusion_jax.train.config import base_config
 
 # Batch keys and their logical axes (the leading axis is split over hosts and microbatches).
-BATCH_AXES: dict[str, tuple[str | None, ...]] = {
-    "input_ids": ("batch", "length"), "token_mask": ("batch", "length"),
-    "positions": ("batch", "length"), "labels": ("batch", "length"),
-    "images": ("batch", None, None, None, None), "has_image": ("batch",),
-    "image_start": ("batch",), "latent_pos": ("batch", None), "question_pos": ("batch", None),
-    "instructs": ("batch", None), "instructs_mask": ("batch", None),
-}
+BATCH_AXES: dict[str, tuple[str | None, ...]] = batch_spec.logical_axes()
 _MODEL_FIXED = ("image_size", "num_image_tokens", "template", "max_instruct_len", "query_len")
 # config.data keys that are not DataConfig fields: read here (tokenizer, num_examples) or by
 # the evaluation job (heldout).
@@ -58,6 +57,49 @@ _TASK_DATA_KEYS = ("tokenizer", "num_examples", "heldout")
 
 def _plain(x: Any) -> Any:
   return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else x
+
+
+_SCALARS = (bool, int, float, str, tuple)
+
+
+def _typed_fields(obj: Any) -> dict[str, ml_collections.FieldReference]:
+  """{field: FieldReference(None, type of the preset's value)} for the dataclass `obj`'s
+  scalar and tuple fields (None-valued and structured ones, e.g. rope_scaling, are left out)."""
+  out = {}
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if isinstance(value, _SCALARS):
+      out[f.name] = ml_collections.FieldReference(None, field_type=type(value))
+  return out
+
+
+def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """config.model for `preset`: `overrides` lists EVERY field of the preset (None = keep the
+  preset's value), set here from `overrides` (llm / vision: dicts of their fields).
+
+  Listing them all lets the command line override any of them (ml_collections config flags
+  only set keys that exist): --config.model.overrides.vision.image_size=64.
+  """
+  base = get_preset(preset)
+  fields = ml_collections.ConfigDict(_typed_fields(base))
+  fields.llm = ml_collections.ConfigDict(_typed_fields(base.llm))
+  fields.vision = ml_collections.ConfigDict(_typed_fields(base.vision))
+  for key, value in overrides.items():
+    if key in ("llm", "vision") and isinstance(value, Mapping):
+      for k, v in value.items():
+        fields[key][k] = v
+    else:
+      fields[key] = value
+  # scan_layers: scan the decoder (interaction layers inside the groups) and the tower
+  # (fusion_jax.models.param_layout); None = the preset's (unrolled) layout.
+  return ml_collections.ConfigDict(dict(
+      preset=preset, overrides=fields,
+      scan_layers=ml_collections.FieldReference(None, field_type=bool)))
+
+
+def _given(d: Mapping[str, Any]) -> dict[str, Any]:
+  """The overrides that are set (None = the preset's value)."""
+  return {k: v for k, v in d.items() if v is not None}
 
 
 def fusion_config_from(model: ml_collections.ConfigDict | Mapping[str, Any],
@@ -72,15 +114,21 @@ def fusion_config_from(model: ml_collections.ConfigDict | Mapping[str, Any],
   if not model.get("preset"):
     raise ValueError("config.model.preset is empty; name a preset of fusion_jax.models.presets "
                      "(e.g. 'fusion_3b', 'tiny')")
-  overrides = dict(_plain(model.get("overrides") or {}))
-  base = get_preset(model["preset"])
-  llm = dict(_plain(overrides.pop("llm", None)) or {})
-  vision = dict(_plain(overrides.pop("vision", None)) or {})
+  overrides = _given(dict(_plain(model.get("overrides") or {})))
+  try:
+    base = get_preset(model["preset"])
+  except ValueError as e:
+    raise ValueError(f"config.model.preset: {e}") from None
+  llm = _given(dict(_plain(overrides.pop("llm", None)) or {}))
+  vision = _given(dict(_plain(overrides.pop("vision", None)) or {}))
+  scan = model.get("scan_layers")
   for sub in (llm, vision):
     if compute_dtype:
       sub.setdefault("dtype", compute_dtype)
     if remat_policy:
       sub.setdefault("remat_policy", remat_policy)
+    if scan is not None:
+      sub.setdefault("scan_layers", bool(scan))
   if "query_len" in overrides:
     overrides["query_len"] = _ints(overrides["query_len"])
   try:
@@ -169,10 +217,42 @@ class FusionTask:
     return data_config_from(self.config.data, self.cfg, self.global_batch // process_count)
 
   def init_params(self, rng: jax.Array) -> Any:
-    # Parameters do not depend on B, S or q: initialise on the smallest valid batch.
+    # Parameters do not depend on B, S, P or q: initialise on the smallest valid batch.
     batch = fusion.example_batch(self.cfg, batch_size=1, seq_len=8, max_questions=1,
                                  q=min(self.cfg.query_len), seed=None)
     return fusion.init(rng, self.cfg, batch)["params"]
+
+  def _step_shape(self, q: int | None) -> tuple[int, int, int, int]:
+    """(seq_len, max_questions, q, samples per row) of the largest batch the data produces."""
+    dc = data_pipeline.DataConfig
+    data = self.config.data
+    packed = bool(data.get("packing", False))
+    p = int(data.get("max_samples_per_row", 1) or 1) if packed else 1
+    return (int(data.get("seq_len", dc.seq_len)), int(data.get("max_questions", dc.max_questions)),
+            int(q or max(self.cfg.query_len)), p)
+
+  def abstract_batch(self, rows: int, q: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a training batch of `rows` (largest q unless given): what the AOT
+    fit check (fusion_jax.aot) lowers the step with."""
+    s, lq, q, p = self._step_shape(q)
+    kw = dict(batch_size=1, seq_len=s, max_questions=lq, q=q, seed=None)
+    if "samples_per_row" in inspect.signature(fusion.example_batch).parameters:
+      kw["samples_per_row"] = p
+    one = fusion.example_batch(self.cfg, **kw)
+    return {k: jax.ShapeDtypeStruct((rows,) + one[k].shape[1:], one[k].dtype)
+            for k in self.batch_axes}
+
+  def step_flops(self, rows: int, q: int | None = None) -> dict[str, Any]:
+    """Analytical FLOPs of one train step of `rows` rows (fusion_jax.models.flops)."""
+    s, lq, q, p = self._step_shape(q)
+    remat = (self.config.get("remat_policy") or self.cfg.llm.remat_policy) != "none"
+    return flops_lib.train_step_flops(self.cfg, batch=rows, seq_len=s, q=q,
+                                      max_questions=lq * p, remat=remat, images_per_row=p,
+                                      segments_per_row=p)
+
+  def adapt_params(self, params: Any) -> Any:
+    """A stored tree (init_from: model dirs, other runs) in this model's layer layout."""
+    return param_layout.to_config_layout(params, self.cfg)
 
   def loss_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
@@ -184,10 +264,16 @@ class FusionTask:
       sums["text_map"], _ = mapping_loss.text_mapping_loss(
           out["instruct_embeds"], out["instruct_feats"], batch["instructs_mask"])
     if "vision_map" in self.loss_weights:
-      sample_mask = None if self.cfg.vision_map_text_only else batch["has_image"]
       sums["vision_map"], _ = mapping_loss.vision_mapping_loss(
-          out["patch_embeds"], out["projected_back"], sample_mask)
-    aux = {"tokens": jnp.sum(batch["token_mask"]).astype(jnp.float32)}
+          out["patch_embeds"], out["projected_back"], fusion.vision_map_samples(batch, self.cfg))
+    tokens = jnp.sum(batch["token_mask"]).astype(jnp.float32)
+    # Per-step metrics (aux values add up over microbatches): samples in the batch, and the
+    # packing efficiency real tokens / row tokens as this microbatch's share of the mean.
+    k = max(int(self.config.get("microbatches", 1) or 1), 1)
+    p = batch["has_image"].shape[1]
+    aux = {"tokens": tokens,
+           "samples": jnp.sum(batch_spec.sample_mask(batch["segment_ids"], p)).astype(jnp.float32),
+           "packing_efficiency": tokens / (batch["token_mask"].size * k)}
     return sums, aux
 
   def loss_denominators(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -197,9 +283,8 @@ class FusionTask:
     if "text_map" in self.loss_weights:
       dens["text_map"] = jnp.sum(batch["instructs_mask"]).astype(jnp.float32)
     if "vision_map" in self.loss_weights:
-      samples = (batch["has_image"].shape[0] if self.cfg.vision_map_text_only
-                 else jnp.sum(batch["has_image"]))
-      dens["vision_map"] = jnp.asarray(samples, jnp.float32) * n
+      samples = jnp.sum(fusion.vision_map_samples(batch, self.cfg))
+      dens["vision_map"] = samples.astype(jnp.float32) * n
     return dens
 
   def make_data_iterator(self, process_index: int, process_count: int
@@ -220,7 +305,10 @@ class FusionTask:
     llm_attn = 2 * c.num_layers * s * attn
     vis_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     vis_tokens = 5 * v.num_patches + self.cfg.max_instruct_len
-    vision = v.num_layers * vis_layer * vis_tokens / s
+    # Every sample slot of a row is encoded: P of them when packing.
+    d = self.config.data
+    p = int(d.get("max_samples_per_row", 1)) if d.get("packing", False) else 1
+    vision = v.num_layers * vis_layer * vis_tokens * p / s
     return 6.0 * (llm + llm_attn + vision)
 
 
@@ -281,7 +369,9 @@ def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, ba
   s = STAGES[stage]
   c = base_config()
   c.task = "fusion"
-  c.model = ml_collections.ConfigDict(dict(preset=preset, overrides=ml_collections.ConfigDict()))
+  c.model = model_config(preset)
+  # Scanned layers: compile time and program size independent of depth (README "Fit").
+  c.model.scan_layers = True
   c.data = ml_collections.ConfigDict(dict(
       mixture=f"{data_root}/{s.dataset}/mixture.yaml",
       image_root=image_root,
