@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
                                                        initializer_range=0.5),
                             template="phi_3")
   batch = fusion.example_batch(cfg, batch_size=2, seq_len=SEQ, max_questions=LQ, q=Q)
-  params = nn.meta.unbox(fusion.init(jax.random.key(0), cfg, batch)["params"])
+  params = jax.jit(lambda k: nn.meta.unbox(fusion.init(k, cfg, batch)["params"]))(jax.random.key(0))
   os.makedirs(os.path.join(root, "img"), exist_ok=True)
   Image.new("RGB", (40, 30), (200, 10, 10)).save(os.path.join(root, "img", "a.png"))
   Image.new("RGB", (32, 32), (10, 10, 200)).save(os.path.join(root, "img", "b.png"))
@@ -51,11 +51,15 @@ def _full_forward_logits(params, cfg, prompts, tokens):
   full["token_mask"] = pad(full["token_mask"], False)
   full["positions"] = pad(full["positions"], 0)
   full["labels"] = pad(full["labels"], -100)
+  if "segment_ids" in full:  # the batch contract's segment ids (one sample per row)
+    full["segment_ids"] = pad(full["segment_ids"], 0)
   lens = prompts["token_mask"].sum(-1)
   for i in range(b):
     n = lens[i]
     full["input_ids"][i, n:n + NEW] = tokens[i]
     full["token_mask"][i, n:n + NEW] = True
+    if "segment_ids" in full:
+      full["segment_ids"][i, n:n + NEW] = 1
     full["positions"][i, n:n + NEW] = np.arange(n, n + NEW)
   logits, _ = fusion.apply(params, full, cfg, train=False)
   idx = lens[:, None] - 1 + np.arange(NEW)[None]  # logits that predict generated token t
@@ -202,6 +206,30 @@ def test_longrope_crossing_is_refused(setup):
                      match=rf"^c: prompt \({n} positions\) \+ max_new_tokens {97 - n} crosses "
                            rf"LongRoPE's switch .* at 96 .* max_new_tokens <= {96 - n}$"):
     gen.check(records[2], gen_lib.SamplingParams(max_new_tokens=97 - n))
+
+
+def test_long_prompts_are_batched_apart(setup, monkeypatch):
+  """LongRoPE picks one regime per forward: rows whose prompt is past the switch never share a
+  batch with rows before it."""
+  from fusion_jax.models.rope import LongRopeScaling
+  _, tok, cfg, params, records, _ = setup
+  hd = cfg.llm.head_dim // 2
+  phi = cfg.replace(llm=cfg.llm.replace(
+      rope_scaling=LongRopeScaling((1.0,) * hd, (4.0,) * hd, original_max_position_embeddings=96)))
+  gen = gen_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ)
+  long = {"id": "long", "conversations": [{"from": "human", "value": "Describe a cat. " * 4}]}
+  prompts = [records[2], long, records[2], long]
+  lengths = [gen.check(r, gen_lib.SamplingParams(max_new_tokens=1))[1] for r in prompts]
+  assert lengths[0] + 1 <= 96 < lengths[1], lengths
+  batches = []
+
+  def fake_run(rows, image_root):
+    batches.append([r.index for r in rows])
+    return [gen_lib.Completion(str(r.index), (), r.length, 0, "length") for r in rows]
+
+  monkeypatch.setattr(gen, "_run", fake_run)
+  out = gen.generate(prompts, gen_lib.SamplingParams(max_new_tokens=1))
+  assert batches == [[0, 2], [1, 3]] and [c.text for c in out] == ["0", "1", "2", "3"]
 
 
 def test_sampling_params_are_validated():

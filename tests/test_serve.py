@@ -127,6 +127,7 @@ def test_sampling_is_seeded(server):
 
 @pytest.mark.parametrize("body,raw,match", [
     (None, b"{not json", "not valid JSON"),
+    (None, b"[" * 100_000, "nests too deeply"),
     ([1, 2], None, "must be a JSON object"),
     ({"messages": []}, None, "'messages' must be a non-empty array"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, None, "role 'robot'"),

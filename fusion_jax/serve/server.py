@@ -128,6 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
       return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+      raise RequestError("the request body nests too deeply") from None
 
   def _drain(self, n: int) -> None:
     """Reads (and drops) a refused body so the client gets the 400 instead of a reset; a huge
