@@ -12,7 +12,8 @@
           takes it as a bias shared by all heads: 2 bytes x S^2 per row, 32 MiB at 4k, not the
           2 GiB of scores). cuDNN runs bf16/fp16 only: other dtypes are cast to bfloat16 and
           the output cast back. (jax 0.10 exposes cuDNN's packed-segment layout only through
-          a private module; the mask route is public API.)
+          a private module; the mask route is public API. Its cost: jax's cuDNN backward
+          also computes the bias gradient, unused. Not yet measured on a GPU.)
   auto    splash on TPU, cudnn on GPU when the compute dtype is bf16/fp16, else xla.
 
 Segment ids (B, S) int32: tokens attend causally to earlier tokens of the same segment; 0 marks
