@@ -55,6 +55,9 @@ LAYERS=()
 if (( MEM_MIB < 100 * 1024 )); then LAYERS=(--layers 16); fi
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# One decoder layer's compiled temp memory, XLA vs cuDNN attention (compile only, seconds).
+"$PY" benchmarks/attention_memory.py --dtype bfloat16 --impls xla,cudnn 2>&1 \
+  | tee "$OUT/attention_memory.log"
 PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" "$@" \
   --out "$OUT/step_mfu.json" 2>&1 | tee "$OUT/step_mfu.log"
 "$PY" - "$OUT/step_mfu.json" "$JAXV" "$PIN" <<'EOF'
