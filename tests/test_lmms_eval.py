@@ -71,7 +71,7 @@ def test_generate_until_requests(lm, monkeypatch):
   calls = {}
 
   def fake_generate(model, prompts, *, max_new_tokens, stop, batch_size):
-    calls[(max_new_tokens, stop)] = (batch_size, prompts)
+    calls[(max_new_tokens, stop)] = (batch_size, [(t, im()) for t, im in prompts])  # lazy images
     return [bench_model.Refused("too long") if t == "too long" else t.upper()
             for t, _ in prompts]
 

@@ -27,7 +27,9 @@ from fusion_jax.models import fusion
 
 BUCKET = 128  # scoring: sequence lengths padded to a multiple of this (one compile per bucket)
 CHUNK_BATCHES = 16  # prompts whose images are decoded at a time, in batches
-Prompt = tuple[str, Any]  # (text, image bytes | path | PIL image | None)
+# (text, image): image = bytes | path | PIL image | None, or a zero-argument callable returning
+# one (resolved when needed, so a caller never holds a whole benchmark's images at once)
+Prompt = tuple[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,10 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None) -> Any
   (params, cfg, tokenizer, seq_len, max_questions, q, name, step)."""
   from fusion_jax.infer.load import load_model
   return load_model(path, step=step, dtype=dtype)
+
+
+def _resolve(image: Any) -> Any:
+  return image() if callable(image) else image
 
 
 def crops(image: Any, size: int, source: str = "") -> np.ndarray:
@@ -74,7 +80,7 @@ def generate(model: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 16,
                   max_seq_len=model.seq_len, max_batch=batch_size, max_new_tokens=max_new_tokens)
   sp = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(s for s in stop if s))
   out: list[Any] = [None] * len(prompts)
-  recs = [_record(t, im is not None, i) for i, (t, im) in enumerate(prompts)]
+  recs = [_record(t, _resolve(im) is not None, i) for i, (t, im) in enumerate(prompts)]
   lengths = {}
   for i, rec in enumerate(recs):
     try:
@@ -87,7 +93,7 @@ def generate(model: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 16,
     part, ready = [], []
     for i in order[start:start + CHUNK_BATCHES * batch_size]:
       rec = dict(recs[i])
-      image = prompts[i][1]
+      image = _resolve(prompts[i][1]) if "image" in rec else None
       if image is not None:
         try:
           rec["images"] = crops(image, size, source=rec["id"])
@@ -153,8 +159,8 @@ def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_si
   score = make_continuation_scorer(cfg)
   size = cfg.vision.image_size
   out: list[Any] = [None] * len(items)
-  encs = [encode_conversation(_record(ctx, im is not None, i, answer=cont), tok, cfg.template)
-          for i, (ctx, cont, im) in enumerate(items)]
+  encs = [encode_conversation(_record(ctx, _resolve(im) is not None, i, answer=cont), tok,
+                              cfg.template) for i, (ctx, cont, im) in enumerate(items)]
   lengths = [e.length(model.q, cfg.num_image_tokens) for e in encs]
   for i, n in enumerate(lengths):
     if n > model.seq_len:
@@ -164,7 +170,7 @@ def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_si
     for start in range(0, len(idx), batch_size):
       part, rows = [], []
       for i in idx[start:start + batch_size]:
-        image = items[i][2]
+        image = _resolve(items[i][2]) if encs[i].has_image else None
         try:
           images = (crops(image, size, source=f"prompt {i}") if image is not None
                     else text_only_images(size))

@@ -18,10 +18,12 @@ A simple (is_simple = True) lmms model; requests carry lmms-eval Instance.args:
     continuation as the answer turn, whether greedy decoding produces it), one full forward
     (fusion_jax.eval.bench_model.loglikelihood).
 The doc is `self.task_dict[task][split][doc_id]` (lmms-eval fills task_dict); its first visual
-is the image (FUSION answers about one image; further visuals are dropped with a warning).
+is the image (FUSION answers about one image; further visuals are dropped with a warning),
+fetched only when its batch is built.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -136,7 +138,7 @@ class FusionJax(_Base):
       key = (_as_int(gk.get("max_new_tokens"), 128), stop_strings(gk.get("until")))
       groups.setdefault(key, []).append(i)
     for (max_new, stop), idx in groups.items():
-      prompts = [(args[i][0], self._doc_image(*args[i][2:6])) for i in idx]
+      prompts = [(args[i][0], functools.partial(self._doc_image, *args[i][2:6])) for i in idx]
       answers = bench_model.generate(self.model, prompts, max_new_tokens=max_new, stop=stop,
                                      batch_size=self.batch_size)
       for i, a in zip(idx, answers):
@@ -154,7 +156,8 @@ class FusionJax(_Base):
     items = []
     for ctx, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
       cont = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
-      items.append((ctx, str(cont), self._doc_image(doc_to_visual, doc_id, task, split)))
+      items.append((ctx, str(cont),
+                    functools.partial(self._doc_image, doc_to_visual, doc_id, task, split)))
     scored = bench_model.loglikelihood(self.model, items, batch_size=self.batch_size)
     out = []
     for (ctx, cont, _), s in zip(items, scored):
