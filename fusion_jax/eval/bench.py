@@ -39,7 +39,7 @@ class Benchmark:
   """How one benchmark is asked and scored.
 
   max_new_tokens: lmms-eval's generation limit for the task (MMBench and CV-Bench, 1024 there,
-  are capped at 64: their answers are one letter).
+  are capped at 64: their answers are one letter; TextVQA's task names none: 32).
   """
   name: str
   prompt: Callable[[Row], str]
