@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import re
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row, group_index
@@ -347,5 +347,3 @@ def score_cv_bench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
     rep["metrics"]["overall"] = (rep["metrics"]["accuracy_2d"] + acc["Omni3D"]) / 2
   return rep
 
-
-Scorer = Callable[[Sequence[Row], Sequence[str]], dict[str, Any]]
