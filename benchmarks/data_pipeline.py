@@ -1,7 +1,9 @@
-"""Input-pipeline throughput: static_hd at 384 px from 640x480 JPEGs (issue item 7).
+"""Input-pipeline throughput: static_hd at 384 px from 640x480 JPEGs (issue item 7), and
+sequence-packing efficiency (data.packing).
 
     python benchmarks/data_pipeline.py [--num_images 128] [--workers 0,1,2] [--image_size 384]
                                        [--tokenizer DIR] [--batches 24] [--template phi_3]
+    python benchmarks/data_pipeline.py --packing_only [--smoke_num 24000]
 
 Reports, on this host:
   1. per-stage cost, one core, sequential: decode (JPEG -> RGB PIL), resize (static_hd: the
@@ -12,6 +14,10 @@ Reports, on this host:
      original (resize to S, x/255, (x-0.5)/0.5, float32, channels first).
   3. the whole grain pipeline (make_pipeline, train mode, batch 8) with k worker processes of
      one read thread each: samples/s, and samples/s per worker (= per core used for decode).
+  4. packing efficiency (real tokens / row tokens): on the main job's data (experiments/
+     smoke.py's synthesized dataset, its tokenizer and its two stages' seq_len), through the
+     real pipeline unpacked and packed; and on a LLaVA-like length mix (length-only simulation
+     of the same packer, fusion_jax.data.packing.simulate) at the paper's 4096 tokens.
 Numbers from a shared machine are pessimistic; use them as ratios.
 """
 from __future__ import annotations
@@ -138,6 +144,72 @@ def pipeline_rate(cfg: pipeline.DataConfig, tok, batches: int, warmup: int = 3) 
   return batches * cfg.batch_size / dt
 
 
+def llava_like_lengths(n: int, seed: int = 0, *, num_image_tokens: int = 729,
+                       query_len: tuple[int, ...] = (4, 16, 36, 64, 144)) -> np.ndarray:
+  """Sequence lengths of a LLaVA-like stage-2 mix (token counts of the phi_3 template, slots
+  included; q drawn per sample from the candidates, standing in for q per batch):
+
+    35 % image, one short question (VQA / caption): 729 + q + 40..250 text tokens (~850)
+    30 % image conversations: 2..10 turns of q + 30..160 tokens each
+    10 % image, long answer (OCR, documents, detailed description): 729 + q + 250..1500
+    25 % text-only conversations: 1..8 turns, 60..3000 tokens in all (log-uniform)
+  """
+  rng = np.random.default_rng(seed)
+  q = rng.choice(np.asarray(query_len), n)
+  kind = rng.choice(4, n, p=[0.35, 0.30, 0.10, 0.25])
+  out = np.zeros((n,), np.int64)
+  system = 12
+  for i in range(n):
+    if kind[i] == 0:
+      out[i] = system + num_image_tokens + q[i] + rng.integers(40, 251)
+    elif kind[i] == 1:
+      turns = rng.integers(2, 11)
+      out[i] = system + num_image_tokens + sum(q[i] + rng.integers(30, 161) for _ in range(turns))
+    elif kind[i] == 2:
+      out[i] = system + num_image_tokens + q[i] + rng.integers(250, 1501)
+    else:
+      turns = rng.integers(1, 9)
+      out[i] = system + turns * q[i] + int(np.exp(rng.uniform(np.log(60), np.log(3000))))
+  return out
+
+
+def smoke_packing(num: int, batches: int, samples_per_row: tuple[int, ...]) -> dict:
+  """Packing efficiency of the real pipeline on the main job's data, per training stage."""
+  from experiments.smoke import get_config  # pylint: disable=g-import-not-at-top
+  from fusion_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS  # pylint: disable=g-import-not-at-top
+  from fusion_jax.train.fusion_task import FusionTask  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.synth.num = num
+  config = run_lib.prepare(config)
+  out = {}
+  for name, c, _ in run_lib.stage_plan(config, tempfile.mkdtemp()):
+    task = FusionTask(c)
+    tok = load_tokenizer(c.data.tokenizer, pad_token=TEMPLATE_PAD_TOKENS[task.cfg.template])
+    base = task.data_config(1)
+    rows = []
+    for p in (1,) + tuple(samples_per_row):
+      cfg = pipeline.DataConfig(**{**base.to_dict(), "query_len": base.query_len,
+                                   "paths": base.paths, "num_epochs": 1, "prefetch": 0,
+                                   "packing": p > 1, "max_samples_per_row": p})
+      it = pipeline.make_pipeline(cfg, tok, process_index=0, process_count=1, train=True)
+      real = samples = n_rows = 0
+      try:
+        for _ in range(batches):
+          b = next(it)
+          real += int(b["token_mask"].sum())
+          samples += int(b["segment_ids"].max(axis=1).sum())
+          n_rows += b["token_mask"].shape[0]
+      except StopIteration:
+        pass
+      finally:
+        it.close()
+      rows.append({"samples_per_row_max": p, "efficiency": real / max(n_rows * cfg.seq_len, 1),
+                   "samples_per_row": samples / max(n_rows, 1)})
+    out[name] = {"seq_len": base.seq_len, "rows": rows}
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--num_images", type=int, default=96)
@@ -148,7 +220,18 @@ def main(argv=None) -> int:
   ap.add_argument("--tokenizer", default="", help="tokenizer dir/file (default: train a tiny one)")
   ap.add_argument("--template", default="phi_3")
   ap.add_argument("--out_json", default="")
+  ap.add_argument("--packing_only", action="store_true", help="only section 4")
+  ap.add_argument("--smoke_num", type=int, default=24000,
+                  help="records of the main job's dataset (experiments/smoke.py: 24000)")
+  ap.add_argument("--packing_batches", type=int, default=60,
+                  help="batches of 16 rows read per setting on the main job's data")
   args = ap.parse_args(argv)
+  if args.packing_only:
+    result = packing_report(args)
+    if args.out_json:
+      with open(args.out_json, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
@@ -201,10 +284,39 @@ def main(argv=None) -> int:
       print(f"   {mode} workers={k}: {rate:7.1f} samples/s  ({per:6.1f} per worker core)")
       result["pipeline"].append({"fast": fast_images, "workers": k, "samples_per_s": rate,
                                  "per_worker": per})
+  result["packing"] = packing_report(args)
   if args.out_json:
     with open(args.out_json, "w") as f:
       json.dump(result, f, indent=1)
   return 0
+
+
+def packing_report(args) -> dict:
+  """Section 4: packing efficiency, main job's data and a LLaVA-like length mix."""
+  from fusion_jax.data import packing  # pylint: disable=g-import-not-at-top
+  print("\n4. packing efficiency = real tokens / row tokens (P = max samples per row; "
+        "P = 1 is unpacked)")
+  print(f"   main job's data (experiments/smoke.py, {args.smoke_num} records), real pipeline, "
+        f"{args.packing_batches} batches of 16 rows:")
+  smoke = smoke_packing(args.smoke_num, args.packing_batches, (2, 3, 4))
+  for name, r in smoke.items():
+    cells = ", ".join(f"P={x['samples_per_row_max']}: {100 * x['efficiency']:.1f} % "
+                      f"({x['samples_per_row']:.2f}/row)" for x in r["rows"])
+    print(f"   stage {name:11s} seq_len {r['seq_len']}: {cells}")
+  lengths = llava_like_lengths(20000)
+  llava = {"lengths": {"mean": float(lengths.mean()),
+                       "p50_p90_max": np.percentile(lengths, [50, 90, 100]).tolist()},
+           "rows": []}
+  print(f"   LLaVA-like mix (20000 samples, mean {lengths.mean():.0f} tokens, p50/p90/max "
+        f"{'/'.join(f'{x:.0f}' for x in llava['lengths']['p50_p90_max'])}), seq_len 4096, "
+        "16 rows per batch, length-only simulation:")
+  for p in (4, 8, 16):
+    r = packing.simulate(lengths, batch_size=16, seq_len=4096, samples_per_row=p,
+                         buffer=2 * 16 * p)
+    llava["rows"].append({"samples_per_row_max": p, **r})
+    print(f"     P={p:2d}: {100 * r['efficiency']:.1f} % ({r['samples_per_row']:.2f} samples/row); "
+          f"unpacked {100 * r['unpacked_efficiency']:.1f} %")
+  return {"smoke": smoke, "llava_like": llava}
 
 
 if __name__ == "__main__":

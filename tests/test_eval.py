@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fusion_jax.eval import closed_qa
-from fusion_jax.models import fusion
+from fusion_jax.models import batch_spec, fusion
 from fusion_jax.models.presets import TINY
 from tests.pipeline_fixtures import make_tokenizer
 
@@ -97,8 +97,7 @@ def test_scores_are_negative_summed_cross_entropy(setup):
   load = closed_qa.image_loader(records, root, cfg.vision.image_size)
   scores = closed_qa.score_examples(params, cfg, examples[:2], load, batch_size=2)
   ex = examples[1]
-  batch = {k: v[None] for k, v in ex.items() if k != "record_index"}
-  batch["images"] = load(int(ex["record_index"]))[None]
+  batch = batch_spec.stack_examples([dict(ex, images=load(int(ex["record_index"])))])
   _, aux = fusion.loss_fn(params, batch, cfg, train=False)
   np.testing.assert_allclose(scores[1], -float(aux["ce_sum"]), rtol=1e-5)
   closed_qa.plot_report(report, os.path.join(root, "acc.png"))

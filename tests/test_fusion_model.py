@@ -34,8 +34,8 @@ def test_forward_and_loss(params):
   batch = _batch(4)
   logits, aux = fusion.apply(params, batch, TINY, q=4)
   assert logits.shape == (B, S, TINY.llm.vocab_size) and logits.dtype == jnp.float32
-  assert aux["patch_embeds"].shape == (B, TINY.vision.num_patches, TINY.vision.hidden_size)
-  assert aux["instruct_feats"].shape == (B, TINY.max_instruct_len, TINY.llm.hidden_size)
+  assert aux["patch_embeds"].shape == (B, 1, TINY.vision.num_patches, TINY.vision.hidden_size)
+  assert aux["instruct_feats"].shape == (B, 1, TINY.max_instruct_len, TINY.llm.hidden_size)
   loss, parts = fusion.loss_fn(params, batch, TINY)
   assert np.isfinite(loss)
   np.testing.assert_allclose(loss, parts["ce"] + 0.1 * (parts["text_map"] + parts["vision_map"]),
@@ -68,7 +68,7 @@ def test_interaction_changes_only_through_latents(params):
 def test_text_only_latents_are_zero_and_images_ignored(params):
   batch = _batch(4)
   i = 1  # odd samples are text-only
-  assert not batch["has_image"][i]
+  assert not batch["has_image"][i, 0]
   noisy = dict(batch, images=batch["images"].copy())
   noisy["images"][i] = 255
   a, _ = fusion.apply(params, batch, TINY)
@@ -113,12 +113,12 @@ def test_latents_off_hides_latent_slots(params):
   a, _ = fusion.apply(params, batch, off)
   ids = batch["input_ids"].copy()
   for i in range(B):
-    lp = batch["latent_pos"][i][batch["latent_pos"][i] >= 0]
+    lp = batch["latent_pos"][i, 0][batch["latent_pos"][i, 0] >= 0]
     ids[i, lp] = 7
   b, _ = fusion.apply(params, dict(batch, input_ids=ids), off)
   keep = batch["token_mask"].copy()
   for i in range(B):
-    keep[i, batch["latent_pos"][i][batch["latent_pos"][i] >= 0]] = False
+    keep[i, batch["latent_pos"][i, 0][batch["latent_pos"][i, 0] >= 0]] = False
   np.testing.assert_allclose(np.asarray(a)[keep], np.asarray(b)[keep], atol=1e-5)
 
 

@@ -185,10 +185,11 @@ def test_layout_batch(phi):
   encs = [encode_conversation(r, phi, "phi_3") for r in (IMG3, TXT2, IMG3)]
   b = layout_batch(encs, 16, num_image_tokens=N_IMG, seq_len=300, max_questions=LQ,
                    max_instruct_len=T, pad_id=phi.pad_id)
-  assert b["input_ids"].shape == (3, 300) and b["latent_pos"].shape == (3, LQ * 16)
-  assert b["has_image"].tolist() == [True, False, True]
-  assert b["image_start"][1] == -1 and b["image_start"][0] == b["image_start"][2] >= 0
-  assert b["instructs"].shape == (3, T) and b["instructs_mask"].dtype == bool
+  assert b["input_ids"].shape == (3, 300) and b["latent_pos"].shape == (3, 1, LQ * 16)
+  assert b["has_image"][:, 0].tolist() == [True, False, True]
+  assert b["image_start"][1, 0] == -1 and b["image_start"][0, 0] == b["image_start"][2, 0] >= 0
+  assert b["instructs"].shape == (3, 1, T) and b["instructs_mask"].dtype == bool
+  assert (b["segment_ids"] == b["token_mask"]).all()  # one sample per row: segment 1
   with pytest.raises(ValueError, match="perfect square"):
     layout_batch(encs, 8, num_image_tokens=N_IMG, seq_len=300, max_questions=LQ,
                  max_instruct_len=T, pad_id=phi.pad_id)

@@ -12,6 +12,7 @@ import pytest
 from fusion_jax.data import pipeline as pl
 from fusion_jax.data.errors import BadSample
 from fusion_jax.data.layout import choose_q
+from fusion_jax.models.batch_spec import check_batch
 from fusion_jax.parallel.sharding import make_mesh
 from pipeline_fixtures import (TINY_CFG, assert_batches_equal, batch_sample_ids, good_record,
                                make_tokenizer, png_bytes, write_dataset)
@@ -68,20 +69,22 @@ def test_batch_contract_and_q_per_batch(clean_ds, tok):
     b = next(it)
     q = choose_q(TINY_CFG["seed"], i, TINY_CFG["query_len"])
     want = {"input_ids": ((B, S), np.int32), "token_mask": ((B, S), np.bool_),
+            "segment_ids": ((B, S), np.int32),
             "positions": ((B, S), np.int32), "labels": ((B, S), np.int32),
-            "images": ((B, 5, H, H, 3), np.uint8), "has_image": ((B,), np.bool_),
-            "image_start": ((B,), np.int32), "latent_pos": ((B, Lq * q), np.int32),
-            "question_pos": ((B, Lq), np.int32), "instructs": ((B, T), np.int32),
-            "instructs_mask": ((B, T), np.bool_)}
+            "images": ((B, 1, 5, H, H, 3), np.uint8), "has_image": ((B, 1), np.bool_),
+            "image_start": ((B, 1), np.int32), "latent_pos": ((B, 1, Lq * q), np.int32),
+            "question_pos": ((B, 1, Lq), np.int32), "instructs": ((B, 1, T), np.int32),
+            "instructs_mask": ((B, 1, T), np.bool_)}
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == want
-    assert b["latent_pos"].shape[1] // Lq == q
+    check_batch(b)
+    assert b["latent_pos"].shape[2] // Lq == q
     for r in range(B):
       sid = batch_sample_ids({k: v[r:r + 1] for k, v in b.items()}, tok)[0]
-      assert bool(b["has_image"][r]) == (sid % 2 == 0)
-      if b["has_image"][r]:
-        assert b["images"][r].any() and b["image_start"][r] >= 0
+      assert bool(b["has_image"][r, 0]) == (sid % 2 == 0)
+      if b["has_image"][r, 0]:
+        assert b["images"][r].any() and b["image_start"][r, 0] >= 0
       else:
-        assert not b["images"][r].any() and b["image_start"][r] == -1
+        assert not b["images"][r].any() and b["image_start"][r, 0] == -1
   assert it.counters["samples"] == 8
   assert it.skip_counters() == {}
 
@@ -117,7 +120,7 @@ def test_resume_continues_with_identical_next_batch(tmp, tok):
   for i, w in enumerate(want):
     got = next(it2)
     assert_batches_equal(w, got)
-    assert got["latent_pos"].shape[1] // 2 == choose_q(TINY_CFG["seed"], 5 + i, (1, 4))
+    assert got["latent_pos"].shape[2] // 2 == choose_q(TINY_CFG["seed"], 5 + i, (1, 4))
   assert it2.counters == it.counters
   assert it.counters["no_answer_turn"] >= 1
   it2.close()
@@ -158,11 +161,12 @@ def test_eval_fixed_q_source_order_padded_last_batch(clean_ds, tok):
   it = pl.make_pipeline(_cfg(path, root, batch_size=4, eval_q=4), tok, process_index=0,
                         process_count=1, train=False)
   batches = list(it)
-  assert [b["latent_pos"].shape for b in batches] == [(4, 8)] * 3
+  assert [b["latent_pos"].shape for b in batches] == [(4, 1, 8)] * 3
   assert [i for b in batches for i in batch_sample_ids(b, tok)] == list(range(11))
   last = batches[-1]
   assert not last["token_mask"][3].any() and (last["labels"][3] == -100).all()
-  assert last["image_start"][3] == -1 and not last["has_image"][3]
+  assert last["image_start"][3, 0] == -1 and not last["has_image"][3, 0]
+  check_batch(last)
 
 
 def test_worker_processes_counters_and_resume(tmp, tok):

@@ -166,10 +166,10 @@ def layout_batch(encs: Sequence[EncodedSample], q: int, *, num_image_tokens: int
   """
   if not encs:
     raise ValueError("layout_batch: empty batch")
-  rows = [layout_sample(e, q=q, num_image_tokens=num_image_tokens, seq_len=seq_len,
-                        max_questions=max_questions, max_instruct_len=max_instruct_len,
-                        pad_id=pad_id) for e in encs]
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}  # TEMP: pre-packing contract
+  return batch_spec.stack_examples([
+      layout_sample(e, q=q, num_image_tokens=num_image_tokens, seq_len=seq_len,
+                    max_questions=max_questions, max_instruct_len=max_instruct_len,
+                    pad_id=pad_id) for e in encs])
 
 
 def check_sample(enc: EncodedSample, *, q_max: int, num_image_tokens: int, seq_len: int,

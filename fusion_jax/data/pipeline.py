@@ -292,8 +292,7 @@ class LayoutBatch:
         encs, q, num_image_tokens=cfg.num_image_tokens, seq_len=cfg.seq_len,
         max_questions=cfg.max_questions, max_instruct_len=cfg.max_instruct_len,
         pad_id=self._pad_id))
-    batch["images"] = np.asarray(wb["images"])
-    batch["has_image"] = np.asarray(wb["has_image"], bool)
+    batch["images"] = np.asarray(wb["images"])[:, None]  # (B, P=1, 5, H, W, 3)
     if len(encs) < cfg.batch_size:
       batch = pad_batch(batch, cfg.batch_size, self._pad_id)
     return {"batch": batch, "counts": wb["counts"], "skips": wb["skips"]}

@@ -23,7 +23,7 @@ from fusion_jax.data.errors import BadSample
 from fusion_jax.data.images import load_static_hd, static_hd_crops, text_only_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.data.tokenizer import IMAGE_MARKER
-from fusion_jax.models import fusion
+from fusion_jax.models import batch_spec, fusion
 
 BUCKET = 128  # scoring: sequence lengths padded to a multiple of this (one compile per bucket)
 CHUNK_BATCHES = 16  # prompts whose images are decoded at a time, in batches
@@ -124,7 +124,7 @@ def _buckets(lengths: Sequence[int], seq_len: int) -> dict[int, list[int]]:
 
 def stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """A model batch of laid-out examples (layout_sample + "images"), one per row."""
-  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+  return batch_spec.stack_examples(examples)
 
 
 def make_continuation_scorer(cfg: fusion.FusionConfig

@@ -24,7 +24,7 @@ from fusion_jax.data.conversation import encode_conversation
 from fusion_jax.data.errors import BadSample
 from fusion_jax.data.images import load_static_hd, text_only_images
 from fusion_jax.data.layout import layout_sample
-from fusion_jax.models import fusion
+from fusion_jax.models import batch_spec, fusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ def score_examples(params: Any, cfg: fusion.FusionConfig, examples: Sequence[dic
     chunk = list(examples[start:start + batch_size])
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)
-    batch = {k: np.stack([ex[k] for ex in chunk]) for k in chunk[0] if k != "record_index"}
+    batch = batch_spec.stack_examples(chunk)  # record_index is not a batch key
     imgs = []
     for ex in chunk:
       r = int(ex["record_index"])
@@ -144,7 +144,7 @@ def score_examples(params: Any, cfg: fusion.FusionConfig, examples: Sequence[dic
           cache.clear()
         cache[r] = image_of(r)
       imgs.append(cache[r])
-    batch["images"] = np.stack(imgs)
+    batch["images"] = np.stack(imgs)[:, None]  # (B, P=1, 5, H, W, 3)
     out[start:start + n] = np.asarray(scorer(params, batch))[:n]
     if progress:
       progress(min(start + batch_size, len(examples)), len(examples))

@@ -49,7 +49,7 @@ from fusion_jax.data.conversation import EncodedSample, encode_conversation, get
 from fusion_jax.data.images import load_static_hd, text_only_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.data.tokenizer import IMAGE_MARKER, Tokenizer
-from fusion_jax.models import fusion
+from fusion_jax.models import batch_spec, fusion
 from fusion_jax.models.llm import init_cache, rope_tables
 from fusion_jax.models.rope import longrope_is_long
 
@@ -171,7 +171,7 @@ def prompt_batch(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
     enc, _ = encode_prompt(rec, tokenizer, cfg, q=q, index=i)
     rows.append(_layout_prompt(rec, enc, tokenizer, cfg, image_root=image_root, q=q,
                                seq_len=seq_len, max_questions=max_questions))
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return batch_spec.stack_examples(rows)
 
 
 # ----------------------------------------------------------------------------- device side
@@ -404,7 +404,7 @@ class Generator:
     exs = [_layout_prompt(r.rec, r.enc, self.tokenizer, self.cfg, image_root=image_root,
                           q=self.q, seq_len=s, max_questions=self.max_questions) for r in rows]
     exs += [exs[0]] * (b - n)  # dummy rows: finished after one token
-    batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+    batch = batch_spec.stack_examples(exs)
     sps = [r.sampling for r in rows] + [SamplingParams(max_new_tokens=1)] * (b - n)
     sampling = dict(temperature=np.asarray([p.temperature for p in sps], np.float32),
                     top_p=np.asarray([p.top_p for p in sps], np.float32),

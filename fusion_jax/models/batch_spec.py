@@ -194,6 +194,22 @@ def example_length(ex: Mapping[str, np.ndarray]) -> int:
   return int(np.asarray(ex["token_mask"]).sum())
 
 
+def stack_examples(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """One example per row (P = 1): the examples' arrays stacked as they are, segment 1 on their
+  real tokens. Keys outside the contract (e.g. bookkeeping ids) are left out; "images" is
+  included when the examples carry it (evaluation and inference prompt batches)."""
+  if not examples:
+    raise ValueError("stack_examples: no example")
+  out = {}
+  for k in EXAMPLE_KEYS:
+    if k not in examples[0]:
+      continue
+    x = np.stack([np.asarray(ex[k]) for ex in examples]).astype(SPEC[k].dtype, copy=False)
+    out[k] = x[:, None] if "P" in SPEC[k].shape else x
+  out["segment_ids"] = out["token_mask"].astype(np.int32)
+  return out
+
+
 def pack_examples(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], *, seq_len: int,
                   samples_per_row: int, pad_id: int, num_rows: int | None = None
                   ) -> dict[str, np.ndarray]:

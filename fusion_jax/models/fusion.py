@@ -8,26 +8,12 @@
     input_ids ──► embed; image tokens into the image slot, latents into the latent slots
               ──► LLM decoder, an interaction layer after layers start + j*stride ──► logits
 
-Batch layout (produced by fusion_jax.data; B batch, S sequence, Lq max questions, q latents
-per question, T instruction tokens, H = W = tower image size, N image tokens):
-
-| key            | shape           | dtype | meaning / padding                                       |
-|----------------|-----------------|-------|---------------------------------------------------------|
-| input_ids      | (B, S)          | int32 | token ids; image/latent slots and padding hold pad_id   |
-| token_mask     | (B, S)          | bool  | True at real tokens (slots included)                    |
-| positions      | (B, S)          | int32 | 0..n-1 over real tokens; 0 at padding                   |
-| labels         | (B, S)          | int32 | unshifted targets; -100 = not supervised                |
-| images         | (B, 5, H, W, 3) | uint8 | static_hd crops [TL, TR, BL, BR, full]; zeros text-only |
-| has_image      | (B,)            | bool  | False for text-only samples                             |
-| image_start    | (B,)            | int32 | first of the N image slots; -1 for text-only            |
-| latent_pos     | (B, Lq*q)       | int32 | index of latent slot v = l*q + kk; -1 = padding         |
-| question_pos   | (B, Lq)         | int32 | last token of user turn l (incl. assistant header); -1  |
-| instructs      | (B, T)          | int32 | all user turns' token ids, no markers; 0 padding        |
-| instructs_mask | (B, T)          | bool  | valid instruction tokens (explicit: id 0 is real in     |
-|                |                 |       | Llama-3)                                                |
-
-q = latent_pos.shape[1] // Lq: every distinct q is one compilation, nothing else varies.
-Images are normalised on device (x/255, then (x - 0.5)/0.5), so host-to-device is uint8.
+Batch contract: fusion_jax/models/batch_spec.py (keys, shapes, dtypes, padding). B rows of S
+tokens, each holding up to P samples (P = 1: one sample per row); per-sample keys carry the
+(B, P) axes. The model keeps samples apart: attention is causal within a segment
+(segment_ids), positions restart per sample, the tower encodes the B*P sample slots (empty
+slots too: shapes are static), and each sample's image tokens, latents, context windows,
+interaction layers and mapping-loss terms are its own.
 """
 from __future__ import annotations
 
@@ -41,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fusion_jax.models import global_context
+from fusion_jax.models import batch_spec, global_context
 from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
 from fusion_jax.models.llm import Decoder, LLMConfig
@@ -51,8 +37,7 @@ from fusion_jax.models.vision import VisionConfig, VisionTower
 from fusion_jax.parallel.sharding import constrain
 
 VISION_TEXT_MASKS = ("faithful", "block_vision_to_text")
-BATCH_KEYS = ("input_ids", "token_mask", "positions", "labels", "images", "has_image",
-              "image_start", "latent_pos", "question_pos", "instructs", "instructs_mask")
+BATCH_KEYS = batch_spec.BATCH_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +177,11 @@ class Fusion(nn.Module):
 
   def encode_images(self, images: jax.Array, has_image: jax.Array, instructs: jax.Array,
                     instructs_mask: jax.Array) -> dict[str, jax.Array]:
-    """Both vision passes.
+    """Both vision passes, per sample: images (M, 5, H, W, 3), has_image (M,), instructs and
+    instructs_mask (M, T) for M samples (the B*P sample slots of a batch).
 
-    Returns a dict with image_tokens (B, N, D), mosaic (B, 2g, 2g, D), patch_embeds (B, N, Dv)
-    (hs[0] of the full view), instruct_embeds (B, T, D), instruct_feats (B, T, D) or None.
+    Returns a dict with image_tokens (M, N, D), mosaic (M, 2g, 2g, D), patch_embeds (M, N, Dv)
+    (hs[0] of the full view), instruct_embeds (M, T, D), instruct_feats (M, T, D) or None.
     """
     cfg = self.config
     b = images.shape[0]
@@ -245,10 +231,12 @@ class Fusion(nn.Module):
                cache: dict[str, Any] | None
                ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any] | None]:
     cfg = self.config
-    lq = batch["question_pos"].shape[1]
-    q = batch["latent_pos"].shape[1] // lq
-    vis = self.encode_images(batch["images"], batch["has_image"], batch["instructs"],
-                             batch["instructs_mask"])
+    b, p, lq = batch["question_pos"].shape
+    q = batch["latent_pos"].shape[2] // lq
+    # Every sample slot is one tower sample: (B, P, ...) -> (B*P, ...).
+    flat = lambda x: x.reshape((b * p,) + x.shape[2:])  # noqa: E731
+    vis = self.encode_images(flat(batch["images"]), flat(batch["has_image"]),
+                             flat(batch["instructs"]), flat(batch["instructs_mask"]))
     image_tokens = vis["image_tokens"]
     seq_tokens = image_tokens
     if cfg.fusion_l_grid:
@@ -258,31 +246,35 @@ class Fusion(nn.Module):
       seq_tokens = global_context.resize_image_tokens(image_tokens, cfg.fusion_l_grid)
 
     h = self.llm.embed(batch["input_ids"])
-    has_image = batch["has_image"]
+    has_image = batch["has_image"]  # (B, P)
     n_seq = seq_tokens.shape[1]
-    start = jnp.where(has_image, batch["image_start"], -1)
-    img_dst = jnp.where(start[:, None] >= 0, start[:, None] + jnp.arange(n_seq)[None], -1)
-    h = _scatter_rows(h, img_dst, seq_tokens)
+    start = jnp.where(has_image, batch["image_start"], -1)[:, :, None]  # (B, P, 1)
+    img_dst = jnp.where(start >= 0, start + jnp.arange(n_seq), -1).reshape(b, p * n_seq)
+    h = _scatter_rows(h, img_dst, seq_tokens.reshape(b, p * n_seq, -1))
 
-    mosaic = vis["mosaic"]
+    mosaic = vis["mosaic"]  # (B*P, 2g, 2g, D)
     token_mask = jnp.asarray(batch["token_mask"])
+    latent_pos = batch["latent_pos"].reshape(b, p * lq * q)
     if cfg.latents:
-      init = global_context.latent_init(mosaic, q)  # (B, q, D)
-      init = jnp.where(has_image[:, None, None], init, 0.0)  # text-only: q zero vectors
-      h = _scatter_rows(h, batch["latent_pos"], jnp.tile(init, (1, lq, 1)))
+      init = global_context.latent_init(mosaic, q).reshape(b, p, q, -1)
+      init = jnp.where(has_image[:, :, None, None], init, 0.0)  # text-only: q zero vectors
+      h = _scatter_rows(h, latent_pos, jnp.tile(init, (1, 1, lq, 1)).reshape(b, p * lq * q, -1))
     else:
       # Ablation: latent slots are masked out of attention (as if absent; positions unchanged).
       rows = jnp.arange(h.shape[0])[:, None]
-      dst = jnp.where(batch["latent_pos"] >= 0, batch["latent_pos"], h.shape[1])
+      dst = jnp.where(latent_pos >= 0, latent_pos, h.shape[1])
       token_mask = token_mask.at[rows, dst].set(False, mode="drop")
     h = constrain(h, ("batch", "length", "embed"))
 
     hook, hook_ctx = None, None
+    if scanned_interaction_layers(cfg) or (self.interaction and cfg.latents):
+      # Each sample's latents see its own context windows (B, P, q, w*w, D).
+      windows = global_context.context_windows(mosaic, q, cfg.window_size)
+      windows = windows.reshape((b, p) + windows.shape[1:])
     if scanned_interaction_layers(cfg):
       hook_ctx = dict(question_pos=batch["question_pos"], latent_pos=batch["latent_pos"],
-                      windows=global_context.context_windows(mosaic, q, cfg.window_size))
+                      windows=windows)
     elif self.interaction and cfg.latents:
-      windows = global_context.context_windows(mosaic, q, cfg.window_size)
       layer_of = {i: j for j, i in enumerate(cfg.interaction_layers)}
 
       def hook(i: int, x: jax.Array) -> jax.Array:
@@ -292,11 +284,14 @@ class Fusion(nn.Module):
                                  batch["latent_pos"], windows)
 
     hidden, new_cache = self.llm(h, batch["positions"], token_mask, cache=cache, hook=hook,
-                                 hook_ctx=hook_ctx)
+                                 hook_ctx=hook_ctx, segment_ids=batch["segment_ids"])
     logits = self.llm.logits(hidden)
-    aux = dict(patch_embeds=vis["patch_embeds"],
-               projected_back=self.aux_projector(image_tokens),
-               instruct_embeds=vis["instruct_embeds"], instruct_feats=vis["instruct_feats"])
+    # Loss inputs per sample slot: (B, P, ...).
+    unflat = lambda x: None if x is None else x.reshape((b, p) + x.shape[1:])  # noqa: E731
+    aux = dict(patch_embeds=unflat(vis["patch_embeds"]),
+               projected_back=unflat(self.aux_projector(image_tokens)),
+               instruct_embeds=unflat(vis["instruct_embeds"]),
+               instruct_feats=unflat(vis["instruct_feats"]))
     return logits, aux, new_cache
 
 
@@ -307,9 +302,10 @@ def init(rng: jax.Array, cfg: FusionConfig, batch: Mapping[str, Any]) -> Any:
 
 def apply(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, q: int | None = None,
           train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """logits (B, S, V) and aux (loss inputs) for a batch; q checked against the batch shapes."""
-  lq = batch["question_pos"].shape[1]
-  implied = batch["latent_pos"].shape[1] // max(lq, 1)
+  """logits (B, S, V) and aux (per-sample loss inputs, (B, P, ...)) for a batch; q checked
+  against the batch shapes."""
+  lq = batch["question_pos"].shape[2]
+  implied = batch["latent_pos"].shape[2] // max(lq, 1)
   if q is not None and q != implied:
     raise ValueError(f"fusion.apply: q={q} but latent_pos {batch['latent_pos'].shape} with "
                      f"{lq} questions implies q={implied}; lay the batch out with the same q")
@@ -328,6 +324,14 @@ def decode(params: Any, input_ids: jax.Array, positions: jax.Array, cfg: FusionC
   return Fusion(cfg).apply({"params": params}, input_ids, positions, cache, method=Fusion.decode)
 
 
+def vision_map_samples(batch: Mapping[str, jax.Array], cfg: FusionConfig) -> jax.Array:
+  """(B, P) bool: the sample slots vision_map averages over. Every filled slot (faithful: the
+  dummy images of text-only samples count), or only those with an image (corrected option);
+  empty slots of packed rows never count."""
+  filled = batch_spec.sample_mask(batch["segment_ids"], batch["has_image"].shape[1])
+  return filled if cfg.vision_map_text_only else filled & batch["has_image"]
+
+
 def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Spec 6: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars)."""
@@ -336,59 +340,76 @@ def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, t
   if t_feats is None:  # text guidance off: no instruction features, no text mapping term
     t_feats, t_mask = t_embeds, jnp.zeros_like(t_mask)
   weight = cfg.mapping_weight if cfg.mapping_loss else 0.0
-  sample_mask = None if cfg.vision_map_text_only else batch["has_image"]
+  sample_mask = vision_map_samples(batch, cfg)
   return fusion_loss(logits, batch["labels"], t_embeds, t_feats, t_mask, out["patch_embeds"],
                      out["projected_back"], sample_mask=sample_mask, mapping_weight=weight)
 
 
-def example_batch(cfg: FusionConfig, *, batch_size: int, seq_len: int, max_questions: int, q: int,
-                  seed: int | None = 0) -> dict[str, Any]:
-  """A structurally valid batch (numpy) for init, benchmarks and tests.
+def example_samples(cfg: FusionConfig, count: int, *, seq_len: int, max_questions: int, q: int,
+                    seed: int = 0, first: int = 0) -> list[dict[str, Any]]:
+  """`count` structurally valid examples (batch_spec's per-sample form, (seq_len,) rows).
 
-  Sample b lays out [text][image slot N][latents q][question 0 text] ... per question, with
-  labels on the text after each question; odd samples are text-only. `seed=None` gives zeros
-  (shapes only, e.g. for init).
+  Example i (numbered from `first`) lays out [text][image slot N][latents q][question text]
+  ... per question with labels on the text after each question; odd examples are text-only.
   """
   import numpy as np  # host-side helper
   rng = np.random.default_rng(seed)
-  b, s, lq, t = batch_size, seq_len, max_questions, cfg.max_instruct_len
-  n = cfg.num_image_tokens
-  v = cfg.llm.vocab_size
-  size = cfg.vision.image_size
-  out = dict(
-      input_ids=np.zeros((b, s), np.int32), token_mask=np.zeros((b, s), bool),
-      positions=np.zeros((b, s), np.int32), labels=np.full((b, s), -100, np.int32),
-      images=np.zeros((b, 5, size, size, 3), np.uint8), has_image=np.zeros((b,), bool),
-      image_start=np.full((b,), -1, np.int32), latent_pos=np.full((b, lq * q), -1, np.int32),
-      question_pos=np.full((b, lq), -1, np.int32), instructs=np.zeros((b, t), np.int32),
-      instructs_mask=np.zeros((b, t), bool))
-  if seed is None:
-    return out
-  for i in range(b):
+  s, lq, t = seq_len, max_questions, cfg.max_instruct_len
+  n, v, size = cfg.num_image_tokens, cfg.llm.vocab_size, cfg.vision.image_size
+  out = []
+  for i in range(first, first + count):
+    ex = dict(
+        input_ids=np.zeros((s,), np.int32), token_mask=np.zeros((s,), bool),
+        positions=np.zeros((s,), np.int32), labels=np.full((s,), -100, np.int32),
+        images=np.zeros((5, size, size, 3), np.uint8), has_image=np.asarray(False),
+        image_start=np.asarray(-1, np.int32), latent_pos=np.full((lq * q,), -1, np.int32),
+        question_pos=np.full((lq,), -1, np.int32), instructs=np.zeros((t,), np.int32),
+        instructs_mask=np.zeros((t,), bool))
     image = i % 2 == 0
     pos = 2
     if image:
-      out["has_image"][i] = True
-      out["image_start"][i] = pos
-      out["images"][i] = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+      ex["has_image"] = np.asarray(True)
+      ex["image_start"] = np.asarray(pos, np.int32)
+      ex["images"] = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
       pos += n
     nq = 1 + (i % lq)
     for l in range(nq):
       if pos + q + 6 > s:
         break
-      out["latent_pos"][i, l * q:(l + 1) * q] = np.arange(pos, pos + q)
+      ex["latent_pos"][l * q:(l + 1) * q] = np.arange(pos, pos + q)
       pos += q + 3
-      out["question_pos"][i, l] = pos - 1
-      out["labels"][i, pos:pos + 3] = rng.integers(1, v, 3)
+      ex["question_pos"][l] = pos - 1
+      ex["labels"][pos:pos + 3] = rng.integers(1, v, 3)
       pos += 3
     length = min(pos, s)
-    out["token_mask"][i, :length] = True
-    out["positions"][i, :length] = np.arange(length)
+    ex["token_mask"][:length] = True
+    ex["positions"][:length] = np.arange(length)
     ids = rng.integers(1, v, s).astype(np.int32)
-    sup = out["labels"][i] >= 0
-    ids[sup] = out["labels"][i][sup]
-    out["input_ids"][i] = np.where(out["token_mask"][i], ids, 0)
+    sup = ex["labels"] >= 0
+    ids[sup] = ex["labels"][sup]
+    ex["input_ids"] = np.where(ex["token_mask"], ids, 0).astype(np.int32)
     nt = int(rng.integers(0, t + 1)) if image else 0
-    out["instructs"][i, :nt] = rng.integers(1, v, nt)
-    out["instructs_mask"][i, :nt] = True
+    ex["instructs"][:nt] = rng.integers(1, v, nt)
+    ex["instructs_mask"][:nt] = True
+    out.append(ex)
   return out
+
+
+def example_batch(cfg: FusionConfig, *, batch_size: int, seq_len: int, max_questions: int, q: int,
+                  seed: int | None = 0, samples_per_row: int = 1) -> dict[str, Any]:
+  """A structurally valid batch (numpy, batch_spec contract) for init, benchmarks and tests.
+
+  P = samples_per_row examples (`example_samples`, each within seq_len // P tokens) per row;
+  `seed=None` gives an all-padding batch (shapes only, e.g. for init).
+  """
+  p = samples_per_row
+  if seed is None:
+    return batch_spec.zeros(batch_spec.Dims(
+        batch_size=batch_size, seq_len=seq_len, samples_per_row=p, max_questions=max_questions,
+        q=q, instruct_len=cfg.max_instruct_len, image_size=cfg.vision.image_size))
+  exs = example_samples(cfg, batch_size * p, seq_len=seq_len // p, max_questions=max_questions,
+                        q=q, seed=seed)
+  if p == 1:
+    return batch_spec.stack_examples(exs)
+  return batch_spec.pack_examples([exs[r * p:(r + 1) * p] for r in range(batch_size)],
+                                  seq_len=seq_len, samples_per_row=p, pad_id=0)

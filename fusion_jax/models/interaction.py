@@ -155,38 +155,44 @@ def apply_interaction(
 ) -> jax.Array:
   """Gathers question/latent states from the sequence, runs `layer`, scatters latents back.
 
-  All B * Lq * q slots run at once (static shape). Slots whose latent_pos is -1, or whose
+  All B * P * Lq * q slots run at once (static shape). Slots whose latent_pos is -1, or whose
   question (l = v // q) has question_pos -1, leave h untouched; their gathers read position 0
-  so nothing non-finite is produced.
+  so nothing non-finite is produced. A packed row (fusion_jax/models/batch_spec.py) holds P
+  samples: each sample's latents are refined with its own questions and its own windows (the
+  layer runs on B*P samples); without the P axis a row is one sample (P = 1).
 
   Args:
     layer: a bound InteractionLayer (or any callable with its signature).
     h: (B, S, D) hidden states.
-    question_pos: (B, Lq) int, sequence index of question l's last token; -1 = padding.
-    latent_pos: (B, Lq*q) int, sequence index of latent slot v = l*q + kk; -1 = padding.
-    windows: (B, q, w*w, D) context windows (same for every question of a sample).
+    question_pos: (B, [P,] Lq) int, row index of sample p's question l's last token; -1 = pad.
+    latent_pos: (B, [P,] Lq*q) int, row index of sample p's latent slot v = l*q + kk; -1 = pad.
+    windows: (B, [P,] q, w*w, D) context windows (same for every question of a sample).
 
   Returns:
     (B, S, D) h with the valid latent positions replaced.
   """
+  if question_pos.ndim == 2:  # one sample per row
+    question_pos, latent_pos, windows = question_pos[:, None], latent_pos[:, None], windows[:, None]
   b, s, d = h.shape
-  lq = question_pos.shape[1]
-  if lq == 0 or latent_pos.shape[1] % lq:
-    raise ValueError(f"apply_interaction: latent_pos {latent_pos.shape} is not (B, Lq*q) for "
+  p_, lq = question_pos.shape[1:]
+  if lq == 0 or latent_pos.shape[:2] != (b, p_) or latent_pos.shape[2] % lq:
+    raise ValueError(f"apply_interaction: latent_pos {latent_pos.shape} is not (B, P, Lq*q) for "
                      f"question_pos {question_pos.shape}")
-  q = latent_pos.shape[1] // lq
-  if windows.shape[1] != q:
-    raise ValueError(f"apply_interaction: windows {windows.shape} hold {windows.shape[1]} "
-                     f"windows but latent_pos implies q={q} latents per question")
+  q = latent_pos.shape[2] // lq
+  if windows.shape[:3] != (b, p_, q):
+    raise ValueError(f"apply_interaction: windows {windows.shape} are not (B, P, q, w*w, D) "
+                     f"for latent_pos {latent_pos.shape} (q={q} latents per question)")
   h = constrain(h, ("batch", "length", "embed"))
-  q_valid = question_pos >= 0  # (B, Lq)
-  valid = (latent_pos >= 0) & jnp.repeat(q_valid, q, axis=1)  # (B, Lq*q)
-  qp = jnp.where(q_valid, question_pos, 0)
+  q_valid = question_pos >= 0  # (B, P, Lq)
+  valid = ((latent_pos >= 0) & jnp.repeat(q_valid, q, axis=2)).reshape(b, p_ * lq * q)
+  latent_pos = latent_pos.reshape(b, p_ * lq * q)
+  qp = jnp.where(q_valid, question_pos, 0).reshape(b, p_ * lq)
   lp = jnp.where(valid, latent_pos, 0)
-  p = jnp.take_along_axis(h, qp[:, :, None], axis=1)  # (B, Lq, D)
-  x = jnp.take_along_axis(h, lp[:, :, None], axis=1)  # (B, Lq*q, D)
+  p = jnp.take_along_axis(h, qp[:, :, None], axis=1)  # (B, P*Lq, D)
+  x = jnp.take_along_axis(h, lp[:, :, None], axis=1)  # (B, P*Lq*q, D)
   x = constrain(x, ("batch", "length", "embed"))
-  new = layer(p, x.reshape(b, lq, q, d), windows).reshape(b, lq * q, d)
+  new = layer(p.reshape(b * p_, lq, d), x.reshape(b * p_, lq, q, d),
+              windows.reshape((b * p_,) + windows.shape[2:])).reshape(b, p_ * lq * q, d)
   # Invalid slots point past the end of the sequence and are dropped by the scatter.
   dst = jnp.where(valid, latent_pos, s)
   rows = jnp.arange(b)[:, None]

@@ -8,11 +8,17 @@
 - vision_map: mean over all B*N patches of 1 - cos(hs[0] patch embeddings, aux_projector(image
   tokens)); the original includes text-only dummy images, `sample_mask` excludes them.
 
+Every term is per sample, so packed batches (models/batch_spec.py) pass their per-sample arrays
+with the extra sample-slot axis, (B, P, T, D) and (B, P, N, Dv), and a sample mask that leaves
+out the empty slots: the sums and counts are those of the same samples unpacked.
+
 Each term is returned as (sum, count) so that gradient accumulation and cross-device
 reductions can add sums and counts before dividing. Cosines follow torch's
 CosineEmbeddingLoss exactly: cos = <a,b> / sqrt((|a|^2 + 1e-12) * (|b|^2 + 1e-12)), in fp32.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +59,9 @@ def text_mapping_loss(instruct_embeds: jax.Array, instruct_feats: jax.Array,
   """Sum and count of (1 - cos) over valid instruction tokens.
 
   Args:
-    instruct_embeds: (B, T, D) LLM input embeddings of the instruction tokens.
-    instruct_feats: (B, T, D) instruction features from the guided vision pass.
-    mask: (B, T) bool, True at valid instruction tokens.
+    instruct_embeds: (..., T, D) LLM input embeddings of the instruction tokens.
+    instruct_feats: (..., T, D) instruction features from the guided vision pass.
+    mask: (..., T) bool, True at valid instruction tokens.
   """
   loss = 1.0 - cosine_similarity(instruct_embeds, instruct_feats)
   return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(mask).astype(jnp.float32)
@@ -66,16 +72,19 @@ def vision_mapping_loss(patch_embeds: jax.Array, projected_back: jax.Array,
   """Sum and count of (1 - cos) over patches.
 
   Args:
-    patch_embeds: (B, N, Dv) hs[0] (patch + position embeddings) of the full image.
-    projected_back: (B, N, Dv) aux_projector(image tokens).
-    sample_mask: (B,) bool or None. None (faithful) averages over all B*N patches, dummy
-      images of text-only samples included; a mask keeps only True samples.
+    patch_embeds: (..., N, Dv) hs[0] (patch + position embeddings) of the full image; the
+      leading axes index samples ((B,) unpacked, (B, P) packed).
+    projected_back: (..., N, Dv) aux_projector(image tokens).
+    sample_mask: (...) bool or None. None (faithful) averages over all patches of every
+      sample, dummy images of text-only samples included; a mask keeps only True samples
+      (packed batches pass the filled slots, or the filled slots with an image).
   """
-  b, n = patch_embeds.shape[:2]
-  loss = 1.0 - cosine_similarity(patch_embeds, projected_back)  # (B, N)
+  n = patch_embeds.shape[-2]
+  samples = math.prod(patch_embeds.shape[:-2])
+  loss = 1.0 - cosine_similarity(patch_embeds, projected_back)  # (..., N)
   if sample_mask is None:
-    return jnp.sum(loss), jnp.float32(b * n)
-  keep = sample_mask[:, None]
+    return jnp.sum(loss), jnp.float32(samples * n)
+  keep = sample_mask[..., None]
   return (jnp.sum(jnp.where(keep, loss, 0.0)),
           jnp.sum(sample_mask).astype(jnp.float32) * jnp.float32(n))
 
@@ -101,10 +110,10 @@ def fusion_loss(
 
   Args:
     logits: (B, S, V); labels: (B, S) unshifted, -100 = unsupervised.
-    instruct_embeds, instruct_feats: (B, T, D); instructs_mask: (B, T) bool.
-    patch_embeds, projected_back: (B, N, Dv).
-    sample_mask: (B,) bool to exclude samples from vision_map (corrected option); None keeps
-      every patch (faithful).
+    instruct_embeds, instruct_feats: (..., T, D); instructs_mask: (..., T) bool.
+    patch_embeds, projected_back: (..., N, Dv) (leading axes: samples).
+    sample_mask: (...) bool keeping samples in vision_map (packed empty slots out; text-only
+      samples out in the corrected option); None keeps every patch (faithful, unpacked).
     mapping_weight: lambda (0.1 in FUSION).
 
   Returns:

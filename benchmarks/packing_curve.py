@@ -1,0 +1,225 @@
+r"""Packed vs unpacked training on the main job's data: samples per second and loss curves.
+
+  python benchmarks/packing_curve.py --workdir runs/packing_curve [--samples 2400]
+      [--seq_len 192] [--max_samples_per_row 2] [--num 24000] [--rows_packed 0]
+
+Trains the main job's model (experiments/smoke.py: tiny FUSION, all mechanisms on) on its
+dataset (all categories, the instruction stage's data) twice from the same initialisation,
+for the same number of samples:
+
+  unpacked  one sample per row, global batch 16 rows (the main job's setting)
+  packed    data.packing with P = --max_samples_per_row, --rows_packed rows per batch (0:
+            16 / the expected samples per row, so both see ~16 samples per optimizer step and
+            the learning-rate schedule covers the same samples)
+
+Both use the same seq_len (--seq_len; the main job's instruction stage: 192), so every sample
+is truncated identically. The two trainings run at the same time in two processes, so both see
+the same load on a shared machine (the one that finishes first leaves the other more CPU: the
+speed-up is then underestimated, not overestimated). Reports training samples/s (steps after
+the first three, without compilation), packing efficiency (aux/packing_efficiency, logged per
+step), the training loss against samples seen (both curves, PNG), and the held-out loss (CE
+per supervised token, the same unpacked held-out batches for both final models). Writes
+<workdir>/packing_curve.json and <workdir>/packing_curve.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+WARMUP_STEPS = 3  # compile + first steps, left out of the samples/s
+
+
+def _expected_samples_per_row(config, seq_len: int, p: int) -> float:
+  """samples per row of the packer on the dataset's lengths (length-only simulation, q = max)."""
+  from fusion_jax.data import conversation, layout, packing
+  from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
+  from fusion_jax.train.fusion_task import fusion_config_from
+  cfg = fusion_config_from(config.model)
+  tok = load_tokenizer(config.data.tokenizer, pad_token=TEMPLATE_PAD_TOKENS[cfg.template])
+  with open(config.data.paths[0]) as f:
+    records = json.load(f)[:3000]
+  lengths = [layout.sample_length(conversation.encode_conversation(r, tok, cfg.template),
+                                  q=max(cfg.query_len), num_image_tokens=cfg.num_image_tokens,
+                                  seq_len=seq_len, max_questions=int(config.data.max_questions))
+             for r in records]
+  r = packing.simulate(lengths, batch_size=8, seq_len=seq_len, samples_per_row=p, buffer=16 * p)
+  return r["samples_per_row"]
+
+
+def _train(workdir: str) -> int:
+  """Child process: trains <workdir>/config.json into <workdir>."""
+  import ml_collections
+  from absl import flags, logging
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(logging.WARNING)
+  from fusion_jax.train.loop import train
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  train(config, workdir)
+  return 0
+
+
+def _summary(workdir: str) -> dict:
+  from fusion_jax.train.metrics import read_metrics
+  recs = read_metrics(workdir)
+  samples = [int(r["data/samples"]) for r in recs]
+  per_step = np.diff([0] + samples)
+  timed = [(r["step_time_s"], n) for r, n in zip(recs, per_step)
+           if r["step"] > WARMUP_STEPS and r.get("step_time_s")]
+  t = sum(x for x, _ in timed)
+  return {"steps": len(recs), "samples": samples[-1] if samples else 0,
+          "samples_per_s": sum(n for _, n in timed) / t if t else float("nan"),
+          "step_time_s": float(np.median([x for x, _ in timed])) if timed else float("nan"),
+          "efficiency": float(np.mean([r["aux/packing_efficiency"] for r in recs])),
+          "curve": [(int(n), float(r["loss"]), float(r.get("loss/ce", float("nan"))))
+                    for n, r in zip(samples, recs)]}
+
+
+def heldout_loss(workdir: str, heldout: str, seq_len: int, batch_size: int = 32) -> dict:
+  """CE per supervised token (and the total FUSION loss per batch, averaged) on held-out data,
+  unpacked, q = eval_q, the run's newest weights."""
+  import jax
+  from fusion_jax.data import pipeline
+  from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
+  from fusion_jax.models import fusion
+  from fusion_jax.train.fusion_task import FusionTask
+  from fusion_jax.train.workdir import load_run
+  params, cfg, config, _ = load_run(workdir)
+  task = FusionTask(config)
+  dc = task.data_config(1).to_dict()
+  dc.update(paths=(heldout,), seq_len=seq_len, batch_size=batch_size, packing=False,
+            num_epochs=1, prefetch=0, query_len=tuple(cfg.query_len))
+  tok = load_tokenizer(config.data.tokenizer, pad_token=TEMPLATE_PAD_TOKENS[cfg.template])
+  loss = jax.jit(lambda p, b: fusion.loss_fn(p, b, cfg, train=False))
+  ce_sum = n = 0.0
+  totals = []
+  with pipeline.make_pipeline(pipeline.DataConfig.from_dict(dc), tok, process_index=0,
+                              process_count=1, train=False) as it:
+    for b in it:
+      total, aux = loss(params, b)
+      ce_sum += float(aux["ce_sum"])
+      n += float(aux["num_tokens"])
+      totals.append(float(total))
+  return {"ce": ce_sum / max(n, 1.0), "loss": float(np.mean(totals)), "tokens": n}
+
+
+def _plot(results: dict, out: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+  for name, r in results.items():
+    xs, ys = zip(*[(n, l) for n, l, _ in r["curve"]])
+    k = 9  # moving average over steps, both curves alike
+    sm = np.convolve(ys, np.ones(k) / k, mode="valid")
+    ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+    ax.plot(xs[k - 1:], sm, label=f"{name} ({r['samples_per_s']:.1f} samples/s)",
+            color=ax.lines[-1].get_color(), linewidth=1.6)
+  ax.set_xlabel("training samples seen")
+  ax.set_ylabel("training loss")
+  ax.set_title("FUSION main job data: packed vs unpacked")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--samples", type=int, default=2400, help="training samples per run")
+  ap.add_argument("--seq_len", type=int, default=192)
+  ap.add_argument("--max_samples_per_row", type=int, default=2)
+  ap.add_argument("--rows_packed", type=int, default=0)
+  ap.add_argument("--num", type=int, default=24000, help="dataset records (smoke.py: 24000)")
+  ap.add_argument("--train_one", default="", help=argparse.SUPPRESS)  # child process
+  args = ap.parse_args(argv)
+  if args.train_one:
+    return _train(args.train_one)
+
+  import ml_collections
+  from absl import flags, logging
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(logging.WARNING)
+  from experiments.smoke import get_config
+  from fusion_jax import run as run_lib
+
+  config = get_config()
+  config.synth.num = args.num
+  config = run_lib.prepare(config)
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  base = run_lib.stage_plan(config, workdir)[-1][1]  # the instruction stage: all categories
+  base.data.seq_len = args.seq_len
+  base.init_from = ""
+  base.log_every = 1
+  base.checkpoint.every = 0
+  base.checkpoint.async_save = False
+  heldout = os.path.join(config.data.image_root, f"{config.eval.split}.json")
+
+  spr = _expected_samples_per_row(base, args.seq_len, args.max_samples_per_row)
+  rows = args.rows_packed or max(1, round(base.global_batch / spr))
+  runs, procs = {}, {}
+  for name in ("unpacked", "packed"):
+    c = ml_collections.ConfigDict(base.to_dict())
+    if name == "packed":
+      c.data.packing = True
+      c.data.max_samples_per_row = args.max_samples_per_row
+      c.global_batch = rows
+      c.num_steps = max(1, math.ceil(args.samples / (rows * spr)))
+    else:
+      c.num_steps = max(1, math.ceil(args.samples / c.global_batch))
+    print(f"{name}: {c.num_steps} steps of {c.global_batch} rows", flush=True)
+    d = os.path.join(workdir, name)
+    if os.path.isdir(d):
+      shutil.rmtree(d)
+    os.makedirs(d)
+    with open(os.path.join(d, "config.json"), "w") as f:
+      f.write(c.to_json())
+    log = open(os.path.join(d, "train.log"), "w")
+    procs[name] = (subprocess.Popen([sys.executable, os.path.abspath(__file__), "--workdir", d,
+                                     "--train_one", d], stdout=log, stderr=subprocess.STDOUT),
+                   int(c.global_batch))
+  for name, (proc, n_rows) in procs.items():
+    if proc.wait():
+      raise RuntimeError(f"{name} training failed; see {workdir}/{name}/train.log")
+    d = os.path.join(workdir, name)
+    runs[name] = _summary(d)
+    runs[name]["heldout"] = heldout_loss(d, heldout, args.seq_len)
+    runs[name]["rows"] = n_rows
+
+  u, p = runs["unpacked"], runs["packed"]
+  speedup = p["samples_per_s"] / u["samples_per_s"]
+  last = lambda r: float(np.mean([l for _, l, _ in r["curve"][-max(5, len(r["curve"]) // 5):]]))  # noqa: E731
+  print(f"\nseq_len {args.seq_len}, P = {args.max_samples_per_row}, expected {spr:.2f} "
+        f"samples/row -> {rows} packed rows per step")
+  print(f"{'':9s} {'steps':>5s} {'samples':>7s} {'samples/s':>9s} {'s/step':>7s} "
+        f"{'efficiency':>10s} {'train loss (last 20%)':>21s} {'held-out CE':>11s}")
+  for name, r in runs.items():
+    print(f"{name:9s} {r['steps']:5d} {r['samples']:7d} {r['samples_per_s']:9.1f} "
+          f"{r['step_time_s']:7.3f} {100 * r['efficiency']:9.1f}% {last(r):21.4f} "
+          f"{r['heldout']['ce']:11.4f}")
+  print(f"packed / unpacked samples/s: {speedup:.2f}x")
+  out = {"args": vars(args), "expected_samples_per_row": spr, "speedup": speedup,
+         "runs": runs}
+  with open(os.path.join(workdir, "packing_curve.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  _plot(runs, os.path.join(workdir, "packing_curve.png"))
+  print(f"wrote {workdir}/packing_curve.json and packing_curve.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
