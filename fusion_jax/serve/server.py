@@ -35,6 +35,7 @@ class FusionServer(ThreadingHTTPServer):
   """ThreadingHTTPServer holding the Batcher, the model name and the request limits."""
   daemon_threads = True
   allow_reuse_address = True
+  request_queue_size = 256  # listen backlog (socketserver's 5 drops bursts: 1 s SYN retries)
 
   def __init__(self, address: tuple[str, int], batcher: Batcher, *, model_name: str,
                limits: ChatLimits, max_body_bytes: int = 32 * 2**20,

@@ -1,0 +1,109 @@
+"""Server throughput: N chat requests one at a time vs all at once (batched by the server).
+
+  python benchmarks/serve_throughput.py [--workdir DIR] [--requests 16] [--max_batch 8]
+      [--max_tokens 16] [--dtype bfloat16]
+
+Without --workdir a tiny random FUSION model (the tests' preset) is built in a temp dir. The
+server runs in this process on 127.0.0.1; every shape bucket used is compiled by a warm-up pass
+first, so the numbers are steady-state. Prints requests/s and generated tokens/s of both modes.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tiny_model_dir(root: str) -> str:
+  from tests.model_fixtures import make_model_dir
+  return make_model_dir(root)[0]
+
+
+def _png(value: int) -> str:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.new("RGB", (64, 48), (value % 256, 30, 200)).save(buf, "PNG")
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _post(url: str, body: dict) -> dict:
+  req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=600) as r:
+    return json.loads(r.read())
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", default="")
+  p.add_argument("--requests", type=int, default=16)
+  p.add_argument("--max_batch", type=int, default=8)
+  p.add_argument("--max_tokens", type=int, default=16)
+  p.add_argument("--dtype", default=None)
+  a = p.parse_args()
+  import jax
+
+  from fusion_jax.infer.generate import Generator
+  from fusion_jax.infer.load import load_model
+  from fusion_jax.serve.batcher import Batcher
+  from fusion_jax.serve.chat import ChatLimits
+  from fusion_jax.serve.server import FusionServer
+
+  workdir = a.workdir or _tiny_model_dir(tempfile.mkdtemp())
+  model = load_model(workdir, dtype=a.dtype)
+  gen = Generator.for_model(model, max_batch=a.max_batch, max_new_tokens=a.max_tokens)
+  srv = FusionServer(("127.0.0.1", 0), Batcher(gen, window_s=0.01), model_name=model.name,
+                     limits=ChatLimits(image_size=model.cfg.vision.image_size))
+  srv.start()
+  bodies = [{"messages": [{"role": "user", "content": [
+      {"type": "text", "text": f"What color is the ball {i}?"},
+      {"type": "image_url", "image_url": {"url": _png(i * 37)}}]}],
+      "max_tokens": a.max_tokens, "temperature": 0} for i in range(a.requests)]
+
+  def concurrent() -> list[dict]:
+    out: list[dict] = [{}] * len(bodies)
+
+    def work(i: int) -> None:
+      out[i] = _post(srv.url, bodies[i])
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    return out
+
+  def sequential() -> list[dict]:
+    return [_post(srv.url, b) for b in bodies]
+
+  # Compile every batch-size bucket (the server pads a batch of k requests to a power of two).
+  from fusion_jax.serve.chat import chat_record, sampling_params
+  recs = [chat_record(b, srv.limits) for b in bodies]
+  sp = sampling_params(bodies[0], srv.limits)
+  k = 1
+  while k <= a.max_batch:
+    gen.generate([recs[i % len(recs)] for i in range(k)], sp)
+    k *= 2
+  print(f"model {model.name} ({model.cfg.llm.dtype}), {a.requests} requests, max_tokens "
+        f"{a.max_tokens}, max_batch {a.max_batch}, device {jax.devices()[0].platform}")
+  for name, fn in (("sequential", sequential), ("concurrent", concurrent)):
+    before = srv.batcher.stats.batches
+    t0 = time.perf_counter()
+    res = fn()
+    dt = time.perf_counter() - t0
+    toks = sum(r["usage"]["completion_tokens"] for r in res)
+    print(f"{name:>10}: {dt:7.2f} s  {len(res) / dt:7.2f} req/s  {toks / dt:8.1f} tok/s  "
+          f"({srv.batcher.stats.batches - before} device batches)")
+  srv.shutdown()
+
+
+if __name__ == "__main__":
+  main()
