@@ -126,3 +126,12 @@ def test_authors_layout_round_trip_loads(dirs, tmp_path):
   export_torch(dirs["workdir"], run_dir, step=2, allow_incompatible=True, log=lambda _: None)
   import_torch(run_dir, str(tmp_path / "imported_run"), log=lambda _: None)
   _same(load_model(str(tmp_path / "imported_run")).params, dirs["saved"][2])
+
+
+def test_infer_cli_names_a_bad_prompt(dirs):
+  out = subprocess.run(
+      [sys.executable, "-m", "fusion_jax.infer", "--workdir", dirs["model_dir"], "--image",
+       os.path.join(dirs["root"], "tok", "tokenizer.model"), "--question", "What is it?"],
+      capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith("infer: error: corrupt_image"), out.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -70,9 +71,12 @@ def main(argv) -> None:
     model = load_model(FLAGS.workdir, step=FLAGS.step, dtype=FLAGS.dtype)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
-  answers = answer_model(model, prompts, image_root=image_root, q=FLAGS.q,
-                         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                         top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
+  try:
+    answers = answer_model(model, prompts, image_root=image_root, q=FLAGS.q,
+                           max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                           top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
+  except ValueError as e:  # BadSample, a prompt too long, a LongRoPE crossing: one line each
+    sys.exit(f"infer: error: {e}")
   print(f"{FLAGS.workdir}" + (f" at step {model.step}:" if model.step is not None else
                                f" ({model.name}, compute dtype {model.cfg.llm.dtype}):"))
   for rec, ref, ans in zip(prompts, refs, answers):
