@@ -21,8 +21,10 @@ from fusion_jax.train import checkpoint as ckpt_lib
 # (2 layers + block), tail (1 layer). 4 tower layers: connector k = 2.
 UNROLLED = TINY.replace(llm=TINY.llm.replace(num_layers=4),
                         vision=dataclasses.replace(TINY.vision, num_layers=4))
-SCANNED = UNROLLED.replace(llm=UNROLLED.llm.replace(scan_layers=True),
-                           vision=dataclasses.replace(UNROLLED.vision, scan_layers=True))
+# Named remat policies inside the scans (they change memory, never values).
+SCANNED = UNROLLED.replace(
+    llm=UNROLLED.llm.replace(scan_layers=True, remat_policy="save_qkv_proj"),
+    vision=dataclasses.replace(UNROLLED.vision, scan_layers=True, remat_policy="full"))
 
 
 def _batch():
