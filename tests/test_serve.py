@@ -125,6 +125,20 @@ def test_sampling_is_seeded(server):
   assert a[0] == b[0] == 200 and a[1]["choices"] == b[1]["choices"]
 
 
+def test_stop_and_max_tokens_are_honoured(server):
+  body = _chat("What color is the ball?", _data_url(), max_tokens=8)
+  status, free = _call(server["url"], "/v1/chat/completions", body)
+  text = free["choices"][0]["message"]["content"]
+  assert status == 200 and text.strip(), free
+  stop = text.strip()[-1]
+  status, cut = _call(server["url"], "/v1/chat/completions", {**body, "stop": [stop]})
+  assert status == 200
+  assert cut["choices"][0]["message"]["content"] == text[:text.find(stop)].strip()
+  assert cut["choices"][0]["finish_reason"] == "stop"
+  status, short = _call(server["url"], "/v1/chat/completions", {**body, "max_tokens": 1})
+  assert short["usage"]["completion_tokens"] == 1
+
+
 @pytest.mark.parametrize("body,raw,match", [
     (None, b"{not json", "not valid JSON"),
     (None, b"[" * 100_000, "nests too deeply"),
