@@ -2,21 +2,21 @@
 127.0.0.1, against 1 process x 8 devices, both with the same config (tests/multihost_config.py:
 the tiny FUSION; 24 good records + 2 skipped = 1 epoch of 3 steps at global batch 8).
 
-  launch A   2 processes, `python -m fusion_jax.train --multihost=true` (coordinator, process
+  multi      2 processes, `python -m fusion_jax.train --multihost=true` (coordinator, process
              count and id from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID):
-             steps 1-2, checkpoint 2
-  launch B   the same 2 processes with num_steps=3: restore checkpoint 2 in the 2x4 topology
-             (params, optimizer, each process's data position) and train step 3
-  reference  this pytest process on its 8 devices: 3 steps straight
+             3 steps, checkpoints 2 and 3
+  reference  this pytest process on its 8 devices, the same 3 steps
+  restore    2 processes of tests/multihost_restore.py: checkpoint 3 of `multi` restored in the
+             2x4 topology (as the trainer's resume does), each process's shards written out
 
 Checks: (a) every record of the epoch is read by exactly one process (each process logs the
-labels of its rows, config.trace_batch_key); (b) the parameters and optimizer state equal the
+labels of its rows, config.trace_batch_key); (b) parameters and optimizer state equal the
 reference's within 1e-6, not bitwise: a 2-process global batch holds the same records as the
 1-process one, but ordered host by host (host shards are strided), so the cross-device sums add
-the same terms in another order; (c) checkpoint 2 of the two processes restores in 2x4 (launch
-B continues it: its step 3 matches the reference) and in 1x8 (restored here, compared with the
-reference's checkpoint 2); the data counters in metrics.jsonl (samples, skips) are global, summed
-over the processes, and equal the 1-process run's.
+the same terms in another order; (c) the checkpoints of the two processes restore in 1x8 (here,
+compared with the reference) and in 2x4 (every shard bitwise equal to the 1x8 restore, each
+process gets its own data-iterator position); the data counters in metrics.jsonl (samples,
+skips) are global, summed over the processes, and equal the 1-process run's.
 """
 import json
 import os
@@ -42,10 +42,10 @@ EPOCH_STEPS = NUM_RECORDS // GLOBAL_BATCH
 TOL = 1e-6
 
 
-def _overrides(data_dir: str, num_steps: int) -> dict:
+def _overrides(data_dir: str) -> dict:
   """The config overrides of every run (the CLI's --config.KEY=VALUE, or override())."""
   return {"data.paths": os.path.join(data_dir, "data.json"), "data.image_root": data_dir,
-          "data.tokenizer": os.path.join(data_dir, "tok"), "num_steps": num_steps,
+          "data.tokenizer": os.path.join(data_dir, "tok"), "num_steps": EPOCH_STEPS,
           "global_batch": GLOBAL_BATCH, "checkpoint.every": 2, "trace_batch_key": "labels"}
 
 
@@ -55,12 +55,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir: str, data_dir: str, num_steps: int) -> list[subprocess.Popen]:
-  """Starts the trainer as PROCESSES processes of 4 CPU devices each."""
+def _start(*argv: str) -> list[subprocess.Popen]:
+  """Starts `python argv...` as PROCESSES processes of 4 CPU devices each."""
   port = _free_port()
-  args = [f"--config.{k}={v}" for k, v in _overrides(data_dir, num_steps).items()]
-  cmd = [sys.executable, "-m", "fusion_jax.train", "--multihost=true", "--config",
-         os.path.join(ROOT, "tests", "multihost_config.py"), "--workdir", workdir, *args]
+  cmd = [sys.executable, *argv]
   procs = []
   for i in range(PROCESSES):
     env = _env()
@@ -95,7 +93,13 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 300) -> None:
         p.communicate()
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{log[-4000:]}"
-    assert f"jax.distributed: process {i} of {PROCESSES}" in log, log[-2000:]
+    assert f"process {i} of {PROCESSES}" in log, log[-2000:]
+
+
+def _start_training(workdir: str, data_dir: str) -> list[subprocess.Popen]:
+  args = [f"--config.{k}={v}" for k, v in _overrides(data_dir).items()]
+  return _start("-m", "fusion_jax.train", "--multihost=true", "--config",
+                os.path.join(ROOT, "tests", "multihost_config.py"), "--workdir", workdir, *args)
 
 
 def _records_read(workdir: str, process: int, tok) -> dict[int, list[int]]:
@@ -141,25 +145,26 @@ def data_dir(tmp_path_factory):
 
 
 def test_two_processes_match_one_process(data_dir, tmp_path):
-  multi, ref = str(tmp_path / "multi"), str(tmp_path / "ref")
-  launch_a = _start(multi, data_dir, num_steps=2)
-  try:  # the reference runs while launch A starts up
-    cfg = override(get_config(), **_overrides(data_dir, EPOCH_STEPS))
+  multi, ref, restored = (str(tmp_path / d) for d in ("multi", "ref", "restored"))
+  procs = _start_training(multi, data_dir)
+  try:  # the reference runs while the two processes start up
+    cfg = override(get_config(), **_overrides(data_dir))
     out = train(cfg, ref)
   except BaseException:
-    for p in launch_a:
+    for p in procs:
       p.kill()
     raise
-  _wait(launch_a)
+  _wait(procs)
   assert out["step"] == EPOCH_STEPS and jax.process_count() == 1 and jax.device_count() == 8
-  assert ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(multi)).all_steps() == [2]
-  _wait(_start(multi, data_dir, num_steps=EPOCH_STEPS))  # launch B: resume in 2x4
+  assert ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(multi)).all_steps() == [2, EPOCH_STEPS]
+  _wait(_start(os.path.join(ROOT, "tests", "multihost_restore.py"), multi, str(EPOCH_STEPS),
+               restored, json.dumps(_overrides(data_dir))))
 
   # (a) The epoch's records, each read by exactly one process, half of each step per process.
   tok = make_tokenizer(data_dir)
   read = [_records_read(multi, p, tok) for p in range(PROCESSES)]
   for r in read:
-    assert sorted(r) == list(range(1, EPOCH_STEPS + 1))  # steps 1-2 (launch A), 3 (launch B)
+    assert sorted(r) == list(range(1, EPOCH_STEPS + 1))
     assert all(len(ids) == GLOBAL_BATCH // PROCESSES for ids in r.values())
   ids = [i for r in read for step_ids in r.values() for i in step_ids]
   assert sorted(ids) == list(range(NUM_RECORDS))
@@ -181,8 +186,8 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
         k: v for k, v in q.items() if k.startswith("data/")}
     np.testing.assert_allclose(r["loss"], q["loss"], rtol=TOL)
 
-  # (b) + (c): checkpoints of the two processes restore on the 1x8 mesh; checkpoint 3 (after
-  # the 2x4 restore of checkpoint 2) and checkpoint 2 match the 1-process run within TOL.
+  # (b) + (c, 1x8): the two processes' checkpoints restore on the 1x8 mesh and match the
+  # 1-process run's within TOL.
   su = setup(cfg)
   for step in (2, EPOCH_STEPS):
     got, want = _state_leaves(multi, step, su), _state_leaves(ref, step, su)
@@ -192,3 +197,25 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     print(f"checkpoint {step}: max |2x4 - 1x8| = {diff[worst]:.3g} ({worst}); "
           f"bitwise equal leaves: {sum(v == 0 for v in diff.values())}/{len(diff)}")
     assert diff[worst] <= TOL, f"checkpoint {step}: max |2x4 - 1x8| = {diff[worst]:.3g} at {worst}"
+
+  # (c, 2x4): the same checkpoint restored by the two processes: every shard of every leaf,
+  # bitwise the 1x8 restore; each process resumes its own data position.
+  full = got
+  covered = {k: 0 for k in full}
+  for p in range(PROCESSES):
+    with np.load(os.path.join(restored, f"process_{p}.npz")) as shards:
+      for key in shards.files:
+        path, index = key.rsplit("@", 1)
+        sl = tuple(slice(*(int(x) if x else None for x in part.split(":")))
+                   for part in index.split(",") if part)
+        np.testing.assert_array_equal(shards[key], full[path][sl], err_msg=key)
+        covered[path] += shards[key].size
+    with open(os.path.join(restored, f"process_{p}_data.json")) as f:
+      data_state = json.load(f)
+    saved = os.path.join(ckpt_lib.checkpoint_dir(multi), str(EPOCH_STEPS), "data",
+                         f"process_{p}-of-{PROCESSES}.json")
+    with open(saved) as f:
+      assert data_state == json.load(f)
+    assert data_state["counters"]["samples"] == NUM_RECORDS // PROCESSES
+  # Every element is restored on some process (replicated leaves on several).
+  assert all(covered[k] >= full[k].size for k in full), [k for k in full if covered[k] < full[k].size]
