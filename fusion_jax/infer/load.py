@@ -5,9 +5,10 @@
   m.params, m.cfg, m.tokenizer, m.cfg.template, m.seq_len, m.max_questions, m.q, m.step
 
 `path` is either
-  * a training workdir (python -m fusion_jax.train --workdir): its newest complete checkpoint,
-    or `step`; the FusionConfig, tokenizer and prompt layout (data.seq_len, data.max_questions,
-    data.eval_q, data.image_root) come from the experiment config saved with that step;
+  * a training workdir (python -m fusion_jax.train --workdir; a local or gs:// path): its
+    newest complete checkpoint, or `step`; the FusionConfig, tokenizer and prompt layout
+    (data.seq_len, data.max_questions, data.eval_q, data.image_root) come from the
+    experiment config saved with that step;
   * a model dir (fusion_jax.convert.model_dir, written by import_torch / import_hf /
     save_model_dir): fusion_config.json, params/, tokenizer/ (and meta.json). Its prompt layout
     defaults are `model_dir_layout` below.
@@ -135,12 +136,14 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None) 
     FileNotFoundError / ValueError with one line naming the directory and what it lacks.
   """
   from fusion_jax.convert import model_dir as md
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no such directory (expected a training workdir or a "
-                            "model dir written by import_torch / import_hf)")
-  path = os.path.abspath(path)
+  remote = "://" in path  # e.g. gs://: a training workdir (read through etils.epath)
+  if not remote:
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path}: no such directory (expected a training workdir or a "
+                              "model dir written by import_torch / import_hf)")
+    path = os.path.abspath(path)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  if md.is_model_dir(path):
+  if not remote and md.is_model_dir(path):
     if step is not None:
       raise ValueError(f"{path} is a model dir (one set of weights); --step applies to "
                        "training workdirs only")
