@@ -2,6 +2,7 @@
 name; the JobSet parses and runs the trainer's multi-host command on one pod per TPU host.
 Also the jax.distributed environment variables the trainer reads (fusion_jax.parallel.distributed).
 """
+import math
 import os
 import re
 import shlex
@@ -45,7 +46,7 @@ def test_jobset_for_a_slice(tpu_type, accel, topology, hosts):
   (container,) = pod["containers"]
   chips = container["resources"]["limits"]["google.com/tpu"]
   assert chips == 4
-  assert hosts * chips == eval(topology.replace("x", "*"))  # every chip of the slice
+  assert hosts * chips == math.prod(int(d) for d in topology.split("x"))  # every chip
   assert container["image"] == "reg/fusion:1"
   assert container["command"] == ["bash", "-c"]
   argv = shlex.split(container["args"][0])
