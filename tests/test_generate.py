@@ -192,30 +192,51 @@ def test_stop_strings_cut_the_text(setup, generator):
   assert got.completion_tokens == k and got.token_ids == tuple(ids[:k])
 
 
-def test_longrope_crossing_is_refused(setup):
+def _phi(cfg, switch=96):
+  """cfg with Phi-3-style LongRoPE switching to its long factors past `switch` positions."""
   from fusion_jax.models.rope import LongRopeScaling
-  _, tok, cfg, params, records, _ = setup
   hd = cfg.llm.head_dim // 2
-  phi = cfg.replace(llm=cfg.llm.replace(
-      rope_scaling=LongRopeScaling((1.0,) * hd, (4.0,) * hd, original_max_position_embeddings=96)))
-  gen = gen_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ)
-  _, n = gen.check(records[2], gen_lib.SamplingParams(max_new_tokens=1))
-  assert n < 96
-  gen.check(records[2], gen_lib.SamplingParams(max_new_tokens=96 - n))  # stays short: fine
-  with pytest.raises(gen_lib.LongRopeCrossing,
-                     match=rf"^c: prompt \({n} positions\) \+ max_new_tokens {97 - n} crosses "
-                           rf"LongRoPE's switch .* at 96 .* max_new_tokens <= {96 - n}$"):
-    gen.check(records[2], gen_lib.SamplingParams(max_new_tokens=97 - n))
+  return cfg.replace(llm=cfg.llm.replace(rope_scaling=LongRopeScaling(
+      (1.0,) * hd, (4.0,) * hd, original_max_position_embeddings=switch)))
+
+
+def test_longrope_crossing_reprefills_with_the_long_factors(setup):
+  """An answer that crosses the switch: tokens before it follow the short-regime forward of the
+  sequence so far, tokens after it the long-regime forward (as transformers' recompute)."""
+  root, tok, cfg, params, records, _ = setup
+  phi, new = _phi(cfg), 40
+  gen = gen_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ,
+                          max_new_tokens=new, stop=())  # no stop token: the full length
+  rec = records[2]
+  _, n = gen.check(rec, gen_lib.SamplingParams(max_new_tokens=new))
+  cross = gen.crossing(n, new)
+  assert cross == 96 - n and 0 < cross < new - 2, n
+  ids = list(gen.generate([rec], gen_lib.SamplingParams(max_new_tokens=new))[0].token_ids)
+  assert len(ids) == new
+  forward = jax.jit(lambda p, b: fusion.apply(p, b, phi, train=False)[0])
+
+  def argmax_ok(k, steps):
+    """Tokens `steps` are greedy under one full forward over the prompt + ids[:k]."""
+    batch = gen_lib.prompt_batch([rec], tok, phi, image_root=root, q=Q, seq_len=160,
+                                 max_questions=LQ)
+    batch["input_ids"][0, n:n + k] = ids[:k]
+    batch["token_mask"][0, n:n + k] = True
+    batch["positions"][0, n:n + k] = np.arange(n, n + k)
+    batch["segment_ids"][0, n:n + k] = 1
+    logits = np.asarray(forward(params, batch))[0]
+    for t in steps:
+      row = logits[n - 1 + t]
+      np.testing.assert_allclose(row[ids[t]], row.max(), atol=1e-4, err_msg=f"step {t}")
+
+  argmax_ok(cross, range(cross + 1))  # max position n + cross - 1 = 95: short factors
+  argmax_ok(new - 1, range(cross + 1, new))  # positions past 95: long factors
 
 
 def test_long_prompts_are_batched_apart(setup, monkeypatch):
   """LongRoPE picks one regime per forward: rows whose prompt is past the switch never share a
   batch with rows before it."""
-  from fusion_jax.models.rope import LongRopeScaling
   _, tok, cfg, params, records, _ = setup
-  hd = cfg.llm.head_dim // 2
-  phi = cfg.replace(llm=cfg.llm.replace(
-      rope_scaling=LongRopeScaling((1.0,) * hd, (4.0,) * hd, original_max_position_embeddings=96)))
+  phi = _phi(cfg)
   gen = gen_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ)
   long = {"id": "long", "conversations": [{"from": "human", "value": "Describe a cat. " * 4}]}
   prompts = [records[2], long, records[2], long]

@@ -75,7 +75,7 @@ def main(argv) -> None:
     answers = answer_model(model, prompts, image_root=image_root, q=FLAGS.q,
                            max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                            top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
-  except ValueError as e:  # BadSample, a prompt too long, a LongRoPE crossing: one line each
+  except ValueError as e:  # BadSample, a prompt too long: one line each
     sys.exit(f"infer: error: {e}")
   print(f"{FLAGS.workdir}" + (f" at step {model.step}:" if model.step is not None else
                                f" ({model.name}, compute dtype {model.cfg.llm.dtype}):"))

@@ -22,12 +22,14 @@ compile per (B, S, T). Stop strings are checked on the host every `stop_check_ev
 call.
 
 LongRoPE (Phi-3.5): transformers picks the short or long factor set for a whole forward from
-its largest position, and re-prefills the cache when generation crosses
+its largest position, and recomputes the cache when generation crosses
 original_max_position_embeddings (keys cached with the short rotation would otherwise stay
-wrong). This generator does not re-prefill: a row whose prompt fits the short regime but whose
-prompt + max_new_tokens would cross it is refused with a clear error (`LongRopeCrossing`), and
-rows whose prompt is already long are batched only with each other, so no row's regime ever
-depends on its batch. Llama-3 scaling has no such switch.
+wrong; Phi3ForCausalLM.prepare_inputs_for_generation). So does this generator: a prompt whose
+answer may cross the switch runs as its own batch and, at the step whose token would sit at
+position original_max_position_embeddings, the prompt and every token generated so far are
+prefilled again (interaction layers included) with the long factors; decoding goes on from that
+cache. Prompts already past the switch are batched only with each other, the rest only with
+each other, so no row's regime depends on its batch. Llama-3 scaling has no such switch.
 
 Not reproduced from the authors' inference (spec 11): batch > 1 positions computed before
 padding, instructions taken from the first question only, random q at inference (q is an
@@ -55,10 +57,6 @@ from fusion_jax.models.rope import longrope_is_long
 
 MIN_SEQ_BUCKET = 64
 MIN_NEW_BUCKET = 16
-
-
-class LongRopeCrossing(ValueError):
-  """Generation would cross LongRoPE's switch to the long factors (see the module docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +218,24 @@ def init_state(params: Any, batch: Mapping[str, jax.Array], cfg: fusion.FusionCo
               keys=keys, prompt_len=prompt_len, **{k: jnp.asarray(v) for k, v in sampling.items()})
 
 
+def pick_step(state: dict[str, Any], *, stop: Sequence[int], pad_id: int
+              ) -> tuple[dict[str, Any], jax.Array]:
+  """Step t's token of every row from state['last'] (traceable): records it, advances t, marks
+  rows done; returns (state, next token ids (B,)). The token is not yet fed to the model."""
+  stop_arr = jnp.asarray(tuple(stop) or (-1,), jnp.int32)
+  t = state["t"]
+  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(state["keys"])
+  nxt = sample_tokens(state["last"], state["temperature"], state["top_k"], state["top_p"],
+                      step_keys)
+  hit = jnp.isin(nxt, stop_arr) & ~state["done"]
+  emit = ~state["done"] & ~hit
+  lengths = state["lengths"] + emit.astype(jnp.int32)
+  return {**state, "t": t + 1,
+          "tokens": state["tokens"].at[:, t].set(jnp.where(emit, nxt, pad_id)),
+          "lengths": lengths, "done": state["done"] | hit | (lengths >= state["max_new"]),
+          "stopped": state["stopped"] | hit}, nxt
+
+
 def decode_steps(params: Any, state: dict[str, Any], t_stop: jax.Array,
                  cfg: fusion.FusionConfig, *, stop: Sequence[int], pad_id: int
                  ) -> dict[str, Any]:
@@ -229,7 +245,6 @@ def decode_steps(params: Any, state: dict[str, Any], t_stop: jax.Array,
   A done row keeps being fed (the batch has one shape) at a position that no longer grows, so
   it never moves another row's LongRoPE regime.
   """
-  stop_arr = jnp.asarray(tuple(stop) or (-1,), jnp.int32)
   t_max = state["tokens"].shape[1]
 
   def cond(st):
@@ -237,20 +252,25 @@ def decode_steps(params: Any, state: dict[str, Any], t_stop: jax.Array,
 
   def body(st):
     t = st["t"]
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(st["keys"])
-    nxt = sample_tokens(st["last"], st["temperature"], st["top_k"], st["top_p"], step_keys)
-    hit = jnp.isin(nxt, stop_arr) & ~st["done"]
-    emit = ~st["done"] & ~hit
-    tokens = st["tokens"].at[:, t].set(jnp.where(emit, nxt, pad_id))
-    lengths = st["lengths"] + emit.astype(jnp.int32)
-    done = st["done"] | hit | (lengths >= st["max_new"])
+    st, nxt = pick_step(st, stop=stop, pad_id=pad_id)
     pos = st["prompt_len"] + jnp.minimum(t, st["max_new"] - 1)
     logits, cache = fusion.decode(params, nxt[:, None], pos[:, None], cfg, st["cache"])
-    return {**st, "t": t + 1, "tokens": tokens, "lengths": lengths, "done": done,
-            "stopped": st["stopped"] | hit, "last": logits[:, 0].astype(jnp.float32),
-            "cache": cache}
+    return {**st, "last": logits[:, 0].astype(jnp.float32), "cache": cache}
 
   return jax.lax.while_loop(cond, body, state)
+
+
+def reprefill(params: Any, batch: Mapping[str, jax.Array], state: dict[str, Any],
+              cfg: fusion.FusionConfig) -> dict[str, Any]:
+  """LongRoPE crossing (traceable): the whole sequence so far (prompt + generated tokens, laid
+  out in `batch` with S' = the cache length) recomputed into a fresh cache, as transformers does
+  once a sequence outgrows original_max_position_embeddings; its largest position selects the
+  long factors. Returns state with the new cache and next-token logits."""
+  b, s = batch["input_ids"].shape
+  n = jnp.sum(batch["token_mask"], axis=-1).astype(jnp.int32)
+  logits, cache = fusion.prefill(params, batch, cfg, init_cache(cfg.llm, b, s))
+  last = jnp.take_along_axis(logits, (n - 1)[:, None, None], axis=1)[:, 0]
+  return {**state, "cache": cache, "last": last.astype(jnp.float32)}
 
 
 def _row_keys(seeds: Sequence[int]) -> jax.Array:
@@ -317,23 +337,27 @@ class Generator:
     q: latent tokens per question; max_questions: user turns with latent slots.
     max_seq_len: longest prompt layout (positions); max_batch: rows per device batch;
     max_new_tokens: the largest allowed per-prompt limit; stop_check_every: tokens decoded
-    between host checks of stop strings.
+    between host checks of stop strings; stop: token ids that end an answer (default: the
+    template's end token and EOS).
   """
 
   def __init__(self, params: Any, cfg: fusion.FusionConfig, tokenizer: Tokenizer, *, q: int,
                max_questions: int, max_seq_len: int, max_batch: int = 8,
-               max_new_tokens: int = 512, stop_check_every: int = 16):
+               max_new_tokens: int = 512, stop_check_every: int = 16,
+               stop: Sequence[int] | None = None):
     self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
     self.q, self.max_questions, self.max_seq_len = int(q), int(max_questions), int(max_seq_len)
     self.max_batch, self.max_new_tokens = int(max_batch), int(max_new_tokens)
     self.stop_check_every = int(stop_check_every)
-    self.stop = stop_ids(tokenizer, cfg.template)
+    self.stop = tuple(stop_ids(tokenizer, cfg.template) if stop is None else stop)
     self._rope = rope_tables(cfg.llm)
     pad = tokenizer.pad_id
     self._prefill = jax.jit(
         functools.partial(init_state, cfg=cfg, pad_id=pad), static_argnames=("max_new_tokens",))
     self._decode = jax.jit(functools.partial(decode_steps, cfg=cfg, stop=self.stop, pad_id=pad),
                            donate_argnums=(1,))
+    self._pick = jax.jit(functools.partial(pick_step, stop=self.stop, pad_id=pad))
+    self._reprefill = jax.jit(functools.partial(reprefill, cfg=cfg))
 
   @classmethod
   def for_model(cls, model: Any, **kw: Any) -> Generator:
@@ -345,8 +369,8 @@ class Generator:
             ) -> tuple[EncodedSample, int]:
     """Validates one prompt against this generator's limits; returns (encoded, length).
 
-    Raises BadSample (bad conversation) or ValueError (too long, max_new_tokens too large,
-    LongRopeCrossing), each naming the prompt.
+    Raises BadSample (bad conversation) or ValueError (too long, max_new_tokens too large),
+    each naming the prompt.
     """
     enc, n = encode_prompt(rec, self.tokenizer, self.cfg, q=self.q, index=index)
     if sampling.max_new_tokens > self.max_new_tokens:
@@ -363,20 +387,22 @@ class Generator:
       raise ValueError(f"{enc.source}: prompt ({n} positions) + max_new_tokens "
                        f"{sampling.max_new_tokens} exceeds max_position_embeddings "
                        f"{self.cfg.llm.max_position_embeddings}")
-    if not longrope_is_long(self._rope, n - 1) and longrope_is_long(self._rope, end - 1):
-      switch = self._rope.switch_at
-      raise LongRopeCrossing(
-          f"{enc.source}: prompt ({n} positions) + max_new_tokens {sampling.max_new_tokens} "
-          f"crosses LongRoPE's switch to the long factors at {switch} positions "
-          "(original_max_position_embeddings); cached keys would keep the short rotation "
-          "(transformers re-prefills there, this generator does not). Use max_new_tokens <= "
-          f"{switch - n}")
     return enc, n
+
+  def crossing(self, length: int, max_new_tokens: int) -> int | None:
+    """The decode step at which a prompt of `length` positions crosses LongRoPE's switch to
+    the long factors (its re-prefill step), or None when it stays in one regime."""
+    if longrope_is_long(self._rope, length - 1):
+      return None  # the prompt itself is long: every step is
+    if not longrope_is_long(self._rope, length + max_new_tokens - 1):
+      return None
+    return self._rope.switch_at - length
 
   def generate(self, records: Sequence[Mapping[str, Any]],
                sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
                image_root: str = "", seed: int = 0) -> list[Completion]:
-    """Completions for `records` (in order), batched by LongRoPE regime and max_batch."""
+    """Completions for `records` (in order), batched by LongRoPE regime and max_batch; a
+    prompt whose answer may cross the switch runs alone (its re-prefill is its own)."""
     if isinstance(sampling, SamplingParams):
       sampling = [sampling] * len(records)
     if len(sampling) != len(records):
@@ -387,12 +413,14 @@ class Generator:
       row_seed = sp.seed if sp.seed is not None else (seed * 1_000_003 + i) % 2**32
       rows.append(_Row(i, rec, enc, n, sp, int(row_seed) % 2**32))
     out: list[Completion | None] = [None] * len(rows)
-    for regime in (False, True):  # short, then long LongRoPE prompts (never mixed)
-      group = [r for r in rows if longrope_is_long(self._rope, r.length - 1) == regime]
-      for start in range(0, len(group), self.max_batch):
-        chunk = group[start:start + self.max_batch]
-        for r, c in zip(chunk, self._run(chunk, image_root)):
-          out[r.index] = c
+    crossing = [r for r in rows if self.crossing(r.length, r.sampling.max_new_tokens) is not None]
+    alone = {r.index for r in crossing}
+    groups = [[r for r in rows if r.index not in alone
+               and longrope_is_long(self._rope, r.length - 1) == long] for long in (False, True)]
+    batches = [g[i:i + self.max_batch] for g in groups for i in range(0, len(g), self.max_batch)]
+    for chunk in batches + [[r] for r in crossing]:
+      for r, c in zip(chunk, self._run(chunk, image_root)):
+        out[r.index] = c
     return out  # type: ignore[return-value]
 
   def _run(self, rows: Sequence[_Row], image_root: str) -> list[Completion]:
@@ -414,12 +442,18 @@ class Generator:
     state = self._prefill(self.params, batch, max_new_tokens=t, sampling=sampling, keys=keys)
     stops = [r.sampling.stop for r in rows]
     step = self.stop_check_every if any(stops) else t
-    cut = [False] * n
+    cross = self.crossing(rows[0].length, rows[0].sampling.max_new_tokens) if n == 1 else None
     t_done = 0
     while True:
-      t_done = min(t, t_done + step)
-      state = self._decode(self.params, state, jnp.int32(t_done))
-      if not any(stops):
+      target = min(t, t_done + step)
+      if cross is not None and t_done <= cross < target:
+        target = cross
+      state = self._decode(self.params, state, jnp.int32(target))
+      t_done = target
+      if cross is not None and t_done == cross and not bool(state["done"][0]):
+        state = self._cross(rows[0], state, image_root, s + t)
+        t_done += 1
+      elif not any(stops) and t_done >= t:
         break
       tokens, lengths, done = jax.device_get((state["tokens"], state["lengths"], state["done"]))
       done = np.array(done)
@@ -427,7 +461,7 @@ class Generator:
         if stops[i] and not done[i]:
           text = self.tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
           if cut_at_stop(text, stops[i])[1]:
-            done[i] = cut[i] = True
+            done[i] = True
       if done.all() or t_done >= t:
         break
       state = {**state, "done": jnp.asarray(done)}
@@ -435,6 +469,23 @@ class Generator:
                                                state["stopped"]))
     return [self._completion(rows[i], tokens[i, :lengths[i]].tolist(), bool(stopped[i]))
             for i in range(n)]
+
+  def _cross(self, row: _Row, state: dict[str, Any], image_root: str, cache_len: int
+             ) -> dict[str, Any]:
+    """Crossing step of a lone row: its token from the short-regime logits, then the prompt and
+    every generated token re-prefilled (long factors) into a fresh cache of the same length."""
+    state, _ = self._pick(state)
+    if bool(state["done"][0]):
+      return state
+    k = int(state["t"])
+    ids = np.asarray(jax.device_get(state["tokens"][0, :k]))
+    ex = _layout_prompt(row.rec, row.enc, self.tokenizer, self.cfg, image_root=image_root,
+                        q=self.q, seq_len=cache_len, max_questions=self.max_questions)
+    n = row.length
+    ex["input_ids"][n:n + k] = ids
+    ex["token_mask"][n:n + k] = True
+    ex["positions"][n:n + k] = np.arange(n, n + k)
+    return self._reprefill(self.params, batch_spec.stack_examples([ex]), state)
 
   def _completion(self, row: _Row, ids: list[int], stopped: bool) -> Completion:
     decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
