@@ -1,0 +1,16 @@
+"""Tiny pretrained base models for the main job (issue 16), built from synthesized data.
+
+The paper starts FUSION from a pretrained SigLIP tower and a pretrained LLM (import_hf). At
+tiny scale neither exists, so this package makes both once, from a seed range disjoint from the
+main job's dataset, and writes them in the transformers layouts the project imports:
+
+  pairs.py    image / caption / QA items from fusion_jax.synth (PRETRAIN_SEED, never the main
+              job's seed), and the image hashes the disjointness test compares
+  siglip.py   SigLIP's sigmoid contrastive loss (learned temperature and bias)
+  tower.py    trains a tiny SigLIP tower with it (a tiny text transformer on the other side,
+              not shipped) -> SiglipVisionModel dir
+  lm.py       sentencepiece tokenizer + a tiny Phi-3 LM on the synthesized text in the chat
+              template -> Phi3ForCausalLM dir with its tokenizer
+
+  python -m fusion_jax.pretrain --out assets/tiny_bases
+"""

@@ -1,0 +1,119 @@
+r"""Builds the tiny base models the main job imports (assets/tiny_bases/).
+
+  python -m fusion_jax.pretrain --out assets/tiny_bases [--config experiments/smoke.py]
+
+Shapes come from the experiment config's model: the tower gets one layer more than the
+config's FUSION tower (import_hf drops the last SigLIP layer, as the authors do), the LM is
+the config's LLM with the shipped tokenizer's vocabulary. Writes OUT/siglip/ (SiglipVisionModel),
+OUT/phi3/ (Phi3ForCausalLM + tokenizer), OUT/pretrain_log.json (losses, timings, settings).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _load_config(path: str, arg: str = ""):
+  spec = importlib.util.spec_from_file_location("experiment_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod, mod.get_config(arg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m fusion_jax.pretrain", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", required=True)
+  p.add_argument("--config", default="experiments/smoke.py")
+  p.add_argument("--num", type=int, default=12000, help="synthesized scenes")
+  p.add_argument("--vocab_size", type=int, default=400)
+  p.add_argument("--tower_steps", type=int, default=1500)
+  p.add_argument("--tower_batch", type=int, default=256)
+  p.add_argument("--lm_steps", type=int, default=800)
+  p.add_argument("--lm_batch", type=int, default=32)
+  p.add_argument("--lm_seq_len", type=int, default=160)
+  args = p.parse_args(argv)
+
+  import jax
+  from fusion_jax.pretrain import lm, pairs, tower
+  from fusion_jax.train.fusion_task import fusion_config_from
+
+  def log(msg: str) -> None:
+    print(f"[fusion_jax.pretrain] {msg}", flush=True)
+
+  t_all = time.time()
+  mod, config = _load_config(args.config)
+  fcfg = fusion_config_from(config.model)
+  if int(config.synth.seed) == pairs.PRETRAIN_SEED:
+    raise ValueError(f"{args.config}: synth.seed equals PRETRAIN_SEED; the data would overlap")
+  vision = dataclasses.replace(fcfg.vision, num_layers=fcfg.vision.num_layers + 1,
+                               dtype="float32")
+  categories = tuple(config.synth.categories)
+  times = {}
+
+  t = time.time()
+  items = pairs.build_items(args.num, categories, int(config.synth.size))
+  times["synthesize"] = time.time() - t
+  log(f"{len(items)} scenes (seed {pairs.PRETRAIN_SEED}, {config.synth.size} px) in "
+      f"{times['synthesize']:.0f} s")
+
+  llm_dir = os.path.join(args.out, "phi3")
+  os.makedirs(llm_dir, exist_ok=True)
+  t = time.time()
+  tok = lm.train_tokenizer(items, llm_dir, args.vocab_size)
+  times["tokenizer"] = time.time() - t
+  n_base = tok.vocab_size - 2  # load_tokenizer appended <vision_start>, <vision_end>
+  log(f"tokenizer: {n_base} tokens (+2 vision tokens on load) in {llm_dir}")
+
+  # --- tower
+  images = np.stack([it.image for it in items])
+  caps = [it.caption for it in items]
+  t_len = max(len(tok.encode(c)) for c in caps)
+  cap_ids, cap_mask = lm.pack_ids(caps, tok, t_len, tok.pad_id)
+  t = time.time()
+  dual, tower_losses = tower.train_tower(vision, images, cap_ids, cap_mask, tok.vocab_size,
+                                         steps=args.tower_steps, batch=args.tower_batch, log=log)
+  times["tower"] = time.time() - t
+  k = 256
+  acc = tower.retrieval_accuracy(vision, dual, images[-k:], cap_ids[-k:], cap_mask[-k:],
+                                 tok.vocab_size)
+  log(f"tower: image->caption top-1 among {k} (training scenes): {acc:.3f}")
+  tower.save_siglip(os.path.join(args.out, "siglip"), vision, dual["tower"])
+
+  # --- LM
+  llm_cfg = fcfg.llm.replace(vocab_size=n_base, pad_token_id=tok.pad_id, dtype="float32",
+                             scan_layers=False, remat_policy="none")
+  texts = lm.chat_texts(items, fcfg.template)
+  lens = np.array([len(tok.encode(s)) for s in texts])
+  ids, mask = lm.pack_ids(texts, tok, args.lm_seq_len, tok.pad_id)
+  log(f"lm: {len(texts)} texts, tokens median {int(np.median(lens))}, max {lens.max()}, "
+      f"{np.mean(lens > args.lm_seq_len):.1%} cut at {args.lm_seq_len}")
+  t = time.time()
+  lm_params, lm_losses = lm.train_lm(llm_cfg, ids, mask, steps=args.lm_steps,
+                                     batch=args.lm_batch, log=log)
+  times["lm"] = time.time() - t
+  lm.save_phi3(llm_dir, llm_cfg, lm_params)
+  times["total"] = time.time() - t_all
+
+  with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
+    json.dump({"command": "python -m fusion_jax.pretrain " + " ".join(argv or sys.argv[1:]),
+               "args": vars(args), "pretrain_seed": pairs.PRETRAIN_SEED,
+               "main_job_seed": int(config.synth.seed), "num_items": len(items),
+               "jax": jax.__version__, "devices": str(jax.devices()),
+               "time_s": times, "tower_retrieval_top1_256": acc,
+               "tower_loss": tower_losses[::10] + tower_losses[-1:],
+               "lm_loss": lm_losses[::10] + lm_losses[-1:]}, f, indent=1)
+  log(f"wrote {args.out} in {times['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

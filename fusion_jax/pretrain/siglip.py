@@ -1,0 +1,30 @@
+"""SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
+Pre-Training", Algorithm 1).
+
+  logits_ij = t * <x_i, y_j> + b,   t = exp(t'),  z_ij = +1 if i == j else -1
+  loss = -(1 / n) * sum_i sum_j log sigmoid(z_ij * logits_ij)
+
+x, y: L2-normalised image and text embeddings of the n pairs of a batch. The paper
+initialises t' = log 10 and b = -10 (few positives among n^2 pairs).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+INIT_LOG_T = math.log(10.0)
+INIT_BIAS = -10.0
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """(..., D) -> unit rows."""
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def sigmoid_loss(img: jax.Array, txt: jax.Array, log_t: jax.Array, bias: jax.Array) -> jax.Array:
+  """img, txt: (n, D) L2-normalised; log_t, bias: scalars -> scalar loss (paper's 1/n)."""
+  logits = jnp.exp(log_t) * img @ txt.T + bias
+  z = 2.0 * jnp.eye(img.shape[0], dtype=logits.dtype) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / img.shape[0]
