@@ -11,9 +11,13 @@ Args (`experiments/smoke.py:ARG`):
   (none)   the default run (targets: <= 10 min on 2 cores, SynthColor >= 0.9, every closed
            category >= 2x chance)
   short    a few steps on a small dataset (CI end-to-end test)
+  random   the default run from random init with a tokenizer trained on the dataset (no base
+           models; benchmarks/bases_vs_random.py compares the two)
   no_text_guidance | no_interaction | no_mapping_loss | no_latents
            the default run with one FUSION mechanism off (benchmarks/ablation.py runs them)
 """
+import os
+
 import ml_collections
 
 from fusion_jax.train.config import base_config
@@ -23,18 +27,21 @@ from fusion_jax.train.fusion_task import model_config
 CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMultiChoice",
               "SynthConvShort", "SynthConvLong", "SynthContrastShort", "SynthContrastLong",
               "SynthReasoning")
-CONFIG_ARGS = ("", "short", "no_text_guidance", "no_interaction", "no_mapping_loss", "no_latents")
+CONFIG_ARGS = ("", "short", "random", "no_text_guidance", "no_interaction", "no_mapping_loss", "no_latents")
 # Paper recipe in miniature (spec 8): alignment data first, then everything (instruction data
 # with the alignment data kept), each stage from the previous one's weights, fresh optimizer.
 ALIGNMENT = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene")
+# The shipped tiny base models (python -m fusion_jax.pretrain; assets/tiny_bases/README.md):
+# the job imports them with import_hf, as a user starting from real base models does.
+BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "tiny_bases")
 ABLATIONS = {"no_text_guidance": "text_guidance", "no_interaction": "interaction",
              "no_mapping_loss": "mapping_loss", "no_latents": "latents"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or ""
-  if arg and arg != "short" and arg not in ABLATIONS:
-    raise ValueError(f"smoke.py:{arg}: choose '', 'short' or one of {sorted(ABLATIONS)}")
+  if arg and arg not in ("short", "random") and arg not in ABLATIONS:
+    raise ValueError(f"smoke.py:{arg}: choose '', 'short', 'random' or one of {sorted(ABLATIONS)}")
   short = arg == "short"
   c = base_config()
   c.task = "fusion"
@@ -45,9 +52,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       heldout=0.1 if short else 0.025,
       cache_dir=".cache/smoke_data"))
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=400))
+  # Base models (transformers dirs) imported into <workdir>/base_model; their tokenizer is the
+  # job's. Empty llm = random init and a tokenizer trained on the dataset (tokenizer.vocab_size).
+  c.base = ml_collections.ConfigDict(dict(
+      llm="" if arg == "random" else os.path.normpath(os.path.join(BASES, "phi3")),
+      vision="" if arg == "random" else os.path.normpath(os.path.join(BASES, "siglip")),
+      preset="tiny"))
 
   # Model: the tiny preset as a small FUSION 3B (Phi-3 decoder, phi_3 template) ; vocab_size
-  # and pad id come from the tokenizer.
+  # and pad id come from the tokenizer. The shipped bases have these shapes (their SigLIP one
+  # layer more: import_hf drops the last, as the authors do).
   c.model = model_config(
       "tiny",
       llm=dict(arch="phi3", hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,

@@ -79,11 +79,40 @@ def tokenizer_dir(data_dir: str, vocab_size: int) -> str:
   return out
 
 
-def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fills config.data (paths, image_root, tokenizer) and the vocabulary from the tokenizer."""
+def import_base(base: ml_collections.ConfigDict, workdir: str) -> str:
+  """The stage-1 start model from the base LLM and SigLIP tower (transformers dirs), written
+  by `python -m fusion_jax.convert.import_hf` into <workdir>/base_model (once), as a user
+  starting from real base models runs it."""
+  from fusion_jax.convert import import_hf
+  out = os.path.join(workdir, "base_model")
+  if os.path.isfile(os.path.join(out, "fusion_config.json")):
+    _say(f"base model: reusing {out}")
+    return out
+  args = ["--llm", base.llm, "--vision", base.vision, "--preset", base.preset, "--out", out]
+  _say("base model: python -m fusion_jax.convert.import_hf " + " ".join(args))
+  if import_hf.main(args):
+    raise RuntimeError(f"import_hf failed for {base.llm} + {base.vision}")
+  return out
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | None = None
+            ) -> ml_collections.ConfigDict:
+  """Fills config.data (paths, image_root, tokenizer) and the vocabulary from the tokenizer.
+
+  With config.base (llm, vision, preset: transformers dirs, e.g. assets/tiny_bases) and a
+  workdir, the base models are imported (`import_base`), training starts from them
+  (config.init_from) and the tokenizer is the base LLM's; otherwise a tokenizer is trained on
+  the dataset and the model starts from random init.
+  """
   from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
   data_dir = synthesize(config.synth)
-  tok_dir = tokenizer_dir(data_dir, int(config.tokenizer.vocab_size))
+  base = config.get("base")
+  model_dir = ""
+  if base and base.get("llm") and workdir:
+    model_dir = import_base(base, os.path.abspath(workdir))
+    tok_dir = os.path.join(model_dir, "tokenizer")
+  else:
+    tok_dir = tokenizer_dir(data_dir, int(config.tokenizer.vocab_size))
   from fusion_jax.train.fusion_task import fusion_config_from
   template = fusion_config_from(config.model).template
   tok = load_tokenizer(tok_dir, pad_token=TEMPLATE_PAD_TOKENS[template])
@@ -91,9 +120,15 @@ def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.paths = (os.path.join(data_dir, "train.json"),)
   config.data.image_root = data_dir
   config.data.tokenizer = tok_dir
-  # Round the vocabulary up so it splits over any tensor axis up to 8.
   llm = dict(config.model.overrides.get("llm", {}))
-  llm.update(vocab_size=-(-len(tok) // 8) * 8, pad_token_id=tok.pad_id)
+  if model_dir:
+    # The imported embedding has exactly len(tokenizer) rows (import_hf adds the 2 vision rows).
+    from fusion_jax.convert.model_dir import load_model_config
+    llm.update(vocab_size=load_model_config(model_dir).llm.vocab_size, pad_token_id=tok.pad_id)
+    config.init_from = config.init_from or model_dir
+  else:
+    # Round the vocabulary up so it splits over any tensor axis up to 8.
+    llm.update(vocab_size=-(-len(tok) // 8) * 8, pad_token_id=tok.pad_id)
   config.model.overrides.llm = llm
   return config
 
@@ -178,7 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
   # The config before minutes of synthesis (its data is filled in by prepare), then each stage
   # with its data; a stage after the first starts from the previous one's (future) workdir.
   preflight.require(config, workdir, data=False, init_from=False)
-  config = timed("data+tokenizer", prepare, config)
+  config = timed("data+tokenizer", prepare, config, workdir)
   plan = stage_plan(config, workdir)
   problems = [p for i, (_, c, d) in enumerate(plan)
               for p in preflight.check(c, d, init_from=i == 0)]

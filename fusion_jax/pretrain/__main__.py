@@ -33,13 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
   p.add_argument("--config", default="experiments/smoke.py")
-  p.add_argument("--num", type=int, default=12000, help="synthesized scenes")
+  p.add_argument("--num", type=int, default=8000, help="synthesized scenes")
   p.add_argument("--vocab_size", type=int, default=400)
-  p.add_argument("--tower_steps", type=int, default=1500)
+  p.add_argument("--tower_steps", type=int, default=300)
   p.add_argument("--tower_batch", type=int, default=256)
-  p.add_argument("--lm_steps", type=int, default=800)
-  p.add_argument("--lm_batch", type=int, default=32)
-  p.add_argument("--lm_seq_len", type=int, default=160)
+  p.add_argument("--lm_steps", type=int, default=300)
+  p.add_argument("--lm_batch", type=int, default=16)
+  p.add_argument("--lm_seq_len", type=int, default=128)
   args = p.parse_args(argv)
 
   import jax

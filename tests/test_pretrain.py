@@ -1,0 +1,113 @@
+"""fusion_jax.pretrain: the sigmoid loss, disjoint pretraining data, the shipped base models."""
+import hashlib
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from fusion_jax.pretrain import pairs
+from fusion_jax.pretrain.siglip import sigmoid_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASES = os.path.join(ROOT, "assets", "tiny_bases")
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import smoke  # noqa: E402
+
+
+def _numpy_sigmoid_loss(x, y, t, b):
+  n = x.shape[0]
+  total = 0.0
+  for i in range(n):
+    for j in range(n):
+      z = 1.0 if i == j else -1.0
+      total += np.log(1.0 / (1.0 + np.exp(-z * (t * float(x[i] @ y[j]) + b))))
+  return -total / n
+
+
+def test_sigmoid_loss_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 8))
+  y = x + 0.3 * rng.normal(size=(5, 8))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  y /= np.linalg.norm(y, axis=1, keepdims=True)
+  got = float(sigmoid_loss(x.astype(np.float32), y.astype(np.float32),
+                           np.float32(np.log(7.0)), np.float32(-2.5)))
+  assert got == pytest.approx(_numpy_sigmoid_loss(x, y, 7.0, -2.5), rel=1e-5)
+  # Matching pairs give a lower loss than shuffled ones.
+  worse = float(sigmoid_loss(x.astype(np.float32), y[::-1].astype(np.float32),
+                             np.float32(np.log(7.0)), np.float32(-2.5)))
+  assert worse > got
+
+
+def _main_job_hashes(n: int) -> set[str]:
+  """Image hashes of the main job's items 0..n-1 (its train and held-out splits are drawn from
+  these indices with config.synth.seed; fusion_jax/synth/pipeline.py)."""
+  from fusion_jax.synth.backends import BackendConfig
+  from fusion_jax.synth.pipeline import item_rngs
+  c = smoke.get_config()
+  b = BackendConfig().build()
+  out = set()
+  for i in range(n):
+    cat = c.synth.categories[i % len(c.synth.categories)]
+    rngs = item_rngs(int(c.synth.seed), i)
+    desc = b["describer"].describe(cat, rngs["describe"])
+    out.add(pairs.image_hash(b["renderer"].render(desc, int(c.synth.size), rngs["render"])))
+  return out
+
+
+def test_pretraining_data_is_disjoint_from_the_main_job():
+  c = smoke.get_config()
+  assert int(c.synth.seed) != pairs.PRETRAIN_SEED
+  with pytest.raises(ValueError, match="main job"):
+    pairs.build_items(1, smoke.CATEGORIES, 32, seed=0)
+  main = _main_job_hashes(200)
+  items = pairs.build_items(200, tuple(c.synth.categories), int(c.synth.size))
+  mine = {pairs.image_hash(it.image) for it in items}
+  assert len(mine) == 200 and not (mine & main)
+  # The same seed reproduces the same scenes, and `exclude` drops listed images.
+  again = pairs.build_items(3, tuple(c.synth.categories), int(c.synth.size))
+  assert [pairs.image_hash(it.image) for it in again] == \
+      [pairs.image_hash(it.image) for it in items[:3]]
+  skip = pairs.build_items(3, tuple(c.synth.categories), int(c.synth.size),
+                           exclude={pairs.image_hash(items[0].image)})
+  assert pairs.image_hash(items[0].image) not in {pairs.image_hash(it.image) for it in skip}
+
+
+def _listed_sha256() -> dict[str, str]:
+  with open(os.path.join(BASES, "README.md")) as f:
+    return dict((m.group(2), m.group(1)) for m in
+                re.finditer(r"^([0-9a-f]{64})  (\S+)$", f.read(), re.M))
+
+
+def test_shipped_bases_match_listed_sha256_and_size():
+  listed = _listed_sha256()
+  assert {"siglip/model.safetensors", "phi3/model.safetensors", "phi3/tokenizer.model",
+          "siglip/config.json", "phi3/config.json"} <= set(listed)
+  total = 0
+  for rel, digest in listed.items():
+    with open(os.path.join(BASES, rel), "rb") as f:
+      data = f.read()
+    total += len(data)
+    assert hashlib.sha256(data).hexdigest() == digest, rel
+  assert total <= 20 * 2**20
+
+
+def test_shipped_bases_import_as_the_main_job_expects(tmp_path):
+  from fusion_jax.convert import import_hf
+  from fusion_jax.convert.model_dir import load_model_config
+  from fusion_jax.train.fusion_task import fusion_config_from
+  c = smoke.get_config()
+  out = str(tmp_path / "base")
+  assert import_hf.main(["--llm", c.base.llm, "--vision", c.base.vision, "--preset",
+                         c.base.preset, "--out", out]) == 0
+  got = load_model_config(out)
+  want = fusion_config_from(c.model)
+  for k in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers",
+            "num_heads"):
+    assert getattr(got.vision, k) == getattr(want.vision, k), k
+  for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "arch"):
+    assert getattr(got.llm, k) == getattr(want.llm, k), k
+  assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.model"))
