@@ -39,11 +39,19 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (experiments/NAME.py[:ARG]).", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice, e.g. v5p-128, v5e-256, v6e-64.")
-_OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
-_Q = flags.DEFINE_integer("q", 0, "Latents per question to compile for (0 = the config's largest).")
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program (importing this module for its
+  functions must not claim --config, which other entry points define too)."""
+  global _CONFIG, _TOPOLOGY, _OUT, _Q
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (experiments/NAME.py[:ARG]).", lock_config=True)
+  _TOPOLOGY = flags.DEFINE_string("topology", None,
+                                  "Cloud TPU slice, e.g. v5p-128, v5e-256, v6e-64.")
+  _OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
+  _Q = flags.DEFINE_integer("q", 0,
+                            "Latents per question to compile for (0 = the config's largest).")
 
 GIB = 1024**3
 
@@ -219,4 +227,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
