@@ -120,7 +120,7 @@ def _plot(results: dict, out: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
   for name, r in results.items():
     xs, ys = zip(*[(n, l) for n, l, _ in r["curve"]])
-    k = 9  # moving average over steps, both curves alike
+    k = max(1, min(9, len(ys) // 3))  # moving average over steps, both curves alike
     sm = np.convolve(ys, np.ones(k) / k, mode="valid")
     ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
     ax.plot(xs[k - 1:], sm, label=f"{name} ({r['samples_per_s']:.1f} samples/s)",
