@@ -5,28 +5,32 @@ sample per row, the unpacked form used by evaluation and inference). Dimensions:
 sequence, P samples per row, Lq max questions per sample, q latents per question, T instruction
 tokens, H = W = tower image size, N image tokens.
 
-| key            | shape              | dtype | pad   | meaning                                        |
-|----------------|--------------------|-------|-------|------------------------------------------------|
-| input_ids      | (B, S)             | int32 | pad_id| token ids; image/latent slots and padding hold |
-|                |                    |       |       | pad_id                                         |
-| token_mask     | (B, S)             | bool  | False | True at real tokens (slots included);          |
-|                |                    |       |       | == (segment_ids > 0)                           |
-| segment_ids    | (B, S)             | int32 | 0     | p + 1 on the tokens of the row's sample p, 0 at|
-|                |                    |       |       | padding; attention is causal within a segment  |
-| positions      | (B, S)             | int32 | 0     | 0..n-1 over each sample's tokens (restart per  |
-|                |                    |       |       | sample)                                        |
-| labels         | (B, S)             | int32 | -100  | unshifted targets; -100 = not supervised       |
-| images         | (B, P, 5, H, W, 3) | uint8 | 0     | static_hd crops [TL, TR, BL, BR, full] of      |
-|                |                    |       |       | sample p; zeros for text-only / empty slots    |
-| has_image      | (B, P)             | bool  | False | sample p has an image                          |
-| image_start    | (B, P)             | int32 | -1    | row index of sample p's first of N image slots |
-| latent_pos     | (B, P, Lq*q)       | int32 | -1    | row index of latent slot v = l*q + kk of       |
-|                |                    |       |       | sample p's question l                          |
-| question_pos   | (B, P, Lq)         | int32 | -1    | row index of the last token of sample p's user |
-|                |                    |       |       | turn l (assistant header included)             |
-| instructs      | (B, P, T)          | int32 | 0     | sample p's user turns' token ids, no markers   |
-| instructs_mask | (B, P, T)          | bool  | False | valid instruction tokens (explicit: id 0 is    |
-|                |                    |       |       | real in Llama-3)                               |
+| key            | shape              | dtype | pad    | meaning                                   |
+|----------------|--------------------|-------|--------|-------------------------------------------|
+| input_ids      | (B, S)             | int32 | pad_id | token ids; image/latent slots and padding |
+|                |                    |       |        | hold pad_id                               |
+| token_mask     | (B, S)             | bool  | False  | True at real tokens (slots included); ==  |
+|                |                    |       |        | (segment_ids > 0)                         |
+| segment_ids    | (B, S)             | int32 | 0      | p + 1 on the tokens of the row's sample   |
+|                |                    |       |        | p, 0 at padding; attention is causal      |
+|                |                    |       |        | within a segment                          |
+| positions      | (B, S)             | int32 | 0      | 0..n-1 over each sample's tokens (restart |
+|                |                    |       |        | per sample)                               |
+| labels         | (B, S)             | int32 | -100   | unshifted targets; -100 = not supervised  |
+| images         | (B, P, 5, H, W, 3) | uint8 | 0      | static_hd crops [TL, TR, BL, BR, full] of |
+|                |                    |       |        | sample p; zeros for text-only / empty     |
+|                |                    |       |        | slots                                     |
+| has_image      | (B, P)             | bool  | False  | sample p has an image                     |
+| image_start    | (B, P)             | int32 | -1     | row index of sample p's first of N image  |
+|                |                    |       |        | slots                                     |
+| latent_pos     | (B, P, Lq*q)       | int32 | -1     | row index of latent slot v = l*q + kk of  |
+|                |                    |       |        | sample p's question l                     |
+| question_pos   | (B, P, Lq)         | int32 | -1     | row index of the last token of sample p's |
+|                |                    |       |        | user turn l (assistant header included)   |
+| instructs      | (B, P, T)          | int32 | 0      | sample p's user turns' token ids, no      |
+|                |                    |       |        | markers                                   |
+| instructs_mask | (B, P, T)          | bool  | False  | valid instruction tokens (explicit: id 0  |
+|                |                    |       |        | is real in Llama-3)                       |
 
 Invariants (`check_batch`): a row's samples are contiguous runs in slot order 0, 1, ...
 (segment p + 1 follows segment p, padding after the last), so slot p holds a sample iff
@@ -236,7 +240,8 @@ def pack_examples(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], *, seq_len
   lq = first["question_pos"].shape[0]
   with_images = "images" in first
   dims = Dims(batch_size=b, seq_len=seq_len, samples_per_row=samples_per_row, max_questions=lq,
-              q=first["latent_pos"].shape[0] // max(lq, 1), instruct_len=first["instructs"].shape[0],
+              q=first["latent_pos"].shape[0] // max(lq, 1),
+              instruct_len=first["instructs"].shape[0],
               image_size=first["images"].shape[1] if with_images else 1)
   out = zeros(dims, pad_id)
   if not with_images:
