@@ -13,6 +13,7 @@ import jax
 import pytest
 from ml_collections import config_flags
 
+from fusion_jax.models import param_layout
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
 from fusion_jax.train import task as task_lib
@@ -155,7 +156,9 @@ def test_paper_model_sizes(preset, llm, vision, total):
   """Phi-3.5-mini 3.8B / Llama-3.1 8.0B, SigLIP so400m 0.4B / SigLIP2 giant 1.1B (L-1 layers),
   plus projectors and 10 interaction layers."""
   task = FusionTask(get_config(os.path.join(ROOT, "experiments", f"{preset}.py"), "stage1"))
-  params = nn.unbox(abstract_params(task))
+  assert task.cfg.llm.scan_layers and task.cfg.vision.scan_layers  # paper configs scan
+  # Counted in the unrolled layout (scanned: interaction layers sit inside llm/'s groups).
+  params = jax.eval_shape(param_layout.to_unscanned, nn.unbox(abstract_params(task)))
   count = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))  # noqa: E731
   assert llm[0] < count(params["llm"]) < llm[1]
   assert vision[0] < count(params["vision_tower"]) < vision[1]
