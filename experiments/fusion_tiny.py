@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       paths="", mixture="", image_root="", tokenizer="", num_examples=0, seq_len=128,
       max_questions=2, seed=0, shuffle=True, worker_count=0, read_threads=2, read_buffer=8,
-      prefetch=0))
+      prefetch=0, allow_absolute_image_paths=False, pad_final_batch=False, packing=False,
+      max_samples_per_row=4))
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.global_batch = 8
   c.num_steps = 4

@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       paths=(), mixture="", image_root="", tokenizer="", num_examples=0, seq_len=192,
       max_questions=4, eval_q=4, seed=0, shuffle=True, worker_count=0, read_threads=2,
-      prefetch=2))
+      prefetch=2, packing=False, max_samples_per_row=2))
   c.eval = ml_collections.ConfigDict(dict(split="heldout", batch_size=32))
 
   # (name, categories (() = all), fraction of num_steps[, overrides]); fusion_jax.run.stage_plan.

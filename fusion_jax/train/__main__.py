@@ -59,8 +59,16 @@ def main(argv) -> None:
                       config_file=config_flags.get_config_filename(flags.FLAGS["config"]))
   except preflight.ConfigError as e:
     sys.exit(preflight.report(e, "fusion_jax.train", _VERBOSE.value))
+  from fusion_jax.train import checkpoint as ckpt_lib
   from fusion_jax.train.loop import train
-  summary = train(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = train(_CONFIG.value, _WORKDIR.value)
+  except (ckpt_lib.NoRestorableCheckpointError, ckpt_lib.CheckpointMismatchError) as e:
+    # The message already names the steps and what to do: one clear error, not a traceback.
+    if _VERBOSE.value:
+      raise
+    print(f"fusion_jax.train: error: {e}", file=sys.stderr)
+    sys.exit(2)
   if summary["preempted"]:
     logging.warning("preempted at step %d; rerun the same command to resume", summary["step"])
   sys.exit(0)

@@ -381,7 +381,11 @@ def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, ba
       # User turns with latent slots per sample (later turns are cut with their tokens).
       max_questions=16,
       seed=0, shuffle=True,
-      worker_count=8, read_threads=8, read_buffer=64, prefetch=2))
+      worker_count=8, read_threads=8, read_buffer=64, prefetch=2,
+      # Records' image paths stay inside image_root unless this is set (absolute paths).
+      allow_absolute_image_paths=False,
+      # Several samples per row (fusion_jax/data/packing.py); the AOT check compiles P slots.
+      packing=False, max_samples_per_row=4))
   # FSDP over every chip (tested for 64 and 128 chips: v5p-128 / v5p-256). Every sharded
   # parameter dim must divide by its mesh axes: the vision width (1152 SigLIP, 1536 SigLIP2)
   # and the projector input (3 x that) limit fsdp to 128, as does the global batch of stages
