@@ -18,7 +18,11 @@ def data(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("ar"))
   write_dataset(root, 10, name="a.json")
   extra = ['{"id": "broken", ', {"id": "m", "image": "img/nope.png", "conversations": [
-      {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "answer 99"}]}]
+      {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "answer 99"}]},
+           {"id": "out", "image": "../outside.png", "conversations": [
+      {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "answer 98"}]}]
+  with open(os.path.join(os.path.dirname(root), "outside.png"), "wb") as f:
+    f.write(b"not inside the image root")  # exists, and must not be read
   write_dataset(root, 6, name="b.jsonl", start=20, extra=extra)
   mix = os.path.join(root, "mix.yaml")
   with open(mix, "w") as f:
@@ -35,9 +39,9 @@ def test_round_trip_records_and_images(data):
   with open(os.path.join(out, "manifest.json")) as f:
     manifest = json.load(f)
   assert manifest["complete"] and manifest["records"] == 16
-  assert manifest["skipped"] == {"bad_json": 1, "missing_image": 1}
+  assert manifest["skipped"] == {"bad_json": 1, "missing_image": 1, "image_outside_root": 1}
   assert {e["reason"]: e["source"].rsplit("/", 1)[1] for e in manifest["skipped_examples"]} == {
-      "bad_json": "b.jsonl:7", "missing_image": "b.jsonl:8"}
+      "bad_json": "b.jsonl:7", "missing_image": "b.jsonl:8", "image_outside_root": "b.jsonl:9"}
   assert len(manifest["shards"]) == 3
   ar = S.ArrayRecordSource(out)
   assert len(ar) == 16

@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from fusion_jax.data import images as images_lib
 from fusion_jax.data import mixture as mixture_lib
 from fusion_jax.data import sources as sources_lib
 from fusion_jax.data.errors import BadSample
@@ -60,10 +61,12 @@ def shard_ranges(n: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 def _image_bytes(raw: sources_lib.RawSample, record: dict) -> bytes:
-  """Bytes of the record's image; BadSample('missing_image') if the file cannot be read."""
+  """Bytes of the record's image; BadSample('missing_image') if the file cannot be read,
+  BadSample('image_outside_root') if its path leaves the image root."""
   if raw.image_bytes is not None:
     return raw.image_bytes
-  path = os.path.join(raw.image_root, record["image"])
+  # Confined to the image root like the training pipeline (absolute / escaping paths skipped).
+  path = images_lib.resolve_image_path(record["image"], raw.image_root, source=raw.source)
   try:
     with open(path, "rb") as f:
       return f.read()
