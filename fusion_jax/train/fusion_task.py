@@ -28,7 +28,6 @@ The paper's training recipe (spec 8) is `STAGES` + `stage_config`, used by exper
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -235,10 +234,8 @@ class FusionTask:
     """ShapeDtypeStructs of a training batch of `rows` (largest q unless given): what the AOT
     fit check (fusion_jax.aot) lowers the step with."""
     s, lq, q, p = self._step_shape(q)
-    kw = dict(batch_size=1, seq_len=s, max_questions=lq, q=q, seed=None)
-    if "samples_per_row" in inspect.signature(fusion.example_batch).parameters:
-      kw["samples_per_row"] = p
-    one = fusion.example_batch(self.cfg, **kw)
+    one = fusion.example_batch(self.cfg, batch_size=1, seq_len=s, max_questions=lq, q=q,
+                               seed=None, samples_per_row=p)
     return {k: jax.ShapeDtypeStruct((rows,) + one[k].shape[1:], one[k].dtype)
             for k in self.batch_axes}
 
