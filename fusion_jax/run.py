@@ -133,13 +133,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None
   return config
 
 
+def target_of(category: str, chance: float) -> float:
+  """The accuracy a category must reach: its own target or CHANCE_MULTIPLE x chance."""
+  return max(ACCURACY_TARGET.get(category, 0.0), CHANCE_MULTIPLE * chance)
+
+
 def check_targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
   """(category, target text, met) for the main job's accuracy targets."""
   rows = []
   for cat, r in report.items():
     if cat == "all":
       continue
-    need = max(ACCURACY_TARGET.get(cat, 0.0), CHANCE_MULTIPLE * r["chance"])
+    need = target_of(cat, r["chance"])
     rows.append((cat, f">= {need:.2f}", r["accuracy"] >= need))
   return rows
 
@@ -233,11 +238,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
     if train_summary.get("preempted"):
       _say("preempted: checkpoint saved; rerun the same command to continue")
       return {"preempted": True, "train": train_summary}
+    left = sum(int(c.num_steps) for _, c, _ in plan[i + 1:])
+    if left:
+      # This stage's time per step (compile included) for the later stages, plus eval (~1 min).
+      per_step = times[f"train:{name}"] / max(1, int(stage_config.num_steps))
+      _say(f"job ETA: ~{(left * per_step + 60) / 60:.0f} min more ({left} steps at "
+           f"{per_step:.2f} s/step, then eval, sample answers, export); "
+           f"{(time.time() - t0) / 60:.1f} min so far")
 
   from fusion_jax.eval.evaluate import run_eval
   ev = timed("eval", run_eval, workdir, split=config.eval.split,
              batch_size=int(config.eval.batch_size))
   samples = timed("samples", sample_answers, workdir, ev["data"])
+  from fusion_jax import job_plots
+  job_curve = job_plots.plot_job_loss([(n, d) for n, _, d in plan],
+                                      os.path.join(workdir, "job_loss_curve.png"))
+  targets_plot = job_plots.plot_targets(
+      ev["categories"], {c: target_of(c, r["chance"]) for c, r in ev["categories"].items()},
+      os.path.join(workdir, f"eval_{config.eval.split}_targets.png"))
   from fusion_jax.convert import export_torch as export_lib
   from fusion_jax.train.fusion_task import fusion_config_from
   # A folder name the authors' loader routes to the right class (torch_fusion_phi here).
@@ -264,11 +282,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
       "targets": [{"category": c, "target": t, "met": m} for c, t, m in
                   check_targets(ev["categories"])],
       "samples": samples, "export_note": export_note,
-      "files": {"checkpoints": train_summary.get("checkpoint_dir"),
-                "loss_curve": train_summary.get("loss_curve"),
+      "files": {"summary": os.path.join(workdir, "summary.json"),
+                "base_model": config.init_from if config.get("base") and config.base.get("llm")
+                else None,
+                "checkpoints": train_summary.get("checkpoint_dir"),
+                "job_loss_curve": job_curve,
+                **{f"loss_curve:{r['stage']}": os.path.join(r["workdir"], "loss_curve.png")
+                   for r in stage_runs},
+                **{f"metrics:{r['stage']}": os.path.join(r["workdir"], "metrics.jsonl")
+                   for r in stage_runs},
                 "tensorboard": os.path.join(workdir, "tb"),
                 "eval": os.path.join(workdir, f"eval_{config.eval.split}.json"),
                 "eval_plot": os.path.join(workdir, f"eval_{config.eval.split}.png"),
+                "eval_targets_plot": targets_plot,
                 "export_torch": export_dir if export else None},
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -318,8 +344,8 @@ def format_summary(s: dict[str, Any]) -> str:
                  f"{r['count']:>5d}")
   unmet = [t["category"] for t in s["targets"] if not t["met"]]
   if unmet:
-    lines.append(f"{len(unmet)} of {len(s['targets'])} targets not met (expected for the default "
-                 "smoke run: README 'Main job' and benchmarks/tower_probe.py say why)")
+    lines.append(f"{len(unmet)} of {len(s['targets'])} targets not met: {', '.join(unmet)} "
+                 "(README 'Main job' says what limits them)")
   if s.get("samples"):
     lines.append("")
     lines.append("sample answers (greedy, first held-out question per category):")
@@ -329,7 +355,7 @@ def format_summary(s: dict[str, Any]) -> str:
   lines.append("")
   for k, v in s["files"].items():
     if v:
-      lines.append(f"{k:<12} {v}")
+      lines.append(f"{k:<22} {v}")
   if s.get("export_note"):
     lines.append(f"note: {s['export_note']}")
   return "\n".join(lines)
