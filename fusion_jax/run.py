@@ -92,6 +92,8 @@ def import_base(base: ml_collections.ConfigDict, workdir: str) -> str:
   _say("base model: python -m fusion_jax.convert.import_hf " + " ".join(args))
   if import_hf.main(args):
     raise RuntimeError(f"import_hf failed for {base.llm} + {base.vision}")
+  _say(f"base model: weights only are used; the FUSION fields (template, interaction schedule) "
+       f"come from config.model, not from preset {base.preset!r}")
   return out
 
 
