@@ -385,26 +385,25 @@ def _restore_adapted(handler: Any, params_dir: str, meta_tree: Any,
   Used when the source stored another parameter layout (e.g. unrolled layers into a scanned
   run): the tree is read once onto one CPU device, converted, then placed leaf by leaf.
   """
-  def abstract(m):
-    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
-  saved_abs = jax.tree.map(abstract, meta_tree, is_leaf=lambda x: hasattr(x, "shape"))
-  names = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved_abs)[0]}
-  adapted_abs = jax.eval_shape(adapt, saved_abs)
-  if {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(adapted_abs)[0]} == names:
-    return None
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), saved_abs)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu),
+                        meta_tree, is_leaf=lambda x: hasattr(x, "shape"))
+  if set(_flat(jax.eval_shape(adapt, target))) == set(_flat(target)):
+    return None
   args = ocp.args.PyTreeRestore(item=target,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  tree = adapt(handler.restore(epath.Path(params_dir), args=args))
+  return _flat(adapt(handler.restore(epath.Path(params_dir), args=args)))
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """{'a/b': leaf} of a nested tree."""
   return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _place_adapted(adapted: Mapping[str, Any], flat: list[Any], treedef: Any,
                    fresh_params: Any | None, where: str) -> tuple[Any, dict[str, list[str]]]:
   """Target leaves from an adapted host tree (shape-checked, put on the target shardings)."""
-  fresh_flat = (jax.tree.leaves(fresh_params) if fresh_params is not None
-                else [None] * len(flat))
+  fresh_flat = jax.tree.leaves(fresh_params) if fresh_params is not None else [None] * len(flat)
   leaves, fresh, restored = [], [], []
   for (p, leaf), fresh_leaf in zip(flat, fresh_flat):
     name = path_str(p)
