@@ -1,7 +1,7 @@
 r"""Ahead-of-time fit check: compile a config's train step for a Cloud TPU slice on a CPU host.
 
   python -m fusion_jax.aot --config experiments/fusion_3b.py:stage2 --topology v5p-128 \
-      [--out FILE.json] [--config.KEY=VALUE ...]
+      [--out FILE.json] [--hlo_out FILE.hlo.txt] [--config.KEY=VALUE ...]
 
 Compiles, with libtpu's compiler (`pip install libtpu` of the version jax pins; no TPU needed),
 the exact step `python -m fusion_jax.train` runs for the config: the same Setup (mesh, logical
@@ -44,7 +44,7 @@ from ml_collections import config_flags  # noqa: E402
 def _define_flags() -> None:
   """Command-line flags, defined only when run as a program (importing this module for its
   functions must not claim --config, which other entry points define too)."""
-  global _CONFIG, _TOPOLOGY, _OUT, _Q
+  global _CONFIG, _TOPOLOGY, _OUT, _Q, _HLO_OUT
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "Experiment config file (experiments/NAME.py[:ARG]).", lock_config=True)
   _TOPOLOGY = flags.DEFINE_string("topology", None,
@@ -52,6 +52,9 @@ def _define_flags() -> None:
   _OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
   _Q = flags.DEFINE_integer("q", 0,
                             "Latents per question to compile for (0 = the config's largest).")
+  _HLO_OUT = flags.DEFINE_string(
+      "hlo_out", None, "Write the compiled program's optimized HLO text here (the report then "
+      "also lists the largest computations: hlo_stats).")
 
 GIB = 1024**3
 
@@ -104,8 +107,63 @@ def parse_topology(name: str) -> tuple[Generation, int, str]:
   return gen, chips, f"{gen.jax_name}:{'x'.join(map(str, grid))}"
 
 
-def compile_report(config: Any, topology: str, *, q: int = 0) -> dict[str, Any]:
-  """Compiles config's train step for `topology`; returns the report (see module docstring)."""
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _opcode(rhs: str) -> str:
+  """'(f32[2], s32[]) tuple(%a, %b), ...' or 'f32[8]{0} add(%a, %b)' -> the opcode."""
+  i = 0
+  if rhs.startswith("("):  # a tuple shape: skip to its closing parenthesis
+    depth = 0
+    for i, ch in enumerate(rhs):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        break
+  rest = rhs[i:].split(" ", 1)[-1]
+  return rest.split("(", 1)[0].strip()
+
+
+def hlo_stats(text: str, top: int = 12) -> dict[str, Any]:
+  """Per-computation instruction counts of an HLO module's text (`compiled.as_text()`).
+
+  Returns the number of computations and instructions, the instruction count by opcode, and
+  the `top` largest computations with their instruction count and most frequent source op
+  (the op_name metadata JAX attaches: which model code they come from).
+  """
+  comps: dict[str, dict[str, Any]] = {}
+  opcodes: dict[str, int] = {}
+  cur = None
+  for line in text.splitlines():
+    if not line or line[0] not in " }":
+      m = _COMPUTATION.match(line)
+      if m:
+        cur = comps.setdefault(m.group(1), {"instructions": 0, "op_names": {}})
+      continue
+    if cur is None or " = " not in line:
+      continue
+    cur["instructions"] += 1
+    op = _opcode(line.split(" = ", 1)[1])
+    opcodes[op] = opcodes.get(op, 0) + 1
+    name = _OP_NAME.search(line)
+    if name:
+      key = name.group(1)[:160]
+      cur["op_names"][key] = cur["op_names"].get(key, 0) + 1
+  largest = sorted(comps.items(), key=lambda kv: -kv[1]["instructions"])[:top]
+  return dict(
+      computations=len(comps), instructions=sum(c["instructions"] for c in comps.values()),
+      opcodes=dict(sorted(opcodes.items(), key=lambda kv: -kv[1])),
+      largest=[dict(name=n, instructions=c["instructions"],
+                    top_op_name=max(c["op_names"], key=c["op_names"].get, default=""))
+               for n, c in largest])
+
+
+def compile_report(config: Any, topology: str, *, q: int = 0,
+                   hlo_out: str | None = None) -> dict[str, Any]:
+  """Compiles config's train step for `topology`; returns the report (see module docstring).
+
+  With `hlo_out`, writes the compiled program's optimized HLO text there and adds hlo_stats.
+  """
   import jax
   from jax.experimental import topologies
 
@@ -149,6 +207,12 @@ def compile_report(config: Any, topology: str, *, q: int = 0) -> dict[str, Any]:
     args = outs = alias = code = 0
     temp, cost = peak, {}
   model = task.step_flops(rows, q=q or None)
+  stats = {}
+  if hlo_out and compiled is not None:
+    from etils import epath
+    text = compiled.as_text()
+    epath.Path(hlo_out).write_text(text)
+    stats = dict(hlo_stats=hlo_stats(text))
   return dict(
       config=str(getattr(config, "name", "") or ""), topology=topology, topology_desc=desc_name,
       device_kind=devices[0].device_kind, devices=len(devices), chips=chips,
@@ -162,7 +226,7 @@ def compile_report(config: Any, topology: str, *, q: int = 0) -> dict[str, Any]:
       per_chip_peak_gib=peak / GIB, hbm_gib=hbm_per_device, fits=bool(peak <= hbm_per_device * GIB),
       flops_per_step=float(cost.get("flops", 0.0)) * len(devices),
       model_flops_per_step=float(model["model"]), hardware_flops_per_step=float(model["hardware"]),
-      peak_flops_per_chip=flops_lib.peak_flops(devices[0].device_kind))
+      peak_flops_per_chip=flops_lib.peak_flops(devices[0].device_kind), **stats)
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -212,7 +276,7 @@ def main(argv) -> None:
     print("fusion_jax.aot: libtpu is not installed; `pip install libtpu` of the version jax "
           "pins (pip install --dry-run 'jax[tpu]==<jax version>' names it)", file=sys.stderr)
     sys.exit(2)
-  report = compile_report(_CONFIG.value, _TOPOLOGY.value, q=_Q.value)
+  report = compile_report(_CONFIG.value, _TOPOLOGY.value, q=_Q.value, hlo_out=_HLO_OUT.value)
   report["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
   print(format_report(report))
   if _OUT.value:

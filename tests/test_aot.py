@@ -41,9 +41,29 @@ def test_topology_names():
     aot.parse_topology("v5p-7")
 
 
+def test_hlo_stats_counts_computations_and_source_ops():
+  import jax
+  import jax.numpy as jnp
+
+  def loss(w, x):  # a scanned 3-layer stack, its gradient: forward and backward while loops
+    return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0].sum()
+
+  text = jax.jit(jax.grad(loss)).lower(jnp.ones((3, 8, 8)), jnp.ones((4, 8))).compile().as_text()
+  s = aot.hlo_stats(text, top=3)
+  assert s["opcodes"]["while"] == 2 and s["opcodes"]["dot"] >= 2 and s["opcodes"]["tanh"] >= 1
+  assert sum(s["opcodes"].values()) == s["instructions"]
+  sizes = [c["instructions"] for c in s["largest"]]
+  assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True)
+  assert any("while" in c["top_op_name"] for c in s["largest"])
+
+
 def test_tiny_fits_and_too_large_batch_does_not(tmp_path):
-  proc, r = _aot(tmp_path, "--topology=v5p-8")
+  hlo = tmp_path / "step.hlo.txt"
+  proc, r = _aot(tmp_path, "--topology=v5p-8", f"--hlo_out={hlo}")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert hlo.read_text().startswith("HloModule ")
+  stats = r["hlo_stats"]
+  assert stats["instructions"] > stats["computations"] > 1 and stats["opcodes"]["while"] >= 2
   for key in ("compile_s", "per_chip_peak_gib", "hbm_gib", "fits", "flops_per_step",
               "model_flops_per_step", "topology", "mesh", "generated_code_gib"):
     assert key in r, key
