@@ -1,0 +1,140 @@
+r"""Where the main job's config is read: its walk through the code, without training.
+
+  python scripts/config_walk.py            # (~10-30 s on CPU; the first run synthesizes)
+  python scripts/config_walk.py --verbose  # every place in order
+
+Runs experiments/smoke.py:short (the CI main job) through everything before the first train
+step: the job's preflight, its data + tokenizer preparation, the stage plan, each stage's
+preflight, then per stage the trainer set-up (task, loop.setup, the host DataConfig, the data
+iterator). Every read of a ConfigDict (attribute, item, get, `in`, to_dict, items, ...) is
+recorded with the repository function that made it. The walk is the list of places
+(file:function) with consecutive repeats merged; a "return" is a place in a file the walk has
+already left once. Prints the walk's length, its returns and the distinct files.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import ml_collections  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
+
+_ML = os.path.dirname(config_dict.__file__)
+_SELF = os.path.abspath(__file__)
+READS: list[str] = []
+_PATCHED = ("__getattr__", "__getitem__", "__contains__", "get", "to_dict", "items", "keys",
+            "values", "to_json_best_effort", "copy_and_resolve_references")
+
+
+def _place() -> str | None:
+  """file:function of the first repository frame above the ConfigDict method (None: the walk's
+  own driver code or a read from outside the repository)."""
+  f = inspect.currentframe().f_back  # the _record_wrap frame
+  while f is not None:
+    path = os.path.abspath(f.f_code.co_filename)
+    if path == _SELF:
+      if f.f_code.co_name == "_record_wrap":
+        f = f.f_back
+        continue
+      return None
+    if path.startswith(ROOT) and "/.venv/" not in path and not path.startswith(_ML):
+      # Comprehensions and lambdas count as the function that holds them.
+      name = getattr(f.f_code, "co_qualname", f.f_code.co_name).split(".<locals>")[0]
+      return f"{os.path.relpath(path, ROOT)}:{name}"
+    f = f.f_back
+  return None
+
+
+def _depth_guard():
+  busy = [False]
+
+  def wrap(method):
+    def _record_wrap(self, *args, **kwargs):
+      if not busy[0]:
+        busy[0] = True
+        try:
+          place = _place()
+        finally:
+          busy[0] = False
+        if place is not None:
+          READS.append(place)
+      return method(self, *args, **kwargs)
+    return _record_wrap
+  return wrap
+
+
+def install() -> None:
+  wrap = _depth_guard()
+  for name in _PATCHED:
+    for cls in (config_dict.ConfigDict, config_dict.FrozenConfigDict):
+      if name in cls.__dict__:
+        setattr(cls, name, wrap(cls.__dict__[name]))
+
+
+def walk(reads: list[str]) -> tuple[list[str], int, int]:
+  """(places with consecutive repeats merged, returns to files already left, distinct files)."""
+  places: list[str] = []
+  for r in reads:
+    if not places or places[-1] != r:
+      places.append(r)
+  left: set[str] = set()
+  returns = 0
+  for prev, cur in zip([None] + places[:-1], places):
+    f_prev = prev.split(":")[0] if prev else None
+    f_cur = cur.split(":")[0]
+    if f_prev is not None and f_prev != f_cur:
+      left.add(f_prev)
+      if f_cur in left:
+        returns += 1
+  return places, returns, len({p.split(":")[0] for p in places})
+
+
+def drive(cache_dir: str, workdir: str) -> None:
+  """The main job up to its first train step (fusion_jax.run.run's order)."""
+  from experiments import smoke
+  from fusion_jax import run as run_lib
+  from fusion_jax.train import loop, preflight
+
+  config = smoke.get_config("short")
+  config.synth.cache_dir = cache_dir
+  install()
+  preflight.require(config, workdir, data=False, init_from=False)
+  config = run_lib.prepare(config, workdir)
+  plan = run_lib.stage_plan(config, workdir)
+  problems = [p for i, (_, c, d) in enumerate(plan)
+              for p in preflight.check(c, d, init_from=i == 0)]
+  if problems:
+    raise preflight.ConfigError(problems)
+  for _, stage_config, _ in plan:
+    su = loop.setup(stage_config)
+    su.task.make_data_iterator(0, 1)
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--verbose", action="store_true", help="print every place of the walk")
+  ap.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(),
+                                                      "fusion_config_walk_cache"))
+  a = ap.parse_args()
+  t0 = time.time()
+  with tempfile.TemporaryDirectory() as tmp:
+    drive(a.cache_dir, os.path.join(tmp, "run"))
+  places, returns, files = walk(READS)
+  if a.verbose:
+    for i, p in enumerate(places):
+      print(f"{i:4d} {p}")
+  print(f"config reads {len(READS)}; walk: {len(places)} places, {returns} returns to files "
+        f"already left, {files} distinct files ({time.time() - t0:.0f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
