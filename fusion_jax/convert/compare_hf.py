@@ -13,14 +13,15 @@ JAX one is built, so peak memory is one model plus the outputs.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
+from fusion_jax import cli
 from fusion_jax.convert.hf import SUPPORTED, hf_architecture, load_hf_dir, read_config
 
 
@@ -142,17 +143,19 @@ def compare(directory: str, seq: int = 64, batch: int = 2, seed: int = 0) -> dic
   return compare_siglip(directory, arch, batch, seed)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m fusion_jax.convert.compare_hf",
-      description="Compare fusion_jax against transformers on a local checkpoint directory.")
-  parser.add_argument("directory")
-  parser.add_argument("--seq", type=int, default=64, help="LLM sequence length (default 64)")
-  parser.add_argument("--atol", type=float, default=1e-4, help="max abs difference (default 1e-4)")
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+PROG = "python -m fusion_jax.convert.compare_hf"
+POSITIONAL = ("directory",)  # DIR: the transformers checkpoint directory
 
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli); positional DIR."""
+  flags.DEFINE_integer("seq", 64, "LLM sequence length", flag_values=fv)
+  flags.DEFINE_float("atol", 1e-4, "max abs difference", flag_values=fv)
+  flags.DEFINE_integer("batch", 2, "examples per input batch", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the random inputs", flag_values=fv)
+
+
+def _run(args) -> int:
   report = compare(args.directory, seq=args.seq, batch=args.batch, seed=args.seed)
   worst = max(report["diffs"].values())
   ok = bool(np.isfinite(worst) and worst <= args.atol)
@@ -169,5 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0 if ok else 1
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return _run(cli.parse(define_flags, argv, PROG, POSITIONAL))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, _run, PROG, POSITIONAL)

@@ -27,7 +27,6 @@ entry to an absolute path (README.md says so). Tensors are converted and written
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -35,6 +34,9 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from absl import flags
+
+from fusion_jax import cli
 from fusion_jax.convert import fusion_torch, fusion_torch_config
 from fusion_jax.convert.hf_siglip import siglip_tensors_to_torch
 from fusion_jax.convert.import_torch import DTYPES, np_dtype
@@ -230,24 +232,29 @@ def export_torch(ckpt_dir: str, out_dir: str, *, dtype: str = "float32",
   return problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusion_jax.convert.export_torch",
-      description="fusion_jax model dir -> checkpoint for the FUSION authors' PyTorch loader.")
-  p.add_argument("ckpt_dir", help="fusion_jax model dir (fusion_config.json + params/) or a "
-                                  "training workdir (its newest checkpoint, or --step)")
-  p.add_argument("out_dir", help="output directory (its name should contain 'fusion', and "
-                                 "'phi' for Phi models)")
-  p.add_argument("--dtype", default="float32", choices=DTYPES)
-  p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard")
-  p.add_argument("--model-max-length", type=int, default=4096,
-                 help="tokenizer_model_max_length recorded in config.json")
-  p.add_argument("--step", type=int, default=None,
-                 help="checkpoint step of a training workdir (default: the newest)")
-  p.add_argument("--allow_incompatible", "--allow-incompatible", action="store_true",
-                 help="export a model the authors' code cannot run (tower patches other than "
-                      "729/576, another tower depth, interaction heads != 16); README.md says so")
-  args = p.parse_args(argv)
+PROG = "python -m fusion_jax.convert.export_torch"
+# CKPT_DIR: fusion_jax model dir (fusion_config.json + params/) or a training workdir (its
+# newest checkpoint, or --step); OUT_DIR: output directory (its name should contain 'fusion',
+# and 'phi' for Phi models).
+POSITIONAL = ("ckpt_dir", "out_dir")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli); positional CKPT_DIR OUT_DIR."""
+  flags.DEFINE_enum("dtype", "float32", DTYPES, "parameter dtype written", flag_values=fv)
+  flags.DEFINE_string("shard-size", "5GB", "max bytes per safetensors shard", flag_values=fv)
+  flags.DEFINE_integer("model-max-length", 4096,
+                       "tokenizer_model_max_length recorded in config.json", flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step of a training workdir (default: the "
+                       "newest)", flag_values=fv)
+  flags.DEFINE_boolean("allow_incompatible", False,
+                       "export a model the authors' code cannot run (tower patches other than "
+                       "729/576, another tower depth, interaction heads != 16); README.md says "
+                       "so", flag_values=fv)
+  flags.DEFINE_alias("allow-incompatible", "allow_incompatible", flag_values=fv)
+
+
+def _run(args) -> int:
   try:
     export_torch(args.ckpt_dir, args.out_dir, dtype=args.dtype, shard_size=args.shard_size,
                  model_max_length=args.model_max_length, step=args.step,
@@ -258,5 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return _run(cli.parse(define_flags, argv, PROG, POSITIONAL))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, _run, PROG, POSITIONAL)

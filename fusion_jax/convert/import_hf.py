@@ -23,7 +23,6 @@ which this command checks.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -33,7 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from fusion_jax import cli
 from fusion_jax.convert import fusion_torch
 from fusion_jax.convert.hf import hf_architecture, load_hf_dir, read_config
 from fusion_jax.convert.hf_siglip import (siglip_config_from_hf, siglip_params_from_reader,
@@ -201,17 +202,22 @@ def import_hf(llm_dir: str, vision_dir: str, preset: str, out_dir: str, *, seed:
   return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusion_jax.convert.import_hf",
-      description="Base LLM + SigLIP tower (transformers dirs) -> stage-1 fusion_jax model dir.")
-  p.add_argument("--llm", required=True, help="LlamaForCausalLM / Phi3ForCausalLM directory")
-  p.add_argument("--vision", required=True, help="SiglipVisionModel / SiglipModel directory")
-  p.add_argument("--preset", required=True,
-                 help="FUSION preset for the FUSION fields (fusion_3b, fusion_x_8b, tiny, ...)")
-  p.add_argument("--out", required=True, help="new fusion_jax model dir")
-  p.add_argument("--seed", type=int, default=0, help="seed of the new modules' random init")
-  args = p.parse_args(argv)
+PROG = "python -m fusion_jax.convert.import_hf"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli)."""
+  flags.DEFINE_string("llm", None, "LlamaForCausalLM / Phi3ForCausalLM directory",
+                      flag_values=fv, required=True)
+  flags.DEFINE_string("vision", None, "SiglipVisionModel / SiglipModel directory",
+                      flag_values=fv, required=True)
+  flags.DEFINE_string("preset", None, "FUSION preset for the FUSION fields (fusion_3b, "
+                      "fusion_x_8b, tiny, ...)", flag_values=fv, required=True)
+  flags.DEFINE_string("out", None, "new fusion_jax model dir", flag_values=fv, required=True)
+  flags.DEFINE_integer("seed", 0, "seed of the new modules' random init", flag_values=fv)
+
+
+def _run(args) -> int:
   try:
     import_hf(args.llm, args.vision, args.preset, args.out, seed=args.seed)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
@@ -220,5 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return _run(cli.parse(define_flags, argv, PROG))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, _run, PROG)

@@ -13,7 +13,6 @@ Tokenizer files found in SRC_DIR are copied to OUT_DIR/tokenizer/.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,7 +23,9 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from absl import flags
 
+from fusion_jax import cli
 from fusion_jax.convert import fusion_torch, fusion_torch_config
 from fusion_jax.convert.model_dir import CONFIG_NAME, PARAMS_NAME, TOKENIZER_NAME, save_model_dir
 from fusion_jax.convert.safetensors_io import SafetensorsReader
@@ -147,16 +148,18 @@ def import_torch(src_dir: str, out_dir: str, *, tower_config: str | None = None,
   return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusion_jax.convert.import_torch",
-      description="Authors' FUSION checkpoint (torch safetensors) -> fusion_jax model dir.")
-  p.add_argument("src_dir", help="FUSION checkpoint dir (config.json + safetensors)")
-  p.add_argument("out_dir", help="new fusion_jax model dir")
-  p.add_argument("--tower-config", default=None,
-                 help="dir (or config.json) of the vision tower, if mm_vision_tower is not local")
-  p.add_argument("--dtype", default="float32", choices=DTYPES)
-  args = p.parse_args(argv)
+PROG = "python -m fusion_jax.convert.import_torch"
+POSITIONAL = ("src_dir", "out_dir")  # SRC_DIR: FUSION checkpoint dir; OUT_DIR: new model dir
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli); positional SRC_DIR OUT_DIR."""
+  flags.DEFINE_string("tower-config", None, "dir (or config.json) of the vision tower, if "
+                      "mm_vision_tower is not local", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", DTYPES, "parameter dtype stored", flag_values=fv)
+
+
+def _run(args) -> int:
   try:
     import_torch(args.src_dir, args.out_dir, tower_config=args.tower_config, dtype=args.dtype)
   except (ValueError, KeyError, OSError) as e:  # OSError: missing / existing / unreadable files
@@ -165,5 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return _run(cli.parse(define_flags, argv, PROG, POSITIONAL))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, _run, PROG, POSITIONAL)
