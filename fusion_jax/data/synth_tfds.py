@@ -37,7 +37,6 @@ no record at all, is a clear error. A failed `prepare` removes what it created u
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import os
@@ -45,11 +44,13 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from absl import flags
 from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fusion_jax import cli
 from fusion_jax.data import mixture as mixture_lib
 from fusion_jax.data import sources as sources_lib
 from fusion_jax.data.errors import BadSample
@@ -243,12 +244,18 @@ def prepare(synth_dir: str, data_dir: str) -> FusionSynth:
   return builder
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m fusion_jax.data.synth_tfds",
-                              description="Prepare the fusion_synth TFDS dataset (no TF needed).")
-  p.add_argument("--synth_dir", required=True, help="output directory of fusion_jax.synth")
-  p.add_argument("--data_dir", required=True, help="TFDS data_dir to write into")
-  args = p.parse_args(argv)
+PROG = "python -m fusion_jax.data.synth_tfds"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli)."""
+  flags.DEFINE_string("synth_dir", None, "output directory of fusion_jax.synth", flag_values=fv,
+                      required=True)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir to write into", flag_values=fv,
+                      required=True)
+
+
+def _run(args) -> int:
   try:
     builder = prepare(args.synth_dir, args.data_dir)
   except (ValueError, FileNotFoundError) as e:
@@ -259,5 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return _run(cli.parse(define_flags, argv, PROG))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, _run, PROG)

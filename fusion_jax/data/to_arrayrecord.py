@@ -2,7 +2,7 @@
 
     python -m fusion_jax.data.to_arrayrecord --mixture M.yaml --out DIR --shards K \
         [--image_root ROOT] [--seed S] [--workers P]
-    python -m fusion_jax.data.to_arrayrecord --paths a.json b.jsonl --image_root ROOT --out DIR
+    python -m fusion_jax.data.to_arrayrecord --paths a.json,b.jsonl --image_root ROOT --out DIR
 
 Pods read ArrayRecord shards from object storage instead of millions of small image files. The
 mixture's sampling (all | first:N | end:N | random:N) is applied here, once, with `--seed`;
@@ -31,16 +31,19 @@ function of the mixture, seed and K; a rerun with different ones is refused (man
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
+
+from fusion_jax import cli
 from fusion_jax.data import images as images_lib
 from fusion_jax.data import mixture as mixture_lib
 from fusion_jax.data import sources as sources_lib
@@ -74,7 +77,7 @@ def _image_bytes(raw: sources_lib.RawSample, record: dict) -> bytes:
     raise BadSample("missing_image", f"{path}: {e.strerror or e}", raw.source) from None
 
 
-def _build_source(args: argparse.Namespace):
+def _build_source(args: types.SimpleNamespace):
   if args.mixture:
     return mixture_lib.load_mixture(args.mixture, seed=args.seed, image_root=args.image_root)
   return mixture_lib.source_from_paths(args.paths, args.image_root)
@@ -132,7 +135,7 @@ def _shard_done(out_dir: str, k: int, num_shards: int) -> bool:
 _WORKER_SOURCE = None
 
 
-def _worker_init(args: argparse.Namespace) -> None:
+def _worker_init(args: types.SimpleNamespace) -> None:
   global _WORKER_SOURCE
   _WORKER_SOURCE = _build_source(args)
 
@@ -143,7 +146,7 @@ def _worker_write(job: tuple[int, int, str, bool]) -> dict[str, Any]:
                      position=k % 8)
 
 
-def convert(args: argparse.Namespace) -> dict[str, Any]:
+def convert(args: types.SimpleNamespace) -> dict[str, Any]:
   """Runs a conversion; returns the manifest dict (also written to DIR/manifest.json)."""
   if args.shards <= 0:
     raise ValueError("--shards must be > 0")
@@ -199,31 +202,37 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
   return manifest
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m fusion_jax.data.to_arrayrecord",
-                              description=__doc__.split("\n\n")[0])
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--mixture", default="", help="mixture YAML (authors' format)")
-  src.add_argument("--paths", nargs="+", help="LLaVA .json / .jsonl files (all records)")
-  p.add_argument("--image_root", default="", help="root of relative image paths")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--shards", type=int, default=64, help="number of shards K")
-  p.add_argument("--seed", type=int, default=0, help="seed of random:N mixture sampling")
-  p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
-  p.add_argument("--no_progress", action="store_true", help="no progress bars")
-  args = p.parse_args(argv)
-  args.paths = args.paths or []
-  return args
+PROG = "python -m fusion_jax.data.to_arrayrecord"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli); exactly one of --mixture / --paths."""
+  flags.DEFINE_string("mixture", None, "mixture YAML (authors' format)", flag_values=fv)
+  flags.DEFINE_list("paths", None, "LLaVA .json / .jsonl files, comma-separated (all records)",
+                    flag_values=fv)
+  flags.mark_flags_as_mutual_exclusive(["mixture", "paths"], required=True, flag_values=fv)
+  flags.DEFINE_string("image_root", "", "root of relative image paths", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory", flag_values=fv, required=True)
+  flags.DEFINE_integer("shards", 64, "number of shards K", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of random:N mixture sampling", flag_values=fv)
+  flags.DEFINE_integer("workers", 1, "processes writing shards in parallel", flag_values=fv)
+  flags.DEFINE_boolean("no_progress", False, "no progress bars", flag_values=fv)
+
+
+def _run(args: types.SimpleNamespace) -> int:
+  args.mixture, args.paths = args.mixture or "", args.paths or []
   try:
-    convert(parse_args(argv))
+    convert(args)
   except (sources_lib.MixtureError, ValueError) as e:
     print(f"to_arrayrecord: error: {e}", file=sys.stderr)
     return 2
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return _run(cli.parse(define_flags, argv, PROG))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, _run, PROG)
