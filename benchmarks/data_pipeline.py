@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fusion_jax.data import conversation, images, layout, pipeline  # noqa: E402
 from fusion_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from fusion_jax.data.tokenizer_train import train_sentencepiece  # noqa: E402
+from fusion_jax.models import query_len as query_len_lib  # noqa: E402
 
 _WORDS = ("the a red blue green small large cat dog tree house car person table window left "
           "right above below near far bright dark two three several wooden metal glass sky "
@@ -145,7 +146,7 @@ def pipeline_rate(cfg: pipeline.DataConfig, tok, batches: int, warmup: int = 3) 
 
 
 def llava_like_lengths(n: int, seed: int = 0, *, num_image_tokens: int = 729,
-                       query_len: tuple[int, ...] = (4, 16, 36, 64, 144)) -> np.ndarray:
+                       query_len: tuple[int, ...] = query_len_lib.CANDIDATES) -> np.ndarray:
   """Sequence lengths of a LLaVA-like stage-2 mix (token counts of the phi_3 template, slots
   included; q drawn per sample from the candidates, standing in for q per batch):
 

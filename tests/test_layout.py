@@ -7,10 +7,11 @@ import pytest
 from fusion_jax.data.conversation import encode_conversation
 from fusion_jax.data.errors import BadSample
 from fusion_jax.data.layout import (
-    IGNORE_INDEX, LAYOUT_KEYS, QUERY_LEN_CANDIDATES, check_sample, choose_q, layout_batch,
-    layout_sample, render_example)
+    IGNORE_INDEX, LAYOUT_KEYS, check_sample, choose_q, layout_batch, layout_sample)
 from fusion_jax.data.tokenizer import load_tokenizer
 from fusion_jax.data.tokenizer_train import train_bpe_tokenizer_json, train_sentencepiece
+from fusion_jax.models.query_len import CANDIDATES as QUERY_LEN_CANDIDATES
+from example_text import render_example
 from tokenizer_fixtures import WORDS, corpus, llama, phi  # noqa: F401  (pytest fixtures)
 
 N_IMG = 9

@@ -17,6 +17,7 @@ from typing import Any
 from fusion_jax.convert.fusion_torch import (LLM_PREFIX, TOWER_PREFIX, stored_tower_layers,
                                              tower_dir_name)
 from fusion_jax.convert.hf_siglip import siglip_config_from_hf, siglip_config_from_reader
+from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.fusion import FusionConfig
 from fusion_jax.models.llm import LLMConfig
 from fusion_jax.models.rope import Llama3Scaling, LongRopeScaling
@@ -212,8 +213,7 @@ def fusion_config_from_torch(config_json: Mapping[str, Any], tower_config: Mappi
           "head count cannot be inferred; give the tower's config.json with "
           "`python -m fusion_jax.convert.import_torch ... --tower-config DIR`") from None
 
-  ql = config_json.get("query_len", "4,16,36,64,144")
-  query_len = tuple(int(x) for x in (ql.split(",") if isinstance(ql, str) else ql))
+  query_len = query_len_lib.parse(config_json.get("query_len", query_len_lib.CANDIDATES))
   fields: dict[str, Any] = dict(
       llm=llm, vision=vision, query_len=query_len,
       window_size=int(config_json.get("window_size", 3)),

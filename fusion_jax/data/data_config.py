@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from fusion_jax.models import query_len as query_len_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -83,7 +85,7 @@ class DataConfig:
   image_size: int = 384
   fast_images: bool = False
   num_image_tokens: int = 729
-  query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
+  query_len: tuple[int, ...] = query_len_lib.CANDIDATES
   eval_q: int | None = None
   batch_size: int = 8
   packing: bool = False
@@ -105,21 +107,14 @@ class DataConfig:
     if isinstance(self.paths, str):
       object.__setattr__(self, "paths", (self.paths,) if self.paths else ())
     object.__setattr__(self, "paths", tuple(self.paths))
-    if isinstance(self.query_len, str):
-      object.__setattr__(self, "query_len",
-                         tuple(int(x) for x in self.query_len.split(",") if x.strip()))
-    object.__setattr__(self, "query_len", tuple(int(x) for x in self.query_len))
+    object.__setattr__(self, "query_len", query_len_lib.parse(self.query_len))
     given = [n for n, v in (("paths", self.paths), ("mixture", self.mixture),
                             ("tfds_name", self.tfds_name)) if v]
     if len(given) > 1:
       raise ValueError(f"data config: give only one of paths / mixture / tfds_name, got {given}")
-    if not self.query_len:
-      raise ValueError("data config: query_len needs at least one q candidate")
-    for q in self.query_len + ((self.eval_q,) if self.eval_q is not None else ()):
-      r = int(round(q ** 0.5))
-      if q <= 0 or r * r != q:
-        raise ValueError(f"data config: q={q} is not a positive perfect square "
-                         "(query_len / eval_q must be like 4,16,36,64,144)")
+    query_len_lib.check(self.query_len, "data config")
+    if self.eval_q is not None:
+      query_len_lib.side(self.eval_q, "data config: eval_q")
     for name in ("seq_len", "max_questions", "max_instruct_len", "image_size", "batch_size",
                  "max_samples_per_row"):
       if getattr(self, name) <= 0:
@@ -140,7 +135,7 @@ class DataConfig:
 
   @property
   def q_eval(self) -> int:
-    return int(self.eval_q) if self.eval_q is not None else max(self.query_len)
+    return query_len_lib.eval_q(self.query_len, self.eval_q)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:

@@ -33,9 +33,9 @@ import numpy as np
 from fusion_jax.data.conversation import IMAGE_SLOT, LATENT_SLOT, TEXT, EncodedSample
 from fusion_jax.data.errors import BadSample
 from fusion_jax.models import batch_spec
+from fusion_jax.models import query_len as query_len_lib
 
-IGNORE_INDEX = -100
-QUERY_LEN_CANDIDATES: tuple[int, ...] = (4, 16, 36, 64, 144)
+IGNORE_INDEX = batch_spec.pad_value("labels")  # -100: not supervised
 
 # Keys layout_sample produces (the pipeline adds "images").
 LAYOUT_KEYS: tuple[str, ...] = tuple(k for k in batch_spec.EXAMPLE_KEYS if k != "images")
@@ -96,8 +96,7 @@ def sample_length(enc: EncodedSample, *, q: int, num_image_tokens: int, seq_len:
 
 
 def _check_sizes(q: int, num_image_tokens: int, seq_len: int, max_questions: int) -> None:
-  if q <= 0 or int(round(q ** 0.5)) ** 2 != q:
-    raise ValueError(f"layout: q={q} must be a positive perfect square")
+  query_len_lib.side(q, "layout: q")
   for name, v in (("num_image_tokens", num_image_tokens), ("seq_len", seq_len),
                   ("max_questions", max_questions)):
     if v < 1:
@@ -187,66 +186,24 @@ def check_sample(enc: EncodedSample, *, q_max: int, num_image_tokens: int, seq_l
                     enc.source)
 
 
-def choose_q(seed: int, batch_index: int, candidates: Sequence[int] = QUERY_LEN_CANDIDATES) -> int:
+def choose_q(seed: int, batch_index: int,
+             candidates: Sequence[int] = query_len_lib.CANDIDATES) -> int:
   """The q of global batch `batch_index`: uniform over `candidates`, deterministic.
 
   A pure function of (seed, batch_index), so every host and every restart picks the same q
   for the same batch (the original draws `random.choice` per forward pass).
   """
   cands = [int(c) for c in candidates]
-  if not cands:
-    raise ValueError("choose_q: no candidates")
-  for c in cands:
-    if c <= 0 or int(round(c ** 0.5)) ** 2 != c:
-      raise ValueError(f"choose_q: candidate {c} is not a positive perfect square")
+  query_len_lib.check(cands, "choose_q")
   if seed < 0 or batch_index < 0:
     raise ValueError(f"choose_q: seed ({seed}) and batch_index ({batch_index}) must be >= 0")
   rng = np.random.default_rng([seed, batch_index, 0x51A7])
   return cands[int(rng.integers(len(cands)))]
 
 
-def render_example(ex: dict[str, np.ndarray], tokenizer, *, num_image_tokens: int | None = None,
-                   show_labels: bool = False) -> str:
-  """Human-readable text of one laid-out example (no batch axis), for tests and debugging.
-
-  Text runs are decoded; the image slot renders as `[IMG x N]`, each question's latent slots as
-  `[LAT x q]`; padding is omitted. With show_labels, supervised runs are wrapped in `{...}`.
-  N is inferred from the run of pad ids at image_start unless `num_image_tokens` is given.
-  """
-  ids = np.asarray(ex["input_ids"])
-  n = int(np.asarray(ex["token_mask"]).sum())
-  labels = np.asarray(ex["labels"])
-  start = int(ex["image_start"])
-  latent = set(int(v) for v in np.asarray(ex["latent_pos"]) if v >= 0)
-  n_img = 0
-  if start >= 0:
-    if num_image_tokens is None:
-      j = start
-      while j < n and ids[j] == tokenizer.pad_id and j not in latent:
-        j += 1
-      n_img = j - start
-    else:
-      n_img = num_image_tokens
-  out: list[str] = []
-  i = 0
-  while i < n:
-    if start >= 0 and i == start:
-      out.append(f"[IMG x {n_img}]")
-      i += n_img
-      continue
-    if i in latent:
-      j = i
-      while j < n and j in latent:
-        j += 1
-      out.append(f"[LAT x {j - i}]")
-      i = j
-      continue
-    j = i
-    sup = labels[i] != IGNORE_INDEX
-    while (j < n and (labels[j] != IGNORE_INDEX) == sup and j not in latent
-           and not (start >= 0 and j == start)):
-      j += 1
-    text = tokenizer.decode(ids[i:j].tolist(), continuation=i > 0)
-    out.append("{" + text + "}" if (sup and show_labels) else text)
-    i = j
-  return "".join(out)
+def batch_q(cfg, batch_index: int, *, train: bool) -> int:
+  """The q of host batch `batch_index` under a DataConfig: drawn by `choose_q` from
+  (cfg.seed, batch_index) over cfg.query_len in training, the fixed cfg.q_eval otherwise."""
+  if not train:
+    return cfg.q_eval
+  return int(choose_q(cfg.seed, batch_index, cfg.query_len))

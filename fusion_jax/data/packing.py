@@ -171,11 +171,6 @@ class _PackIterator(grain.DatasetIterator):
   def _zero_counts(self) -> np.ndarray:
     return np.zeros((self._num_counters,), np.int64)
 
-  def _q(self) -> int:
-    if not self._train:
-      return self._cfg.q_eval
-    return int(layout_lib.choose_q(self._cfg.seed, self._batches, self._cfg.query_len))
-
   def _read_chunk(self, replay_packed: set[int] | None = None) -> bool:
     """Reads one chunk into the buffer; False at the end of the parent stream."""
     state = self._parent.get_state()
@@ -214,7 +209,7 @@ class _PackIterator(grain.DatasetIterator):
         self._counts, self._skips = self._zero_counts(), []
         return out
       raise StopIteration
-    q = self._q()
+    q = layout_lib.batch_q(self._cfg, self._batches, train=self._train)
     length = lambda it: layout_lib.sample_length(  # noqa: E731
         it[2], q=q, num_image_tokens=cfg.num_image_tokens, seq_len=cfg.seq_len,
         max_questions=cfg.max_questions)

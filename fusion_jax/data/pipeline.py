@@ -277,17 +277,12 @@ class LayoutBatch:
     self._pad_id = pad_id
     self._train = train
 
-  def q_for(self, batch_index: int) -> int:
-    if not self._train:
-      return self._cfg.q_eval
-    return int(layout_lib.choose_q(self._cfg.seed, batch_index, self._cfg.query_len))
-
   def __call__(self, batch_index: int, wb: dict[str, Any]) -> dict[str, Any]:
     cfg = self._cfg
     encs = wb["encs"]
     if not encs:
       return {"batch": None, "counts": wb["counts"], "skips": wb["skips"]}
-    q = self.q_for(batch_index)
+    q = layout_lib.batch_q(cfg, batch_index, train=self._train)
     batch = dict(layout_lib.layout_batch(
         encs, q, num_image_tokens=cfg.num_image_tokens, seq_len=cfg.seq_len,
         max_questions=cfg.max_questions, max_instruct_len=cfg.max_instruct_len,

@@ -51,7 +51,7 @@ from fusion_jax.data.conversation import EncodedSample, encode_conversation, get
 from fusion_jax.data.images import load_static_hd, text_only_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.data.tokenizer import IMAGE_MARKER, Tokenizer
-from fusion_jax.models import batch_spec, fusion
+from fusion_jax.models import batch_spec, fusion, query_len
 from fusion_jax.models.llm import init_cache, rope_tables
 from fusion_jax.models.rope import longrope_is_long
 
@@ -513,7 +513,7 @@ def answer(params: Any, cfg: fusion.FusionConfig, tokenizer: Tokenizer,
   Batches hold up to `batch_size` prompts (shapes bucketed, see Generator). q defaults to the
   largest of cfg.query_len (the evaluation default); seq_len caps the prompt layout.
   """
-  gen = Generator(params, cfg, tokenizer, q=int(q or max(cfg.query_len)),
+  gen = Generator(params, cfg, tokenizer, q=query_len.eval_q(cfg.query_len, q),
                   max_questions=max_questions, max_seq_len=seq_len, max_batch=batch_size,
                   max_new_tokens=max(max_new_tokens, 1))
   sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -31,8 +31,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from absl import flags
 
-from fusion_jax.models import fusion, param_layout
+from fusion_jax.models import fusion, param_layout, query_len
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 KINDS = ("workdir", "model_dir")
@@ -54,7 +55,8 @@ class LoadedModel:
     seq_len: the longest prompt layout (image and latent slots included) this model is asked
       with: the run's data.seq_len, or `model_dir_layout`'s for a model dir.
     max_questions: user turns per prompt that get latent slots (data.max_questions).
-    q: latent tokens per question at inference (data.eval_q, default max(cfg.query_len)).
+    q: latent tokens per question at inference (data.eval_q, default the largest of
+      cfg.query_len: models/query_len.eval_q).
     image_root: where relative image paths of the run's records resolve ('' for a model dir).
     tokenizer_path: tokenizer file or directory ('' when the model has none).
     config: the run's experiment config (ml_collections.ConfigDict); None for a model dir.
@@ -90,6 +92,18 @@ class LoadedModel:
     return load_tokenizer(self.tokenizer_path, pad_token=TEMPLATE_PAD_TOKENS[self.cfg.template])
 
 
+def define_loader_flags(fv: flags.FlagValues | None = None) -> None:
+  """--workdir, --step, --dtype: the flags of every command that loads a model through
+  `load_model` (infer, serve, eval, eval.bench), declared once; fv defaults to absl's FLAGS."""
+  fv = flags.FLAGS if fv is None else fv
+  flags.DEFINE_string("workdir", None, "training workdir or model dir (import_torch / "
+                      "import_hf)", flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step of a training workdir (default: the "
+                       "newest)", flag_values=fv)
+  flags.DEFINE_enum("dtype", None, list(COMPUTE_DTYPES), "compute dtype (default: the model's)",
+                    flag_values=fv)
+
+
 def with_compute_dtype(cfg: fusion.FusionConfig, dtype: str | None) -> fusion.FusionConfig:
   """cfg with the LLM's and the tower's compute dtype set to `dtype` (None: unchanged)."""
   if dtype is None:
@@ -113,11 +127,12 @@ def model_dir_layout(cfg: fusion.FusionConfig, meta: Mapping[str, Any]) -> tuple
 
   seq_len: the checkpoint's tokenizer_model_max_length (import_torch keeps the authors'
   config.json in meta), else MODEL_DIR_MAX_SEQ_LEN, capped by the LLM's
-  max_position_embeddings. q: max(cfg.query_len), the evaluation default.
+  max_position_embeddings. q: the evaluation default (query_len.eval_q).
   """
   torch_cfg = meta.get("torch_config") or {}
   seq = int(torch_cfg.get("tokenizer_model_max_length") or MODEL_DIR_MAX_SEQ_LEN)
-  return min(seq, int(cfg.llm.max_position_embeddings)), MODEL_DIR_MAX_QUESTIONS, max(cfg.query_len)
+  return (min(seq, int(cfg.llm.max_position_embeddings)), MODEL_DIR_MAX_QUESTIONS,
+          query_len.eval_q(cfg.query_len))
 
 
 def _run_tokenizer_path(config: Any) -> str:
@@ -170,7 +185,7 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None) 
   return LoadedModel(
       cfg=cfg, params=params_for_config(params, cfg), kind="workdir", path=path, step=step,
       seq_len=int(d.seq_len), max_questions=int(d.max_questions),
-      q=int(d.get("eval_q") or max(cfg.query_len)), image_root=str(d.get("image_root") or ""),
+      q=query_len.eval_q(cfg.query_len, d.get("eval_q")), image_root=str(d.get("image_root") or ""),
       tokenizer_path=_run_tokenizer_path(config), config=config)
 
 

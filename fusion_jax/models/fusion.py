@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from fusion_jax.models import batch_spec, global_context
+from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
 from fusion_jax.models.llm import Decoder, LLMConfig
@@ -37,7 +37,6 @@ from fusion_jax.models.vision import VisionConfig, VisionTower
 from fusion_jax.parallel.sharding import constrain
 
 VISION_TEXT_MASKS = ("faithful", "block_vision_to_text")
-BATCH_KEYS = batch_spec.BATCH_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +51,7 @@ class FusionConfig:
   """
   llm: LLMConfig
   vision: VisionConfig
-  query_len: tuple[int, ...] = (4, 16, 36, 64, 144)
+  query_len: tuple[int, ...] = query_len_lib.CANDIDATES
   window_size: int = 3
   num_interaction: int = 10
   interaction_start: int = 0
@@ -75,14 +74,8 @@ class FusionConfig:
     if self.vision_text_mask not in VISION_TEXT_MASKS:
       raise ValueError(f"FusionConfig.vision_text_mask={self.vision_text_mask!r}; "
                        f"choose one of {VISION_TEXT_MASKS}")
-    for q in self.query_len:
-      global_context.check_square(q, "query_len entry")
-    grid = 2 * self.vision.grid_size
-    worst = self.window_size * math.isqrt(max(self.query_len))
-    if worst > grid:
-      raise ValueError(
-          f"FusionConfig: context pool side window_size*sqrt(max q) = {worst} exceeds the tile "
-          f"mosaic side {grid} (2 x {self.vision.grid_size}); lower query_len or window_size")
+    query_len_lib.check(self.query_len, "FusionConfig", window=self.window_size,
+                        mosaic_side=2 * self.vision.grid_size)
     if self.llm.hidden_size % self.interaction_heads:
       raise ValueError(f"FusionConfig: interaction_heads {self.interaction_heads} must divide "
                        f"the LLM width {self.llm.hidden_size}")
@@ -117,8 +110,7 @@ class FusionConfig:
     d["vision"] = (d["vision"] if isinstance(d["vision"], VisionConfig)
                    else VisionConfig.from_dict(d["vision"]))
     if "query_len" in d:
-      ql = d["query_len"]
-      d["query_len"] = tuple(int(x) for x in (ql.split(",") if isinstance(ql, str) else ql))
+      d["query_len"] = query_len_lib.parse(d["query_len"])
     return cls(**d)
 
   def replace(self, **kw) -> FusionConfig:

@@ -12,22 +12,11 @@ Layout is channels-last (B, H, W, D) throughout.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def check_square(q: int, what: str = "q") -> int:
-  """Returns sqrt(q); raises ValueError when q is not a positive perfect square."""
-  q = int(q)
-  r = math.isqrt(q) if q > 0 else 0
-  if q <= 0 or r * r != q:
-    raise ValueError(
-        f"global_context: {what}={q} latent tokens must be a positive perfect square "
-        "(FUSION query_len candidates are 4,16,36,64,144); fix the query_len config.")
-  return r
+from fusion_jax.models import query_len as query_len_lib
 
 
 def adaptive_bins(n: int, o: int) -> np.ndarray:
@@ -93,7 +82,7 @@ def mosaic(tile_tokens: jax.Array) -> jax.Array:
   b, t, n, d = tile_tokens.shape
   if t != 4:
     raise ValueError(f"mosaic: expected 4 tiles (TL, TR, BL, BR) on axis 1, got {t}")
-  s = check_square(n, "tile tokens N")
+  s = query_len_lib.side(n, "global_context: tile tokens N")
   x = tile_tokens.reshape(b, 2, 2, s, s, d)  # (B, tile_row, tile_col, r, c, D)
   x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, tile_row, r, tile_col, c, D)
   return x.reshape(b, 2 * s, 2 * s, d)
@@ -109,7 +98,7 @@ def latent_init(mosaic_grid: jax.Array, q: int) -> jax.Array:
   Returns:
     (B, q, D).
   """
-  r = check_square(q)
+  r = query_len_lib.side(q, "global_context: q")
   b, _, _, d = mosaic_grid.shape
   return adaptive_max_pool2d(mosaic_grid, (r, r)).reshape(b, q, d)
 
@@ -129,7 +118,7 @@ def context_windows(mosaic_grid: jax.Array, q: int, w: int = 3) -> jax.Array:
   Returns:
     (B, q, w*w, D).
   """
-  r = check_square(q)
+  r = query_len_lib.side(q, "global_context: q")
   if w <= 0:
     raise ValueError(f"context_windows: window size must be positive, got {w}")
   b, _, _, d = mosaic_grid.shape
@@ -172,7 +161,7 @@ def resize_image_tokens(tokens: jax.Array, grid: int) -> jax.Array:
     (B, grid*grid, D) in tokens' dtype.
   """
   b, n, d = tokens.shape
-  s = check_square(n, "image tokens N")
+  s = query_len_lib.side(n, "global_context: image tokens N")
   if grid <= 0:
     raise ValueError(f"resize_image_tokens: grid must be positive, got {grid}")
   if grid == s:

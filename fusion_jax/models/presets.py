@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from fusion_jax.models import query_len
 from fusion_jax.models.fusion import FusionConfig
 from fusion_jax.models.llm_config import LLAMA_3_1_8B, PHI_3_5_MINI, LLMConfig
 from fusion_jax.models.vision import (SIGLIP2_GIANT_OPT_16_384, SIGLIP_SO400M_14_384, VisionConfig,
                                       fusion_tower)
 
 # Paper interaction schedule: 10 layers after decoder layers 0, 3, ..., 27; window 3.
-_PAPER = dict(query_len=(4, 16, 36, 64, 144), window_size=3, num_interaction=10,
+_PAPER = dict(query_len=query_len.CANDIDATES, window_size=3, num_interaction=10,
               interaction_start=0, interaction_stride=3, interaction_heads=16)
 
 _PHI = PHI_3_5_MINI.replace(vocab_size=32013)
