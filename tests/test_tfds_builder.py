@@ -66,12 +66,12 @@ def test_data_source_reads_into_grain_without_tf(prepared):
   assert len(ds) == 6
   ids = sorted(grain.MapDataset.source(ds).map(lambda e: e["id"].decode()))
   assert ids == [f"s{i}" for i in range(6)]
-  by_id = {S.tfds_example_to_raw(ds[i], "w").record["id"]: ds[i] for i in range(6)}
-  raw = S.tfds_example_to_raw(by_id["s1"], "w")
+  by_id = {synth_tfds.tfds_example_to_raw(ds[i], "w").record["id"]: ds[i] for i in range(6)}
+  raw = synth_tfds.tfds_example_to_raw(by_id["s1"], "w")
   assert raw.image_bytes == png_bytes(1) and raw.record["image"] == "color/1.png"
   assert raw.source.endswith("SynthColor.json#1") and raw.record == good_record(1, True) | {
       "image": "color/1.png"}
-  text_only = S.tfds_example_to_raw(by_id["s2"], "w")
+  text_only = synth_tfds.tfds_example_to_raw(by_id["s2"], "w")
   assert text_only.image_bytes is None and "image" not in text_only.record
   assert "tensorflow" not in sys.modules
 
@@ -87,7 +87,7 @@ def test_pipeline_reads_tfds_source(prepared):
   assert sum(int(b["has_image"].sum()) for b in batches) == 4
   assert it.skip_counters() == {}
   with pytest.raises(S.MixtureError, match="cannot be opened"):
-    S.TfdsSource(synth_tfds.NAME, data_dir=os.path.join(root, "empty"), split="train")
+    synth_tfds.TfdsSource(synth_tfds.NAME, data_dir=os.path.join(root, "empty"), split="train")
   assert "tensorflow" not in sys.modules
 
 

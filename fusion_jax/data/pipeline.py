@@ -93,7 +93,8 @@ def build_source(cfg: DataConfig):
   if cfg.paths:
     return mixture_lib.source_from_paths(cfg.paths, cfg.image_root)
   if cfg.tfds_name:
-    return sources_lib.TfdsSource(cfg.tfds_name, cfg.tfds_data_dir, cfg.tfds_split)
+    from fusion_jax.data import synth_tfds  # pylint: disable=g-import-not-at-top (imports tfds)
+    return synth_tfds.TfdsSource(cfg.tfds_name, cfg.tfds_data_dir, cfg.tfds_split)
   raise ValueError("data config: no data; set one of paths, mixture or tfds_name")
 
 

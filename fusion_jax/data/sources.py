@@ -1,4 +1,4 @@
-"""Random-access record sources: LLaVA JSON / JSONL, ArrayRecord shards, TFDS.
+"""Random-access record sources: LLaVA JSON / JSONL, ArrayRecord shards (TFDS: synth_tfds).
 
 Every source is a grain-compatible random-access data source (`__len__`, `__getitem__`) whose
 elements are `RawSample`s: the still-unparsed record, its provenance and where its image lives.
@@ -277,59 +277,3 @@ class ArrayRecordSource:
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
-
-
-# ----------------------------------------------------------------------------- TFDS
-
-
-class TfdsSource:
-  """Adapter: a `tfds.data_source` of the synthesized dataset (see `synth_tfds`) -> RawSample.
-
-  Works without TensorFlow: tfds array_record data sources decode with NumPy.
-  """
-
-  def __init__(self, name: str, data_dir: str = "", split: str = "train"):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    # Registers the builder class so that name resolution works even before prepare.
-    from fusion_jax.data import synth_tfds  # pylint: disable=g-import-not-at-top,unused-import
-    self.name, self.data_dir, self.split = name, data_dir, split
-    try:
-      self._ds = tfds.data_source(name, data_dir=data_dir or None, split=split)
-    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...)
-      raise MixtureError(
-          f"tfds data source {name!r} (data_dir={data_dir!r}, split={split!r}) cannot be opened: "
-          f"{e}. Prepare it first: python -m fusion_jax.data.synth_tfds --synth_dir DIR "
-          "--data_dir DATA_DIR") from None
-
-  def __len__(self) -> int:
-    return len(self._ds)
-
-  def __getitem__(self, i: int) -> RawSample:
-    where = f"tfds:{self.name}/{self.split}#{int(i)}"
-    try:
-      return tfds_example_to_raw(self._ds[int(i)], where)
-    except (KeyError, TypeError, UnicodeDecodeError) as e:  # an example of another schema
-      return RawSample(b"", where, "", None, ("bad_record", f"unexpected TFDS example: {e!r}"))
-
-  def __repr__(self) -> str:
-    return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
-
-
-def _text(x: Any) -> str:
-  if isinstance(x, np.ndarray):
-    x = x.item() if x.shape == () else x
-  return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
-
-
-def tfds_example_to_raw(ex: dict, where: str) -> RawSample:
-  """A decoded `synth_tfds` example (NumPy, no TF) back to a LLaVA record + embedded image."""
-  conv = ex["conversations"]
-  turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]
-  rec: dict[str, Any] = {"id": _text(ex["id"]), "conversations": turns}
-  image = ex["image"]
-  image = image.item() if isinstance(image, np.ndarray) else image
-  image_path = _text(ex.get("image_path", b""))
-  if image:
-    rec["image"] = image_path or "embedded"
-  source = _text(ex.get("source", b"")) or where
-  return RawSample(rec, source, "", bytes(image) if image else None)

@@ -33,7 +33,7 @@ A file without records (e.g. the empty heldout.json of a small `--num`) is left 
 a split that gets no file (logged); a split whose every record is skipped, or a directory with
 no record at all, is a clear error. A failed `prepare` removes what it created under
 `data_dir` (no partial dataset directories).
-`fusion_jax.data.sources.TfdsSource` adapts the examples back to LLaVA records for the pipeline.
+`TfdsSource` adapts the examples back to LLaVA records for the pipeline.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from absl import flags
 from absl import logging
@@ -242,6 +243,62 @@ def prepare(synth_dir: str, data_dir: str) -> FusionSynth:
                        "preparing (see the warnings above: missing images, bad records)") from e
     raise
   return builder
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class TfdsSource:
+  """Adapter: a `tfds.data_source` of the synthesized dataset (the builder above, registered
+  by importing this module) -> sources_lib.RawSample.
+
+  Works without TensorFlow: tfds array_record data sources decode with NumPy.
+  """
+
+  def __init__(self, name: str, data_dir: str = "", split: str = "train"):
+    self.name, self.data_dir, self.split = name, data_dir, split
+    try:
+      self._ds = tfds.data_source(name, data_dir=data_dir or None, split=split)
+    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...)
+      raise sources_lib.MixtureError(
+          f"tfds data source {name!r} (data_dir={data_dir!r}, split={split!r}) cannot be opened: "
+          f"{e}. Prepare it first: python -m fusion_jax.data.synth_tfds --synth_dir DIR "
+          "--data_dir DATA_DIR") from None
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, i: int) -> sources_lib.RawSample:
+    where = f"tfds:{self.name}/{self.split}#{int(i)}"
+    try:
+      return tfds_example_to_raw(self._ds[int(i)], where)
+    except (KeyError, TypeError, UnicodeDecodeError) as e:  # an example of another schema
+      return sources_lib.RawSample(b"", where, "", None,
+                                   ("bad_record", f"unexpected TFDS example: {e!r}"))
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+
+
+def _text(x: Any) -> str:
+  if isinstance(x, np.ndarray):
+    x = x.item() if x.shape == () else x
+  return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
+
+
+def tfds_example_to_raw(ex: dict, where: str) -> sources_lib.RawSample:
+  """A decoded example of the builder above (NumPy, no TF) -> a LLaVA record + embedded
+  image."""
+  conv = ex["conversations"]
+  turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]
+  rec: dict[str, Any] = {"id": _text(ex["id"]), "conversations": turns}
+  image = ex["image"]
+  image = image.item() if isinstance(image, np.ndarray) else image
+  image_path = _text(ex.get("image_path", b""))
+  if image:
+    rec["image"] = image_path or "embedded"
+  source = _text(ex.get("source", b"")) or where
+  return sources_lib.RawSample(rec, source, "", bytes(image) if image else None)
 
 
 PROG = "python -m fusion_jax.data.synth_tfds"

@@ -74,13 +74,9 @@ from fusion_jax.models.layers import DenseGeneral
 # The config (and presets) live in llm_config.py; importable from here as well.
 from fusion_jax.models.llm_config import LLAMA_3_1_8B, PHI_3_5_MINI, LLMConfig  # noqa: F401
 from fusion_jax.models.rope import RopeTables, apply_rope, make_rope_tables, rope_cos_sin
+from fusion_jax.parallel.sharding import constrain
 
 Hook = Callable[[int, jax.Array], jax.Array]
-
-
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-  """Logical sharding constraint; a no-op outside a mesh / logical-rules context."""
-  return nn.with_logical_constraint(x, names)
 
 
 # ---------------------------------------------------------------------------------------------
