@@ -11,7 +11,7 @@ from etils.epath import testing as epath_testing
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import metrics as metrics_lib
 from fusion_jax.train.loop import train
-from fusion_jax.train.task import ToyTask
+from experiments.toy import ToyTask
 from test_train_step import toy_config
 
 

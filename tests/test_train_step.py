@@ -11,7 +11,7 @@ from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
 from experiment_helpers import load_experiment, override
 from fusion_jax.train.loop import setup
-from fusion_jax.train.task import ToyTask
+from experiments.toy import ToyTask
 
 ONE_DEVICE = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
 
@@ -208,7 +208,7 @@ def test_latent_geometry():
 def test_task_registry():
   from fusion_jax.train import task as task_lib
   assert isinstance(task_lib.make_task(toy_config()), ToyTask)
-  cfg = toy_config(task="fusion_jax.train.task:ToyTask")
+  cfg = toy_config(task="experiments.toy:ToyTask")
   assert isinstance(task_lib.make_task(cfg), task_lib.Task)
   with pytest.raises(ValueError, match="is not registered; known tasks"):
     task_lib.make_task(toy_config(task="nope"))
