@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fusion_jax.parallel import distributed
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
 from experiment_helpers import load_experiment, override
@@ -215,10 +216,10 @@ def test_task_registry():
 
 
 def test_multihost_detection():
-  assert not config_lib.multihost_requested("auto", {})
-  assert not config_lib.multihost_requested("auto", {"SLURM_NTASKS": "1"})
-  assert config_lib.multihost_requested("auto", {"SLURM_NTASKS": "4"})
-  assert config_lib.multihost_requested("auto", {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-  assert config_lib.multihost_requested("auto", {"TPU_WORKER_HOSTNAMES": "h0,h1"})
-  assert config_lib.multihost_requested("true", {})
-  assert not config_lib.multihost_requested("false", {"SLURM_NTASKS": "4"})
+  assert not distributed.multihost_requested("auto", {})
+  assert not distributed.multihost_requested("auto", {"SLURM_NTASKS": "1"})
+  assert distributed.multihost_requested("auto", {"SLURM_NTASKS": "4"})
+  assert distributed.multihost_requested("auto", {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert distributed.multihost_requested("auto", {"TPU_WORKER_HOSTNAMES": "h0,h1"})
+  assert distributed.multihost_requested("true", {})
+  assert not distributed.multihost_requested("false", {"SLURM_NTASKS": "4"})

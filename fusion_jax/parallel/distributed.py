@@ -1,5 +1,7 @@
 """jax.distributed.initialize() from the environment, with explicit variables for any cluster.
 
+`multihost_requested(mode)` says whether to initialise at all (--multihost=auto/true/false).
+
 jax detects SLURM, Open MPI and multi-host Cloud TPU (including GKE TPU pods) by itself, and
 reads JAX_COORDINATOR_ADDRESS, but not the process count and id. Where no detector applies
 (several processes on one machine, a bare Kubernetes Job, a custom launcher) set all three:
@@ -52,6 +54,28 @@ def initialize_args(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
                        "(host:port of process 0)")
     args.update(num_processes=num, process_id=pid)
   return args
+
+
+# Environment variables that mean "this process is one of several" (jax's cluster detection
+# handles the details of each once jax.distributed.initialize() is called).
+_MULTI_PROCESS_ENV = (
+    ("JAX_COORDINATOR_ADDRESS", None),
+    ("SLURM_NTASKS", lambda v: int(v) > 1),
+    ("OMPI_COMM_WORLD_SIZE", lambda v: int(v) > 1),
+    ("TPU_WORKER_HOSTNAMES", lambda v: "," in v),
+    ("MEGASCALE_COORDINATOR_ADDRESS", None),
+)
+
+
+def multihost_requested(mode: str, environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether to call jax.distributed.initialize() for --multihost=`mode` (auto/true/false)."""
+  if mode != "auto":
+    return mode == "true"
+  for var, check in _MULTI_PROCESS_ENV:
+    value = environ.get(var)
+    if value and (check is None or check(value)):
+      return True
+  return False
 
 
 def initialize(environ: Mapping[str, str] = os.environ) -> None:

@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fusion_jax.train.config import multihost_requested
+from fusion_jax.parallel.distributed import multihost_requested
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/NAME.py[:ARG]).", lock_config=True)

@@ -2,7 +2,8 @@
 
 Every experiments/*.py starts from `base_config()` and overrides what it needs. Fields:
 
-  task            registered task name (fusion_jax.train.task.TASKS) or 'module:attr'
+  task            the task factory: 'package.module:factory' or a name its module registered
+                  (fusion_jax/train/task.py)
   model, data     task-specific ConfigDicts (read by the task factory only)
   mesh            data / fsdp / tensor sizes; one may be -1 (= the remaining devices)
   rules           ((logical axis, mesh axes or None), ...) first match wins
@@ -29,7 +30,6 @@ Every experiments/*.py starts from `base_config()` and overrides what it needs. 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -136,7 +136,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   if not config.task:
-    raise _err("task", "empty; name a registered task (e.g. 'toy' or 'fusion')")
+    raise _err("task", "empty; name the task factory, e.g. 'experiments.toy:ToyTask' or a "
+               "registered name such as 'fusion'")
   validate_rules(config.rules)
   sizes = mesh_shape(config, num_devices)
   gb, k = int(config.global_batch), int(config.microbatches)
@@ -225,25 +226,3 @@ def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
   if float(config.peak_tflops_per_device) > 0:
     return float(config.peak_tflops_per_device) * 1e12
   return flops_lib.peak_flops(jax.devices()[0].device_kind)
-
-
-# Environment variables that mean "this process is one of several" (jax's cluster detection
-# handles the details of each once jax.distributed.initialize() is called).
-_MULTI_PROCESS_ENV = (
-    ("JAX_COORDINATOR_ADDRESS", None),
-    ("SLURM_NTASKS", lambda v: int(v) > 1),
-    ("OMPI_COMM_WORLD_SIZE", lambda v: int(v) > 1),
-    ("TPU_WORKER_HOSTNAMES", lambda v: "," in v),
-    ("MEGASCALE_COORDINATOR_ADDRESS", None),
-)
-
-
-def multihost_requested(mode: str, environ: Mapping[str, str] = os.environ) -> bool:
-  """Whether to call jax.distributed.initialize() for --multihost=`mode` (auto/true/false)."""
-  if mode != "auto":
-    return mode == "true"
-  for var, check in _MULTI_PROCESS_ENV:
-    value = environ.get(var)
-    if value and (check is None or check(value)):
-      return True
-  return False
