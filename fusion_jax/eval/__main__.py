@@ -15,14 +15,13 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from fusion_jax.eval.evaluate import run_eval
+from fusion_jax.infer.load import define_loader_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "training workdir or model dir (import_torch / import_hf)")
+define_loader_flags()
 flags.DEFINE_string("split", "heldout", "split name: <data dir>/<split>.json")
 flags.DEFINE_string("data", "", "records file to evaluate (default: the split next to the "
                     "run's training data)")
-flags.DEFINE_integer("step", None, "checkpoint step of a training workdir (default: the newest)")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)")
 flags.DEFINE_integer("batch_size", 32, "sequences per scoring batch")
 
 

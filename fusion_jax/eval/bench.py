@@ -30,6 +30,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import flags
+
+from fusion_jax import cli
 from fusion_jax.eval import bench_formats, bench_metrics, bench_prompts
 from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row
 
@@ -217,31 +220,41 @@ def run(workdir: str, benchmark: str, data: str, out: str, *, answers: str = "",
   return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  import argparse
-  p = argparse.ArgumentParser(prog="python -m fusion_jax.eval.bench",
-                              description=__doc__.split("\n\n")[0].strip())
-  p.add_argument("--workdir", required=True, help="training workdir or model dir")
-  p.add_argument("--benchmark", required=True, help=", ".join(BENCHMARKS))
-  p.add_argument("--data", required=True, help="VLMEvalKit .tsv or LLaVA question .jsonl")
-  p.add_argument("--out", required=True, help="report JSON (the chart goes next to it)")
-  p.add_argument("--answers", default="", help="references for a question jsonl")
-  p.add_argument("--image_root", default="", help="images of a question jsonl (default: its "
-                 "directory)")
-  p.add_argument("--limit", type=int, default=None, help="first N questions only")
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--circular", action="store_true", help="all option rotations must be right")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step of a training run")
-  p.add_argument("--dtype", default=None, help="compute dtype override: float32 | bfloat16")
-  p.add_argument("--max_new_tokens", type=int, default=0, help="0: the benchmark's default")
-  a = p.parse_args(argv)
+PROG = "python -m fusion_jax.eval.bench"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli); --workdir/--step/--dtype as every loader."""
+  from fusion_jax.infer.load import define_loader_flags
+  define_loader_flags(fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_string("benchmark", None, ", ".join(BENCHMARKS), flag_values=fv, required=True)
+  flags.DEFINE_string("data", None, "VLMEvalKit .tsv or LLaVA question .jsonl", flag_values=fv,
+                      required=True)
+  flags.DEFINE_string("out", None, "report JSON (the chart goes next to it)", flag_values=fv,
+                      required=True)
+  flags.DEFINE_string("answers", "", "references for a question jsonl", flag_values=fv)
+  flags.DEFINE_string("image_root", "", "images of a question jsonl (default: its directory)",
+                      flag_values=fv)
+  flags.DEFINE_integer("limit", None, "first N questions only", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "questions per generation batch", flag_values=fv)
+  flags.DEFINE_boolean("circular", False, "all option rotations must be right", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 0, "0: the benchmark's default", flag_values=fv)
+
+
+def _run(a) -> None:
   try:
     run(a.workdir, a.benchmark, a.data, a.out, answers=a.answers, image_root=a.image_root,
         limit=a.limit, batch_size=a.batch_size, circular=a.circular, step=a.step,
         dtype=a.dtype, max_new_tokens=a.max_new_tokens)
   except (ValueError, FileNotFoundError) as e:
-    p.exit(2, f"error: {e}\n")
+    cli.usage_error(PROG, str(e))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line in process: argv as typed after the program name."""
+  _run(cli.parse(define_flags, argv, PROG))
 
 
 if __name__ == "__main__":
-  main()
+  cli.app_main(define_flags, _run, PROG)

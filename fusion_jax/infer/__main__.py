@@ -22,10 +22,10 @@ import sys
 
 from absl import app, flags, logging
 
+from fusion_jax.infer.load import define_loader_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "training workdir or model dir (import_torch / import_hf)")
-flags.DEFINE_integer("step", None, "checkpoint step of a training workdir (default: the newest)")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)")
+define_loader_flags()
 flags.DEFINE_string("image", "", "image file for --question")
 flags.DEFINE_string("question", "", "the question to ask about --image")
 flags.DEFINE_string("data", "", "LLaVA .json/.jsonl records: answer their first question")

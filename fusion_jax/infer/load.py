@@ -30,8 +30,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 from absl import flags
+import jax
 
 from fusion_jax.models import fusion, param_layout, query_len
 

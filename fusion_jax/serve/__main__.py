@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from fusion_jax.infer.load import define_loader_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "training workdir or model dir (import_torch / import_hf)")
-flags.DEFINE_integer("step", None, "checkpoint step of a training workdir (default: the newest)")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)")
+define_loader_flags()
 flags.DEFINE_string("host", "127.0.0.1", "address to listen on")
 flags.DEFINE_integer("port", 8000, "port (0: any free port; the log says which)")
 flags.DEFINE_string("image_root", "", "directory local image paths must be inside ('' = none)")
