@@ -15,11 +15,7 @@ def load_experiment(name: str, arg=None):
 
 
 def override(c, **overrides):
-  """Sets c[a][b] = v for every 'a.b' = v (dotted keys as in --config.a.b=v); returns c."""
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  """c with every 'a.b' = v set (dotted keys as in --config.a.b=v, through ml_collections'
+  update_from_flattened_dict, the path config flags take); returns c."""
+  c.update_from_flattened_dict(overrides)
   return c

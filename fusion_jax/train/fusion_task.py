@@ -23,7 +23,8 @@ machine without the dataset; the tokenizer is loaded when the data iterator is b
 The loss is spec 6 split into sums the trainer normalises over the global batch:
 ce / supervised tokens + lambda * (text_map / instruction tokens + vision_map / patches).
 
-The paper's training recipe (spec 8) is `STAGES` + `stage_config`, used by experiments/fusion_*.py.
+The paper's training recipe (spec 8) is `STAGES` + `stage_config` (fusion_jax.stages, the
+mechanism the main job's stages use too), used by experiments/fusion_*.py.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fusion_jax import stages as stages_lib
 from fusion_jax.data import pipeline as data_pipeline
 from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, Tokenizer, load_tokenizer
 from fusion_jax.models import flops as flops_lib
 from fusion_jax.models import batch_spec, fusion
-from fusion_jax.models import mapping_loss, param_layout
+from fusion_jax.models import mapping_loss, param_layout, query_len
 from fusion_jax.models.presets import get_preset
 from fusion_jax.parallel import cross_entropy as ce_lib
 from fusion_jax.train import task as task_lib
@@ -171,6 +173,20 @@ def data_config_from(data: ml_collections.ConfigDict | Mapping[str, Any],
   return data_pipeline.as_data_config(d)
 
 
+def load_task_tokenizer(path: str, template: str) -> Tokenizer:
+  """The tokenizer at `path` with `template`'s pad token, as training loads it."""
+  return load_tokenizer(path, pad_token=TEMPLATE_PAD_TOKENS[template])
+
+
+def tokenizer_vocab(tok: Tokenizer, embedding_rows: int | None = None) -> dict[str, int]:
+  """The model fields the tokenizer fixes, {"vocab_size", "pad_token_id"} of config.model.
+  overrides.llm (the one rule; the data side reads the same tokenizer): an imported model's
+  `embedding_rows` (exactly its tokenizer's tokens), else len(tok) rounded up to a multiple of
+  8 (it splits over any tensor axis up to 8); pad_token_id is the tokenizer's pad id."""
+  vocab = int(embedding_rows) if embedding_rows else -(-len(tok) // 8) * 8
+  return {"vocab_size": vocab, "pad_token_id": tok.pad_id}
+
+
 class FusionTask:
   """fusion_jax.train.task.Task for FUSION (see the module docstring)."""
 
@@ -201,7 +217,7 @@ class FusionTask:
       if not path:
         raise ValueError("config.data.tokenizer is empty; point it to the LLM's tokenizer "
                          "directory or file (e.g. <import_hf output>/tokenizer)")
-      tok = load_tokenizer(path, pad_token=TEMPLATE_PAD_TOKENS[self.cfg.template])
+      tok = load_task_tokenizer(path, self.cfg.template)
       if len(tok) > self.cfg.llm.vocab_size:
         raise ValueError(f"tokenizer {path} has {len(tok)} tokens but the model vocabulary is "
                          f"{self.cfg.llm.vocab_size}; set config.model.overrides.llm.vocab_size")
@@ -228,7 +244,7 @@ class FusionTask:
     packed = bool(data.get("packing", False))
     p = int(data.get("max_samples_per_row", 1) or 1) if packed else 1
     return (int(data.get("seq_len", dc.seq_len)), int(data.get("max_questions", dc.max_questions)),
-            int(q or max(self.cfg.query_len)), p)
+            query_len.eval_q(self.cfg.query_len, q), p)
 
   def abstract_batch(self, rows: int, q: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a training batch of `rows` (largest q unless given): what the AOT
@@ -316,7 +332,7 @@ task_lib.register_task("fusion", FusionTask)
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage:
+class PaperStage:
   """One row of the paper's training recipe (spec 8)."""
   title: str
   dataset: str          # the authors' dataset name (the placeholder mixture path uses it)
@@ -327,54 +343,46 @@ class Stage:
   seq_len: int
   previous: str         # the stage whose weights this one starts from ('' = the base model)
 
+  def stage(self, name: str, data_root: str, seq_len: int | None = None) -> stages_lib.Stage:
+    """This row as a fusion_jax.stages.Stage: the config keys it sets."""
+    return stages_lib.Stage(name, previous=self.previous, overrides={
+        "data.mixture": f"{data_root}/{self.dataset}/mixture.yaml",
+        "data.num_examples": self.num_examples,  # num_steps = ceil(epochs * this / batch)
+        "data.seq_len": int(seq_len or self.seq_len),
+        "global_batch": self.global_batch,
+        "optim.lr": self.lr,
+        "optim.rules": ((VISION_TOWER_RULE, round(self.vision_lr / self.lr, 12)),)})
 
-STAGES: dict[str, Stage] = {
-    "stage1": Stage("Foundational Semantic Alignment", "FUSION-Pretrain-10M", 10_000_000,
-                    256, 2e-5, 2e-5, 2048, ""),
-    "stage1_5": Stage("Contextual Multimodal Fusion", "FUSION-5M-Stage1.5", 5_000_000,
-                      128, 2e-5, 2e-6, 4096, "stage1"),
-    "stage2": Stage("Visual Instruction Tuning", "FUSION-7M-Stage2", 7_000_000,
-                    128, 1e-5, 1e-6, 4096, "stage1_5"),
+
+STAGES: dict[str, PaperStage] = {
+    "stage1": PaperStage("Foundational Semantic Alignment", "FUSION-Pretrain-10M", 10_000_000,
+                         256, 2e-5, 2e-5, 2048, ""),
+    "stage1_5": PaperStage("Contextual Multimodal Fusion", "FUSION-5M-Stage1.5", 5_000_000,
+                           128, 2e-5, 2e-6, 4096, "stage1"),
+    "stage2": PaperStage("Visual Instruction Tuning", "FUSION-7M-Stage2", 7_000_000,
+                         128, 1e-5, 1e-6, 4096, "stage1_5"),
 }
 VISION_TOWER_RULE = "^vision_tower/"
 
 
-def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, base_model: str,
-                 run_root: str, seq_len: Mapping[str, int] | None = None
-                 ) -> ml_collections.ConfigDict:
-  """The experiment config of one paper stage (spec 8) for a FUSION preset.
+def paper_config(preset: str, *, image_root: str, base_model: str) -> ml_collections.ConfigDict:
+  """What the paper's stages share (spec 8) for a FUSION preset; each stage sets its data,
+  batch, learning rates and max length on top (PaperStage.stage).
 
   AdamW (wd 0), cosine with 3% warmup, 1 epoch, bf16 compute with fp32 master weights, full
-  remat, every module trainable, the vision tower at its own learning rate.
-
-  Args:
-    preset: fusion_jax.models.presets name (fusion_3b, fusion_8b, fusion_x_3b, fusion_x_8b).
-    stage: 'stage1' | 'stage1_5' | 'stage2' (keys of STAGES).
-    data_root: directory holding one folder per dataset with its mixture YAML:
-      <data_root>/<Stage.dataset>/mixture.yaml.
-    image_root: where relative image paths of the JSON records resolve.
-    base_model: the stage-1 start, a model dir written by `python -m
-      fusion_jax.convert.import_hf --preset <preset> --out <base_model>` (base LLM + SigLIP,
-      new modules random); its tokenizer/ is the training tokenizer.
-    run_root: stage workdirs are <run_root>/<stage>; stages 1.5 and 2 start from the previous
-      stage's workdir.
-    seq_len: per-stage max length overrides (FUSION-X 8B stage 2: 3072).
+  remat, every module trainable. init_from is the base model (the first stage's start).
   """
-  if stage not in STAGES:
-    raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)} "
-                     "(e.g. --config experiments/fusion_3b.py:stage1)")
-  s = STAGES[stage]
   c = base_config()
   c.task = "fusion"
   c.model = model_config(preset)
   # Scanned layers: compile time and program size independent of depth (README "Fit").
   c.model.scan_layers = True
   c.data = ml_collections.ConfigDict(dict(
-      mixture=f"{data_root}/{s.dataset}/mixture.yaml",
+      mixture="",                          # set by each stage
       image_root=image_root,
       tokenizer=f"{base_model}/tokenizer",
-      num_examples=s.num_examples,         # num_steps = ceil(num_epochs * this / global_batch)
-      seq_len=int((seq_len or {}).get(stage, s.seq_len)),
+      num_examples=0,                      # set by each stage
+      seq_len=0,                           # set by each stage
       # User turns with latent slots per sample (later turns are cut with their tokens).
       max_questions=16,
       seed=0, shuffle=True,
@@ -391,12 +399,9 @@ def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, ba
   # tokens = 32013) is odd and the vocab-sharded cross entropy needs vocab % tensor == 0
   # (Llama-3's 128258 allows tensor 2); more needs a vocabulary padded at import.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.optim.lr = s.lr
   c.optim.schedule = "cosine"
   c.optim.warmup_frac = 0.03
   c.optim.weight_decay = 0.0
-  c.optim.rules = ((VISION_TOWER_RULE, round(s.vision_lr / s.lr, 12)),)
-  c.global_batch = s.global_batch
   c.microbatches = 1        # raise (e.g. 2, 4) if the activations do not fit
   c.num_steps = 0           # 0 = num_epochs over data.num_examples
   c.num_epochs = 1.0
@@ -406,10 +411,37 @@ def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, ba
   c.seed = 0
   c.compute_dtype = "bfloat16"
   c.remat_policy = "full"
-  # Stage 1 starts from the imported base model; later stages from the previous stage's run
-  # (params only, fresh optimizer; modules missing there start from random init).
-  c.init_from = f"{run_root}/{s.previous}" if s.previous else base_model
+  c.init_from = base_model
   return c
+
+
+def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, base_model: str,
+                 run_root: str, seq_len: Mapping[str, int] | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The experiment config of one paper stage (spec 8) for a FUSION preset: `paper_config`
+  with the stage's row of STAGES (fusion_jax.stages, as the main job's stages).
+
+  Args:
+    preset: fusion_jax.models.presets name (fusion_3b, fusion_8b, fusion_x_3b, fusion_x_8b).
+    stage: 'stage1' | 'stage1_5' | 'stage2' (keys of STAGES).
+    data_root: directory holding one folder per dataset with its mixture YAML:
+      <data_root>/<PaperStage.dataset>/mixture.yaml.
+    image_root: where relative image paths of the JSON records resolve.
+    base_model: the stage-1 start, a model dir written by `python -m
+      fusion_jax.convert.import_hf --preset <preset> --out <base_model>` (base LLM + SigLIP,
+      new modules random); its tokenizer/ is the training tokenizer.
+    run_root: stage workdirs are <run_root>/<stage>; stages 1.5 and 2 start from the previous
+      stage's workdir (params only, fresh optimizer; modules missing there start from random
+      init).
+    seq_len: per-stage max length overrides (FUSION-X 8B stage 2: 3072).
+  """
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)} "
+                     "(e.g. --config experiments/fusion_3b.py:stage1)")
+  base = paper_config(preset, image_root=image_root, base_model=base_model)
+  recipe = [row.stage(name, data_root, (seq_len or {}).get(name)) for name, row in STAGES.items()]
+  plan = stages_lib.plan(base, recipe, lambda name: f"{run_root}/{name}")
+  return dict((name, c) for name, c, _ in plan)[stage]
 
 
 def recipe_num_steps(stage: str) -> int:
