@@ -1,4 +1,4 @@
-"""Analytical FLOPs of a FUSION train step and the per-chip peak FLOP/s table (for MFU).
+"""Analytical FLOPs of a FUSION train step: the MFU numerator (denominator: peak_flops).
 
 One formula shared by the MFU benchmark (benchmarks/step_mfu.py), the AOT report and the
 trainer's MFU log. It counts matmul FLOPs only (2 m n k per (m, k) @ (k, n)); norms, softmax,
@@ -21,32 +21,20 @@ Training = forward + backward (2x forward) = 3x forward ("model" FLOPs, the MFU 
 With remat, the rematerialised blocks (decoder layers, tower layers) run their forward once
 more in the backward pass: "hardware" FLOPs = model + that recompute (HFU numerator).
 
-Peak table: dense bf16 FLOP/s per chip from the vendors' data sheets (no sparsity).
+Peak table (fusion_jax/parallel/devices.py): dense bf16 FLOP/s per chip from the vendors' data
+sheets (no sparsity).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+# The per-chip peak table lives with the devices (the generic trainer's MFU reads it too);
+# re-exported here for the MFU benchmark and the AOT report.
+from fusion_jax.parallel.devices import PEAK_TFLOPS, peak_flops  # noqa: F401
+
 if TYPE_CHECKING:  # fusion.py imports heavy model code; flops needs only the config's fields.
   from fusion_jax.models.fusion import FusionConfig
   from fusion_jax.models.llm_config import LLMConfig
-
-# Dense bf16 peak per chip (TFLOP/s), matched in order as a case-insensitive substring of
-# jax's device_kind ("TPU v5 lite" is v5e; "H100 PCIe" before the SXM "H100").
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v5", 459.0), ("TPU v4", 275.0), ("H200", 989.0), ("H100 PCIe", 756.0),
-    ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
-)
-
-
-def peak_flops(device_kind: str) -> float | None:
-  """Dense bf16 peak FLOP/s of one chip named by jax's `device_kind`; None when unknown (CPU)."""
-  kind = device_kind.lower()
-  for key, tflops in PEAK_TFLOPS:
-    if key.lower() in kind:
-      return tflops * 1e12
-  return None
 
 
 def llm_layer_flops(cfg: LLMConfig, tokens: int) -> float:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fusion_jax.models import flops as flops_lib
+from fusion_jax.parallel import devices
 from fusion_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, resolve_mesh_shape
 
 
@@ -221,8 +221,8 @@ def resolve_num_steps(config: ml_collections.ConfigDict, num_examples: int | Non
 
 
 def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
-  """Configured or looked-up peak FLOP/s of one device (the table: fusion_jax.models.flops);
+  """Configured or looked-up peak FLOP/s of one device (the table: fusion_jax.parallel.devices);
   None when unknown (e.g. CPU)."""
   if float(config.peak_tflops_per_device) > 0:
     return float(config.peak_tflops_per_device) * 1e12
-  return flops_lib.peak_flops(jax.devices()[0].device_kind)
+  return devices.peak_flops(jax.devices()[0].device_kind)
