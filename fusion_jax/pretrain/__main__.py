@@ -9,16 +9,19 @@ OUT/phi3/ (Phi3ForCausalLM + tokenizer), OUT/pretrain_log.json (losses, timings,
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import os
 import sys
 import time
+import types
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
+
+from fusion_jax import cli
 
 
 def _load_config(path: str, arg: str = ""):
@@ -28,20 +31,32 @@ def _load_config(path: str, arg: str = ""):
   return mod, mod.get_config(arg)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m fusion_jax.pretrain", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True)
-  p.add_argument("--config", default="experiments/smoke.py")
-  p.add_argument("--num", type=int, default=8000, help="synthesized scenes")
-  p.add_argument("--vocab_size", type=int, default=400)
-  p.add_argument("--tower_steps", type=int, default=300)
-  p.add_argument("--tower_batch", type=int, default=256)
-  p.add_argument("--lm_steps", type=int, default=300)
-  p.add_argument("--lm_batch", type=int, default=16)
-  p.add_argument("--lm_seq_len", type=int, default=128)
-  args = p.parse_args(argv)
+PROG = "python -m fusion_jax.pretrain"
 
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli)."""
+  flags.DEFINE_string("out", None, "output directory (assets/tiny_bases)", flag_values=fv,
+                      required=True)
+  flags.DEFINE_string("config", "experiments/smoke.py", "experiment config whose model the "
+                      "bases fit", flag_values=fv)
+  flags.DEFINE_integer("num", 8000, "synthesized scenes", flag_values=fv)
+  flags.DEFINE_integer("vocab_size", 400, "tokenizer pieces", flag_values=fv)
+  flags.DEFINE_integer("tower_steps", 300, "tower training steps", flag_values=fv)
+  flags.DEFINE_integer("tower_batch", 256, "tower batch size", flag_values=fv)
+  flags.DEFINE_integer("lm_steps", 300, "LM training steps", flag_values=fv)
+  flags.DEFINE_integer("lm_batch", 16, "LM batch size", flag_values=fv)
+  flags.DEFINE_integer("lm_seq_len", 128, "LM sequence length", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return build(cli.parse(define_flags, argv, PROG), argv)
+
+
+def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int:
+  """Builds the base models into args.out; argv (default sys.argv[1:]) is logged as the
+  command."""
   import jax
   from fusion_jax.pretrain import lm, pairs, tower
   from fusion_jax.train.fusion_task import fusion_config_from
@@ -104,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   times["total"] = time.time() - t_all
 
   with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
-    json.dump({"command": "python -m fusion_jax.pretrain " + " ".join(argv or sys.argv[1:]),
+    json.dump({"command": "python -m fusion_jax.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
                "args": vars(args), "pretrain_seed": pairs.PRETRAIN_SEED,
                "main_job_seed": int(config.synth.seed), "num_items": len(items),
                "jax": jax.__version__, "devices": str(jax.devices()),
@@ -116,4 +131,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, build, PROG)
