@@ -9,8 +9,11 @@ import io
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from fusion_jax.data.tokenizer import load_tokenizer
@@ -26,6 +29,18 @@ _CORPUS = [
 TINY_CFG = dict(image_size=28, num_image_tokens=4, seq_len=96, max_questions=2,
                 max_instruct_len=16, query_len=(1, 4), batch_size=2, seed=3, read_threads=2,
                 read_buffer=4, prefetch=0, worker_count=0)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory, request):
+  """A temporary directory per test module."""
+  return str(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp):
+  """The tiny tokenizer of `make_tokenizer`, one per test module."""
+  return make_tokenizer(tmp)
 
 
 def make_tokenizer(tmp_dir: str):
@@ -90,3 +105,40 @@ def assert_batches_equal(a: dict, b: dict) -> None:
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def batch_partition_spec(mesh: jax.sharding.Mesh,
+                         batch_axes: Sequence[str] = ("data", "fsdp")) -> jax.sharding.PartitionSpec:
+  """PartitionSpec sharding the leading (batch) dim over the mesh's data-parallel axes."""
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  return jax.sharding.PartitionSpec(axes if axes else None)
+
+
+def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                    batch_sharding: jax.sharding.PartitionSpec | jax.sharding.NamedSharding
+                    | None = None) -> dict[str, jax.Array]:
+  """Assembles every host's batch into global jax.Arrays (batch dim = sum over hosts).
+
+  Args:
+    host_batch: this host's batch, {key: (B_host, ...) array}.
+    mesh: the device mesh.
+    batch_sharding: PartitionSpec (or NamedSharding) of the batch dimension; default shards
+      it over the mesh's ("data", "fsdp") axes; trailing dims are replicated.
+
+  Uses jax.make_array_from_process_local_data, so each host passes only its own rows; the
+  local batch must divide evenly over this host's devices along the sharded axes.
+  """
+  if batch_sharding is None:
+    spec = batch_partition_spec(mesh)
+  elif isinstance(batch_sharding, jax.sharding.NamedSharding):
+    spec = batch_sharding.spec
+  else:
+    spec = batch_sharding
+  lead = spec[0] if len(spec) else None
+  out = {}
+  for k, v in host_batch.items():
+    v = np.asarray(v)
+    sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(lead, *([None] * (v.ndim - 1))))
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out

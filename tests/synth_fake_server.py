@@ -26,9 +26,11 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fusion_jax.synth import scene as S
+from fusion_jax.synth.openai_client import METER
 
 LIE_EVERY = 4
 _COLOURS = "|".join(S.COLORS)
@@ -143,3 +145,13 @@ class FakeChatServer:
   def close(self) -> None:
     self.httpd.shutdown()
     self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+  """A FakeChatServer with the request meter reset before and after the test."""
+  s = FakeChatServer()
+  METER.reset()
+  yield s
+  s.close()
+  METER.reset()

@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from fusion_jax.convert import export_torch, fusion_torch, fusion_torch_config, import_torch
 from fusion_jax.convert.model_dir import save_model_dir
 from fusion_jax.models.presets import FUSION_3B, FUSION_X_8B, TINY
+from shape_readers import ShapeReader as _ShapeReader
 
 
 def _src(tmp_path, config: str | None = '{"model_type": "fusion_llama"}', tensors=None):
@@ -61,23 +62,6 @@ def test_output_dir_is_checked_before_the_source(tmp_path, capsys):
   rc = import_torch.main([str(_src(tmp_path, config=None)), str(out)])
   err = capsys.readouterr().err
   assert rc == 1 and f"{out} already holds a model dir" in err
-
-
-class _ShapeReader:
-  """Keys and shapes of a FUSION checkpoint for `cfg`, without data."""
-
-  def __init__(self, cfg, directory):
-    self.directory = directory
-    self._shapes = fusion_torch.expected_torch_shapes(cfg)
-
-  def keys(self):
-    return list(self._shapes)
-
-  def __contains__(self, key):
-    return key in self._shapes
-
-  def shape(self, key):
-    return self._shapes[key]
 
 
 def test_unknown_non_local_tower_points_to_the_flag(tmp_path):

@@ -27,6 +27,7 @@ from fusion_jax.models.vision import VisionTower
 
 sys.path.insert(0, os.path.dirname(__file__))
 from make_tiny_hf import make_tiny_llama, make_tiny_siglip  # noqa: E402
+from shape_readers import ShapeReader  # noqa: E402
 
 PHI_TINY = TINY.replace(
     llm=TINY.llm.replace(
@@ -370,23 +371,6 @@ def test_import_hf_cli_with_tokenizer(tmp_path, hf_dirs):
   _check_stage1(out, llm_dir, siglip, n_old=n_tok)
   tok = load_tokenizer(os.path.join(out, "tokenizer"))
   assert (tok.vision_start_id, tok.vision_end_id) == (n_tok, n_tok + 1)
-
-
-class ShapeReader:
-  """Keys and shapes of a FUSION checkpoint for `cfg`, without data (config derivation only)."""
-
-  def __init__(self, cfg, directory):
-    self.directory = directory
-    self._shapes = fusion_torch.expected_torch_shapes(cfg)
-
-  def keys(self):
-    return list(self._shapes)
-
-  def __contains__(self, key):
-    return key in self._shapes
-
-  def shape(self, key):
-    return self._shapes[key]
 
 
 @pytest.mark.parametrize("name", ["fusion_3b", "fusion_8b", "fusion_x_3b", "fusion_x_8b", "phi"])

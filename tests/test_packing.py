@@ -13,19 +13,10 @@ from fusion_jax.data import conversation, layout, packing
 from fusion_jax.data import pipeline as pl
 from fusion_jax.data.layout import choose_q
 from fusion_jax.models import batch_spec
-from pipeline_fixtures import TINY_CFG, assert_batches_equal, make_tokenizer, write_dataset
+from pipeline_fixtures import (TINY_CFG, assert_batches_equal, tmp, tok,  # noqa: F401 (fixtures)
+                               write_dataset)
 
 PACK_CFG = dict(TINY_CFG, seq_len=200, batch_size=2, packing=True, max_samples_per_row=3)
-
-
-@pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("packing"))
-
-
-@pytest.fixture(scope="module")
-def tok(tmp):
-  return make_tokenizer(tmp)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,8 @@ from fusion_jax.data.layout import choose_q
 from fusion_jax.models.batch_spec import check_batch
 from fusion_jax.parallel.sharding import make_mesh
 from pipeline_fixtures import (TINY_CFG, assert_batches_equal, batch_sample_ids, good_record,
-                               make_tokenizer, png_bytes, write_dataset)
-
-
-@pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("pipeline"))
-
-
-@pytest.fixture(scope="module")
-def tok(tmp):
-  return make_tokenizer(tmp)
+                               png_bytes, tmp, tok, to_global_batch,  # noqa: F401 (fixtures)
+                               write_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +191,7 @@ def test_to_global_batch_shards_the_batch_dim(clean_ds, tok):
   it = pl.make_pipeline(_cfg(path, root, batch_size=8), tok, process_index=0, process_count=1)
   host = next(it)
   mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-  glob = pl.to_global_batch(host, mesh)
+  glob = to_global_batch(host, mesh)
   assert set(glob) == set(host)
   for k, v in glob.items():
     assert isinstance(v, jax.Array) and v.shape == host[k].shape

@@ -12,18 +12,8 @@ from fusion_jax.data import images as images_lib
 from fusion_jax.data import pipeline as pl
 from fusion_jax.data.conversation import encode_conversation
 from fusion_jax.data.errors import BadSample
-from pipeline_fixtures import (TINY_CFG, batch_sample_ids, good_record, make_tokenizer,
-                               png_bytes, write_dataset)
-
-
-@pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("reliability_data"))
-
-
-@pytest.fixture(scope="module")
-def tok(tmp):
-  return make_tokenizer(tmp)
+from pipeline_fixtures import (TINY_CFG, batch_sample_ids, good_record, png_bytes,
+                               tmp, tok, write_dataset)  # noqa: F401 (fixtures)
 
 
 def _png(path: str, value: int = 1) -> str:

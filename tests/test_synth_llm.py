@@ -21,18 +21,9 @@ from fusion_jax.synth.openai_client import (METER, BudgetExhausted, ChatClient, 
 from fusion_jax.synth.records import Turn, closed, validate_record
 from fusion_jax.synth.rejection import ItemRejected
 from fusion_jax.synth.vlm_filter import VLMFilter
-from synth_fake_server import FakeChatServer, generate_image
+from synth_fake_server import generate_image, server  # noqa: F401 (fixture)
 
 FAST = {"backoff_s": 0.01, "max_backoff_s": 1.0}
-
-
-@pytest.fixture
-def server():
-  s = FakeChatServer()
-  METER.reset()
-  yield s
-  s.close()
-  METER.reset()
 
 
 def _chat(client: ChatClient) -> str:

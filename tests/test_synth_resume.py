@@ -7,20 +7,10 @@ import os
 import pytest
 
 from fusion_jax.synth import __main__ as cli
-from fusion_jax.synth.openai_client import METER
 from fusion_jax.synth.shards import ShardStore
-from synth_fake_server import FakeChatServer
+from synth_fake_server import server  # noqa: F401 (fixture)
 
 NUM = 6
-
-
-@pytest.fixture
-def server():
-  s = FakeChatServer()
-  METER.reset()
-  yield s
-  s.close()
-  METER.reset()
 
 
 @pytest.fixture

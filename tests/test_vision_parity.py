@@ -19,6 +19,7 @@ from fusion_jax.convert.hf_siglip import (_key_table, siglip_config_from_hf,
 from fusion_jax.convert.safetensors_io import SafetensorsReader, write_safetensors
 from fusion_jax.models.vision import (SIGLIP2_GIANT_OPT_16_384, SIGLIP_SO400M_14_384, VisionConfig,
                                       VisionTower, fusion_tower)
+from shape_readers import ShapeOnlyReader as _ShapeOnlyReader
 
 B = 2
 HF_KW = dict(image_size=32, patch_size=8, hidden_size=64, num_attention_heads=4,
@@ -181,22 +182,6 @@ def test_logical_axis_names_on_all_params(cfg):
     assert isinstance(leaf, nn.Partitioned), name
     assert len(leaf.names) == leaf.value.ndim, name
     assert any(n is not None for n in leaf.names), name
-
-
-class _ShapeOnlyReader:
-  """Reader stand-in with shapes only (a FUSION checkpoint's tower, without a SigLIP config)."""
-
-  def __init__(self, shapes):
-    self.directory, self._shapes = "/nonexistent", shapes
-
-  def keys(self):
-    return list(self._shapes)
-
-  def __contains__(self, key):
-    return key in self._shapes
-
-  def shape(self, key):
-    return self._shapes[key]
 
 
 def test_config_inferred_for_known_towers():

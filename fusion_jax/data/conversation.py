@@ -106,9 +106,6 @@ def get_template(name: str, system: str | None = None) -> Template:
   raise BadSample("unknown_template", f"template {name!r}; use 'phi_3' or 'llama_3'")
 
 
-TEMPLATES: tuple[str, ...] = ("phi_3", "llama_3")
-
-
 @dataclasses.dataclass
 class Segment:
   """One run of the sequence.

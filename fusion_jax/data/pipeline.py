@@ -1,4 +1,4 @@
-"""The grain input pipeline: record sources -> fixed-shape FUSION batches -> global jax.Arrays.
+"""The grain input pipeline: record sources -> fixed-shape FUSION host batches (NumPy).
 
 Stages (W = grain worker processes; everything above `mp_prefetch` runs inside each worker):
 
@@ -45,10 +45,10 @@ Why it is built this way:
     `strict=True` re-raises it instead, for data debugging.
 
 `DataConfig` (data_config.py) documents every field. Multi-host: each host calls
-`make_pipeline` with its own process index, then `to_global_batch` assembles the host batches
-into global arrays. With a finite `num_epochs`, hosts can run dry a step apart (shards differ
-by up to one record and skips differ per shard): bound training by a step count (the default,
-num_epochs=None, never runs dry). Training counts the samples of a short final batch as
+`make_pipeline` with its own process index; the trainer assembles the host batches into
+global arrays (fusion_jax.train.loop). With a finite `num_epochs`, hosts can run dry a step
+apart (shards differ by up to one record and skips differ per shard): bound training by a step
+count (the default, num_epochs=None, never runs dry). Training counts the samples of a short final batch as
 `dropped_remainder` (or trains it padded with empty rows: data.pad_final_batch); evaluation
 pads it (see `make_pipeline`).
 """
@@ -432,43 +432,3 @@ def make_pipeline(data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *,
                n, shard.shard_index, shard.shard_count, shard_len,
                cfg.batch_size, cfg.worker_count)
   return DataIterator(iter(it_ds), cfg, n)
-
-
-# ----------------------------------------------------------------------------- global arrays
-
-
-def batch_partition_spec(mesh: jax.sharding.Mesh,
-                         batch_axes: Sequence[str] = ("data", "fsdp")) -> jax.sharding.PartitionSpec:
-  """PartitionSpec sharding the leading (batch) dim over the mesh's data-parallel axes."""
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  return jax.sharding.PartitionSpec(axes if axes else None)
-
-
-def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
-                    batch_sharding: jax.sharding.PartitionSpec | jax.sharding.NamedSharding
-                    | None = None) -> dict[str, jax.Array]:
-  """Assembles every host's batch into global jax.Arrays (batch dim = sum over hosts).
-
-  Args:
-    host_batch: this host's batch, {key: (B_host, ...) array}.
-    mesh: the device mesh.
-    batch_sharding: PartitionSpec (or NamedSharding) of the batch dimension; default shards
-      it over the mesh's ("data", "fsdp") axes; trailing dims are replicated.
-
-  Uses jax.make_array_from_process_local_data, so each host passes only its own rows; the
-  local batch must divide evenly over this host's devices along the sharded axes.
-  """
-  if batch_sharding is None:
-    spec = batch_partition_spec(mesh)
-  elif isinstance(batch_sharding, jax.sharding.NamedSharding):
-    spec = batch_sharding.spec
-  else:
-    spec = batch_sharding
-  lead = spec[0] if len(spec) else None
-  out = {}
-  for k, v in host_batch.items():
-    v = np.asarray(v)
-    sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(lead, *([None] * (v.ndim - 1))))
-    out[k] = jax.make_array_from_process_local_data(sharding, v)
-  return out
