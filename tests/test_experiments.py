@@ -18,7 +18,7 @@ from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
 from fusion_jax.train import task as task_lib
 from fusion_jax.train.fusion_task import STAGES, FusionTask, fusion_config_from, recipe_num_steps
-from fusion_jax.train.loop import rules_of
+from fusion_jax.parallel.sharding import normalize_rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
@@ -64,7 +64,7 @@ def abstract_params(task):
 
 def undivisible(boxed, config, sizes):
   """'path: dim d of size n over mesh axes (..)=k' for every sharded dim k does not divide."""
-  rules = rules_of(config)
+  rules = normalize_rules(config.rules)
   bad = []
   flat = jax.tree_util.tree_flatten_with_path(
       boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]

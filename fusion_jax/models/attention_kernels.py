@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.llm_config import ATTENTION_IMPLS as IMPLS
-from fusion_jax.parallel.sharding import DEFAULT_RULES
+from fusion_jax.parallel.sharding import DEFAULT_RULES, mesh_axes_of
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LANES = 128  # splash needs sequence blocks that are multiples of the TPU lane width
@@ -144,10 +144,8 @@ def _mesh_axes(names: tuple[str, ...]) -> tuple:
 
 
 def _axis_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
   n = 1
-  for a in (axes,) if isinstance(axes, str) else axes:
+  for a in mesh_axes_of(axes):
     n *= mesh.shape[a]
   return n
 

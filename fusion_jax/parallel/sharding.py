@@ -12,7 +12,7 @@ maps them to mesh axes. Logical names used across fusion_jax:
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +38,20 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 Rules = Sequence[tuple[str, Any]]
+
+
+def mesh_axes_of(axes: Any) -> tuple[str, ...]:
+  """One rule's mesh axes as a tuple: None -> (), 'fsdp' -> ('fsdp',), a list -> a tuple."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def normalize_rules(rules: Iterable[Sequence[Any]]) -> list[tuple[str, Any]]:
+  """Config rules as Linen expects them: (name, None | 'axis' | ('a', 'b')) pairs, mesh-axis
+  lists (a config read back from JSON) turned into tuples."""
+  return [(name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+          for name, axes in rules]
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:

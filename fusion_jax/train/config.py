@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fusion_jax.parallel import devices
-from fusion_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, resolve_mesh_shape
+from fusion_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, mesh_axes_of, resolve_mesh_shape
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -103,24 +103,15 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 
 def batch_shards(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> int:
   """How many ways the 'batch' logical axis is split on the mesh."""
-  axes: Any = None
-  for name, mesh_axes in config.rules:
-    if name == "batch":
-      axes = mesh_axes
-      break
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  return int(math.prod(sizes[a] for a in axes))
+  axes = next((axes for name, axes in config.rules if name == "batch"), None)
+  return int(math.prod(sizes[a] for a in mesh_axes_of(axes)))
 
 
 def validate_rules(rules: Sequence[Sequence[Any]]) -> None:
   for i, rule in enumerate(rules):
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise _err(f"rules[{i}]", f"{rule!r} must be (logical name, mesh axis / axes / None)")
-    axes = rule[1]
-    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    bad = [a for a in axes if a not in MESH_AXES]
+    bad = [a for a in mesh_axes_of(rule[1]) if a not in MESH_AXES]
     if bad:
       raise _err(f"rules[{i}]", f"mesh axes {bad} of {rule!r} are not in {MESH_AXES}")
 

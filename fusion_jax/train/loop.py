@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fusion_jax.parallel.sharding import make_mesh
+from fusion_jax.parallel.sharding import make_mesh, normalize_rules, param_shardings
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import metrics as metrics_lib
@@ -40,14 +40,6 @@ from fusion_jax.train import task as task_lib
 
 class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def rules_of(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
-  """config.rules as the list of tuples Linen expects (mesh-axis lists become tuples)."""
-  out = []
-  for name, axes in config.rules:
-    out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
-  return out
 
 
 def to_global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any],
@@ -166,17 +158,17 @@ def setup(config: ml_collections.ConfigDict, task: task_lib.Task | None = None,
   devices = list(jax.devices() if devices is None else devices)
   sizes = config_lib.validate_config(config, num_devices=len(devices))
   mesh = make_mesh(sizes, devices)
-  rules = rules_of(config)
+  rules = normalize_rules(config.rules)
   num_steps = config_lib.resolve_num_steps(config, getattr(task, "num_examples", None))
   root = jax.random.key(int(config.seed))
   init_rng, step_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
   # Parameters: shapes and shardings without materialising anything.
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(task.init_params, init_rng)
-  param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   abstract_params = nn.unbox(boxed)
   tx, labels = optim_lib.make_optimizer(config.optim, abstract_params, num_steps)
-  shardings = state_lib.state_shardings(tx, abstract_params, param_shardings, mesh)
+  shardings = state_lib.state_shardings(tx, abstract_params, param_shardings(boxed, mesh, rules),
+                                        mesh)
   return Setup(
       config=config, task=task, mesh=mesh, rules=rules, num_steps=num_steps, tx=tx,
       labels=labels, trainable=optim_lib.frozen_mask(labels),
