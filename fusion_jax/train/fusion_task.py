@@ -45,6 +45,7 @@ from fusion_jax.models import batch_spec, fusion
 from fusion_jax.models import mapping_loss, param_layout, query_len
 from fusion_jax.models.presets import get_preset
 from fusion_jax.parallel import cross_entropy as ce_lib
+from fusion_jax.parallel.sharding import normalize_rules
 from fusion_jax.train import task as task_lib
 from fusion_jax.train.config import base_config
 
@@ -197,8 +198,7 @@ class FusionTask:
     self.cfg = fusion_config_from(config.model, config.get("compute_dtype"),
                                   config.get("remat_policy"))
     # Mesh-axis lists (a config read back from JSON) become tuples, as Linen expects.
-    self.rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                       for name, axes in config.rules)
+    self.rules = tuple(normalize_rules(config.rules))
     self.global_batch = int(config.global_batch)
     self.loss_weights = {"ce": 1.0}
     if self.cfg.mapping_loss and self.cfg.mapping_weight:
