@@ -13,7 +13,7 @@ import jax
 import pytest
 from ml_collections import config_flags
 
-from fusion_jax.models import param_layout
+from fusion_jax.models import param_layout, query_len
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
 from fusion_jax.train import task as task_lib
@@ -102,7 +102,8 @@ def test_experiment_builds_validates_and_resolves_shapes(path, arg):
       assert dc.batch_size * hosts == config.global_batch
   if isinstance(task, FusionTask):
     cfg = task.cfg
-    config_lib.validate_latent_geometry(cfg.query_len, cfg.window_size, 2 * cfg.vision.grid_size)
+    query_len.check(cfg.query_len, "config.model", window=cfg.window_size,
+                    mosaic_side=2 * cfg.vision.grid_size)
     dc = task.data_config(1)
     assert (dc.num_image_tokens, dc.template, dc.query_len) == (
         cfg.num_image_tokens, cfg.template, tuple(cfg.query_len))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fusion_jax.models import query_len
 from fusion_jax.parallel import distributed
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
@@ -199,11 +200,11 @@ def test_config_validation_ok_and_epochs():
 
 
 def test_latent_geometry():
-  config_lib.validate_latent_geometry((4, 16, 36, 64, 144), 3, 54)
+  query_len.check((4, 16, 36, 64, 144), "config.model", window=3, mosaic_side=54)
   with pytest.raises(ValueError, match="not a perfect square"):
-    config_lib.validate_latent_geometry((4, 15), 3, 54)
+    query_len.check((4, 15), "config.model", window=3, mosaic_side=54)
   with pytest.raises(ValueError, match="exceeds the tile mosaic side 30"):
-    config_lib.validate_latent_geometry((4, 144), 3, 30)
+    query_len.check((4, 144), "config.model", window=3, mosaic_side=30)
 
 
 def test_task_registry():

@@ -181,26 +181,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   return sizes
 
 
-def validate_latent_geometry(query_len: Sequence[int], window: int, mosaic_grid: int) -> None:
-  """FUSION latent checks (spec 5): every q candidate is a perfect square and the context pool
-  (window * sqrt(max q)) fits the tile mosaic side (2 * sqrt(N)); call with the model config.
-  """
-  if not query_len:
-    raise _err("model.query_len", "empty; give the q candidates, e.g. (4, 16, 36, 64, 144)")
-  for q in query_len:
-    r = math.isqrt(int(q))
-    if q <= 0 or r * r != q:
-      raise _err("model.query_len", f"candidate {q} is not a perfect square (q latents form a "
-                 "sqrt(q) x sqrt(q) grid); use e.g. 4, 16, 36, 64, 144")
-  if window <= 0:
-    raise _err("model.window_size", f"{window} must be positive")
-  side = window * math.isqrt(max(query_len))
-  if side > mosaic_grid:
-    raise _err("model.query_len",
-               f"window_size {window} x sqrt(max q {max(query_len)}) = {side} exceeds the tile "
-               f"mosaic side {mosaic_grid}; lower the largest q or the window size")
-
-
 def resolve_num_steps(config: ml_collections.ConfigDict, num_examples: int | None) -> int:
   """config.num_steps, or ceil(num_epochs * num_examples / global_batch) when it is 0."""
   if int(config.num_steps) > 0:
