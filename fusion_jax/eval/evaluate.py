@@ -10,7 +10,8 @@ import time
 
 def split_path(config, split: str) -> str:
   """<directory of the run's first training file>/<split>.json."""
-  paths = list(config.data.get("paths") or ())
+  from fusion_jax.train.fusion_task import run_data_config
+  paths = list(run_data_config(config).paths)
   if not paths:
     raise ValueError("the run's config.data.paths is empty; pass --data FILE")
   return os.path.join(os.path.dirname(paths[0]), f"{split}.json")

@@ -180,12 +180,12 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None) 
     raise FileNotFoundError(f"{path}: no complete checkpoint at step {step}; steps: "
                             f"{wd.checkpoint_steps(path)}")
   params, cfg, config, step = wd.load_run(path, step)
-  d = config.data
+  from fusion_jax.train.fusion_task import run_data_config
+  d = run_data_config(config)  # the run's DataConfig: its layout, eval q and image root
   cfg = with_compute_dtype(cfg, dtype)
   return LoadedModel(
       cfg=cfg, params=params_for_config(params, cfg), kind="workdir", path=path, step=step,
-      seq_len=int(d.seq_len), max_questions=int(d.max_questions),
-      q=query_len.eval_q(cfg.query_len, d.get("eval_q")), image_root=str(d.get("image_root") or ""),
+      seq_len=d.seq_len, max_questions=d.max_questions, q=d.q_eval, image_root=d.image_root,
       tokenizer_path=_run_tokenizer_path(config), config=config)
 
 

@@ -132,7 +132,7 @@ def fusion_config_from(model: ml_collections.ConfigDict | Mapping[str, Any],
     if scan is not None:
       sub.setdefault("scan_layers", bool(scan))
   if "query_len" in overrides:
-    overrides["query_len"] = _ints(overrides["query_len"])
+    overrides["query_len"] = query_len.parse(overrides["query_len"])
   try:
     return dataclasses.replace(
         base, llm=dataclasses.replace(base.llm, **llm) if llm else base.llm,
@@ -141,12 +141,6 @@ def fusion_config_from(model: ml_collections.ConfigDict | Mapping[str, Any],
   except TypeError as e:  # an unknown field name
     raise ValueError(f"config.model.overrides: {e}; see FusionConfig / LLMConfig / "
                      "VisionConfig for the field names") from None
-
-
-def _ints(v: Any) -> tuple[int, ...]:
-  if isinstance(v, str):
-    return tuple(int(x) for x in v.split(",") if x.strip())
-  return tuple(int(x) for x in v)
 
 
 def _norm(v: Any) -> Any:
@@ -166,7 +160,7 @@ def data_config_from(data: ml_collections.ConfigDict | Mapping[str, Any],
     value = d.get(key)
     if value in (None, "", ()):
       continue
-    value = _ints(value) if key == "query_len" else _norm(value)
+    value = query_len.parse(value) if key == "query_len" else _norm(value)
     if value != fixed[key]:
       raise ValueError(f"config.data.{key}={d[key]!r} disagrees with the model ({fixed[key]!r}); "
                        f"remove it from config.data: the model config decides it")
@@ -239,12 +233,8 @@ class FusionTask:
 
   def _step_shape(self, q: int | None) -> tuple[int, int, int, int]:
     """(seq_len, max_questions, q, samples per row) of the largest batch the data produces."""
-    dc = data_pipeline.DataConfig
-    data = self.config.data
-    packed = bool(data.get("packing", False))
-    p = int(data.get("max_samples_per_row", 1) or 1) if packed else 1
-    return (int(data.get("seq_len", dc.seq_len)), int(data.get("max_questions", dc.max_questions)),
-            query_len.eval_q(self.cfg.query_len, q), p)
+    dc = self.data_config(1)
+    return dc.seq_len, dc.max_questions, query_len.eval_q(self.cfg.query_len, q), dc.samples_per_row
 
   def abstract_batch(self, rows: int, q: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a training batch of `rows` (largest q unless given): what the AOT
@@ -310,7 +300,8 @@ class FusionTask:
     """Matmul FLOPs (fwd + bwd = 6 x params x tokens) of the LLM per token, plus the vision
     passes (5 crops of N tokens, T instruction tokens) amortised over the sequence."""
     c, v = self.cfg.llm, self.cfg.vision
-    s = int(self.config.data.get("seq_len", data_pipeline.DataConfig.seq_len))
+    dc = self.data_config(1)
+    s = dc.seq_len
     attn = c.num_heads * c.head_dim
     per_layer = c.hidden_size * (attn + 2 * c.num_kv_heads * c.head_dim) + attn * c.hidden_size
     per_layer += 3 * c.hidden_size * c.intermediate_size
@@ -319,10 +310,15 @@ class FusionTask:
     vis_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     vis_tokens = 5 * v.num_patches + self.cfg.max_instruct_len
     # Every sample slot of a row is encoded: P of them when packing.
-    d = self.config.data
-    p = int(d.get("max_samples_per_row", 1)) if d.get("packing", False) else 1
-    vision = v.num_layers * vis_layer * vis_tokens * p / s
+    vision = v.num_layers * vis_layer * vis_tokens * dc.samples_per_row / s
     return 6.0 * (llm + llm_attn + vision)
+
+
+def run_data_config(config: ml_collections.ConfigDict) -> data_pipeline.DataConfig:
+  """The DataConfig of a FUSION run's config on one host: what evaluation and inference read
+  (seq_len, max_questions, q_eval, image_root, paths) instead of the raw config.data."""
+  return data_config_from(config.data, fusion_config_from(config.model),
+                          int(config.get("global_batch") or 1))
 
 
 task_lib.register_task("fusion", FusionTask)
