@@ -23,8 +23,8 @@ def backends_file(tmp_path):
 
 
 def _run(server, out, backends_file, *extra) -> dict:
-  cli.main(["--out", out, "--num", str(NUM), "--size", "32", "--categories", "SynthColor",
-            "SynthCount", "--backends", backends_file, "--llm-url", server.url, "--llm-model",
+  cli.main(["--out", out, "--num", str(NUM), "--size", "32", "--categories",
+            "SynthColor,SynthCount", "--backends", backends_file, "--llm-url", server.url, "--llm-model",
             "llm", "--max-retries", "1", "--request-timeout", "5", "--concurrency", "3",
             "--retry-backoff", "0.01", "--quiet", *extra])
   stats = json.load(open(os.path.join(out, "stats.json")))
@@ -111,7 +111,7 @@ def test_torn_shard_line_and_changed_config(server, tmp_path, backends_file):
 def test_procedural_backend_through_the_sharded_engine(tmp_path):
   out = str(tmp_path / "proc")
   cli.main(["--out", out, "--num", "12", "--size", "64", "--sharded", "--quiet",
-            "--categories", "SynthColor", "SynthSpatial", "--concurrency", "2"])
+            "--categories", "SynthColor,SynthSpatial", "--concurrency", "2"])
   stats = json.load(open(os.path.join(out, "stats.json")))
   assert stats["complete"] and stats["records"] == 12
   with pytest.raises(FileExistsError, match="without shards"):

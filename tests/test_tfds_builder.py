@@ -96,7 +96,7 @@ def test_prepares_real_synth_output(tmp_path):
   from fusion_jax.synth.__main__ import main as synth_main
   out = str(tmp_path / "synth")
   synth_main(["--out", out, "--num", "40", "--seed", "1", "--size", "32", "--quiet",
-              "--categories", "SynthColor", "SynthCount"])
+              "--categories", "SynthColor,SynthCount"])
   with open(os.path.join(out, "train.json")) as f:
     n_train = len(json.load(f))
   with open(os.path.join(out, "heldout.json")) as f:

@@ -29,7 +29,7 @@ def synthesize(synth: ml_collections.ConfigDict) -> str:
   tmp = out + ".partial"
   args = ["--out", tmp, "--num", str(synth.num), "--seed", str(synth.seed), "--size",
           str(synth.size), "--heldout", str(synth.heldout), "--overwrite",
-          "--categories", *synth.categories]
+          "--categories", ",".join(synth.categories)]
   say("dataset: python -m fusion_jax.synth " + " ".join(args))
   rc = synth_main(args)
   if rc:

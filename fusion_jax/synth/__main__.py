@@ -1,6 +1,6 @@
 """Command line: synthesize a FUSION-style Language-Driven QA dataset.
 
-  python -m fusion_jax.synth --out DIR --num N --seed S [--categories C1,C2 ...] [--size 384]
+  python -m fusion_jax.synth --out DIR --num N --seed S [--categories C1,C2,...] [--size 384]
       [--workers K] [--heldout 0.1] [--jpeg] [--arrayrecord] [--scenes]
       [--alignment-style qa|caption] [--backends backends.json] [--overwrite] [--quiet]
 
@@ -14,10 +14,14 @@ See fusion_jax/synth/pipeline.py for the outputs and docs/synth.md for user back
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import types
+from collections.abc import Sequence
 
+from absl import flags
+
+from fusion_jax import cli
 from fusion_jax.synth.backends import DEFAULTS, BackendConfig, BackendSpec
 from fusion_jax.synth.categories import CATEGORIES
 from fusion_jax.synth.pipeline import SynthConfig, synthesize
@@ -25,85 +29,93 @@ from fusion_jax.synth.sharded import RunLimits, synthesize_sharded
 from fusion_jax.synth.stats import format_stats
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m fusion_jax.synth", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--num", type=int, required=True, help="number of records to produce")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--categories", nargs="+", default=["all"],
-                 help=f"subset of: {', '.join(CATEGORIES)} (or all / alignment / instruction); "
-                      "space or comma separated, 'Synth' prefix optional")
-  p.add_argument("--size", type=int, default=384, help="image side in pixels")
-  p.add_argument("--workers", type=int, default=1, help="worker processes")
-  p.add_argument("--heldout", type=float, default=0.1, help="held-out fraction per category")
-  p.add_argument("--jpeg", action="store_true", help="JPEG images instead of PNG")
-  p.add_argument("--png-level", type=int, default=1, help="zlib level for PNG (0-9)")
-  p.add_argument("--arrayrecord", action="store_true",
-                 help="also write train/heldout .array_record files (format: records.py)")
-  p.add_argument("--scenes", action="store_true", help="also write scenes.jsonl")
-  p.add_argument("--alignment-style", choices=("qa", "caption"), default="qa",
-                 help="alignment categories as short QA (default) or as captions")
-  p.add_argument("--backends", default=None,
-                 help="JSON file naming backends per stage: {\"describer\": \"pkg.mod:Name\" or "
-                      "{\"path\": ..., \"kwargs\": {...}}, \"renderer\": ..., \"asker\": ..., "
-                      "\"filter\": ...}")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  _add_model_args(p)
-  return p.parse_args(argv)
+PROG = "python -m fusion_jax.synth"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-  g = p.add_argument_group("resumable engine (model backends)")
-  g.add_argument("--sharded", action="store_true",
-                 help="use the resumable sharded engine (implied by the options below)")
-  g.add_argument("--concurrency", type=int, default=16, help="items in flight at once")
-  g.add_argument("--max-items", type=int, default=None, help="make at most N items this run")
-  g.add_argument("--budget-requests", type=int, default=None,
-                 help="send at most N HTTP requests this run (retries included)")
-  g.add_argument("--shard-size", type=int, default=1000, help="items per shard file")
-  g.add_argument("--max-failures", type=int, default=20,
-                 help="stop after N failed requests in a row (server down)")
-  g.add_argument("--progress-every", type=float, default=10.0, help="seconds between lines")
-  g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
-  g.add_argument("--max-retries", type=int, default=5, help="retries per request")
-  g.add_argument("--retry-backoff", type=float, default=1.0,
-                 help="first retry's wait in seconds, doubling per retry (capped at 60 s)")
-  g.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                 help="environment variable holding the endpoints' bearer token")
-  g = p.add_argument_group("LLM describe + ask (OpenAI-compatible chat API)")
-  g.add_argument("--llm-url", default=None, help="e.g. http://localhost:8000/v1")
-  g.add_argument("--llm-model", default=None, help="served model name")
-  g.add_argument("--llm-temperature", type=float, default=0.7)
-  g.add_argument("--llm-max-tokens", type=int, default=1024)
-  g.add_argument("--llm-no-json-mode", action="store_true",
-                 help="do not send response_format=json_object (servers without it)")
-  g.add_argument("--seed-captions", default=None,
-                 help="caption pool (.txt one per line, or .jsonl {\"caption\": ...}); "
-                      "default: procedural captions per category")
-  g.add_argument("--prompts", default=None,
-                 help="directory of prompt files replacing fusion_jax/synth/prompts/*")
-  g = p.add_argument_group("text-to-image (diffusers)")
-  g.add_argument("--t2i-pipeline", default=None, help="local diffusers pipeline directory")
-  g.add_argument("--t2i-dtype", default="bfloat16", help="bfloat16 | float16 | float32")
-  g.add_argument("--t2i-device", default=None, help="default: cuda when available")
-  g.add_argument("--t2i-steps", type=int, default=28)
-  g.add_argument("--t2i-guidance", type=float, default=3.5)
-  g.add_argument("--t2i-resolution", type=int, default=None,
-                 help="side the model draws at (then resized to --size); default --size")
-  g.add_argument("--t2i-batch", type=int, default=1, help="prompts per pipeline call")
-  g.add_argument("--t2i-prompt", default="{caption}", help="format string with {caption}")
-  g = p.add_argument_group("VLM filter (OpenAI-compatible chat API with images)")
-  g.add_argument("--filter-url", default=None, help="e.g. http://localhost:8001/v1")
-  g.add_argument("--filter-model", default=None, help="served model name")
-  g.add_argument("--filter-votes", type=int, default=3)
-  g.add_argument("--filter-min-yes", type=int, default=2,
-                 help="a question holds with >= this many yes votes of --filter-votes")
-  g.add_argument("--filter-mode", choices=("answer", "verify"), default="answer")
+def define_flags(fv: flags.FlagValues) -> None:
+  """Flags of the command line (fusion_jax.cli)."""
+  def string(name: str, default: str | None, help_: str) -> None:
+    flags.DEFINE_string(name, default, help_, flag_values=fv)
+
+  def integer(name: str, default: int | None, help_: str) -> None:
+    flags.DEFINE_integer(name, default, help_, flag_values=fv)
+
+  def number(name: str, default: float, help_: str) -> None:
+    flags.DEFINE_float(name, default, help_, flag_values=fv)
+
+  def boolean(name: str, help_: str) -> None:
+    flags.DEFINE_boolean(name, False, help_, flag_values=fv)
+
+  flags.DEFINE_string("out", None, "output directory", flag_values=fv, required=True)
+  flags.DEFINE_integer("num", None, "number of records to produce", flag_values=fv,
+                       required=True)
+  integer("seed", 0, "seed of the dataset")
+  flags.DEFINE_list("categories", ["all"],
+                    f"subset of: {', '.join(CATEGORIES)} (or all / alignment / instruction); "
+                    "comma separated, 'Synth' prefix optional", flag_values=fv)
+  integer("size", 384, "image side in pixels")
+  integer("workers", 1, "worker processes")
+  number("heldout", 0.1, "held-out fraction per category")
+  boolean("jpeg", "JPEG images instead of PNG")
+  integer("png-level", 1, "zlib level for PNG (0-9)")
+  boolean("arrayrecord", "also write train/heldout .array_record files (format: records.py)")
+  boolean("scenes", "also write scenes.jsonl")
+  flags.DEFINE_enum("alignment-style", "qa", ["qa", "caption"],
+                    "alignment categories as short QA (default) or as captions", flag_values=fv)
+  string("backends", None, "JSON file naming backends per stage: {\"describer\": \"pkg.mod:Name\" "
+         "or {\"path\": ..., \"kwargs\": {...}}, \"renderer\": ..., \"asker\": ..., "
+         "\"filter\": ...}")
+  boolean("overwrite", "replace an existing dataset in --out")
+  boolean("quiet", "no progress bar")
+
+  # resumable engine (model backends)
+  boolean("sharded", "use the resumable sharded engine (implied by the options below)")
+  integer("concurrency", 16, "items in flight at once")
+  integer("max-items", None, "make at most N items this run")
+  integer("budget-requests", None, "send at most N HTTP requests this run (retries included)")
+  integer("shard-size", 1000, "items per shard file")
+  integer("max-failures", 20, "stop after N failed requests in a row (server down)")
+  number("progress-every", 10.0, "seconds between lines")
+  number("request-timeout", 120.0, "seconds per request")
+  integer("max-retries", 5, "retries per request")
+  number("retry-backoff", 1.0, "first retry's wait in seconds, doubling per retry (capped at "
+         "60 s)")
+  string("api-key-env", "OPENAI_API_KEY", "environment variable holding the endpoints' bearer "
+         "token")
+  # LLM describe + ask (OpenAI-compatible chat API)
+  string("llm-url", None, "e.g. http://localhost:8000/v1")
+  string("llm-model", None, "served model name")
+  number("llm-temperature", 0.7, "sampling temperature")
+  integer("llm-max-tokens", 1024, "answer length limit")
+  boolean("llm-no-json-mode", "do not send response_format=json_object (servers without it)")
+  string("seed-captions", None, "caption pool (.txt one per line, or .jsonl {\"caption\": ...}); "
+         "default: procedural captions per category")
+  string("prompts", None, "directory of prompt files replacing fusion_jax/synth/prompts/*")
+  # text-to-image (diffusers)
+  string("t2i-pipeline", None, "local diffusers pipeline directory")
+  string("t2i-dtype", "bfloat16", "bfloat16 | float16 | float32")
+  string("t2i-device", None, "default: cuda when available")
+  integer("t2i-steps", 28, "denoising steps")
+  number("t2i-guidance", 3.5, "guidance scale")
+  integer("t2i-resolution", None, "side the model draws at (then resized to --size); default "
+          "--size")
+  integer("t2i-batch", 1, "prompts per pipeline call")
+  string("t2i-prompt", "{caption}", "format string with {caption}")
+  # VLM filter (OpenAI-compatible chat API with images)
+  string("filter-url", None, "e.g. http://localhost:8001/v1")
+  string("filter-model", None, "served model name")
+  integer("filter-votes", 3, "votes per question")
+  integer("filter-min-yes", 2, "a question holds with >= this many yes votes of --filter-votes")
+  flags.DEFINE_enum("filter-mode", "answer", ["answer", "verify"], "how the VLM is asked",
+                    flag_values=fv)
 
 
-def model_backends(args: argparse.Namespace, backends: BackendConfig) -> BackendConfig:
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  """The command line's values (argv as typed after the program name)."""
+  return cli.parse(define_flags, argv, PROG)
+
+
+def model_backends(args: types.SimpleNamespace, backends: BackendConfig) -> BackendConfig:
   """backends with the stages named by the model flags replaced."""
   client = {"timeout_s": args.request_timeout, "max_retries": args.max_retries,
             "backoff_s": args.retry_backoff,
@@ -133,12 +145,12 @@ def model_backends(args: argparse.Namespace, backends: BackendConfig) -> Backend
   return BackendConfig.from_dict(stages)
 
 
-def use_sharded(args: argparse.Namespace) -> bool:
+def use_sharded(args: types.SimpleNamespace) -> bool:
   return bool(args.sharded or args.llm_url or args.t2i_pipeline or args.filter_url
               or args.max_items is not None or args.budget_requests is not None)
 
 
-def config_from_args(args: argparse.Namespace) -> SynthConfig:
+def config_from_args(args: types.SimpleNamespace) -> SynthConfig:
   backends = BackendConfig.from_json_file(args.backends) if args.backends else BackendConfig()
   backends = model_backends(args, backends)
   if args.alignment_style != "qa":
@@ -158,8 +170,12 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
                      overwrite=args.overwrite)
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line in process: argv as typed after the program name."""
+  return _run(parse_args(argv))
+
+
+def _run(args: types.SimpleNamespace) -> int:
   cfg = config_from_args(args)
   if use_sharded(args):
     if args.workers > 1:
@@ -188,4 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, _run, PROG)
