@@ -10,7 +10,6 @@ This module is the recipe; each step is a small module of fusion_jax/main_job/.
 """
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 import time
@@ -86,8 +85,8 @@ def main(argv) -> None:
     raise app.UsageError("--config and --workdir are required")
   logging.set_verbosity(logging.INFO)
   # Progress lines come from the trainer's logger; orbax's INFO chatter is noise here.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+  from fusion_jax.train.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   try:
     summary = run(FLAGS.config, FLAGS.workdir, export=FLAGS.export)
   except preflight.ConfigError as e:

@@ -9,7 +9,6 @@ the environment describes a multi-process job (or with --multihost=true).
 """
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -32,17 +31,11 @@ _VERBOSE = flags.DEFINE_boolean(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps warnings."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  from fusion_jax.train.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   import jax
   if multihost_requested(_MULTIHOST.value):
     from fusion_jax.parallel import distributed

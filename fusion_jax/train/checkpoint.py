@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +54,16 @@ class CheckpointDamagedError(RuntimeError):
 
 class NoRestorableCheckpointError(RuntimeError):
   """Every checkpoint step of a run is damaged."""
+
+
+def _not_orbax_info(record: std_logging.LogRecord) -> bool:
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint) from absl's log
+  handler; its warnings stay. For command lines whose progress lines come from the trainer."""
+  logging.get_absl_handler().addFilter(_not_orbax_info)
 
 
 # ----------------------------------------------------------------------------- data item
