@@ -13,7 +13,7 @@ two ways from that one declaration:
     number of programs can be parsed in one process.
 
 Both return an attribute namespace of the values, a flag named `shard-size` read as
-`args.shard_size`, plus the positional arguments under the names the program gives them.
+`args.shard_size` (the usual Python spelling), plus the positional arguments under the names the program gives them.
 absl syntax: `--flag value`, `--flag=value`, `--flag` / `--noflag` for booleans, lists as
 `--flag a,b,c`; flags and positional arguments may come in any order.
 """
@@ -30,7 +30,7 @@ DefineFlags = Callable[[flags.FlagValues], None]
 
 
 def usage_error(prog: str, msg: str) -> None:
-  """One line naming the program and the problem on stderr; exit status 2 (as argparse)."""
+  """One line naming the program and the problem on stderr; exit status 2 (a usage error)."""
   print(f"{prog}: error: {msg}", file=sys.stderr)
   raise SystemExit(2)
 
