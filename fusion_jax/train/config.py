@@ -165,9 +165,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     raise _err("optim.schedule", f"{o.schedule!r} must be 'cosine' or 'constant'")
   if not (0.0 <= float(o.b1) < 1.0 and 0.0 <= float(o.b2) < 1.0):
     raise _err("optim.b1/b2", f"({o.b1}, {o.b2}) must be in [0, 1)")
-  from fusion_jax.train.optimizer import _check_rules  # same checks make_optimizer runs
+  from fusion_jax.train.optimizer import check_rules  # same checks make_optimizer runs
   try:
-    _check_rules(o.rules)
+    check_rules(o.rules)
   except ValueError as e:
     raise _err("optim.rules", str(e)) from None
   ck = config.checkpoint

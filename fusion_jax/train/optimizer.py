@@ -43,12 +43,8 @@ def path_str(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
-def param_paths(params: Any) -> Any:
-  """Tree of '/'-joined path strings with the structure of `params`."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), params)
-
-
-def _check_rules(rules: Sequence[Sequence[Any]]) -> list[tuple[re.Pattern, str | float]]:
+def check_rules(rules: Sequence[Sequence[Any]]) -> list[tuple[re.Pattern, str | float]]:
+  """optim.rules as (compiled regex, 'freeze' | multiplier); ValueError names a bad rule."""
   out = []
   for i, rule in enumerate(rules or ()):
     if len(rule) != 2:
@@ -75,7 +71,7 @@ def _label(action: str | float) -> str:
 
 def param_labels(params: Any, rules: Sequence[Sequence[Any]]) -> Any:
   """Tree of labels ('freeze' or 'lr_x<multiplier>') with the structure of `params`."""
-  compiled = _check_rules(rules)
+  compiled = check_rules(rules)
 
   def label(path, _):
     s = path_str(path)
