@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from fusion_jax import config_util
 from fusion_jax.models import query_len as query_len_lib
 
 
@@ -140,14 +141,7 @@ class DataConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
     """From a dict / ml_collections.ConfigDict; unknown keys are an error naming them."""
-    if hasattr(d, "to_dict"):
-      d = d.to_dict()
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"data config: unknown keys {unknown}; known: {sorted(names)}")
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-    return cls(**kw)
+    return config_util.from_dict(cls, d, "data config")
 
   def to_dict(self) -> dict[str, Any]:
     return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fusion_jax import config_util
 from fusion_jax.models import batch_spec, global_context
 from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.connector import AuxProjector, MMProjector
@@ -101,17 +102,10 @@ class FusionConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> FusionConfig:
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"FusionConfig: unknown fields {unknown}; known: {sorted(names)}")
-    d["llm"] = d["llm"] if isinstance(d["llm"], LLMConfig) else LLMConfig.from_dict(d["llm"])
-    d["vision"] = (d["vision"] if isinstance(d["vision"], VisionConfig)
-                   else VisionConfig.from_dict(d["vision"]))
-    if "query_len" in d:
-      d["query_len"] = query_len_lib.parse(d["query_len"])
-    return cls(**d)
+    return config_util.from_dict(cls, d, "FusionConfig", convert={
+        "llm": lambda v: v if isinstance(v, LLMConfig) else LLMConfig.from_dict(v),
+        "vision": lambda v: v if isinstance(v, VisionConfig) else VisionConfig.from_dict(v),
+        "query_len": query_len_lib.parse})
 
   def replace(self, **kw) -> FusionConfig:
     return dataclasses.replace(self, **kw)

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from fusion_jax import config_util
 from fusion_jax.models import remat as remat_lib
 from fusion_jax.models.rope import (Llama3Scaling, LongRopeScaling, RopeScaling, scaling_from_dict,
                                     scaling_to_dict)
@@ -70,14 +71,8 @@ class LLMConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> LLMConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"LLMConfig.from_dict: unknown keys {unknown}; valid keys {sorted(names)}")
-    d = dict(d)
-    if "rope_scaling" in d and isinstance(d["rope_scaling"], Mapping):
-      d["rope_scaling"] = scaling_from_dict(d["rope_scaling"])
-    return cls(**d)
+    return config_util.from_dict(cls, d, "LLMConfig.from_dict", convert={
+        "rope_scaling": lambda v: scaling_from_dict(v) if isinstance(v, Mapping) else v})
 
   # -- transformers config.json (4.x `rope_scaling` + `rope_theta`, 5.x `rope_parameters`) --
   @classmethod

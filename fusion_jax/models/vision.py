@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from fusion_jax import config_util
 from fusion_jax.models import remat as remat_lib
 from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.connector import connector_k, feature_connector
@@ -77,11 +78,7 @@ class VisionConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> VisionConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"VisionConfig.from_dict: unknown keys {unknown}; valid keys: {sorted(names)}")
-    return cls(**d)
+    return config_util.from_dict(cls, d, "VisionConfig.from_dict")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
