@@ -1,4 +1,4 @@
-r"""FUSION 8B (Llama-3.1-8B + SigLIP so400m/14@384): the paper's training recipe (spec 8).
+r"""FUSION 8B (Llama-3.1-8B + SigLIP so400m/14@384): the paper's recipe (docs/model.md §10).
 
 ARG       data                 batch  lr    tower lr  max len  starts from
 stage1    FUSION-Pretrain-10M  256    2e-5  2e-5      2048     BASE_MODEL

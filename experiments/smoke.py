@@ -28,8 +28,8 @@ CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMu
               "SynthConvShort", "SynthConvLong", "SynthContrastShort", "SynthContrastLong",
               "SynthReasoning")
 CONFIG_ARGS = ("", "short", "random", "no_text_guidance", "no_interaction", "no_mapping_loss", "no_latents")
-# Paper recipe in miniature (spec 8): alignment data first, then everything (instruction data
-# with the alignment data kept), each stage from the previous one's weights, fresh optimizer.
+# Paper recipe in miniature (docs/model.md §10): alignment data first, then everything (instruction
+# data with the alignment data kept), each stage from the previous one's weights, fresh optimizer.
 ALIGNMENT = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene")
 # The shipped tiny base models (python -m fusion_jax.pretrain; assets/tiny_bases/README.md):
 # the job imports them with import_hf, as a user starting from real base models does.
@@ -81,7 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(split="heldout", batch_size=32))
 
   # (name, categories (() = all), fraction of num_steps[, overrides]); fusion_jax.run.stage_plan.
-  # The alignment data is short: its stage trains at 128 tokens (spec 8: max len per stage).
+  # The alignment data is short: its stage trains at 128 tokens (a max length per stage, as
+  # docs/model.md §10).
   c.stages = (("alignment", ALIGNMENT, 0.6, {"data.seq_len": 128}), ("instruction", (), 0.4))
 
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

@@ -53,7 +53,7 @@ def test_phi3_single_turn_image(phi):
       PHI_SYS + f"\n<|user|>\n{VS}[IMG]{VE}{VS}[LAT]{VE}\nWhat is in the picture?<|end|>"
       "\n<|assistant|>\n{A red cat.<|end|>}")
   assert [s.kind for s in enc.segments].count(IMAGE_SLOT) == 1
-  # Effective order (spec 5): the image slot comes before the first latent slot.
+  # Effective order (docs/model.md §6): the image slot comes before the first latent slot.
   kinds = [s.kind for s in enc.segments if s.kind != TEXT]
   assert kinds == [IMAGE_SLOT, LATENT_SLOT]
   assert len(enc.question_ends) == 1
@@ -86,7 +86,7 @@ def test_llama3_multi_turn_image(llama):
       + "{yes<|eot_id|>}" + L3_U + f"{VS}[LAT]{VE}What colour?<|eot_id|>" + L3_A
       + "{blue<|eot_id|>}")
   assert enc.segments[0].ids.tolist() == [llama.bos_id]
-  # Llama-3 instructs: BOS + both questions concatenated without separator (spec 3).
+  # Llama-3 instructs: BOS + both questions concatenated without separator (docs/model.md §4).
   assert enc.instructs.tolist() == llama.encode_default("Is the dog left?What colour?")
   assert enc.instructs[0] == llama.bos_id
   assert enc.length(q=16, num_image_tokens=9) == enc.text_length() + 9 + 2 * 16

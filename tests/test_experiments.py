@@ -1,7 +1,7 @@
 """Every experiments/*.py config (every arg) builds, validates against a device count matching
 its mesh, and its model shapes resolve abstractly (jax.eval_shape: the 3B / 8B presets without
 allocating them) with every sharded parameter dim divisible by its mesh axes. Plus the paper
-recipe's numbers (spec 8) and the command line override path."""
+recipe's numbers (docs/model.md §10) and the command line override path."""
 import glob
 import importlib.util
 import math
@@ -113,7 +113,7 @@ def test_experiment_builds_validates_and_resolves_shapes(path, arg):
 @pytest.mark.parametrize("preset", PAPER)
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_paper_recipe(preset, stage):
-  """Spec 8: batch / lr / vision tower lr / max len / init chain per stage, all trainable."""
+  """docs/model.md §10: batch / lr / tower lr / max len / init chain per stage, all trainable."""
   config = get_config(os.path.join(ROOT, "experiments", f"{preset}.py"), stage)
   want = {"stage1": (256, 2e-5, 2e-5, 2048), "stage1_5": (128, 2e-5, 2e-6, 4096),
           "stage2": (128, 1e-5, 1e-6, 3072 if preset == "fusion_x_8b" else 4096)}[stage]

@@ -66,7 +66,7 @@ def test_sharded_step_equals_single_device(data_dir):
   assert np.isfinite(m8["loss"]) and m8["skipped"] == 0
   for key in ("loss", "loss/ce", "loss/text_map", "loss/vision_map", "grad_norm"):
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-5, err_msg=key)
-  # Spec 6: loss = ce + 0.1 * (text_map + vision_map), each normalised over the global batch.
+  # docs/model.md §8: loss = ce + 0.1 * (text_map + vision_map), each over the global batch.
   np.testing.assert_allclose(
       m8["loss"], m8["loss/ce"] + 0.1 * (m8["loss/text_map"] + m8["loss/vision_map"]), rtol=1e-6)
   assert m8["denominator/vision_map"] == 8 * 16  # faithful: all B x N patches

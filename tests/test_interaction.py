@@ -1,4 +1,4 @@
-"""InteractionLayer + apply_interaction vs a torch reference written from FUSION spec section 5,
+"""InteractionLayer + apply_interaction vs a torch reference written from docs/model.md §7,
 loaded through the interaction key table (strict load_state_dict)."""
 import math
 
@@ -18,7 +18,7 @@ D, HEADS, W = 32, 4, 3
 B, S, LQ = 2, 40, 3
 
 
-# ---------------------------------------------------------------- torch reference (spec 5)
+# ------------------------------------------------------ torch reference (docs/model.md §7)
 class TorchCrossAttn(tnn.Module):
   def __init__(self, d, heads):
     super().__init__()

@@ -216,7 +216,7 @@ def test_generation_prompt_layout(phi):
   ex = layout_sample(enc, q=4, num_image_tokens=N_IMG, seq_len=128, max_questions=LQ,
                      max_instruct_len=T, pad_id=phi.pad_id, require_labels=False)
   n = int(ex["token_mask"].sum())
-  # At inference the question position is the last prompt token (spec 5).
+  # At inference the question position is the last prompt token (docs/model.md §6).
   assert ex["question_pos"].tolist() == [n - 1, -1, -1]
   assert (ex["labels"] == IGNORE_INDEX).all()
   with pytest.raises(ValueError, match="max_questions"):

@@ -1,4 +1,4 @@
-"""Text-Guided Unified Vision Encoding (spec section 3) vs a float64 numpy reference whose
+"""Text-Guided Unified Vision Encoding (docs/model.md §4) vs a float64 numpy reference whose
 attention rule is written pair by pair from the spec, plus hand checks of each rule."""
 import functools
 import math
@@ -65,8 +65,8 @@ def _gelu_tanh(x):
 
 
 def _may_attend(mode, early, valid, i, j):
-  """Spec 3, one (query i, key j) pair over [N patches, T text]: padded text keys never; in
-  early layers of block mode, vision queries see no text."""
+  """docs/model.md §4, one (query i, key j) pair over [N patches, T text]: padded text keys never;
+  in early layers of block mode, vision queries see no text."""
   key_ok = j < N or valid[j - N]
   if early and mode == "block_vision_to_text" and i < N:
     return j < N

@@ -1,4 +1,4 @@
-"""Torch <-> Flax key table of the FUSION interaction layers (TORCH_LAYOUT.md).
+"""Torch <-> Flax key table of the FUSION interaction layers (docs/model.md §14).
 
 One table drives both directions. Torch keys live under
 `model.vision_sampler_layers.{j}.layers.0.`; the Flax side is the parameter tree of

@@ -1,7 +1,7 @@
 """The whole FUSION checkpoint: the authors' torch layout <-> the fusion_jax `Fusion` param tree.
 
 A checkpoint written by the authors' code (transformers `save_pretrained` of FusionPhiForCausalLM
-/ FusionLlamaForCausalLM, see TORCH_LAYOUT.md) holds five groups of tensors; each group's
+/ FusionLlamaForCausalLM, see docs/model.md §14) holds five groups of tensors; each group's
 table lives with its module and is used here in both directions:
 
   torch keys                                              Fusion params     table

@@ -3,7 +3,7 @@
 One key table (`_key_table`) drives import and export so the two directions cannot disagree.
 Torch keys are relative to a prefix: '' for a transformers-5 SiglipVisionModel directory,
 'vision_model.' for a SiglipModel (and older SiglipVisionModel saves), and
-'model.vision_tower.vision_tower.vision_model.' inside a FUSION checkpoint (TORCH_LAYOUT.md).
+'model.vision_tower.vision_tower.vision_model.' inside a FUSION checkpoint (docs/model.md §14).
 
   torch key (after prefix)                      flax path                                  transform
   embeddings.patch_embedding.weight (Dv,3,p,p)  embeddings/patch_embedding/kernel (p,p,3,Dv)  conv

@@ -1,4 +1,4 @@
-"""LLaVA-format conversations -> token segments with labels by construction (spec 5, 7).
+"""LLaVA-format conversations -> token segments with labels by construction (docs/model.md §6, §9).
 
 A record is `{"id", "image" (optional relative path), "conversations": [{"from": "human" |
 "gpt", "value": str}, ...]}`. `encode_conversation` turns it into an `EncodedSample`: a list of
@@ -6,7 +6,7 @@ segments in sequence order, each either text (token ids + a `supervised` flag) o
 (`image_slot`: N image tokens, `latent_slot`: q latent tokens). Nothing here depends on q or N,
 so the result can be cached; `fusion_jax/data/layout.py` expands it for a given q.
 
-Templates (spec 7; `<vs>` = `<vision_start>`, `<ve>` = `<vision_end>`):
+Templates (docs/model.md §9; `<vs>` = `<vision_start>`, `<ve>` = `<vision_end>`):
 
   phi_3:    [BOS?] `<|system|>\\nYou are a helpful AI assistant.<|end|>`
             per turn `\\n<|user|>\\n<vs><latent_image><ve>` message `<|end|>`
@@ -21,16 +21,16 @@ the prompt with `tokenizer(...)`, keeping the first chunk's BOS): Llama-3 yes, P
 `add_bos_token`.
 
 Llama-3 system text: the authors' `conversation.py` is not in any source we could search
-(their repository index lacks it; Cambrian's and LLaVA-NeXT's templates differ). The spec
-quotes its opening, "You are a helpful, highly intelligent language and vision assistant.
+(their repository index lacks it; Cambrian's and LLaVA-NeXT's templates differ). Only its
+opening is known, "You are a helpful, highly intelligent language and vision assistant.
 ...". `LLAMA3_SYSTEM` completes it with LLaVA-NeXT's llama-3 wording ("You are able to
 understand the visual content that the user provides, and assist the user with a variety of
 tasks using natural language."). This is a RECONSTRUCTION: pass `system=` (or set the config's
 template system text) to the exact string when it is known; it only changes the unsupervised
 system prompt tokens.
 
-Image marker (spec 5): in an image sample the `<image>` marker is removed from the human text
-(wherever it was; the message is then stripped like the authors' `.replace('<image>','')
+Image marker (docs/model.md §6): in an image sample the `<image>` marker is removed from the human
+text (wherever it was; the message is then stripped like the authors' `.replace('<image>','')
 .strip()`) and `<vs><image><ve>\\n` is put at the start of the FIRST user message (no `\\n`
 when the message is empty, as `'<image>\\n'.strip()` in the original). Textually the first
 turn then reads `<vs><latent_image><ve><vs><image><ve>\\n question`. The authors' model gives
@@ -43,7 +43,7 @@ Labels: each text piece is tokenized as part of the whole chunk between slots (o
 call per chunk, the ids the authors' `tokenizer_image_token` gives) and split back per piece
 (`Tokenizer.encode_spans`), so supervision is exact: assistant answers and their end token are
 supervised; BOS, system, user turns and the assistant header are not. Question l ends at the
-last token of the assistant header of turn l (spec 5, the authors' INSTRUCT_INDEX position).
+last token of the assistant header of turn l (docs/model.md §6; the authors' INSTRUCT_INDEX).
 
 Record fix-ups (counted by the pipeline, never skips): a leading gpt turn is dropped
 (`starts_with_gpt`, as the authors do); a trailing human turn without answer is dropped
@@ -129,7 +129,7 @@ class EncodedSample:
     token is question l's position (the assistant header of turn l).
   instructs: (T,) int32, all user messages (markers stripped, each `.strip()`ed) concatenated
     and tokenized with the tokenizer's defaults (Llama-3 adds BOS); EMPTY for text-only
-    samples (the authors use [0] with 0 = invalid, i.e. no instruction tokens; spec 3).
+    samples (the authors use [0] with 0 = invalid, i.e. no instruction tokens; docs/model.md §4).
   has_image: the record names an image; image: its relative path or None; id: record id;
   source: file:line or record id for messages; fixups: fix-up keys applied (errors.FIXUPS).
   """

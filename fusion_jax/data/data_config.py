@@ -32,11 +32,11 @@ class DataConfig:
       and its samples are counted as `dropped_remainder`. Turn it on only for a task whose
       every loss term and denominator ignores empty rows; FUSION's vision_map with
       vision_map_text_only counts every row (packing has its own empty-slot mask).
-    template: conversation template, "phi_3" or "llama_3" (spec 7).
+    template: conversation template, "phi_3" or "llama_3" (docs/model.md §9).
     seq_len: S, tokens per sequence (image and latent slots included); longer samples are
-      truncated per spec 5.
+      truncated per docs/model.md §6.
     max_questions: Lq, user turns per sample that get latent slots / question positions.
-    max_instruct_len: T, bound on the concatenated instruction tokens (spec 3).
+    max_instruct_len: T, bound on the concatenated instruction tokens (docs/model.md §4).
     image_size: H = W of every static_hd crop (384).
     fast_images: JPEG draft decoding + reducing_gap resizes (see `images`; about 3x faster on
       large photos, pixels within ~0.4/255 on average of the authors' path). Off = exact.

@@ -1,6 +1,6 @@
 """The one exception a bad training sample raises, with a machine-readable reason.
 
-The pipeline catches `BadSample` (and only it: no bare excepts, spec 11), counts it per
+The pipeline catches `BadSample` (and only it: no bare excepts, docs/model.md §12), counts it per
 `reason`, logs `source`, and moves on to the next record. Anything else is a bug and propagates.
 """
 from __future__ import annotations

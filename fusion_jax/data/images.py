@@ -1,4 +1,4 @@
-"""Image decoding and the static_hd crops (spec 4), as uint8 HWC arrays.
+"""Image decoding and the static_hd crops (docs/model.md §5), as uint8 HWC arrays.
 
 `static_hd_crops(img, S)` -> (5, S, S, 3) uint8 [TL, TR, BL, BR, full], as the authors'
 `split_image` + SigLIP processor: the ORIGINAL image resized (bicubic, aspect ignored) to
@@ -189,6 +189,6 @@ def text_only_images(size: int) -> np.ndarray:
 
   Note: the authors feed zeros AFTER normalisation (pixel 127.5, not representable in uint8);
   uint8 zeros normalise to -1. The model must therefore use `has_image` to replace a text-only
-  sample's normalised images by zeros (spec 4).
+  sample's normalised images by zeros (docs/model.md §5).
   """
   return np.zeros((5, size, size, 3), np.uint8)

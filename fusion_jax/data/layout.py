@@ -9,9 +9,9 @@ examples into one row with `batch_spec.pack_examples`. `sample_length` is an exa
 without laying it out.
 
 Slots: an image sample's first slot gets N positions (`image_start`), every other slot q latent
-positions; a text-only sample's slots are all latent (spec 5).
+positions; a text-only sample's slots are all latent (docs/model.md §6).
 
-Truncation (spec 5, the authors' `prepare_inputs_labels_for_multimodal`):
+Truncation (docs/model.md §6, the authors' `prepare_inputs_labels_for_multimodal`):
   1. max_questions: questions past `max_questions` are dropped WITH their tokens: the sequence
      is cut where user turn `max_questions` begins, so no later turn's latent slots sit in the
      sequence unrefined and no answer is trained on context the model never aligned.

@@ -41,7 +41,7 @@ Why it is built this way:
     positions, batch counter) plus the counters; it is JSON-serialisable for orbax.
     `set_state()` on a fresh pipeline built with the same config continues with the identical
     next batch. The state is valid for the same config, worker_count and process layout.
-  * Bad input never stops training (spec 11: no bare excepts; only `BadSample` is caught).
+  * Bad input never stops training (docs/model.md §12: no bare excepts; only `BadSample` is caught).
     `strict=True` re-raises it instead, for data debugging.
 
 `DataConfig` (data_config.py) documents every field. Multi-host: each host calls

@@ -88,7 +88,7 @@ def _stem(path: str) -> str:
 
 
 class FusionSynth(tfds.core.GeneratorBasedBuilder):
-  """FUSION's synthesized language-driven QA data (spec 9) from LLaVA JSON + image files.
+  """FUSION's synthesized language-driven QA data (docs/model.md §15) from LLaVA JSON + image files.
 
   Prepare with `download_config=tfds.download.DownloadConfig(manual_dir=SYNTH_DIR)` (or
   `prepare(...)`). Default file format: array_record (random access for grain).

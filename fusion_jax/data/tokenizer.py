@@ -48,8 +48,8 @@ PHI3_CHAT_TOKENS: tuple[str, ...] = (
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>")
 _EOS_CANDIDATES = ("<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>")
 _PAD_CANDIDATES = ("<|reserved_special_token_0|>", "<unk>", "<pad>")
-# FUSION's padding token per template (spec 7). Phi-3.5's tokenizer_config names <|endoftext|>
-# as pad, but the authors pad with <unk> (id 0); pass these as `pad_token=` when loading.
+# FUSION's padding token per template (docs/model.md §9). Phi-3.5's tokenizer_config names
+# <|endoftext|> as pad, but the authors pad with <unk> (id 0); pass these as `pad_token=`.
 TEMPLATE_PAD_TOKENS = {"phi_3": "<unk>", "llama_3": "<|reserved_special_token_0|>"}
 
 
@@ -87,7 +87,7 @@ class Tokenizer(abc.ABC):
       `<|reserved_special_token_0|>` 128002).
     vision_start_id, vision_end_id: ids of `<vision_start>` / `<vision_end>`.
     add_bos_default: whether the tokenizer's defaults (HF `add_special_tokens=True`) prepend
-      BOS; used for the instruction tokens (spec 3: Llama-3 adds BOS).
+      BOS; used for the instruction tokens (docs/model.md §4: Llama-3 adds BOS).
   """
 
   vocab_size: int

@@ -28,11 +28,11 @@ def _subset(records: list[dict[str, Any]], data_file: str, name: str,
 
 def stage_plan(config: ml_collections.ConfigDict, workdir: str
                ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
-  """[(name, config, workdir)] of the training stages (spec 8: each starts from the previous
-  stage's weights with a fresh optimizer). config.stages = ((name, categories, step fraction
-  [, overrides]), ...), categories () = all; overrides maps dotted config keys to this stage's
-  values (spec 8 gives each stage its own max length, batch and learning rates), e.g.
-  {"data.seq_len": 128}. The last stage trains in `workdir` itself, earlier ones in
+  """[(name, config, workdir)] of the training stages (docs/model.md §10: each starts from the
+  previous stage's weights with a fresh optimizer). config.stages = ((name, categories, step
+  fraction [, overrides]), ...), categories () = all; overrides maps dotted config keys to this
+  stage's values (docs/model.md §10 gives each stage its own max length, batch and learning
+  rates), e.g. {"data.seq_len": 128}. The last stage trains in `workdir` itself, earlier ones in
   <workdir>/stages/<name>. Without config.stages: one stage on all data."""
   rows = tuple(config.get("stages") or (("all", (), 1.0),))
   data_file = config.data.paths[0]

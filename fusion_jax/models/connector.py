@@ -1,4 +1,4 @@
-"""Feature connector and the two vision<->LLM projectors (spec section 2).
+"""Feature connector and the two vision<->LLM projectors (docs/model.md §3).
 
   features      = concat[hs[L'], mean(hs[0..k-1]), mean(hs[k..2k-1])], k = floor(L'/2)  (3Dv)
   mm_projector  = Linear(3Dv, D) -> GELU(exact) -> Linear(D, D)       vision -> LLM

@@ -1,4 +1,4 @@
-"""FUSION: the whole model (spec sections 2-6) as one Linen module and a pure `apply`.
+"""FUSION: the whole model (docs/model.md §3-8) as one Linen module and a pure `apply`.
 
     images ──► static_hd crops [TL, TR, BL, BR, full]
                  full ──► text-guided tower (instructions via aux_projector) ──► connector
@@ -209,7 +209,8 @@ class Fusion(nn.Module):
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: dict[str, Any]
              ) -> tuple[jax.Array, dict[str, Any]]:
     """Generation, later steps: (B, 1) new token ids at (B, 1) positions -> (logits (B, 1, V),
-    cache). The LLM alone: interaction layers never run on single-token decode (spec 5)."""
+    cache). The LLM alone: interaction layers never run on single-token decode
+    (docs/model.md §7)."""
     return self.llm.forward(input_ids, positions, jnp.ones(input_ids.shape, jnp.bool_),
                             cache=cache)
 
@@ -320,7 +321,7 @@ def vision_map_samples(batch: Mapping[str, jax.Array], cfg: FusionConfig) -> jax
 
 def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Spec 6: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars)."""
+  """docs/model.md §8: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars)."""
   logits, out = apply(params, batch, cfg, train=train)
   t_embeds, t_feats, t_mask = out["instruct_embeds"], out["instruct_feats"], batch["instructs_mask"]
   if t_feats is None:  # text guidance off: no instruction features, no text mapping term

@@ -1,5 +1,5 @@
 """static_hd global context: the tile mosaic, PyTorch-exact adaptive max pooling, latent init
-and the per-latent context windows (FUSION spec sections 4 and 5).
+and the per-latent context windows (docs/model.md §5-6).
 
 The four tile grids of an image (TL, TR, BL, BR), each sqrt(N) x sqrt(N) tokens of width D
 after connector + mm_projector, form a 2x2 mosaic of (2 sqrt N)^2 tokens. Latent tokens start

@@ -1,4 +1,4 @@
-"""FUSION interaction layer (Context-Aware Recursive Alignment Decoding, spec section 5).
+"""FUSION interaction layer (Context-Aware Recursive Alignment Decoding, docs/model.md §7).
 
 After selected LLM decoder layers, every latent token X_v of question l is refined by one
 query-to-window cross attention against its w x w block of the pooled tile mosaic, conditioned

@@ -1,4 +1,4 @@
-"""Dual-Supervised Semantic Mapping loss (FUSION spec section 6).
+"""Dual-Supervised Semantic Mapping loss (docs/model.md §8).
 
   loss = CE + lambda * (text_map + vision_map),   lambda = 0.1
 

@@ -1,4 +1,4 @@
-"""Named FUSION model presets (paper variants, spec section 1) and a tiny one for tests.
+"""Named FUSION model presets (paper variants, docs/model.md §2) and a tiny one for tests.
 
 Vocabulary sizes are the authors' after adding `<vision_start>` / `<vision_end>` and resizing
 to the tokenizer length (Phi-3.5: 32011 + 2; Llama-3.1: 128256 + 2). Importing a checkpoint

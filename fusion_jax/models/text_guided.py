@@ -1,4 +1,4 @@
-"""Text-Guided Unified Vision Encoding (spec section 3).
+"""Text-Guided Unified Vision Encoding (docs/model.md §4).
 
 The instruction states (aux_projector(embed_tokens(instructs)), width Dv) are appended after
 the N patch embeddings and the tower runs over all N + T tokens. Text tokens get no position

@@ -1,4 +1,4 @@
-"""SigLIP vision transformer (spec sections 1-2), the FUSION vision tower.
+"""SigLIP vision transformer (docs/model.md §2-3), the FUSION vision tower.
 
 Pre-LN ViT: conv patch embedding with bias + learned position table, then L encoder layers
 (LayerNorm eps 1e-6 -> MHA with biases -> residual; LayerNorm -> fc1 -> gelu(tanh) -> fc2 ->
@@ -95,7 +95,7 @@ SIGLIP2_GIANT_OPT_16_384 = VisionConfig(
 
 
 def fusion_tower(cfg: VisionConfig) -> VisionConfig:
-  """The tower FUSION runs: the last encoder layer dropped (L' = L - 1, spec section 2)."""
+  """The tower FUSION runs: the last encoder layer dropped (L' = L - 1, docs/model.md §3)."""
   return dataclasses.replace(cfg, num_layers=cfg.num_layers - 1)
 
 
@@ -257,8 +257,8 @@ class VisionScanLayer(VisionEncoderLayer):
   """The encoder layer as an nn.scan body that keeps only what the feature connector reads.
 
   Carry (x, sum_a, sum_b, i): the current state hs[i], float32 running sums of hs[0..k-1] and
-  hs[k..2k-1] (k = floor(L'/2), spec 2), and the layer index. The sums add the states in the
-  order the unrolled connector does, so the features are bitwise the same.
+  hs[k..2k-1] (k = floor(L'/2), docs/model.md §3), and the layer index. The sums add the states in
+  the order the unrolled connector does, so the features are bitwise the same.
   """
 
   @nn.compact

@@ -1,4 +1,4 @@
-"""Synthesized Language-Driven QA data (FUSION spec section 9): text first, image from text,
+"""Synthesized Language-Driven QA data (docs/model.md §15): text first, image from text,
 questions from text, then filtering.
 
 Modules (one stage or concept each):

@@ -182,7 +182,7 @@ def item_seed(rng: np.random.Generator) -> int:
 
 
 class LLMWriter:
-  """Describer + Asker around a text generator, FUSION-style (spec section 9).
+  """Describer + Asker around a text generator, FUSION-style (docs/model.md §15).
 
   generate: callable or import path, `generate(prompt: str, seed: int) -> str`.
   seed_describer: backend that supplies the seed caption per category (default procedural);

@@ -1,4 +1,4 @@
-"""The synthesis categories of FUSION's Synthesized Language-Driven QA data (spec section 9).
+"""The synthesis categories of FUSION's Synthesized Language-Driven QA data (docs/model.md §15).
 
 Alignment categories (stage 1 style: one short question about one visual attribute; with
 `alignment_style="caption"` they become caption records instead) and instruction categories

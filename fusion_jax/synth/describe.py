@@ -1,6 +1,6 @@
 """Describe stage of the procedural backend: (category, rng) -> structured scene + caption.
 
-FUSION writes text first (spec section 9): here the "text" is a `scene.Description` whose
+FUSION writes text first (docs/model.md §15): here the "text" is a `scene.Description` whose
 structured part is planned per category so the questions asked later are balanced by
 construction (the answer is drawn uniformly first, then a scene is built that makes it true)
 and every asked fact is visible: objects sit in distinct cells of a jittered grid with a margin,

@@ -1,6 +1,6 @@
 """Describe and ask stages backed by an LLM over the OpenAI-compatible chat API.
 
-FUSION's data engine (spec section 9): a seed caption is expanded by an LLM into a detailed
+FUSION's data engine (docs/model.md §15): a seed caption is expanded by an LLM into a detailed
 description, and an LLM writes question/answer pairs from that description alone.
 
   backend = LLMBackend(url="http://localhost:8000/v1", model="Qwen/Qwen2.5-72B-Instruct")

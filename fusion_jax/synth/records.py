@@ -1,6 +1,6 @@
 """Synthesized records: the question/answer `Turn`, LLaVA records, and the ArrayRecord format.
 
-LLaVA record written for every sample (spec section 7 plus synthesis keys):
+LLaVA record written for every sample (docs/model.md §9 plus synthesis keys):
 
   {"id": "synth_00000042",
    "image": "images/synth_00000042.png",

@@ -42,7 +42,7 @@ from fusion_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, mesh_axes_of,
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every experiment (FUSION spec 8: AdamW, wd 0, cosine, 3% warmup)."""
+  """Defaults shared by every experiment (docs/model.md §10: AdamW, wd 0, cosine, 3% warmup)."""
   c = ml_collections.ConfigDict()
   c.task = ""
   c.model = ml_collections.ConfigDict()

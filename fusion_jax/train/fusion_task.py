@@ -20,10 +20,10 @@ The model side (`cfg`, `init_params`, `loss_fn`) never touches the tokenizer or 
 config can be checked and its shapes evaluated (`jax.eval_shape(task.init_params, key)`) on a
 machine without the dataset; the tokenizer is loaded when the data iterator is built.
 
-The loss is spec 6 split into sums the trainer normalises over the global batch:
+The loss is docs/model.md §8 split into sums the trainer normalises over the global batch:
 ce / supervised tokens + lambda * (text_map / instruction tokens + vision_map / patches).
 
-The paper's training recipe (spec 8) is `STAGES` + `stage_config` (fusion_jax.stages, the
+The paper's training recipe (docs/model.md §10) is `STAGES` + `stage_config` (fusion_jax.stages, the
 mechanism the main job's stages use too), used by experiments/fusion_*.py.
 """
 from __future__ import annotations
@@ -324,12 +324,12 @@ def run_data_config(config: ml_collections.ConfigDict) -> data_pipeline.DataConf
 task_lib.register_task("fusion", FusionTask)
 
 
-# ----------------------------------------------------------------------------- spec 8 recipe
+# --------------------------------------------------------------- docs/model.md §10 recipe
 
 
 @dataclasses.dataclass(frozen=True)
 class PaperStage:
-  """One row of the paper's training recipe (spec 8)."""
+  """One row of the paper's training recipe (docs/model.md §10)."""
   title: str
   dataset: str          # the authors' dataset name (the placeholder mixture path uses it)
   num_examples: int     # documented dataset size: 1 epoch = ceil(num_examples / global_batch)
@@ -362,8 +362,8 @@ VISION_TOWER_RULE = "^vision_tower/"
 
 
 def paper_config(preset: str, *, image_root: str, base_model: str) -> ml_collections.ConfigDict:
-  """What the paper's stages share (spec 8) for a FUSION preset; each stage sets its data,
-  batch, learning rates and max length on top (PaperStage.stage).
+  """What the paper's stages share (docs/model.md §10) for a FUSION preset; each stage sets its
+  data, batch, learning rates and max length on top (PaperStage.stage).
 
   AdamW (wd 0), cosine with 3% warmup, 1 epoch, bf16 compute with fp32 master weights, full
   remat, every module trainable. init_from is the base model (the first stage's start).
@@ -414,8 +414,8 @@ def paper_config(preset: str, *, image_root: str, base_model: str) -> ml_collect
 def stage_config(preset: str, stage: str, *, data_root: str, image_root: str, base_model: str,
                  run_root: str, seq_len: Mapping[str, int] | None = None
                  ) -> ml_collections.ConfigDict:
-  """The experiment config of one paper stage (spec 8) for a FUSION preset: `paper_config`
-  with the stage's row of STAGES (fusion_jax.stages, as the main job's stages).
+  """The experiment config of one paper stage (docs/model.md §10) for a FUSION preset:
+  `paper_config` with the stage's row of STAGES (fusion_jax.stages, as the main job's stages).
 
   Args:
     preset: fusion_jax.models.presets name (fusion_3b, fusion_8b, fusion_x_3b, fusion_x_8b).
