@@ -119,7 +119,8 @@ def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int
   times["total"] = time.time() - t_all
 
   with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
-    json.dump({"command": "python -m fusion_jax.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    json.dump({"command": "python -m fusion_jax.pretrain " + command,
                "args": vars(args), "pretrain_seed": pairs.PRETRAIN_SEED,
                "main_job_seed": int(config.synth.seed), "num_items": len(items),
                "jax": jax.__version__, "devices": str(jax.devices()),
