@@ -247,8 +247,7 @@ def fusion_tensors_to_torch(params: Mapping[str, Any], cfg: FusionConfig, *,
 def abstract_params(cfg: FusionConfig) -> Any:
   """ShapeDtypeStructs of Fusion(cfg)'s params (unboxed), without allocating anything."""
   from fusion_jax.models import fusion  # model import kept local: converters stay light
-  batch = fusion.example_batch(cfg, batch_size=1, seq_len=8, max_questions=1,
-                               q=cfg.query_len[0], seed=None)
+  batch = fusion.init_batch(cfg)
   return unbox(jax.eval_shape(lambda: fusion.init(jax.random.key(0), cfg, batch)))
 
 

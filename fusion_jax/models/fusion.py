@@ -382,6 +382,13 @@ def example_samples(cfg: FusionConfig, count: int, *, seq_len: int, max_question
   return out
 
 
+def init_batch(cfg: FusionConfig) -> dict[str, Any]:
+  """The smallest valid all-padding batch (1 row of 8 tokens, 1 question, the smallest q):
+  parameters do not depend on B, S, P or q, so init and abstract shapes use this one."""
+  return example_batch(cfg, batch_size=1, seq_len=8, max_questions=1, q=min(cfg.query_len),
+                       seed=None)
+
+
 def example_batch(cfg: FusionConfig, *, batch_size: int, seq_len: int, max_questions: int, q: int,
                   seed: int | None = 0, samples_per_row: int = 1) -> dict[str, Any]:
   """A structurally valid batch (numpy, batch_spec contract) for init, benchmarks and tests.

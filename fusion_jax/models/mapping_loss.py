@@ -19,6 +19,7 @@ CosineEmbeddingLoss exactly: cos = <a,b> / sqrt((|a|^2 + 1e-12) * (|b|^2 + 1e-12
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,40 @@ def _mean(total: jax.Array, count: jax.Array) -> jax.Array:
   return total / jnp.maximum(count, 1.0)
 
 
+def loss_terms(
+    logits: jax.Array,
+    labels: jax.Array,
+    instruct_embeds: jax.Array,
+    instruct_feats: jax.Array,
+    instructs_mask: jax.Array,
+    patch_embeds: jax.Array,
+    projected_back: jax.Array,
+    *,
+    sample_mask: jax.Array | None = None,
+    text_map: bool = True,
+    vision_map: bool = True,
+    rules: Any = None,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """docs/model.md §8's terms as (sum, count): the one place the FUSION loss is assembled
+  (`fusion_loss` takes their means; the trainer's FusionTask normalises the sums over the global
+  batch).
+
+  Args: as `fusion_loss`, plus
+    text_map, vision_map: include that term (off: the model has no such term to train).
+    rules: logical axis rules of the vocab-sharded cross entropy (None: its defaults).
+
+  Returns:
+    {"ce": (sum, count), "text_map": ..., "vision_map": ...} (the terms asked for).
+  """
+  ce_kw = {} if rules is None else {"rules": rules}
+  terms = {"ce": vocab_parallel_ce(logits, labels, **ce_kw)}
+  if text_map:
+    terms["text_map"] = text_mapping_loss(instruct_embeds, instruct_feats, instructs_mask)
+  if vision_map:
+    terms["vision_map"] = vision_mapping_loss(patch_embeds, projected_back, sample_mask)
+  return terms
+
+
 def fusion_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -121,9 +156,10 @@ def fusion_loss(
     raw sums/counts `ce_sum`, `num_tokens`, `text_map_sum`, `num_instruct_tokens`,
     `vision_map_sum`, `num_patches` for accumulation across micro-batches or devices.
   """
-  ce_sum, ce_n = cross_entropy(logits, labels)
-  t_sum, t_n = text_mapping_loss(instruct_embeds, instruct_feats, instructs_mask)
-  v_sum, v_n = vision_mapping_loss(patch_embeds, projected_back, sample_mask)
+  terms = loss_terms(logits, labels, instruct_embeds, instruct_feats, instructs_mask,
+                     patch_embeds, projected_back, sample_mask=sample_mask)
+  (ce_sum, ce_n), (t_sum, t_n), (v_sum, v_n) = (
+      terms["ce"], terms["text_map"], terms["vision_map"])
   ce, text_map, vision_map = _mean(ce_sum, ce_n), _mean(t_sum, t_n), _mean(v_sum, v_n)
   loss = ce + jnp.float32(mapping_weight) * (text_map + vision_map)
   aux = dict(ce=ce, text_map=text_map, vision_map=vision_map,

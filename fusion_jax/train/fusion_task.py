@@ -226,10 +226,7 @@ class FusionTask:
     return data_config_from(self.config.data, self.cfg, self.global_batch // process_count)
 
   def init_params(self, rng: jax.Array) -> Any:
-    # Parameters do not depend on B, S, P or q: initialise on the smallest valid batch.
-    batch = fusion.example_batch(self.cfg, batch_size=1, seq_len=8, max_questions=1,
-                                 q=min(self.cfg.query_len), seed=None)
-    return fusion.init(rng, self.cfg, batch)["params"]
+    return fusion.init(rng, self.cfg, fusion.init_batch(self.cfg))["params"]
 
   def _step_shape(self, q: int | None) -> tuple[int, int, int, int]:
     """(seq_len, max_questions, q, samples per row) of the largest batch the data produces."""
@@ -261,14 +258,13 @@ class FusionTask:
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     del rng  # FUSION trains without dropout
     logits, out = fusion.apply(params, batch, self.cfg, train=True)
-    ce_sum, _ = ce_lib.cross_entropy(logits, batch["labels"], rules=self.rules)
-    sums = {"ce": ce_sum}
-    if "text_map" in self.loss_weights:
-      sums["text_map"], _ = mapping_loss.text_mapping_loss(
-          out["instruct_embeds"], out["instruct_feats"], batch["instructs_mask"])
-    if "vision_map" in self.loss_weights:
-      sums["vision_map"], _ = mapping_loss.vision_mapping_loss(
-          out["patch_embeds"], out["projected_back"], fusion.vision_map_samples(batch, self.cfg))
+    terms = mapping_loss.loss_terms(
+        logits, batch["labels"], out["instruct_embeds"], out["instruct_feats"],
+        batch["instructs_mask"], out["patch_embeds"], out["projected_back"],
+        sample_mask=fusion.vision_map_samples(batch, self.cfg),
+        text_map="text_map" in self.loss_weights, vision_map="vision_map" in self.loss_weights,
+        rules=self.rules)
+    sums = {k: total for k, (total, _) in terms.items()}
     tokens = jnp.sum(batch["token_mask"]).astype(jnp.float32)
     # Per-step metrics (aux values add up over microbatches): samples in the batch, and the
     # packing efficiency real tokens / row tokens as this microbatch's share of the mean.

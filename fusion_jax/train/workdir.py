@@ -57,8 +57,7 @@ def load_run(workdir: str, step: int | None = None
   step = latest_step(workdir) if step is None else step
   config = run_config(workdir, step)
   cfg = fusion_config_of(config)
-  batch = fusion.example_batch(cfg, batch_size=1, seq_len=8, max_questions=1,
-                               q=min(cfg.query_len), seed=None)
+  batch = fusion.init_batch(cfg)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.eval_shape(lambda: fusion.Fusion(cfg).init(jax.random.key(0), batch))["params"]
   import flax.linen as nn
