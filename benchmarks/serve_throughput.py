@@ -52,7 +52,7 @@ def main() -> None:
   a = p.parse_args()
   import jax
 
-  from fusion_jax.infer.generate import Generator
+  from fusion_jax.infer.generator import Generator
   from fusion_jax.infer.load import load_model
   from fusion_jax.serve.batcher import Batcher
   from fusion_jax.serve.chat import ChatLimits

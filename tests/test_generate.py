@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from fusion_jax.infer import generate as gen_lib
+from fusion_jax.infer import generator as generator_lib
+from fusion_jax.infer import sampling as sampling_lib
 from fusion_jax.models import fusion
 from fusion_jax.models.presets import TINY
 from tests.pipeline_fixtures import make_tokenizer
@@ -37,7 +39,7 @@ def setup(tmp_path_factory):
                          {"from": "human", "value": "Is the ball red?"}]},
       {"id": "c", "conversations": [{"from": "human", "value": "Describe a cat."}]},
   ]
-  prompts = gen_lib.prompt_batch(records, tok, cfg, image_root=root, q=Q, seq_len=SEQ,
+  prompts = generator_lib.prompt_batch(records, tok, cfg, image_root=root, q=Q, seq_len=SEQ,
                                  max_questions=LQ)
   return root, tok, cfg, params, records, prompts
 
@@ -68,7 +70,7 @@ def _full_forward_logits(params, cfg, prompts, tokens):
 
 def test_cached_greedy_matches_full_forward(setup):
   _, tok, cfg, params, _, prompts = setup
-  gen = gen_lib.make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
+  gen = generator_lib.make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
   tokens, lengths = jax.device_get(gen(params, prompts, jax.random.key(0)))
   assert tokens.shape == (3, NEW) and lengths.tolist() == [NEW] * 3
   ref = _full_forward_logits(params, cfg, prompts, tokens)
@@ -92,10 +94,10 @@ def test_prefill_logits_match_full_forward(setup):
 
 def test_stop_token_ends_each_answer(setup):
   _, tok, cfg, params, _, prompts = setup
-  free = gen_lib.make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
+  free = generator_lib.make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
   tokens, _ = jax.device_get(free(params, prompts, jax.random.key(0)))
   stop = int(tokens[0, 2])  # example 0 stops at its third token
-  gen = gen_lib.make_generate(cfg, max_new_tokens=NEW, stop=(stop,), pad_id=tok.pad_id)
+  gen = generator_lib.make_generate(cfg, max_new_tokens=NEW, stop=(stop,), pad_id=tok.pad_id)
   out, lengths = jax.device_get(gen(params, prompts, jax.random.key(0)))
   for i in range(3):
     first = next((t for t in range(NEW) if tokens[i, t] == stop), NEW)
@@ -118,7 +120,7 @@ def test_answer_decodes_text_and_sampling_is_seeded(setup):
 def test_prompt_that_does_not_fit_names_the_record(setup):
   root, tok, cfg, _, records, _ = setup
   with pytest.raises(ValueError, match=r"^b: .*seq_len=.*raise them"):
-    gen_lib.prompt_batch(records[1:2], tok, cfg, image_root=root, q=Q, seq_len=SEQ,
+    generator_lib.prompt_batch(records[1:2], tok, cfg, image_root=root, q=Q, seq_len=SEQ,
                          max_questions=1)
 
 
@@ -129,7 +131,7 @@ def test_sample_tokens_top_k_top_p():
   n = 256
   logits = np.log(np.array([[0.6, 0.3, 0.1, 1e-9]] * n, np.float32))
   keys = jax.vmap(jax.random.key)(np.arange(n, dtype=np.uint32))
-  sample = jax.jit(gen_lib.sample_tokens)
+  sample = jax.jit(sampling_lib.sample_tokens)
 
   def draws(temperature, top_k, top_p):
     return set(np.asarray(sample(logits, np.full(n, temperature, np.float32),
@@ -151,7 +153,7 @@ def test_sample_tokens_top_k_top_p():
 @pytest.fixture(scope="module")
 def generator(setup):
   _, tok, cfg, params, _, _ = setup
-  return gen_lib.Generator(params, cfg, tok, q=Q, max_questions=LQ, max_seq_len=SEQ,
+  return generator_lib.Generator(params, cfg, tok, q=Q, max_questions=LQ, max_seq_len=SEQ,
                            max_batch=4, max_new_tokens=NEW, stop_check_every=2)
 
 
@@ -159,7 +161,7 @@ def test_mixed_lengths_batch_equals_alone(setup, generator):
   root, _, _, _, records, prompts = setup
   lengths = prompts["token_mask"].sum(-1)
   assert len(set(lengths.tolist())) == 3  # three different prompt lengths
-  sp = gen_lib.SamplingParams(max_new_tokens=NEW)
+  sp = sampling_lib.SamplingParams(max_new_tokens=NEW)
   together = generator.generate(records, sp, image_root=root)
   for rec, got in zip(records, together):
     alone = generator.generate([rec], sp, image_root=root)[0]
@@ -167,7 +169,7 @@ def test_mixed_lengths_batch_equals_alone(setup, generator):
   assert len({c.token_ids for c in together}) > 1
   assert all(c.prompt_tokens == n for c, n in zip(together, lengths))
   # Per-row max_new_tokens in one batch.
-  short = generator.generate(records, [sp, gen_lib.SamplingParams(max_new_tokens=2), sp],
+  short = generator.generate(records, [sp, sampling_lib.SamplingParams(max_new_tokens=2), sp],
                              image_root=root)
   assert short[0] == together[0] and short[2] == together[2]
   assert short[1].token_ids == together[1].token_ids[:2] and short[1].completion_tokens <= 2
@@ -175,7 +177,7 @@ def test_mixed_lengths_batch_equals_alone(setup, generator):
 
 def test_stop_strings_cut_the_text(setup, generator):
   root, tok, _, _, records, _ = setup
-  free = generator.generate(records[:1], gen_lib.SamplingParams(max_new_tokens=NEW),
+  free = generator.generate(records[:1], sampling_lib.SamplingParams(max_new_tokens=NEW),
                             image_root=root)[0]
   ids = list(free.token_ids)
   decode = lambda k: tok.decode(ids[:k], skip_special_tokens=True)  # noqa: E731
@@ -185,7 +187,8 @@ def test_stop_strings_cut_the_text(setup, generator):
            and decode(k)[len(decode(k - 1)):] not in decode(k - 1)]
   assert found, f"no usable stop string in the free answer {ids}"
   k, stop = found[0]
-  got = generator.generate(records[:1], gen_lib.SamplingParams(max_new_tokens=NEW, stop=(stop,)),
+  got = generator.generate(records[:1],
+                           sampling_lib.SamplingParams(max_new_tokens=NEW, stop=(stop,)),
                            image_root=root)[0]
   assert got.finish_reason == "stop"
   assert got.text == decode(k)[:decode(k).find(stop)].strip()
@@ -205,19 +208,19 @@ def test_longrope_crossing_reprefills_with_the_long_factors(setup):
   sequence so far, tokens after it the long-regime forward (as transformers' recompute)."""
   root, tok, cfg, params, records, _ = setup
   phi, new = _phi(cfg), 40
-  gen = gen_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ,
+  gen = generator_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ,
                           max_new_tokens=new, stop=())  # no stop token: the full length
   rec = records[2]
-  _, n = gen.check(rec, gen_lib.SamplingParams(max_new_tokens=new))
+  _, n = gen.check(rec, sampling_lib.SamplingParams(max_new_tokens=new))
   cross = gen.crossing(n, new)
   assert cross == 96 - n and 0 < cross < new - 2, n
-  ids = list(gen.generate([rec], gen_lib.SamplingParams(max_new_tokens=new))[0].token_ids)
+  ids = list(gen.generate([rec], sampling_lib.SamplingParams(max_new_tokens=new))[0].token_ids)
   assert len(ids) == new
   forward = jax.jit(lambda p, b: fusion.apply(p, b, phi, train=False)[0])
 
   def argmax_ok(k, steps):
     """Tokens `steps` are greedy under one full forward over the prompt + ids[:k]."""
-    batch = gen_lib.prompt_batch([rec], tok, phi, image_root=root, q=Q, seq_len=160,
+    batch = generator_lib.prompt_batch([rec], tok, phi, image_root=root, q=Q, seq_len=160,
                                  max_questions=LQ)
     batch["input_ids"][0, n:n + k] = ids[:k]
     batch["token_mask"][0, n:n + k] = True
@@ -237,19 +240,19 @@ def test_long_prompts_are_batched_apart(setup, monkeypatch):
   batch with rows before it."""
   _, tok, cfg, params, records, _ = setup
   phi = _phi(cfg)
-  gen = gen_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ)
+  gen = generator_lib.Generator(params, phi, tok, q=Q, max_questions=LQ, max_seq_len=SEQ)
   long = {"id": "long", "conversations": [{"from": "human", "value": "Describe a cat. " * 4}]}
   prompts = [records[2], long, records[2], long]
-  lengths = [gen.check(r, gen_lib.SamplingParams(max_new_tokens=1))[1] for r in prompts]
+  lengths = [gen.check(r, sampling_lib.SamplingParams(max_new_tokens=1))[1] for r in prompts]
   assert lengths[0] + 1 <= 96 < lengths[1], lengths
   batches = []
 
   def fake_run(rows, image_root):
     batches.append([r.index for r in rows])
-    return [gen_lib.Completion(str(r.index), (), r.length, 0, "length") for r in rows]
+    return [generator_lib.Completion(str(r.index), (), r.length, 0, "length") for r in rows]
 
   monkeypatch.setattr(gen, "_run", fake_run)
-  out = gen.generate(prompts, gen_lib.SamplingParams(max_new_tokens=1))
+  out = gen.generate(prompts, sampling_lib.SamplingParams(max_new_tokens=1))
   assert batches == [[0, 2], [1, 3]] and [c.text for c in out] == ["0", "1", "2", "3"]
 
 
@@ -257,4 +260,4 @@ def test_sampling_params_are_validated():
   for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
               dict(top_k=-1), dict(stop=("",))):
     with pytest.raises(ValueError):
-      gen_lib.SamplingParams(**bad)
+      sampling_lib.SamplingParams(**bad)

@@ -22,6 +22,7 @@ from PIL import Image
 from fusion_jax.eval import bench_model, closed_qa
 from fusion_jax.eval import lmms_eval_model as lem
 from fusion_jax.models import fusion
+from fusion_jax.models.batch_spec import stack_examples
 from tests.bench_fixtures import tiny_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,8 +121,8 @@ def test_loglikelihood_matches_candidate_scoring(lm):
   np.testing.assert_allclose([lp for lp, _ in out], ref, rtol=1e-4, atol=1e-4)
   # is_greedy: every continuation token is the full forward's argmax
   image = closed_qa.image_loader([rec], "", m.cfg.vision.image_size)(0)
-  batch = bench_model.stack([{**{k: v for k, v in e.items() if k != "record_index"},
-                              "images": image} for e in exs])
+  batch = stack_examples([{**{k: v for k, v in e.items() if k != "record_index"},
+                           "images": image} for e in exs])
   logits, _ = jax.jit(lambda p, b: fusion.apply(p, b, m.cfg, train=False))(m.params, batch)
   pred = np.argmax(np.asarray(logits)[:, :-1], -1)
   labels = batch["labels"][:, 1:]
@@ -194,7 +195,7 @@ def openai_payload(context, image, gen_kwargs, model_version="fusion_jax"):
 
 
 def test_openai_server_route_answers_like_the_model_class(lm):
-  from fusion_jax.infer.generate import Generator
+  from fusion_jax.infer.generator import Generator
   from fusion_jax.serve.batcher import Batcher
   from fusion_jax.serve.chat import ChatLimits
   from fusion_jax.serve.server import FusionServer

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from fusion_jax.infer.generate import Generator
+from fusion_jax.infer.generator import Generator
 from fusion_jax.infer.load import load_model
 from fusion_jax.serve.batcher import Batcher
 from fusion_jax.serve.chat import ChatLimits

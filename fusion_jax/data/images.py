@@ -41,7 +41,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -192,3 +193,22 @@ def text_only_images(size: int) -> np.ndarray:
   sample's normalised images by zeros (docs/model.md §5).
   """
   return np.zeros((5, size, size, 3), np.uint8)
+
+
+def record_images(rec: Mapping[str, Any], size: int, *, image_root: str = "",
+                  source: str = "") -> np.ndarray:
+  """uint8 (5, size, size, 3) crops of a record as evaluation and inference take it: its
+  already decoded `images`, else its `image` file (joined to image_root), else text-only zeros.
+
+  (The training pipeline reads images itself: embedded bytes, paths confined to the root.)
+  """
+  if rec.get("images") is not None:
+    images = np.asarray(rec["images"], np.uint8)
+    if images.shape != (5, size, size, 3):
+      raise ValueError(f"{source}: decoded images {images.shape}, expected (5, {size}, "
+                       f"{size}, 3) (fusion_jax.data.images.load_static_hd)")
+    return images
+  if rec.get("image"):
+    return load_static_hd(os.path.join(image_root, rec["image"]), size, source=source)
+  return text_only_images(size)
+

@@ -2,7 +2,7 @@
 
 A prompt is (text, image) with image = encoded bytes, a file path, a PIL image or None; images
 are decoded to static_hd crops per chunk of prompts (never a whole benchmark at once).
-Generation goes through fusion_jax.infer.generate.Generator (shape buckets, stop tokens);
+Generation goes through fusion_jax.infer.generator.Generator (shape buckets, stop tokens);
 prompts are sorted by length first so batches hold similar lengths. A prompt the model cannot
 take (longer than its seq_len, an undecodable image, ...) comes back as `Refused` with the
 reason instead of being truncated.
@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax.data.conversation import encode_conversation
@@ -23,7 +22,8 @@ from fusion_jax.data.errors import BadSample
 from fusion_jax.data.images import load_static_hd, static_hd_crops, text_only_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.data.tokenizer import IMAGE_MARKER
-from fusion_jax.models import batch_spec, fusion
+from fusion_jax.eval.closed_qa import make_scorer
+from fusion_jax.models import batch_spec
 
 BUCKET = 128  # scoring: sequence lengths padded to a multiple of this (one compile per bucket)
 CHUNK_BATCHES = 16  # prompts whose images are decoded at a time, in batches
@@ -74,7 +74,8 @@ def generate(model: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 16,
              progress: Callable[[int, int], None] | None = None) -> list[str | Refused]:
   """Greedy answers in prompt order, each cut before the first of `stop` (`Refused` for a
   prompt the model cannot take)."""
-  from fusion_jax.infer.generate import Generator, SamplingParams
+  from fusion_jax.infer.generator import Generator
+  from fusion_jax.infer.sampling import SamplingParams
   size = model.cfg.vision.image_size
   gen = Generator(model.params, model.cfg, model.tokenizer, q=model.q, max_questions=1,
                   max_seq_len=model.seq_len, max_batch=batch_size, max_new_tokens=max_new_tokens)
@@ -122,29 +123,6 @@ def _buckets(lengths: Sequence[int], seq_len: int) -> dict[int, list[int]]:
   return out
 
 
-def stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """A model batch of laid-out examples (layout_sample + "images"), one per row."""
-  return batch_spec.stack_examples(examples)
-
-
-def make_continuation_scorer(cfg: fusion.FusionConfig
-                             ) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, ...]]:
-  """Jitted (params, batch) -> ((B,) summed log-prob of the labels, (B,) all labels greedy)."""
-
-  @jax.jit
-  def score(params, batch):
-    logits, _ = fusion.apply(params, batch, cfg, train=False)
-    logits = logits[:, :-1].astype(jnp.float32)
-    labels = batch["labels"][:, 1:]
-    valid = labels >= 0
-    safe = jnp.where(valid, labels, 0)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), safe[..., None], -1)[..., 0]
-    greedy = jnp.argmax(logits, -1) == safe
-    return (jnp.sum(jnp.where(valid, logp, 0.0), -1), jnp.all(greedy | ~valid, -1))
-
-  return score
-
-
 def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_size: int = 8
                   ) -> list[tuple[float, bool] | Refused]:
   """(log p(continuation | context, image), continuation is the greedy answer) per
@@ -152,11 +130,11 @@ def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_si
   undecodable image.
 
   The continuation is scored as the model's answer turn: its tokens and the template's end
-  token (as lmms-eval's llava scores the answer message), with one full forward (interaction
-  layers included), like fusion_jax.eval.closed_qa's candidate scoring.
+  token (as lmms-eval's llava scores the answer message) by fusion_jax.eval.closed_qa's scorer
+  (one full forward, interaction layers included), as closed_qa scores its candidates.
   """
   cfg, tok = model.cfg, model.tokenizer
-  score = make_continuation_scorer(cfg)
+  score = make_scorer(cfg)
   size = cfg.vision.image_size
   out: list[Any] = [None] * len(items)
   encs = [encode_conversation(_record(ctx, _resolve(im) is not None, i, answer=cont), tok,
@@ -186,7 +164,7 @@ def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_si
       if not rows:
         continue
       rows += [rows[-1]] * (batch_size - len(rows))
-      logp, greedy = jax.device_get(score(model.params, stack(rows)))
+      logp, greedy = jax.device_get(score(model.params, batch_spec.stack_examples(rows)))
       for j, i in enumerate(part):
         out[i] = (float(logp[j]), bool(greedy[j]))
   return out

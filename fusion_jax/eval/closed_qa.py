@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from fusion_jax.data.conversation import encode_conversation
 from fusion_jax.data.errors import BadSample
-from fusion_jax.data.images import load_static_hd, text_only_images
+from fusion_jax.data.images import record_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.models import batch_spec, fusion
 
@@ -109,17 +108,21 @@ def build_examples(records: Sequence[Mapping[str, Any]], questions: Sequence[Que
   return examples, owners, skipped
 
 
-def make_scorer(cfg: fusion.FusionConfig) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
-  """Jitted (params, batch) -> (B,) summed log-probability of each example's labels."""
+def make_scorer(cfg: fusion.FusionConfig
+                ) -> Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array]]:
+  """Jitted (params, batch) -> ((B,) summed log-probability of each example's labels, (B,)
+  whether every label is the greedy token); one full forward, interaction layers included."""
 
   @jax.jit
   def score(params, batch):
     logits, _ = fusion.apply(params, batch, cfg, train=False)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    logits = logits[:, :-1].astype(jnp.float32)
     labels = batch["labels"][:, 1:]
     valid = labels >= 0
-    tok = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, tok, 0.0), axis=-1)
+    safe = jnp.where(valid, labels, 0)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), safe[..., None], -1)[..., 0]
+    greedy = jnp.argmax(logits, -1) == safe
+    return jnp.sum(jnp.where(valid, logp, 0.0), -1), jnp.all(greedy | ~valid, -1)
 
   return score
 
@@ -145,7 +148,7 @@ def score_examples(params: Any, cfg: fusion.FusionConfig, examples: Sequence[dic
         cache[r] = image_of(r)
       imgs.append(cache[r])
     batch["images"] = np.stack(imgs)[:, None]  # (B, P=1, 5, H, W, 3)
-    out[start:start + n] = np.asarray(scorer(params, batch))[:n]
+    out[start:start + n] = np.asarray(scorer(params, batch)[0])[:n]
     if progress:
       progress(min(start + batch_size, len(examples)), len(examples))
   return out
@@ -156,10 +159,8 @@ def image_loader(records: Sequence[Mapping[str, Any]], image_root: str, size: in
   """record index -> uint8 (5, S, S, 3) static_hd crops (zeros for text-only records)."""
 
   def load(i: int) -> np.ndarray:
-    rel = records[i].get("image")
-    if not rel:
-      return text_only_images(size)
-    return load_static_hd(os.path.join(image_root, rel), size, source=str(records[i].get("id")))
+    return record_images(records[i], size, image_root=image_root,
+                         source=str(records[i].get("id")))
 
   return load
 

@@ -1,4 +1,4 @@
-r"""Ask a FUSION model questions (KV-cached generation, fusion_jax/infer/generate.py).
+r"""Ask a FUSION model questions (KV-cached generation, fusion_jax/infer/generator.py).
 
   python -m fusion_jax.infer --workdir DIR --image IMG.png --question "What color is it?"
   python -m fusion_jax.infer --workdir DIR --data DATA/heldout.json [--num 5]

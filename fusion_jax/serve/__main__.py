@@ -38,7 +38,7 @@ def main(argv) -> None:
   del argv
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  from fusion_jax.infer.generate import Generator
+  from fusion_jax.infer.generator import Generator
   from fusion_jax.infer.load import load_model
   from fusion_jax.serve.batcher import Batcher
   from fusion_jax.serve.chat import ChatLimits

@@ -16,7 +16,8 @@ from typing import Any
 
 from absl import logging
 
-from fusion_jax.infer.generate import Completion, Generator, SamplingParams
+from fusion_jax.infer.generator import Completion, Generator
+from fusion_jax.infer.sampling import SamplingParams
 
 
 class QueueFull(RuntimeError):

@@ -29,7 +29,7 @@ import numpy as np
 from fusion_jax.data.errors import BadSample
 from fusion_jax.data.images import load_static_hd
 from fusion_jax.data.tokenizer import IMAGE_MARKER
-from fusion_jax.infer.generate import SamplingParams
+from fusion_jax.infer.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
 
@@ -168,7 +168,7 @@ def _content(content: Any, k: int, limits: ChatLimits) -> tuple[str, np.ndarray 
 
 
 def chat_record(req: Any, limits: ChatLimits, request_id: str = "request") -> dict[str, Any]:
-  """A prompt record for fusion_jax.infer.generate from a chat request (RequestError if bad)."""
+  """A prompt record for fusion_jax.infer.generator from a chat request (RequestError if bad)."""
   if not isinstance(req, Mapping):
     raise RequestError(f"the request body must be a JSON object, got {json_type(req)}")
   messages = req.get("messages")
