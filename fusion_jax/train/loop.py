@@ -42,20 +42,6 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def to_global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any],
-                    global_batch: int) -> dict[str, jax.Array]:
-  """This host's rows -> global jax.Arrays laid out by `shardings` (works multi-host)."""
-  out = {}
-  for key, sharding in shardings.items():
-    if key not in host_batch:
-      raise KeyError(f"the data iterator's batch lacks {key!r} (task.batch_axes lists it); "
-                     f"it has {sorted(host_batch)}")
-    x = np.asarray(host_batch[key])
-    out[key] = jax.make_array_from_process_local_data(
-        sharding, x, (global_batch,) + x.shape[1:])
-  return out
-
-
 def _counters(it: Any) -> dict[str, int]:
   c = getattr(it, "counters", None)
   if c is None:
@@ -97,10 +83,6 @@ class _Preemption:
     if self._prev is not None:
       signal.signal(signal.SIGTERM, self._prev)
       self._prev = None
-
-
-def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
 
 
 @dataclasses.dataclass
@@ -148,7 +130,8 @@ class Setup:
         schedule=self.schedule, donate=donate)
 
   def global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    return to_global_batch(host_batch, self.batch_shardings, int(self.config.global_batch))
+    return step_lib.to_global_batch(host_batch, self.batch_shardings,
+                                    int(self.config.global_batch))
 
 
 def setup(config: ml_collections.ConfigDict, task: task_lib.Task | None = None,
@@ -191,146 +174,194 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)  # orbax requires absolute checkpoint paths
   su = setup(config, task)
-  task, num_steps = su.task, su.num_steps
-  primary = jax.process_index() == 0
-  if primary:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # gs:// workdirs too
-  logging.info("mesh %s over %d devices (%d processes); %d steps of global batch %d (%d "
-               "microbatches)", dict(su.mesh.shape), jax.device_count(), jax.process_count(),
-               num_steps, config.global_batch, config.microbatches)
-  logging.info("parameters per optimizer label: %s",
-               optim_lib.label_summary(su.target.params, su.labels))
-
+  _announce(su, workdir)
   ck = config.checkpoint
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), keep_last=int(ck.keep_last),
                                keep_every=int(ck.keep_every), async_save=bool(ck.async_save))
-  # The newest step that restores completely; damaged newer steps are logged and moved aside.
-  restored = ckpt.restore_latest(su.target, restore_data=bool(ck.restore_data))
-  resumed_from = None if restored is None else restored[0]
-  init_report = None
-  data_state = None
-  if restored is not None:
-    _, state, data_state = restored
-    logging.info("resumed from %s/%d", ckpt.directory, resumed_from)
-  else:
-    state = su.init_state()
-    if config.init_from:
-      params, report = ckpt_lib.restore_params(config.init_from, su.target.params,
-                                               fresh_params=state.params,
-                                               adapt=getattr(task, "adapt_params", None))
-      state = state.replace(params=params)
-      init_report = {k: len(v) for k, v in report.items()}
-
-  it = task.make_data_iterator(jax.process_index(), jax.process_count())
+  state, resumed_from, data_state, init_report = _restore_or_init(su, ckpt)
+  it = su.task.make_data_iterator(jax.process_index(), jax.process_count())
   if data_state:
     it.set_state(data_state)
-  train_step = su.make_step()
-
-  fpt = task.flops_per_token() if hasattr(task, "flops_per_token") else None
-  peak = config_lib.peak_flops_per_device(config)
-  writer = metrics_lib.MetricsWriter(
-      workdir, num_steps=num_steps, start_step=int(jax.device_get(state.step)), enabled=primary,
-      flops_per_token=fpt, peak_flops=None if peak is None else peak * jax.device_count())
-  trace = None
-  if config.trace_batch_key:
-    os.makedirs(os.path.join(workdir, "trace"), exist_ok=True)
-    trace = open(os.path.join(workdir, "trace", f"process_{jax.process_index()}.jsonl"), "a")
-  config_json = _config_dict(config)
-  preemption = _Preemption()
-
-  start = int(jax.device_get(state.step))
-  last_saved = resumed_from
-  last_record: dict[str, Any] = {}
-  preempted = False
-  max_bad = int(config.max_nonfinite)
-
-  saved_data: dict[str, Any] | None = None
-
-  def save(step: int, overwrite: bool = False) -> None:
-    """Checkpoints `step` once; `overwrite` re-saves it if the data state moved since."""
-    nonlocal last_saved, saved_data
-    data = it.get_state()
-    if last_saved == step and not (overwrite and data != saved_data):
-      return
-    ckpt.save(state, step=step, data_state=data, config=config_json, overwrite=overwrite)
-    last_saved, saved_data = step, data
-
-  def process(done: int, metrics: Any, counters: dict[str, int], force: bool = False) -> None:
-    """Host side of a finished step (called one step late); `force` logs it regardless of
-    log_every (the last record of a run)."""
-    nonlocal last_record
-    m = jax.device_get(metrics)
-    if force or done == start + 1 or done % int(config.log_every) == 0 or done == num_steps:
-      last_record = writer.write(done, m, _sum_over_processes(counters))
-    streak = int(m["nonfinite_streak"])
-    if max_bad and streak >= max_bad:
-      ckpt.wait()
-      good = [s for s in ckpt.all_steps() if s <= done - streak]
-      where = (f"{ckpt.directory}/{max(good)}" if good else
-               "none (no checkpoint was saved before the streak began)")
-      raise NonFiniteError(
-          f"{streak} consecutive steps with a non-finite loss or gradient (steps "
-          f"{done - streak + 1}..{done}); their updates were skipped "
-          f"({int(m['nonfinite_total'])} skipped in total). Last good checkpoint: {where}. "
-          "Check the data around these steps or lower optim.lr; to resume from that checkpoint, "
-          "remove the newer step directories (if any) and rerun the same command; "
-          "config.max_nonfinite sets the limit.")
-
-  pending = None
-  done = start
+  run = _Run(su, workdir, ckpt, it, state, resumed_from)
   try:
-    if start >= num_steps:
-      logging.info("nothing to do: the checkpoint is at step %d of %d", start, num_steps)
-    for s in range(start, num_steps):
-      try:
-        host = next(it)
-      except StopIteration:
-        logging.warning("the data iterator ended after %d of %d steps; stopping here (raise "
-                        "the data epochs or lower num_steps)", done, num_steps)
-        if pending is not None:
-          # Skips after the last batch were counted while the iterator ran dry: the final
-          # record and the checkpoint both take the counters as they are now.
-          process(*pending[:2], _counters(it), force=True)
-          pending = None
-          save(done, overwrite=True)
-        break
-      batch = su.global_batch(host)
-      state, metrics = train_step(state, batch)
-      done = s + 1
-      if trace is not None:
-        ids = np.asarray(host[config.trace_batch_key]).tolist()
-        trace.write(json.dumps({"step": done, "ids": ids}) + "\n")
-        trace.flush()
-      counters = _counters(it)
-      if pending is not None:
-        process(*pending)
-      pending = (done, metrics, counters)
-      if (int(ck.every) and done % int(ck.every) == 0) or done == num_steps:
-        save(done)
-      if done < num_steps and preemption.reached(ckpt, done):
-        process(*pending, force=True)
-        pending = None
-        save(done)
-        preempted = True
-        logging.warning("preempted at step %d: checkpoint saved, exiting", done)
-        break
-    if pending is not None:
-      process(*pending)
+    run.steps()
   finally:
-    preemption.restore()
-    if trace is not None:
-      trace.close()
-    ckpt.close()
-    writer.close()
-    close = getattr(it, "close", None)
-    if close is not None:
-      close()
+    run.close()
 
-  curve = metrics_lib.plot_loss_curve(workdir) if primary else None
+  curve = metrics_lib.plot_loss_curve(workdir) if jax.process_index() == 0 else None
   summary = dict(
-      step=done, num_steps=num_steps, preempted=preempted, resumed_from=resumed_from,
-      checkpoint_step=last_saved, checkpoint_dir=ckpt.directory,
-      nonfinite_total=int(jax.device_get(state.nonfinite_total)), last=last_record,
+      step=run.done, num_steps=su.num_steps, preempted=run.preempted, resumed_from=resumed_from,
+      checkpoint_step=run.last_saved, checkpoint_dir=ckpt.directory,
+      nonfinite_total=int(jax.device_get(run.state.nonfinite_total)), last=run.last_record,
       wall_time_s=time.time() - t_start, init_from=init_report, loss_curve=curve)
   logging.info("training summary: %s", {k: v for k, v in summary.items() if k != "last"})
   return summary
+
+
+def _announce(su: Setup, workdir: str) -> None:
+  """Creates the workdir (process 0; gs:// too) and logs the mesh, steps and parameters."""
+  config = su.config
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  logging.info("mesh %s over %d devices (%d processes); %d steps of global batch %d (%d "
+               "microbatches)", dict(su.mesh.shape), jax.device_count(), jax.process_count(),
+               su.num_steps, config.global_batch, config.microbatches)
+  logging.info("parameters per optimizer label: %s",
+               optim_lib.label_summary(su.target.params, su.labels))
+
+
+def _restore_or_init(su: Setup, ckpt: ckpt_lib.Checkpointer
+                     ) -> tuple[state_lib.TrainState, int | None, Any, dict[str, int] | None]:
+  """(state, resumed_from, data_state, init_from report) of the run's start.
+
+  The newest step that restores completely (damaged newer steps are logged and moved aside);
+  without one, a fresh state, with the parameters of config.init_from when it is set.
+  """
+  config = su.config
+  restored = ckpt.restore_latest(su.target, restore_data=bool(config.checkpoint.restore_data))
+  if restored is not None:
+    step, state, data_state = restored
+    logging.info("resumed from %s/%d", ckpt.directory, step)
+    return state, step, data_state, None
+  state = su.init_state()
+  if not config.init_from:
+    return state, None, None, None
+  params, report = ckpt_lib.restore_params(config.init_from, su.target.params,
+                                           fresh_params=state.params,
+                                           adapt=getattr(su.task, "adapt_params", None))
+  return state.replace(params=params), None, None, {k: len(v) for k, v in report.items()}
+
+
+def _metrics_writer(su: Setup, workdir: str, start: int) -> metrics_lib.MetricsWriter:
+  """Metrics of process 0, with MFU when the task knows its FLOPs and the device its peak."""
+  task = su.task
+  fpt = task.flops_per_token() if hasattr(task, "flops_per_token") else None
+  peak = config_lib.peak_flops_per_device(su.config)
+  return metrics_lib.MetricsWriter(
+      workdir, num_steps=su.num_steps, start_step=start, enabled=jax.process_index() == 0,
+      flops_per_token=fpt, peak_flops=None if peak is None else peak * jax.device_count())
+
+
+class _Run:
+  """The step loop of one train() call and what it carries between steps.
+
+  Metrics are processed one step late (the host never waits on the device); a checkpoint is
+  written every config.checkpoint.every steps, at the last step, on preemption, and again for
+  the last step when the data iterator runs dry after it.
+  """
+
+  def __init__(self, su: Setup, workdir: str, ckpt: ckpt_lib.Checkpointer, it: Any,
+               state: state_lib.TrainState, resumed_from: int | None):
+    config = su.config
+    self.su, self.ckpt, self.it, self.state = su, ckpt, it, state
+    self.num_steps = su.num_steps
+    self.train_step = su.make_step()
+    self.start = self.done = int(jax.device_get(state.step))
+    self.writer = _metrics_writer(su, workdir, self.start)
+    self.trace = None
+    if config.trace_batch_key:
+      os.makedirs(os.path.join(workdir, "trace"), exist_ok=True)
+      self.trace = open(os.path.join(workdir, "trace", f"process_{jax.process_index()}.jsonl"),
+                        "a")
+    self.config_json = json.loads(config.to_json_best_effort())
+    self.preemption = _Preemption()
+    self.last_saved = resumed_from
+    self.saved_data: dict[str, Any] | None = None
+    self.last_record: dict[str, Any] = {}
+    self.preempted = False
+
+  def steps(self) -> None:
+    """Steps start .. num_steps; stops early when preempted or when the data runs dry."""
+    config = self.su.config
+    every = int(config.checkpoint.every)
+    if self.start >= self.num_steps:
+      logging.info("nothing to do: the checkpoint is at step %d of %d", self.start,
+                   self.num_steps)
+    pending = None
+    for s in range(self.start, self.num_steps):
+      try:
+        host = next(self.it)
+      except StopIteration:
+        logging.warning("the data iterator ended after %d of %d steps; stopping here (raise "
+                        "the data epochs or lower num_steps)", self.done, self.num_steps)
+        if pending is not None:
+          # Skips after the last batch were counted while the iterator ran dry: the final
+          # record and the checkpoint both take the counters as they are now.
+          self.process(*pending[:2], _counters(self.it), force=True)
+          pending = None
+          self.save(self.done, overwrite=True)
+        break
+      self.state, metrics = self.train_step(self.state, self.su.global_batch(host))
+      self.done = s + 1
+      self.write_trace(host)
+      counters = _counters(self.it)
+      if pending is not None:
+        self.process(*pending)
+      pending = (self.done, metrics, counters)
+      if (every and self.done % every == 0) or self.done == self.num_steps:
+        self.save(self.done)
+      if self.done < self.num_steps and self.preemption.reached(self.ckpt, self.done):
+        self.process(*pending, force=True)
+        pending = None
+        self.save(self.done)
+        self.preempted = True
+        logging.warning("preempted at step %d: checkpoint saved, exiting", self.done)
+        break
+    if pending is not None:
+      self.process(*pending)
+
+  def write_trace(self, host: Mapping[str, np.ndarray]) -> None:
+    """The batch's config.trace_batch_key values (e.g. sample ids) for data-order audits."""
+    if self.trace is None:
+      return
+    ids = np.asarray(host[self.su.config.trace_batch_key]).tolist()
+    self.trace.write(json.dumps({"step": self.done, "ids": ids}) + "\n")
+    self.trace.flush()
+
+  def save(self, step: int, overwrite: bool = False) -> None:
+    """Checkpoints `step` once; `overwrite` re-saves it if the data state moved since."""
+    data = self.it.get_state()
+    if self.last_saved == step and not (overwrite and data != self.saved_data):
+      return
+    self.ckpt.save(self.state, step=step, data_state=data, config=self.config_json,
+                   overwrite=overwrite)
+    self.last_saved, self.saved_data = step, data
+
+  def process(self, done: int, metrics: Any, counters: dict[str, int],
+              force: bool = False) -> None:
+    """Host side of a finished step (called one step late); `force` logs it regardless of
+    log_every (the last record of a run)."""
+    m = jax.device_get(metrics)
+    if (force or done == self.start + 1 or done % int(self.su.config.log_every) == 0
+        or done == self.num_steps):
+      self.last_record = self.writer.write(done, m, _sum_over_processes(counters))
+    self.check_nonfinite(done, m)
+
+  def check_nonfinite(self, done: int, m: Mapping[str, Any]) -> None:
+    """NonFiniteError once config.max_nonfinite consecutive steps were skipped."""
+    max_bad = int(self.su.config.max_nonfinite)
+    streak = int(m["nonfinite_streak"])
+    if not (max_bad and streak >= max_bad):
+      return
+    self.ckpt.wait()
+    good = [s for s in self.ckpt.all_steps() if s <= done - streak]
+    where = (f"{self.ckpt.directory}/{max(good)}" if good else
+             "none (no checkpoint was saved before the streak began)")
+    raise NonFiniteError(
+        f"{streak} consecutive steps with a non-finite loss or gradient (steps "
+        f"{done - streak + 1}..{done}); their updates were skipped "
+        f"({int(m['nonfinite_total'])} skipped in total). Last good checkpoint: {where}. "
+        "Check the data around these steps or lower optim.lr; to resume from that checkpoint, "
+        "remove the newer step directories (if any) and rerun the same command; "
+        "config.max_nonfinite sets the limit.")
+
+  def close(self) -> None:
+    """Restores the SIGTERM handler; closes the trace, checkpointer, metrics and data."""
+    self.preemption.restore()
+    if self.trace is not None:
+      self.trace.close()
+    self.ckpt.close()
+    self.writer.close()
+    close = getattr(self.it, "close", None)
+    if close is not None:
+      close()

@@ -20,10 +20,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fusion_jax.parallel.sharding import Rules
+from fusion_jax.parallel.sharding import Rules, normalize_rules
 from fusion_jax.train.state import TrainState
 from fusion_jax.train.task import Task
 
@@ -33,7 +34,21 @@ Metrics = dict[str, jax.Array]
 def batch_shardings(task: Task, mesh: jax.sharding.Mesh, rules: Rules) -> dict[str, NamedSharding]:
   """NamedSharding per batch key from the task's logical batch axes."""
   specs = {k: P(*v) for k, v in task.batch_axes.items()}
-  return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+  return nn.logical_to_mesh_sharding(specs, mesh, normalize_rules(rules))
+
+
+def to_global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any],
+                    global_batch: int) -> dict[str, jax.Array]:
+  """This host's rows -> global jax.Arrays laid out by `shardings` (works multi-host)."""
+  out = {}
+  for key, sharding in shardings.items():
+    if key not in host_batch:
+      raise KeyError(f"the data iterator's batch lacks {key!r} (task.batch_axes lists it); "
+                     f"it has {sorted(host_batch)}")
+    x = np.asarray(host_batch[key])
+    out[key] = jax.make_array_from_process_local_data(
+        sharding, x, (global_batch,) + x.shape[1:])
+  return out
 
 
 def split_microbatches(x: jax.Array, k: int) -> jax.Array:
