@@ -80,7 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prefetch=2, packing=False, max_samples_per_row=2))
   c.eval = ml_collections.ConfigDict(dict(split="heldout", batch_size=32))
 
-  # (name, categories (() = all), fraction of num_steps[, overrides]); fusion_jax.run.stage_plan.
+  # (name, categories (() = all), fraction of num_steps[, {dotted config key: value}]):
+  # fusion_jax/main_job/stages.py makes them fusion_jax.stages.Stage, as the paper configs'.
   # The alignment data is short: its stage trains at 128 tokens (a max length per stage, as
   # docs/model.md §10).
   c.stages = (("alignment", ALIGNMENT, 0.6, {"data.seq_len": 128}), ("instruction", (), 0.4))

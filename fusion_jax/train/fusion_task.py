@@ -188,9 +188,12 @@ class FusionTask:
   batch_axes = BATCH_AXES
 
   def __init__(self, config: ml_collections.ConfigDict):
+    # The config is read here (config.data again by data_config, which validates it).
     self.config = config
-    self.cfg = fusion_config_from(config.model, config.get("compute_dtype"),
-                                  config.get("remat_policy"))
+    self.remat_policy = config.get("remat_policy")
+    self.microbatches = max(int(config.get("microbatches", 1) or 1), 1)
+    self.tokenizer_path = str(config.data.get("tokenizer", "") or "")
+    self.cfg = fusion_config_from(config.model, config.get("compute_dtype"), self.remat_policy)
     # Mesh-axis lists (a config read back from JSON) become tuples, as Linen expects.
     self.rules = tuple(normalize_rules(config.rules))
     self.global_batch = int(config.global_batch)
@@ -207,7 +210,7 @@ class FusionTask:
   def tokenizer(self) -> Tokenizer:
     """config.data.tokenizer with the template's pad token, loaded once (data side only)."""
     if self._tokenizer is None:
-      path = self.config.data.get("tokenizer", "")
+      path = self.tokenizer_path
       if not path:
         raise ValueError("config.data.tokenizer is empty; point it to the LLM's tokenizer "
                          "directory or file (e.g. <import_hf output>/tokenizer)")
@@ -245,7 +248,7 @@ class FusionTask:
   def step_flops(self, rows: int, q: int | None = None) -> dict[str, Any]:
     """Analytical FLOPs of one train step of `rows` rows (fusion_jax.models.flops)."""
     s, lq, q, p = self._step_shape(q)
-    remat = (self.config.get("remat_policy") or self.cfg.llm.remat_policy) != "none"
+    remat = (self.remat_policy or self.cfg.llm.remat_policy) != "none"
     return flops_lib.train_step_flops(self.cfg, batch=rows, seq_len=s, q=q,
                                       max_questions=lq * p, remat=remat, images_per_row=p,
                                       segments_per_row=p)
@@ -268,7 +271,7 @@ class FusionTask:
     tokens = jnp.sum(batch["token_mask"]).astype(jnp.float32)
     # Per-step metrics (aux values add up over microbatches): samples in the batch, and the
     # packing efficiency real tokens / row tokens as this microbatch's share of the mean.
-    k = max(int(self.config.get("microbatches", 1) or 1), 1)
+    k = self.microbatches
     p = batch["has_image"].shape[1]
     aux = {"tokens": tokens,
            "samples": jnp.sum(batch_spec.sample_mask(batch["segment_ids"], p)).astype(jnp.float32),
