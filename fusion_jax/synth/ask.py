@@ -32,20 +32,24 @@ def _plural(shape: str) -> str:
 
 # ---- question kinds: each returns a Turn for one object / fact of a single-panel scene ----
 
-def color_of(rng: np.random.Generator, o: S.Obj) -> Turn:
-  q = _t(rng, ("What colour is the {s}?", "What color is the {s}?",
-               "Which colour is the {s} in the picture?", "Name the color of the {s}.",
-               "What is the colour of the {s}? Answer with one word."), s=o.shape)
+def _color_turn(q: str, o: S.Obj) -> Turn:
   return Turn(q, o.color, closed(o.color, "color", S.COLORS, "color_of"),
               {"op": "color_of", "bbox": o.bbox, "refs": [{"shape": o.shape}]})
+
+
+def color_of(rng: np.random.Generator, o: S.Obj) -> Turn:
+  return _color_turn(_t(rng, ("What colour is the {s}?", "What color is the {s}?",
+                              "Which colour is the {s} in the picture?",
+                              "Name the color of the {s}.",
+                              "What is the colour of the {s}? Answer with one word."),
+                        s=o.shape), o)
 
 
 def color_of_single(rng: np.random.Generator, o: S.Obj) -> Turn:
-  q = _t(rng, ("What colour is the object?", "What color is the shape in the image?",
-               "Which colour is the {s}?", "What is the colour of the {s}?",
-               "Name the color of the object in this picture."), s=o.shape)
-  return Turn(q, o.color, closed(o.color, "color", S.COLORS, "color_of"),
-              {"op": "color_of", "bbox": o.bbox, "refs": [{"shape": o.shape}]})
+  """color_of for a scene with one object (the question need not name its shape)."""
+  return _color_turn(_t(rng, ("What colour is the object?", "What color is the shape in the image?",
+                              "Which colour is the {s}?", "What is the colour of the {s}?",
+                              "Name the color of the object in this picture."), s=o.shape), o)
 
 
 def shape_of(rng: np.random.Generator, o: S.Obj) -> Turn:

@@ -43,6 +43,9 @@ from fusion_jax.synth.stats import compute_stats, format_stats
 STAGE_IDS = {"describe": 0, "render": 1, "ask": 2}
 CHUNK = 16          # indices per worker task
 MAX_ROUNDS = 12     # generation rounds before giving up on a category's quota
+# What a finished run writes next to images/ (both engines).
+OUTPUTS = ("train.json", "heldout.json", "stats.json", "stats.txt", "train.array_record",
+           "heldout.array_record", "scenes.jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,15 +191,16 @@ def dumps_records(records: Sequence[Mapping[str, Any]]) -> str:
   return "[\n" + ",\n".join(lines) + "\n]\n"
 
 
-def _quotas(cfg: SynthConfig) -> dict[str, int]:
+def quotas_of(cfg: SynthConfig) -> dict[str, int]:
+  """Records per category: cfg.num split evenly, the first categories taking the remainder."""
   c = len(cfg.categories)
   return {cat: cfg.num // c + (1 if k < cfg.num % c else 0)
           for k, cat in enumerate(cfg.categories)}
 
 
-def _select(pool: Sequence[Mapping[str, Any]], quotas: Mapping[str, int]
-            ) -> tuple[dict[str, list], dict[str, int], dict[str, int]]:
-  """Dedup + balance the pool, then take each category's quota."""
+def select(pool: Sequence[Mapping[str, Any]], quotas: Mapping[str, int]
+           ) -> tuple[dict[str, list], dict[str, int], dict[str, int]]:
+  """Dedup + balance the pool per category: (selected, duplicates, balance drops) by category."""
   kept, n_dup = F.dedup(sorted(pool, key=lambda r: r["id"]))
   by_cat: dict[str, list] = collections.defaultdict(list)
   for r in kept:
@@ -211,9 +215,56 @@ def _select(pool: Sequence[Mapping[str, Any]], quotas: Mapping[str, int]
   return selected, dup_by_cat, bal_by_cat
 
 
+def finalize(cfg: SynthConfig, records: Sequence[Mapping[str, Any]], quotas: Mapping[str, int],
+             rejected: collections.Counter, rejected_by_cat: Mapping[str, collections.Counter]
+             ) -> tuple[list[Mapping[str, Any]], dict[str, list]]:
+  """The dataset's records: `select`, each category cut to its quota (`stratified_take`),
+  sorted by id; duplicate / balance drops are added to the rejection counters.
+  Returns (final records, selected by category)."""
+  selected, dup_by_cat, bal_by_cat = select(records, quotas)
+  final = []
+  for cat in cfg.categories:
+    final += stratified_take(selected[cat], quotas[cat])
+    for reason, n in (("duplicate", dup_by_cat[cat]), ("balance", bal_by_cat[cat])):
+      if n:
+        rejected[reason] += n
+        rejected_by_cat[cat][reason] += n
+  final.sort(key=lambda r: r["id"])
+  return final, selected
+
+
+def write_splits(cfg: SynthConfig, final: Sequence[Mapping[str, Any]],
+                 scenes: Mapping[str, Any]) -> tuple[list, list]:
+  """Splits `final` (split_heldout) and writes train / heldout .json (and .array_record with
+  cfg.arrayrecord), and scenes.jsonl with cfg.write_scenes. Returns (train, heldout)."""
+  train, heldout = split_heldout(final, cfg.heldout_fraction, cfg.seed)
+  for name, recs in (("train", train), ("heldout", heldout)):
+    with open(os.path.join(cfg.out, f"{name}.json"), "w", encoding="utf-8") as f:
+      f.write(dumps_records(recs))
+    if cfg.arrayrecord:
+      entries = []
+      for r in recs:
+        with open(os.path.join(cfg.out, r["image"]), "rb") as f:
+          entries.append(encode_entry(r, f.read()))
+      write_arrayrecord(os.path.join(cfg.out, f"{name}.array_record"), entries)
+  if cfg.write_scenes:
+    with open(os.path.join(cfg.out, "scenes.jsonl"), "w", encoding="utf-8") as f:
+      for r in final:
+        f.write(json.dumps({"id": r["id"], "scene": scenes[r["id"]]}, sort_keys=True) + "\n")
+  return train, heldout
+
+
+def write_stats(cfg: SynthConfig, stats: Mapping[str, Any]) -> None:
+  """stats.json (deterministic) and its table stats.txt."""
+  with open(os.path.join(cfg.out, "stats.json"), "w", encoding="utf-8") as f:
+    json.dump(stats, f, indent=1, sort_keys=True)
+    f.write("\n")
+  with open(os.path.join(cfg.out, "stats.txt"), "w", encoding="utf-8") as f:
+    f.write(format_stats(stats) + "\n")
+
+
 def _prepare_out(cfg: SynthConfig) -> None:
-  names = ["images", "train.json", "heldout.json", "stats.json", "stats.txt",
-           "train.array_record", "heldout.array_record", "scenes.jsonl"]
+  names = ["images", *OUTPUTS]
   if os.path.isdir(cfg.out) and any(os.path.exists(os.path.join(cfg.out, n)) for n in names):
     if not cfg.overwrite:
       raise FileExistsError(f"{cfg.out} already holds a synthesized dataset; pass --overwrite "
@@ -243,7 +294,7 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
 
   _prepare_out(cfg)
   t0, cpu0 = time.perf_counter(), time.process_time()
-  quotas = _quotas(cfg)
+  quotas = quotas_of(cfg)
   pool = None
   backends = None
   if cfg.workers > 1:
@@ -278,7 +329,7 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
         records.append(rec)
         if cfg.write_scenes:
           scenes[rec["id"]] = res["scene"]
-      selected, _, _ = _select(records, quotas)
+      selected, _, _ = select(records, quotas)
       short = {c: quotas[c] - len(selected[c]) for c in quotas if len(selected[c]) < quotas[c]}
       if not short:
         break
@@ -292,42 +343,18 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
     if pool is not None:
       pool.close()
       pool.join()
-  selected, dup_by_cat, bal_by_cat = _select(records, quotas)
+  final, selected = finalize(cfg, records, quotas, rejected, rejected_by_cat)
   short = {c: f"{len(selected[c])}/{quotas[c]}" for c in quotas if len(selected[c]) < quotas[c]}
   if short:
     print(f"fusion_jax.synth: WARNING: after {MAX_ROUNDS} rounds some categories are short of "
           f"their quota (kept/quota): {short}; see the rejection reasons in stats.json (e.g. "
           "text_unreadable at a very small --size)", file=sys.stderr)
-  final = []
-  for cat in cfg.categories:
-    final += stratified_take(selected[cat], quotas[cat])
-  final.sort(key=lambda r: r["id"])
-  for cat in cfg.categories:
-    if dup_by_cat[cat]:
-      rejected["duplicate"] += dup_by_cat[cat]
-      rejected_by_cat[cat]["duplicate"] += dup_by_cat[cat]
-    if bal_by_cat[cat]:
-      rejected["balance"] += bal_by_cat[cat]
-      rejected_by_cat[cat]["balance"] += bal_by_cat[cat]
   # Remove images of items dropped after the per-item filter.
   keep_images = {r["image"] for r in final}
   for rec in records:
     if rec["image"] not in keep_images:
       os.remove(os.path.join(cfg.out, rec["image"]))
-  train, heldout = split_heldout(final, cfg.heldout_fraction, cfg.seed)
-  for name, recs in (("train", train), ("heldout", heldout)):
-    with open(os.path.join(cfg.out, f"{name}.json"), "w", encoding="utf-8") as f:
-      f.write(dumps_records(recs))
-    if cfg.arrayrecord:
-      entries = []
-      for r in recs:
-        with open(os.path.join(cfg.out, r["image"]), "rb") as f:
-          entries.append(encode_entry(r, f.read()))
-      write_arrayrecord(os.path.join(cfg.out, f"{name}.array_record"), entries)
-  if cfg.write_scenes:
-    with open(os.path.join(cfg.out, "scenes.jsonl"), "w", encoding="utf-8") as f:
-      for r in final:
-        f.write(json.dumps({"id": r["id"], "scene": scenes[r["id"]]}, sort_keys=True) + "\n")
+  train, heldout = write_splits(cfg, final, scenes)
   wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
   stats = compute_stats(cfg, train, heldout, generated, rejected, rejected_by_cat, quotas)
   # Timing varies run to run: kept out of stats.json so that file stays byte-deterministic.
@@ -335,11 +362,6 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
             "samples_per_s": round(generated / max(wall, 1e-9), 1),
             "samples_per_s_per_worker": round(generated / max(wall, 1e-9) / max(cfg.workers, 1),
                                               1)}
-  with open(os.path.join(cfg.out, "stats.json"), "w", encoding="utf-8") as f:
-    json.dump(stats, f, indent=1, sort_keys=True)
-    f.write("\n")
-  text = format_stats(stats)
-  with open(os.path.join(cfg.out, "stats.txt"), "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  write_stats(cfg, stats)
   stats["timing"] = timing
   return stats

@@ -44,17 +44,14 @@ from typing import Any, Mapping
 
 from fusion_jax.synth import filter as F
 from fusion_jax.synth.openai_client import METER, BudgetExhausted, RequestFailed, RequestRejected
-from fusion_jax.synth.pipeline import (SynthConfig, _quotas, _select, dumps_records, make_item,
-                                       split_heldout, stratified_take)
-from fusion_jax.synth.records import encode_entry, write_arrayrecord
+from fusion_jax.synth.pipeline import (OUTPUTS, SynthConfig, finalize, make_item, quotas_of,
+                                       select, write_splits, write_stats)
 from fusion_jax.synth.rejection import MODEL_REASONS, ItemRejected
 from fusion_jax.synth.shards import SHARD_DIR, ShardStore, write_atomic
-from fusion_jax.synth.stats import compute_stats, format_stats
+from fusion_jax.synth.stats import compute_stats
 
 MANIFEST = "run.json"
 RUN_LOG = "run_log.jsonl"
-OUTPUTS = ("train.json", "heldout.json", "stats.json", "stats.txt", "train.array_record",
-           "heldout.array_record", "scenes.jsonl")
 MAX_INDEX_FACTOR = 20  # give up on a category after 20x its quota of items (all rejected)
 
 
@@ -170,7 +167,7 @@ def synthesize_sharded(cfg: SynthConfig, limits: RunLimits = RunLimits()) -> dic
   _prepare(cfg, backends)
   store = ShardStore(cfg.out, limits.shard_size)
   done = store.load()
-  quotas = _quotas(cfg)
+  quotas = quotas_of(cfg)
   ncat = len(cfg.categories)
   cats = cfg.categories
   kept = collections.Counter(e["category"] for e in done.values() if e.get("reason") is None)
@@ -219,7 +216,7 @@ def synthesize_sharded(cfg: SynthConfig, limits: RunLimits = RunLimits()) -> dic
         if stopped is not None:
           break
         records = [e["record"] for e in done.values() if e.get("reason") is None]
-        selected, _, _ = _select(records, quotas)
+        selected, _, _ = select(records, quotas)
         short = {c: quotas[c] - len(selected[c]) for c in cats
                  if len(selected[c]) < quotas[c] and c not in exhausted}
         if not short:
@@ -290,30 +287,9 @@ def _finish(cfg: SynthConfig, done: Mapping[int, Mapping[str, Any]], quotas: Map
     if e.get("reason") is not None:
       rejected[e["reason"]] += 1
       rejected_by_cat[e["category"]][e["reason"]] += 1
-  selected, dup_by_cat, bal_by_cat = _select(records, quotas)
-  final = []
-  for c in cfg.categories:
-    final += stratified_take(selected[c], quotas[c])
-    for reason, n in (("duplicate", dup_by_cat[c]), ("balance", bal_by_cat[c])):
-      if n:
-        rejected[reason] += n
-        rejected_by_cat[c][reason] += n
-  final.sort(key=lambda r: r["id"])
-  train, heldout = split_heldout(final, cfg.heldout_fraction, cfg.seed)
-  for name, recs in (("train", train), ("heldout", heldout)):
-    with open(os.path.join(cfg.out, f"{name}.json"), "w", encoding="utf-8") as f:
-      f.write(dumps_records(recs))
-    if cfg.arrayrecord:
-      entries_b = []
-      for r in recs:
-        with open(os.path.join(cfg.out, r["image"]), "rb") as f:
-          entries_b.append(encode_entry(r, f.read()))
-      write_arrayrecord(os.path.join(cfg.out, f"{name}.array_record"), entries_b)
-  if cfg.write_scenes:
-    scenes = {e["record"]["id"]: e.get("scene") for e in entries if e.get("reason") is None}
-    with open(os.path.join(cfg.out, "scenes.jsonl"), "w", encoding="utf-8") as f:
-      for r in final:
-        f.write(json.dumps({"id": r["id"], "scene": scenes[r["id"]]}, sort_keys=True) + "\n")
+  final, selected = finalize(cfg, records, quotas, rejected, rejected_by_cat)
+  scenes = {e["record"]["id"]: e.get("scene") for e in entries if e.get("reason") is None}
+  train, heldout = write_splits(cfg, final, scenes)
   stats = compute_stats(cfg, train, heldout, len(entries), rejected, rejected_by_cat, quotas)
   reasons = list(F.REASONS) + [r for r in MODEL_REASONS if r not in F.REASONS]
   reasons += sorted(set(rejected) - set(reasons))
@@ -327,9 +303,5 @@ def _finish(cfg: SynthConfig, done: Mapping[int, Mapping[str, Any]], quotas: Map
     stats["incomplete"] = {"short (kept/quota)": short, "stopped": why}
     print(f"fusion_jax.synth: dataset incomplete, short of quota (kept/quota): {short}; "
           f"stopped by {why}. Rerun the same command to continue.", file=sys.stderr)
-  with open(os.path.join(cfg.out, "stats.json"), "w", encoding="utf-8") as f:
-    json.dump(stats, f, indent=1, sort_keys=True)
-    f.write("\n")
-  with open(os.path.join(cfg.out, "stats.txt"), "w", encoding="utf-8") as f:
-    f.write(format_stats(stats) + "\n")
+  write_stats(cfg, stats)
   return stats
