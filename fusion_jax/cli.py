@@ -22,14 +22,14 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import app, flags
 
 DefineFlags = Callable[[flags.FlagValues], None]
 
 
-def usage_error(prog: str, msg: str) -> None:
+def usage_error(prog: str, msg: str) -> NoReturn:
   """One line naming the program and the problem on stderr; exit status 2 (a usage error)."""
   print(f"{prog}: error: {msg}", file=sys.stderr)
   raise SystemExit(2)

@@ -8,8 +8,8 @@ the same random inputs and prints the largest absolute difference:
     right-padded (so the padding mask is exercised too);
   SigLIP: every hidden state (hs[0] = embeddings, hs[i] = layer i) and the post-layernorm
     last_hidden_state.
-Exits 1 when a difference exceeds --atol, 0 otherwise. The torch model is dropped before the
-JAX one is built, so peak memory is one model plus the outputs.
+Exits 1 when a difference exceeds --atol, 2 when DIR cannot be read, 0 otherwise. The torch
+model is dropped before the JAX one is built, so peak memory is one model plus the outputs.
 """
 from __future__ import annotations
 
@@ -156,7 +156,11 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def _run(args) -> int:
-  report = compare(args.directory, seq=args.seq, batch=args.batch, seed=args.seed)
+  try:
+    report = compare(args.directory, seq=args.seq, batch=args.batch, seed=args.seed)
+  except (FileNotFoundError, ValueError, KeyError) as e:  # not a checkpoint we can compare
+    print(f"compare_hf: error: {e}", file=sys.stderr)
+    return 2
   worst = max(report["diffs"].values())
   ok = bool(np.isfinite(worst) and worst <= args.atol)
   print(f"compare_hf: {args.directory}")
