@@ -120,19 +120,17 @@ class LayerMasks(NamedTuple):
   def select(self, i: jax.Array) -> LayerMask:
     is_early = i < self.k
     (em, eu), (lm, lu) = self.early, self.late
-    if em is None and lm is None:
-      mask = None
-    else:
-      em = jnp.bool_(True) if em is None else em
-      lm = jnp.bool_(True) if lm is None else lm
-      mask = jnp.where(is_early, em, lm)
-    if eu is None and lu is None:
-      uniform = None
-    else:
-      eu = jnp.bool_(False) if eu is None else eu
-      lu = jnp.bool_(False) if lu is None else lu
-      uniform = jnp.where(is_early, eu, lu)
-    return mask, uniform
+    # None = no rule: every key allowed (mask True), no uniform row (uniform False).
+    return _where_rule(is_early, em, lm, True), _where_rule(is_early, eu, lu, False)
+
+
+def _where_rule(cond: jax.Array, a: jax.Array | None, b: jax.Array | None, absent: bool
+                ) -> jax.Array | None:
+  """jnp.where(cond, a, b) of two optional rules; None when both are absent."""
+  if a is None and b is None:
+    return None
+  fill = jnp.bool_(absent)
+  return jnp.where(cond, fill if a is None else a, fill if b is None else b)
 
 
 PLAIN = LayerMasks((None, None), (None, None), 0)  # full bidirectional attention everywhere
