@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -34,8 +35,10 @@ TOKENIZER_NAME = "tokenizer"
 
 
 def is_model_dir(directory: str) -> bool:
-  return (os.path.isfile(os.path.join(directory, CONFIG_NAME))
-          and os.path.isdir(os.path.join(directory, PARAMS_NAME)))
+  """Whether `directory` (local or gs://...) holds CONFIG_NAME and PARAMS_NAME/ (what the
+  trainer's init_from and inference accept as a model dir)."""
+  d = epath.Path(directory)
+  return (d / CONFIG_NAME).is_file() and (d / PARAMS_NAME).is_dir()
 
 
 def _check_model_dir(directory: str) -> None:

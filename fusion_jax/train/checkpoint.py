@@ -370,9 +370,9 @@ def _resolve_source(path: str) -> tuple[str, int]:
 
 def _model_dir_params(path: str) -> str | None:
   """`path`/params when `path` is a fusion_jax model dir (fusion_jax.convert.model_dir)."""
-  p = epath.Path(path)
-  if (p / "fusion_config.json").exists() and (p / "params").is_dir():
-    return str(p / "params")
+  from fusion_jax.convert import model_dir  # the layout conversion writes; imported on use
+  if model_dir.is_model_dir(path):
+    return str(epath.Path(path) / model_dir.PARAMS_NAME)
   return None
 
 

@@ -105,9 +105,10 @@ def _check_init_from(c: _Checks, path: str) -> None:
     c.add(f"config.init_from: {path} does not exist; give a run dir, a checkpoint step dir or "
           "a model dir (python -m fusion_jax.convert.import_hf / import_torch writes one)")
     return
+  from fusion_jax.convert import model_dir
   join = os.path.join
-  if _exists(join(path, "params")) and (_exists(join(path, "fusion_config.json"))
-                                        or os.path.basename(path.rstrip("/")).isdigit()):
+  if model_dir.is_model_dir(path) or (_exists(join(path, "params"))
+                                      and os.path.basename(path.rstrip("/")).isdigit()):
     return
   for root in (join(path, ckpt_lib.CHECKPOINT_SUBDIR), path):
     if _exists(root) and ckpt_lib.finalized_steps(root):
