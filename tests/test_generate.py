@@ -13,6 +13,7 @@ from fusion_jax.infer import generator as generator_lib
 from fusion_jax.infer import sampling as sampling_lib
 from fusion_jax.models import fusion
 from fusion_jax.models.presets import TINY
+from tests.generate_helpers import make_generate, prompt_batch
 from tests.pipeline_fixtures import make_tokenizer
 
 SEQ, LQ, Q, NEW = 128, 2, 4, 6
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
                          {"from": "human", "value": "Is the ball red?"}]},
       {"id": "c", "conversations": [{"from": "human", "value": "Describe a cat."}]},
   ]
-  prompts = generator_lib.prompt_batch(records, tok, cfg, image_root=root, q=Q, seq_len=SEQ,
+  prompts = prompt_batch(records, tok, cfg, image_root=root, q=Q, seq_len=SEQ,
                                  max_questions=LQ)
   return root, tok, cfg, params, records, prompts
 
@@ -70,7 +71,7 @@ def _full_forward_logits(params, cfg, prompts, tokens):
 
 def test_cached_greedy_matches_full_forward(setup):
   _, tok, cfg, params, _, prompts = setup
-  gen = generator_lib.make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
+  gen = make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
   tokens, lengths = jax.device_get(gen(params, prompts, jax.random.key(0)))
   assert tokens.shape == (3, NEW) and lengths.tolist() == [NEW] * 3
   ref = _full_forward_logits(params, cfg, prompts, tokens)
@@ -94,10 +95,10 @@ def test_prefill_logits_match_full_forward(setup):
 
 def test_stop_token_ends_each_answer(setup):
   _, tok, cfg, params, _, prompts = setup
-  free = generator_lib.make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
+  free = make_generate(cfg, max_new_tokens=NEW, stop=(), pad_id=tok.pad_id)
   tokens, _ = jax.device_get(free(params, prompts, jax.random.key(0)))
   stop = int(tokens[0, 2])  # example 0 stops at its third token
-  gen = generator_lib.make_generate(cfg, max_new_tokens=NEW, stop=(stop,), pad_id=tok.pad_id)
+  gen = make_generate(cfg, max_new_tokens=NEW, stop=(stop,), pad_id=tok.pad_id)
   out, lengths = jax.device_get(gen(params, prompts, jax.random.key(0)))
   for i in range(3):
     first = next((t for t in range(NEW) if tokens[i, t] == stop), NEW)
@@ -120,7 +121,7 @@ def test_answer_decodes_text_and_sampling_is_seeded(setup):
 def test_prompt_that_does_not_fit_names_the_record(setup):
   root, tok, cfg, _, records, _ = setup
   with pytest.raises(ValueError, match=r"^b: .*seq_len=.*raise them"):
-    generator_lib.prompt_batch(records[1:2], tok, cfg, image_root=root, q=Q, seq_len=SEQ,
+    prompt_batch(records[1:2], tok, cfg, image_root=root, q=Q, seq_len=SEQ,
                          max_questions=1)
 
 
@@ -220,7 +221,7 @@ def test_longrope_crossing_reprefills_with_the_long_factors(setup):
 
   def argmax_ok(k, steps):
     """Tokens `steps` are greedy under one full forward over the prompt + ids[:k]."""
-    batch = generator_lib.prompt_batch([rec], tok, phi, image_root=root, q=Q, seq_len=160,
+    batch = prompt_batch([rec], tok, phi, image_root=root, q=Q, seq_len=160,
                                  max_questions=LQ)
     batch["input_ids"][0, n:n + k] = ids[:k]
     batch["token_mask"][0, n:n + k] = True

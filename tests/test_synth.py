@@ -21,6 +21,7 @@ from fusion_jax.synth.categories import CATEGORIES
 from fusion_jax.synth.pipeline import SynthConfig, synthesize
 from fusion_jax.synth.render import encode_png
 from fusion_jax.synth.stats import answer_stats
+from synth_records import read_arrayrecord, validate_record
 
 NUM = 8 * len(CATEGORIES)
 
@@ -73,7 +74,7 @@ def test_every_category_gives_valid_records(dataset):
   assert counts == {c: NUM // len(CATEGORIES) for c in CATEGORIES}
   assert set(r["category"] for r in heldout) == set(CATEGORIES)
   for r in recs:
-    R.validate_record(r)
+    validate_record(r)
     assert os.path.isfile(os.path.join(dataset, r["image"]))
     assert Image.open(os.path.join(dataset, r["image"])).size == (64, 64)
   # Closed questions everywhere, open ones where the category is meant to have them.
@@ -149,7 +150,7 @@ def test_data_pipeline_accepts_json_and_arrayrecord(dataset, tmp_path):
     assert it.skip_counters() == {}, name
   # The ArrayRecord entries hold the same records and the image files' bytes.
   src = mixture.source_from_paths([os.path.join(dataset, "train.array_record")])
-  got = list(R.read_arrayrecord(os.path.join(dataset, "train.array_record")))
+  got = list(read_arrayrecord(os.path.join(dataset, "train.array_record")))
   assert len(got) == len(src) == len(_load(dataset, "train.json"))
   rec, img = got[0]
   assert rec == _load(dataset, "train.json")[0]

@@ -14,7 +14,7 @@ from fusion_jax.synth import __main__ as cli
 from fusion_jax.synth.backends import (BackendConfig, BackendSpec, LLMWriter, load_object,
                                        parse_qa_json)
 from fusion_jax.synth.pipeline import SynthConfig, synthesize
-from fusion_jax.synth.records import validate_record
+from synth_records import validate_record
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                    "synth.md")

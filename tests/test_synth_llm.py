@@ -18,10 +18,11 @@ from fusion_jax.synth.llm_backend import (PROMPT_DIR, LLMBackend, Malformed, Pro
                                           slug)
 from fusion_jax.synth.openai_client import (METER, BudgetExhausted, ChatClient, RequestFailed,
                                             RequestRejected)
-from fusion_jax.synth.records import Turn, closed, validate_record
+from fusion_jax.synth.records import Turn, closed
 from fusion_jax.synth.rejection import ItemRejected
 from fusion_jax.synth.vlm_filter import VLMFilter
 from synth_fake_server import generate_image, server  # noqa: F401 (fixture)
+from synth_records import validate_record
 
 FAST = {"backoff_s": 0.01, "max_backoff_s": 1.0}
 

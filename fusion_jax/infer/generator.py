@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -91,9 +91,12 @@ def encode_prompt(rec: Mapping[str, Any], tokenizer: Tokenizer, cfg: fusion.Fusi
   return enc, enc.length(q, cfg.num_image_tokens)
 
 
-def _layout_prompt(rec: Mapping[str, Any], enc: EncodedSample, tokenizer: Tokenizer,
-                   cfg: fusion.FusionConfig, *, image_root: str, q: int, seq_len: int,
-                   max_questions: int) -> dict[str, np.ndarray]:
+def layout_prompt(rec: Mapping[str, Any], enc: EncodedSample, tokenizer: Tokenizer,
+                  cfg: fusion.FusionConfig, *, image_root: str, q: int, seq_len: int,
+                  max_questions: int) -> dict[str, np.ndarray]:
+  """One prompt example (batch_spec's per-sample form, (seq_len,) rows) with its images
+  (images.record_images); ValueError naming the prompt when its last question does not fit
+  seq_len / max_questions."""
   ex = layout_sample(enc, q=q, num_image_tokens=cfg.num_image_tokens, seq_len=seq_len,
                      max_questions=max_questions, max_instruct_len=cfg.max_instruct_len,
                      pad_id=tokenizer.pad_id, require_labels=False)
@@ -106,23 +109,6 @@ def _layout_prompt(rec: Mapping[str, Any], enc: EncodedSample, tokenizer: Tokeni
   ex["images"] = record_images(rec, cfg.vision.image_size, image_root=image_root,
                                source=enc.source)
   return ex
-
-
-def prompt_batch(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
-                 cfg: fusion.FusionConfig, *, image_root: str, q: int, seq_len: int,
-                 max_questions: int) -> dict[str, np.ndarray]:
-  """Fixed-shape prompt batch (the fusion.py batch contract) for records ending in a user turn.
-
-  Raises (naming the record): fusion_jax.data.errors.BadSample when a prompt cannot be
-  encoded (e.g. it does not end with a user turn); ValueError when its last question does not
-  fit seq_len / max_questions.
-  """
-  rows = []
-  for i, rec in enumerate(records):
-    enc, _ = encode_prompt(rec, tokenizer, cfg, q=q, index=i)
-    rows.append(_layout_prompt(rec, enc, tokenizer, cfg, image_root=image_root, q=q,
-                               seq_len=seq_len, max_questions=max_questions))
-  return batch_spec.stack_examples(rows)
 
 
 # ----------------------------------------------------------------------------- device side
@@ -205,31 +191,6 @@ def reprefill(params: Any, batch: Mapping[str, jax.Array], state: dict[str, Any]
 
 def _row_keys(seeds: Sequence[int]) -> jax.Array:
   return jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
-
-
-def make_generate(cfg: fusion.FusionConfig, *, max_new_tokens: int, stop: Sequence[int],
-                  pad_id: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0
-                  ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """Jitted (params, prompt batch, rng key) -> (tokens (B, max_new_tokens) int32, lengths (B,)).
-
-  One setting for every row, token stops only (Generator does per-row settings, stop strings
-  and shape buckets). tokens[b, :lengths[b]] is row b's answer without its stop token.
-  """
-
-  @jax.jit
-  def generate(params, batch, rng):
-    b = batch["input_ids"].shape[0]
-    sampling = dict(temperature=jnp.full((b,), temperature, jnp.float32),
-                    top_p=jnp.full((b,), top_p, jnp.float32),
-                    top_k=jnp.full((b,), top_k, jnp.int32),
-                    max_new=jnp.full((b,), max_new_tokens, jnp.int32))
-    state = init_state(params, batch, cfg, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                       sampling=sampling, keys=jax.random.split(rng, b))
-    state = decode_steps(params, state, jnp.int32(max_new_tokens), cfg, stop=stop,
-                         pad_id=pad_id)
-    return state["tokens"], state["lengths"]
-
-  return generate
 
 
 # ----------------------------------------------------------------------------- host side
@@ -353,8 +314,8 @@ class Generator:
     s = _bucket(max(r.length for r in rows), MIN_SEQ_BUCKET, self.max_seq_len)
     t = _bucket(max(r.sampling.max_new_tokens for r in rows), MIN_NEW_BUCKET,
                 self.max_new_tokens)
-    exs = [_layout_prompt(r.rec, r.enc, self.tokenizer, self.cfg, image_root=image_root,
-                          q=self.q, seq_len=s, max_questions=self.max_questions) for r in rows]
+    exs = [layout_prompt(r.rec, r.enc, self.tokenizer, self.cfg, image_root=image_root,
+                         q=self.q, seq_len=s, max_questions=self.max_questions) for r in rows]
     exs += [exs[0]] * (b - n)  # dummy rows: finished after one token
     batch = batch_spec.stack_examples(exs)
     sps = [r.sampling for r in rows] + [SamplingParams(max_new_tokens=1)] * (b - n)
@@ -403,8 +364,8 @@ class Generator:
       return state
     k = int(state["t"])
     ids = np.asarray(jax.device_get(state["tokens"][0, :k]))
-    ex = _layout_prompt(row.rec, row.enc, self.tokenizer, self.cfg, image_root=image_root,
-                        q=self.q, seq_len=cache_len, max_questions=self.max_questions)
+    ex = layout_prompt(row.rec, row.enc, self.tokenizer, self.cfg, image_root=image_root,
+                       q=self.q, seq_len=cache_len, max_questions=self.max_questions)
     n = row.length
     ex["input_ids"][n:n + k] = ids
     ex["token_mask"][n:n + k] = True

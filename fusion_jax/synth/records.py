@@ -18,19 +18,21 @@ entries also carry "options" (the option texts in letter order).
 
 ArrayRecord format (`--arrayrecord`): one ArrayRecord entry per sample, bytes =
   b"FSYN" + uint32 little-endian N + N bytes of UTF-8 JSON (the LLaVA record) + image bytes
-(PNG or JPEG, possibly empty for text-only records). `decode_entry` reverses it.
+(PNG or JPEG, possibly empty for text-only records); the layout of
+fusion_jax.data.sources' ArrayRecord records under the tag SYNTH_MAGIC, which reads them.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import struct
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-IMAGE_TOKEN = "<image>"
+from fusion_jax.data.sources import SYNTH_MAGIC
+from fusion_jax.data.tokenizer import IMAGE_MARKER
+
 ANSWER_TYPES = ("color", "count", "yes_no", "choice", "spatial", "text", "shape", "pattern",
                 "difference")
-_MAGIC = b"FSYN"
 
 
 @dataclasses.dataclass
@@ -63,7 +65,7 @@ def build_record(sample_id: str, category: str, turns: Sequence[Turn], caption: 
   for k, t in enumerate(turns):
     q = t.question
     if k == 0 and image_path is not None:
-      q = f"{IMAGE_TOKEN}\n{q}"
+      q = f"{IMAGE_MARKER}\n{q}"
     conv.append({"from": "human", "value": q})
     conv.append({"from": "gpt", "value": t.answer})
   rec: dict[str, Any] = {"id": sample_id}
@@ -76,64 +78,10 @@ def build_record(sample_id: str, category: str, turns: Sequence[Turn], caption: 
   return rec
 
 
-def validate_record(rec: Mapping[str, Any]) -> None:
-  """Raise ValueError (naming the record id and the problem) unless `rec` is a valid record."""
-  rid = rec.get("id", "<no id>")
-
-  def bad(msg: str) -> None:
-    raise ValueError(f"synth record {rid!r}: {msg}")
-
-  if not isinstance(rec.get("id"), str) or not rec["id"]:
-    bad("'id' must be a non-empty string")
-  conv = rec.get("conversations")
-  if not isinstance(conv, list) or not conv or len(conv) % 2:
-    bad("'conversations' must be a non-empty list of human/gpt pairs")
-  for k, msg in enumerate(conv):
-    want = "human" if k % 2 == 0 else "gpt"
-    if not isinstance(msg, Mapping) or msg.get("from") != want:
-      bad(f"conversations[{k}] must come from {want!r}")
-    if not isinstance(msg.get("value"), str) or not msg["value"].strip():
-      bad(f"conversations[{k}] has an empty value")
-  n_tokens = sum(m["value"].count(IMAGE_TOKEN) for m in conv)
-  if "image" in rec:
-    if not isinstance(rec["image"], str) or rec["image"].startswith("/"):
-      bad("'image' must be a relative path")
-    if n_tokens != 1 or not conv[0]["value"].startswith(IMAGE_TOKEN):
-      bad(f"an image record needs exactly one {IMAGE_TOKEN} at the start of the first message")
-  elif n_tokens:
-    bad(f"{IMAGE_TOKEN} in a record without an image")
-  if not isinstance(rec.get("category"), str):
-    bad("'category' must be a string")
-  qa = rec.get("qa")
-  if not isinstance(qa, list) or len(qa) != len(conv) // 2:
-    bad("'qa' must be a list with one entry (or null) per gpt turn")
-  for k, q in enumerate(qa):
-    if q is None:
-      continue
-    cands = q.get("candidates")
-    if not isinstance(cands, list) or len(cands) < 2 or len(set(cands)) != len(cands):
-      bad(f"qa[{k}]: 'candidates' must list >= 2 distinct strings")
-    if q.get("answer") not in cands:
-      bad(f"qa[{k}]: answer {q.get('answer')!r} is not one of the candidates {cands}")
-    if q["answer"] != conv[2 * k + 1]["value"]:
-      bad(f"qa[{k}]: answer {q['answer']!r} differs from the gpt turn "
-          f"{conv[2 * k + 1]['value']!r}")
-    if q.get("answer_type") not in ANSWER_TYPES:
-      bad(f"qa[{k}]: unknown answer_type {q.get('answer_type')!r}; valid: {ANSWER_TYPES}")
-
-
 def encode_entry(record: Mapping[str, Any], image_bytes: bytes = b"") -> bytes:
   """ArrayRecord entry bytes: magic, JSON length, JSON, image bytes (see module docstring)."""
   js = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
-  return _MAGIC + struct.pack("<I", len(js)) + js + image_bytes
-
-
-def decode_entry(data: bytes) -> tuple[dict[str, Any], bytes]:
-  """Inverse of encode_entry: (record, image bytes)."""
-  if data[:4] != _MAGIC:
-    raise ValueError("not a fusion_jax synth ArrayRecord entry (bad magic; expected b'FSYN')")
-  (n,) = struct.unpack("<I", data[4:8])
-  return json.loads(data[8:8 + n].decode("utf-8")), data[8 + n:]
+  return SYNTH_MAGIC + struct.pack("<I", len(js)) + js + image_bytes
 
 
 def write_arrayrecord(path: str, entries: Sequence[bytes]) -> None:
@@ -144,14 +92,3 @@ def write_arrayrecord(path: str, entries: Sequence[bytes]) -> None:
       writer.write(e)
   finally:
     writer.close()
-
-
-def read_arrayrecord(path: str) -> Iterator[tuple[dict[str, Any], bytes]]:
-  """Yield (record, image bytes) from a synth ArrayRecord file."""
-  from array_record.python.array_record_module import ArrayRecordReader
-  reader = ArrayRecordReader(path)
-  try:
-    for i in range(reader.num_records()):
-      yield decode_entry(reader.read([i])[0])
-  finally:
-    reader.close()

@@ -26,11 +26,12 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from fusion_jax.data.tokenizer import IMAGE_MARKER
 from fusion_jax.synth import scene as S
 from fusion_jax.synth.backends import DEFAULTS, BackendSpec
 from fusion_jax.synth.llm_backend import Malformed, Prompts, _match, parse_json_object
 from fusion_jax.synth.openai_client import ChatClient, RequestRejected
-from fusion_jax.synth.records import IMAGE_TOKEN, Turn
+from fusion_jax.synth.records import Turn
 
 
 def image_data_url(image: np.ndarray) -> str:
@@ -41,7 +42,7 @@ def image_data_url(image: np.ndarray) -> str:
 
 
 def question_text(turn: Turn) -> str:
-  return turn.question.replace(IMAGE_TOKEN, "").strip()
+  return turn.question.replace(IMAGE_MARKER, "").strip()
 
 
 class VLMFilter:
