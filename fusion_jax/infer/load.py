@@ -36,7 +36,6 @@ import jax
 from fusion_jax.models import fusion, param_layout, query_len
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-KINDS = ("workdir", "model_dir")
 # Model-dir prompt layout defaults (a training run states its own in config.data).
 MODEL_DIR_MAX_QUESTIONS = 8
 MODEL_DIR_MAX_SEQ_LEN = 4096  # the authors' tokenizer_model_max_length in the final stages
