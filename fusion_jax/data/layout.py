@@ -207,3 +207,8 @@ def batch_q(cfg, batch_index: int, *, train: bool) -> int:
   if not train:
     return cfg.q_eval
   return int(choose_q(cfg.seed, batch_index, cfg.query_len))
+
+
+def largest_batch_q(cfg, *, train: bool) -> int:
+  """The largest q `batch_q` gives under a DataConfig (the q `check_sample` filters at)."""
+  return max(cfg.query_len) if train else cfg.q_eval

@@ -411,7 +411,7 @@ def make_pipeline(data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *,
   epochs = cfg.num_epochs if train else 1
   if epochs != 1:
     ds = ds.repeat(epochs)
-  q_check = max(cfg.query_len) if train else cfg.q_eval
+  q_check = layout_lib.largest_batch_q(cfg, train=train)
   ds = ds.map(DecodeSample(cfg, tokenizer, q_check))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
                                                prefetch_buffer_size=max(cfg.read_buffer, 1)))
