@@ -46,6 +46,7 @@ from fusion_jax.models import mapping_loss, param_layout, query_len
 from fusion_jax.models.presets import get_preset
 from fusion_jax.parallel import cross_entropy as ce_lib
 from fusion_jax.parallel.sharding import normalize_rules
+from fusion_jax.train import fusion_preflight
 from fusion_jax.train import task as task_lib
 from fusion_jax.train.config import base_config
 
@@ -186,6 +187,7 @@ class FusionTask:
   """fusion_jax.train.task.Task for FUSION (see the module docstring)."""
 
   batch_axes = BATCH_AXES
+  preflight = staticmethod(fusion_preflight.check)  # startup checks (train/preflight.py)
 
   def __init__(self, config: ml_collections.ConfigDict):
     # The config is read here (config.data again by data_config, which validates it).

@@ -7,10 +7,9 @@
 Checked, each problem one line naming the config key, the value and the fix:
   the common trainer fields (train.config.validate_config) against this host's devices;
   placeholder paths (/path/to/..., YOUR_BUCKET) by name, without touching the network;
-  for the fusion task: the model (preset + overrides), the data config, the data source (every
-  file of data.paths, the mixture YAML and every file it lists, tfds_data_dir), image_root, the
-  tokenizer and its size against the model vocabulary, and init_from (skipped when the workdir
-  already holds a checkpoint: a resume does not read it).
+  the task's own checks: `preflight(checks, config, data)` of its factory when it has one
+  (FUSION: the model, the data files and the tokenizer; fusion_jax/train/fusion_preflight.py);
+  init_from (skipped when the workdir already holds a checkpoint: a resume does not read it).
 Nothing is created, so a failed check leaves no folder behind.
 """
 from __future__ import annotations
@@ -55,8 +54,8 @@ def _message(e: BaseException) -> str:
   return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
-class _Checks:
-  """Collects problems; `run` turns an expected exception into one."""
+class Checks:
+  """Collects problems; `run` turns an expected exception into one (task checks use it too)."""
 
   def __init__(self, config_file: str):
     self.problems: list[Problem] = []
@@ -83,7 +82,8 @@ class _Checks:
     return True
 
 
-def _exists(path: str) -> bool:
+def exists(path: str) -> bool:
+  """Whether a local or gs:// path exists."""
   if "://" in path:  # gs:// and friends: through epath (the same library orbax reads with)
     from etils import epath
     return epath.Path(path).exists()
@@ -93,81 +93,39 @@ def _exists(path: str) -> bool:
 def _has_checkpoint(workdir: str) -> bool:
   from fusion_jax.train import checkpoint as ckpt_lib
   root = ckpt_lib.checkpoint_dir(workdir)
-  return _exists(root) and bool(ckpt_lib.finalized_steps(root))
+  return exists(root) and bool(ckpt_lib.finalized_steps(root))
 
 
-def _check_init_from(c: _Checks, path: str) -> None:
+def _check_init_from(c: Checks, path: str) -> None:
   """A model dir, a run dir, its checkpoints/ dir or one step dir with params."""
   from fusion_jax.train import checkpoint as ckpt_lib
   if not c.usable_path("init_from", path):
     return
-  if not _exists(path):
+  if not exists(path):
     c.add(f"config.init_from: {path} does not exist; give a run dir, a checkpoint step dir or "
           "a model dir (python -m fusion_jax.convert.import_hf / import_torch writes one)")
     return
   from fusion_jax.convert import model_dir
   join = os.path.join
-  if model_dir.is_model_dir(path) or (_exists(join(path, "params"))
+  if model_dir.is_model_dir(path) or (exists(join(path, "params"))
                                       and os.path.basename(path.rstrip("/")).isdigit()):
     return
   for root in (join(path, ckpt_lib.CHECKPOINT_SUBDIR), path):
-    if _exists(root) and ckpt_lib.finalized_steps(root):
+    if exists(root) and ckpt_lib.finalized_steps(root):
       return
   c.add(f"config.init_from: {path} holds no complete checkpoint (expected <dir>/checkpoints/"
         "<step>/params, <dir>/<step>/params or a model dir with fusion_config.json and params/)")
 
 
-def _check_paths(c: _Checks, paths: Any) -> None:
-  from fusion_jax.data.sources import expand_arrayrecord_paths
-  for p in ([paths] if isinstance(paths, str) else list(paths)):
-    if not c.usable_path("data.paths", p):
-      continue
-    if p.endswith((".json", ".jsonl")):
-      if not _exists(p):
-        c.add(f"config.data.paths: {p} not found (a LLaVA .json / .jsonl file)")
-    else:
-      c.run("config.data.paths", expand_arrayrecord_paths, p)
-
-
-def _check_data(c: _Checks, data: ml_collections.ConfigDict) -> None:
-  """The data source, image_root: every file named exists (the model is not needed)."""
-  from fusion_jax.data import mixture as mixture_lib
-  paths, mixture = data.get("paths") or (), data.get("mixture") or ""
-  tfds_name = data.get("tfds_name") or ""
-  image_root = data.get("image_root") or ""
-  if not (paths or mixture or tfds_name):
-    c.add("config.data: no data; set --config.data.paths=FILE.json (or .jsonl / ArrayRecord), "
-          "--config.data.mixture=MIX.yaml or --config.data.tfds_name=NAME")
-  if paths:
-    _check_paths(c, paths)
-  if mixture and c.usable_path("data.mixture", mixture):
-    # Every entry's file is resolved (relative to the YAML's folder) and must exist.
-    c.run("config.data.mixture", mixture_lib.parse_mixture, mixture, image_root)
-  tfds_dir = data.get("tfds_data_dir") or ""
-  if tfds_name and tfds_dir and c.usable_path("data.tfds_data_dir", tfds_dir):
-    if not _exists(tfds_dir):
-      c.add(f"config.data.tfds_data_dir: {tfds_dir} does not exist")
-  if image_root and c.usable_path("data.image_root", image_root):
-    if not _exists(image_root):
-      c.add(f"config.data.image_root: {image_root} does not exist; relative image paths of "
-            "the records resolve against it")
-    elif "://" not in image_root and not os.path.isdir(image_root):
-      c.add(f"config.data.image_root: {image_root} is not a directory")
-
-
-def _check_fusion(c: _Checks, config: ml_collections.ConfigDict, data: bool) -> None:
-  from fusion_jax.train.fusion_task import FusionTask
-  task = c.run("config.model", FusionTask, config)
-  if not data:
-    return
-  _check_data(c, config.data)
-  tok = config.data.get("tokenizer") or ""
-  if task is not None and (not tok or c.usable_path("data.tokenizer", tok)):
-    # Loads it once: the file exists, is a tokenizer, and fits the model vocabulary.
-    c.run("config.data.tokenizer", lambda: task.tokenizer)
-  if task is not None:
-    import jax
-    c.run("config.data", task.data_config, jax.process_count())
+def _check_task(c: Checks, config: ml_collections.ConfigDict, data: bool) -> None:
+  """The task's own checks: its factory's optional `preflight(checks, config, data)`."""
+  from fusion_jax.train import task as task_lib
+  if not config.get("task"):
+    return  # validate_config reported it
+  factory = c.run("config.task", task_lib.task_factory, config)
+  task_checks = getattr(factory, "preflight", None)
+  if task_checks is not None:
+    task_checks(c, config, data)
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, *, config_file: str = "",
@@ -181,14 +139,13 @@ def check(config: ml_collections.ConfigDict, workdir: str, *, config_file: str =
     init_from: check config.init_from (off when an earlier stage will write it).
   """
   from fusion_jax.train import config as config_lib
-  c = _Checks(config_file)
+  c = Checks(config_file)
   if PLACEHOLDER.search(workdir):
     c.add(f"--workdir {workdir!r} is a placeholder; give the run directory")
   elif "://" not in workdir and os.path.isfile(workdir):
     c.add(f"--workdir {workdir} is a file; give a directory (it is created if missing)")
   c.run("config", config_lib.validate_config, config)
-  if config.get("task") == "fusion":
-    _check_fusion(c, config, data)
+  _check_task(c, config, data)
   if init_from and config.get("init_from") and not (
       "://" not in workdir and _has_checkpoint(workdir)):
     _check_init_from(c, str(config.init_from))

@@ -28,6 +28,9 @@ The trainer (fusion_jax.train.loop) knows nothing about FUSION. A task supplies:
                         layout (FUSION: unrolled <-> scanned layers)
   num_examples          dataset size for config.num_epochs, or None
 
+The factory may carry `preflight(checks, config, data)`: the task's own startup checks (files
+the config names, ...), run before anything is built (fusion_jax/train/preflight.py).
+
 config.task names the factory `factory(config) -> Task`: either 'package.module:factory'
 (imported on first use; e.g. experiments/toy.py's 'experiments.toy:ToyTask') or a short name
 that a task module registers for itself when it is imported:
@@ -104,16 +107,19 @@ def _import(spec: str) -> TaskFactory:
                      "the repository root, or add the module's folder to PYTHONPATH)") from None
 
 
-def make_task(config: ml_collections.ConfigDict) -> Task:
-  """The task named by config.task (a registered name or 'module:factory')."""
+def task_factory(config: ml_collections.ConfigDict) -> TaskFactory:
+  """The factory named by config.task (a registered name or 'module:factory')."""
   name = config.task
   if name in TASKS:
     factory = TASKS[name]
-    factory = _import(factory) if isinstance(factory, str) else factory
-  elif ":" in name:
-    factory = _import(name)
-  else:
-    raise ValueError(f"config.task={name!r} is not registered; known tasks: {sorted(TASKS)} "
-                     "(a task module registers its name when imported; or give "
-                     "'package.module:factory')")
-  return factory(config)
+    return _import(factory) if isinstance(factory, str) else factory
+  if ":" in name:
+    return _import(name)
+  raise ValueError(f"config.task={name!r} is not registered; known tasks: {sorted(TASKS)} "
+                   "(a task module registers its name when imported; or give "
+                   "'package.module:factory')")
+
+
+def make_task(config: ml_collections.ConfigDict) -> Task:
+  """The task named by config.task, built from `config`."""
+  return task_factory(config)(config)
