@@ -85,6 +85,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None
   gets are fusion_task.tokenizer_vocab's (the one rule; the data side loads the same tokenizer).
   """
   from fusion_jax.train.fusion_task import fusion_config_from, load_task_tokenizer, tokenizer_vocab
+  template = fusion_config_from(config.model).template  # the tokenizer's pad token
   data_dir = synthesize(config.synth)
   base = config.get("base")
   model_dir = ""
@@ -93,7 +94,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None
     tok_dir = os.path.join(model_dir, "tokenizer")
   else:
     tok_dir = tokenizer_dir(data_dir, int(config.tokenizer.vocab_size))
-  tok = load_task_tokenizer(tok_dir, fusion_config_from(config.model).template)
+  tok = load_task_tokenizer(tok_dir, template)
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.paths = (os.path.join(data_dir, "train.json"),)
   config.data.image_root = data_dir
