@@ -28,7 +28,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -277,3 +277,15 @@ class ArrayRecordSource:
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+
+
+def iter_records(path: str) -> Iterable[dict[str, Any]]:
+  """Records of a LLaVA JSON (list) or JSONL file, read as they are (evaluation and inference
+  inputs; the training pipeline reads through the sources above, record by record)."""
+  with open(path) as f:
+    if path.endswith(".jsonl"):
+      for line in f:
+        if line.strip():
+          yield json.loads(line)
+    else:
+      yield from json.load(f)

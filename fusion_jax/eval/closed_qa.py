@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -247,15 +247,3 @@ def plot_report(report: Mapping[str, Mapping[str, float]], path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
-
-
-def iter_records(path: str) -> Iterable[dict[str, Any]]:
-  """Records of a LLaVA JSON (list) or JSONL file."""
-  import json
-  with open(path) as f:
-    if path.endswith(".jsonl"):
-      for line in f:
-        if line.strip():
-          yield json.loads(line)
-    else:
-      yield from json.load(f)

@@ -28,6 +28,7 @@ def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int 
     sequences than the final evaluation uses). write=False only returns the report.
   dtype: compute dtype override.
   """
+  from fusion_jax.data.sources import iter_records
   from fusion_jax.eval import closed_qa
   from fusion_jax.infer.load import load_model
 
@@ -37,7 +38,7 @@ def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int 
   if model.config is None and not data:
     raise ValueError(f"{workdir} is a model dir: pass --data FILE (records to evaluate)")
   path = data or split_path(model.config, split)
-  records = list(closed_qa.iter_records(path))
+  records = list(iter_records(path))
   image_root = model.image_root if model.config is not None else os.path.dirname(path)
 
   def progress(done: int, total: int) -> None:

@@ -50,7 +50,7 @@ def _prompts() -> tuple[list[dict], list[str], str]:
     return [rec], [""], ""
   if not FLAGS.data:
     raise app.UsageError("give --image and --question, or --data FILE")
-  from fusion_jax.eval.closed_qa import iter_records
+  from fusion_jax.data.sources import iter_records
   from fusion_jax.infer.generate import first_questions
   prompts, refs = first_questions(list(iter_records(FLAGS.data)), FLAGS.num)
   if not prompts:

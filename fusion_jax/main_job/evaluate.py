@@ -8,7 +8,7 @@ from typing import Any
 
 def sample_answers(workdir: str, heldout: str) -> list[dict[str, str]]:
   """The trained model's greedy answer to the first held-out question of each category."""
-  from fusion_jax.eval.closed_qa import iter_records
+  from fusion_jax.data.sources import iter_records
   from fusion_jax.infer.generate import answer_run, first_questions, question_text
   firsts: dict[str, dict[str, Any]] = {}
   for rec in iter_records(heldout):
