@@ -298,21 +298,9 @@ class FusionTask:
                                        process_count=process_count, train=True)
 
   def flops_per_token(self) -> float:
-    """Matmul FLOPs (fwd + bwd = 6 x params x tokens) of the LLM per token, plus the vision
-    passes (5 crops of N tokens, T instruction tokens) amortised over the sequence."""
-    c, v = self.cfg.llm, self.cfg.vision
-    dc = self.data_config(1)
-    s = dc.seq_len
-    attn = c.num_heads * c.head_dim
-    per_layer = c.hidden_size * (attn + 2 * c.num_kv_heads * c.head_dim) + attn * c.hidden_size
-    per_layer += 3 * c.hidden_size * c.intermediate_size
-    llm = c.num_layers * per_layer + c.hidden_size * c.vocab_size
-    llm_attn = 2 * c.num_layers * s * attn
-    vis_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
-    vis_tokens = 5 * v.num_patches + self.cfg.max_instruct_len
-    # Every sample slot of a row is encoded: P of them when packing.
-    vision = v.num_layers * vis_layer * vis_tokens * dc.samples_per_row / s
-    return 6.0 * (llm + llm_attn + vision)
+    """Model FLOPs (forward + backward) per sequence position of one row: step_flops (the
+    formula of fusion_jax.models.flops) over seq_len; the trainer's MFU numerator."""
+    return self.step_flops(1)["model"] / self._step_shape(None)[0]
 
 
 def run_data_config(config: ml_collections.ConfigDict) -> data_pipeline.DataConfig:
