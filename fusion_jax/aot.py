@@ -167,6 +167,7 @@ def compile_report(config: Any, topology: str, *, q: int = 0,
   import jax
   from jax.experimental import topologies
 
+  from fusion_jax.models import attention_kernels
   from fusion_jax.models import flops as flops_lib
   from fusion_jax.train import loop
   from fusion_jax.train import task as task_lib
@@ -182,7 +183,8 @@ def compile_report(config: Any, topology: str, *, q: int = 0,
            for k, v in batch.items()}
   step = su.make_step()
   t0, c0 = time.time(), time.process_time()
-  with jax.set_mesh(su.mesh):
+  # Trace for TPU ('auto' attention = splash, compiled, as `train` on the slice would run).
+  with jax.set_mesh(su.mesh), attention_kernels.target_backend("tpu"):
     lowered = step.jitted.lower(su.target, batch)
     try:
       compiled = lowered.compile()

@@ -26,8 +26,9 @@ Under a mesh (jax.set_mesh + flax logical axis rules) the kernels run in a shard
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -39,14 +40,30 @@ from fusion_jax.models.llm_config import ATTENTION_IMPLS as IMPLS
 from fusion_jax.parallel.sharding import DEFAULT_RULES, mesh_axes_of
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_TARGET: list[str] = []  # target_backend's stack; empty = jax's default backend
 _LANES = 128  # splash needs sequence blocks that are multiples of the TPU lane width
+
+
+@contextlib.contextmanager
+def target_backend(name: str) -> Iterator[None]:
+  """Trace for `name`'s kernels ('auto', splash interpret mode) instead of jax's default
+  backend: fusion_jax.aot compiles TPU programs on a CPU host."""
+  _TARGET.append(name)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def _backend() -> str:
+  return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def resolve_impl(impl: str, dtype, backend: str | None = None) -> str:
   """The implementation `impl` runs as on `backend` (default: jax's) for compute `dtype`."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r}; choose one of {IMPLS}")
-  backend = backend or jax.default_backend()
+  backend = backend or _backend()
   if impl == "auto":
     if backend == "tpu":
       return "splash"
@@ -190,10 +207,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   if impl == "xla":
     return dot_product_attention(q, k, v, segment_mask(segment_ids))
   if impl == "splash":
-    fn = functools.partial(splash_attention, interpret=jax.default_backend() != "tpu")
+    fn = functools.partial(splash_attention, interpret=_backend() != "tpu")
   else:
-    if cudnn_implementation == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
+    if cudnn_implementation == "cudnn" and _backend() not in ("gpu", "cuda"):
       raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
-                       f"{jax.default_backend()!r}); use 'auto' or 'xla'")
+                       f"{_backend()!r}); use 'auto' or 'xla'")
     fn = functools.partial(cudnn_attention, implementation=cudnn_implementation)
   return _sharded(fn, q, k, v, segment_ids)
