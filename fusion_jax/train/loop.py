@@ -9,6 +9,11 @@
      preemption sync point so that every host saves the same step
   -> K consecutive non-finite steps: NonFiniteError naming the last checkpoint before them
   -> final checkpoint, loss-curve PNG, summary dict
+
+Reading order: Setup / setup (everything derived from the config), train (the run, top to
+bottom), then its steps in call order: _announce, _restore_or_init, _Run (the step loop), and
+the small host-side helpers (_counters, _sum_over_processes, _Preemption). The model is the
+task's business (fusion_jax/train/task.py); nothing here knows which one runs.
 """
 from __future__ import annotations
 
@@ -40,49 +45,6 @@ from fusion_jax.train import task as task_lib
 
 class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def _counters(it: Any) -> dict[str, int]:
-  c = getattr(it, "counters", None)
-  if c is None:
-    return {}
-  c = c() if callable(c) else c
-  return {k: int(v) for k, v in c.items()}
-
-
-def _sum_over_processes(counters: dict[str, int]) -> dict[str, int]:
-  if jax.process_count() == 1 or not counters:
-    return counters
-  from jax.experimental import multihost_utils
-  keys = sorted(counters)
-  total = multihost_utils.process_allgather(np.asarray([counters[k] for k in keys], np.int64))
-  return dict(zip(keys, np.asarray(total).reshape(-1, len(keys)).sum(0).tolist()))
-
-
-class _Preemption:
-  """SIGTERM -> flag (single process). Multi-host runs ask orbax's preemption sync point,
-  which every host reaches at the same step, instead of a per-host flag."""
-
-  def __init__(self):
-    self.flag = threading.Event()
-    self._prev = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._prev = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("signal %d received: saving a checkpoint and exiting", signum)
-    self.flag.set()
-
-  def reached(self, ckpt: ckpt_lib.Checkpointer, step: int) -> bool:
-    if jax.process_count() > 1:
-      return ckpt.reached_preemption(step)
-    return self.flag.is_set()
-
-  def restore(self) -> None:
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
-      self._prev = None
 
 
 @dataclasses.dataclass
@@ -277,20 +239,13 @@ class _Run:
     if self.start >= self.num_steps:
       logging.info("nothing to do: the checkpoint is at step %d of %d", self.start,
                    self.num_steps)
-    pending = None
+    pending = None  # (step, device metrics, data counters) of the step before
     for s in range(self.start, self.num_steps):
       try:
         host = next(self.it)
       except StopIteration:
-        logging.warning("the data iterator ended after %d of %d steps; stopping here (raise "
-                        "the data epochs or lower num_steps)", self.done, self.num_steps)
-        if pending is not None:
-          # Skips after the last batch were counted while the iterator ran dry: the final
-          # record and the checkpoint both take the counters as they are now.
-          self.process(*pending[:2], _counters(self.it), force=True)
-          pending = None
-          self.save(self.done, overwrite=True)
-        break
+        self.stop_data_ran_dry(pending)
+        return
       self.state, metrics = self.train_step(self.state, self.su.global_batch(host))
       self.done = s + 1
       self.write_trace(host)
@@ -301,14 +256,27 @@ class _Run:
       if (every and self.done % every == 0) or self.done == self.num_steps:
         self.save(self.done)
       if self.done < self.num_steps and self.preemption.reached(self.ckpt, self.done):
-        self.process(*pending, force=True)
-        pending = None
-        self.save(self.done)
-        self.preempted = True
-        logging.warning("preempted at step %d: checkpoint saved, exiting", self.done)
-        break
+        self.stop_preempted(pending)
+        return
     if pending is not None:
       self.process(*pending)
+
+  def stop_data_ran_dry(self, pending: tuple[int, Any, dict[str, int]] | None) -> None:
+    """The data iterator ended before num_steps: the last step is recorded and saved."""
+    logging.warning("the data iterator ended after %d of %d steps; stopping here (raise "
+                    "the data epochs or lower num_steps)", self.done, self.num_steps)
+    if pending is not None:
+      # Skips after the last batch were counted while the iterator ran dry: the final
+      # record and the checkpoint both take the counters as they are now.
+      self.process(*pending[:2], _counters(self.it), force=True)
+      self.save(self.done, overwrite=True)
+
+  def stop_preempted(self, pending: tuple[int, Any, dict[str, int]]) -> None:
+    """SIGTERM (or the multi-host sync point): the step is recorded and saved."""
+    self.process(*pending, force=True)
+    self.save(self.done)
+    self.preempted = True
+    logging.warning("preempted at step %d: checkpoint saved, exiting", self.done)
 
   def write_trace(self, host: Mapping[str, np.ndarray]) -> None:
     """The batch's config.trace_batch_key values (e.g. sample ids) for data-order audits."""
@@ -365,3 +333,48 @@ class _Run:
     close = getattr(self.it, "close", None)
     if close is not None:
       close()
+
+
+def _counters(it: Any) -> dict[str, int]:
+  """The data iterator's optional `counters` ({name: int}, an attribute or a method)."""
+  c = getattr(it, "counters", None)
+  if c is None:
+    return {}
+  c = c() if callable(c) else c
+  return {k: int(v) for k, v in c.items()}
+
+
+def _sum_over_processes(counters: dict[str, int]) -> dict[str, int]:
+  """This host's counters summed over all processes (every process must call it)."""
+  if jax.process_count() == 1 or not counters:
+    return counters
+  from jax.experimental import multihost_utils
+  keys = sorted(counters)
+  total = multihost_utils.process_allgather(np.asarray([counters[k] for k in keys], np.int64))
+  return dict(zip(keys, np.asarray(total).reshape(-1, len(keys)).sum(0).tolist()))
+
+
+class _Preemption:
+  """SIGTERM -> flag (single process). Multi-host runs ask orbax's preemption sync point,
+  which every host reaches at the same step, instead of a per-host flag."""
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self._prev = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d received: saving a checkpoint and exiting", signum)
+    self.flag.set()
+
+  def reached(self, ckpt: ckpt_lib.Checkpointer, step: int) -> bool:
+    if jax.process_count() > 1:
+      return ckpt.reached_preemption(step)
+    return self.flag.is_set()
+
+  def restore(self) -> None:
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+      self._prev = None
