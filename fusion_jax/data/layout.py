@@ -121,39 +121,29 @@ def layout_sample(enc: EncodedSample, *, q: int, num_image_tokens: int, seq_len:
   ids, sup, image_start, latent_pos, question_pos = _expand(enc, q, num_image_tokens,
                                                             max_questions)
   n = min(ids.size, seq_len)
-  out_ids = np.full((seq_len,), pad_id, np.int32)
-  out_ids[:n] = np.where(ids[:n] < 0, pad_id, ids[:n])
-  labels = np.full((seq_len,), IGNORE_INDEX, np.int32)
-  labels[:n] = np.where(sup[:n], out_ids[:n], IGNORE_INDEX)
-  if require_labels and not (labels != IGNORE_INDEX).any():
+  ex = batch_spec.empty_example(batch_spec.Dims(
+      batch_size=1, seq_len=seq_len, samples_per_row=1, max_questions=max_questions, q=q,
+      instruct_len=max_instruct_len, image_size=0), pad_id, images=False)
+  ex["input_ids"][:n] = np.where(ids[:n] < 0, pad_id, ids[:n])
+  ex["labels"][:n] = np.where(sup[:n], ex["input_ids"][:n], IGNORE_INDEX)
+  if require_labels and not (ex["labels"] != IGNORE_INDEX).any():
     raise BadSample("no_supervised_tokens",
                     f"no supervised token in the first {seq_len} positions (q={q})", enc.source)
-  token_mask = np.zeros((seq_len,), bool)
-  token_mask[:n] = True
-  positions = np.zeros((seq_len,), np.int32)
-  positions[:n] = np.arange(n, dtype=np.int32)
+  ex["token_mask"][:n] = True
+  ex["positions"][:n] = np.arange(n, dtype=np.int32)
 
-  surviving = [l for l, p in enumerate(question_pos) if p < seq_len]
   # Questions are in sequence order, so the survivors are a prefix.
-  qp = np.full((max_questions,), -1, np.int32)
-  lp = np.full((max_questions * q,), -1, np.int32)
-  for l in surviving:
-    qp[l] = question_pos[l]
-    lp[l * q:(l + 1) * q] = latent_pos[l]
+  for l in (l for l, p in enumerate(question_pos) if p < seq_len):
+    ex["question_pos"][l] = question_pos[l]
+    ex["latent_pos"][l * q:(l + 1) * q] = latent_pos[l]
 
   t = min(enc.instructs.size, max_instruct_len)
-  instructs = np.zeros((max_instruct_len,), np.int32)
-  instructs[:t] = enc.instructs[:t]
-  instructs_mask = np.zeros((max_instruct_len,), bool)
-  instructs_mask[:t] = True
-  has_image = enc.has_image and 0 <= image_start < seq_len
-  return {
-      "input_ids": out_ids, "token_mask": token_mask, "positions": positions, "labels": labels,
-      "has_image": np.asarray(enc.has_image, bool),
-      "image_start": np.asarray(image_start if has_image else -1, np.int32),
-      "latent_pos": lp, "question_pos": qp, "instructs": instructs,
-      "instructs_mask": instructs_mask,
-  }
+  ex["instructs"][:t] = enc.instructs[:t]
+  ex["instructs_mask"][:t] = True
+  ex["has_image"][()] = enc.has_image
+  if enc.has_image and 0 <= image_start < seq_len:
+    ex["image_start"][()] = image_start
+  return ex
 
 
 def layout_batch(encs: Sequence[EncodedSample], q: int, *, num_image_tokens: int, seq_len: int,

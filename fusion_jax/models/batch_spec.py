@@ -120,6 +120,18 @@ def zeros(dims: Dims, pad_id: int = 0) -> dict[str, np.ndarray]:
   return {k: np.full(dims.shape(k), pad_value(k, pad_id), SPEC[k].dtype) for k in BATCH_KEYS}
 
 
+def empty_example(dims: Dims, pad_id: int = 0, *, images: bool = True) -> dict[str, np.ndarray]:
+  """An all-padding example of `dims` (EXAMPLE_KEYS without the B and P axes: (S,) sequences,
+  () has_image / image_start, ...) to fill in; "images" only with images=True."""
+  out = {}
+  for k in EXAMPLE_KEYS:
+    if k == "images" and not images:
+      continue
+    shape = tuple(n for s, n in zip(SPEC[k].shape, dims.shape(k)) if s not in ("B", "P"))
+    out[k] = np.full(shape, pad_value(k, pad_id), SPEC[k].dtype)
+  return out
+
+
 def abstract(dims: Dims) -> dict[str, Any]:
   """ShapeDtypeStructs of a batch of `dims` (init / eval_shape / AOT lowering)."""
   import jax  # only here: the rest of the module is host-side numpy

@@ -344,14 +344,10 @@ def example_samples(cfg: FusionConfig, count: int, *, seq_len: int, max_question
   s, lq, t = seq_len, max_questions, cfg.max_instruct_len
   n, v, size = cfg.num_image_tokens, cfg.llm.vocab_size, cfg.vision.image_size
   out = []
+  dims = batch_spec.Dims(batch_size=1, seq_len=s, samples_per_row=1, max_questions=lq, q=q,
+                         instruct_len=t, image_size=size)
   for i in range(first, first + count):
-    ex = dict(
-        input_ids=np.zeros((s,), np.int32), token_mask=np.zeros((s,), bool),
-        positions=np.zeros((s,), np.int32), labels=np.full((s,), -100, np.int32),
-        images=np.zeros((5, size, size, 3), np.uint8), has_image=np.asarray(False),
-        image_start=np.asarray(-1, np.int32), latent_pos=np.full((lq * q,), -1, np.int32),
-        question_pos=np.full((lq,), -1, np.int32), instructs=np.zeros((t,), np.int32),
-        instructs_mask=np.zeros((t,), bool))
+    ex = batch_spec.empty_example(dims)
     image = i % 2 == 0
     pos = 2
     if image:
