@@ -9,9 +9,10 @@ Modules (one stage or concept each):
   ask.py         procedural ask stage (templates -> Turns with closed-answer metadata)
   measure.py     pixel measurements (palette classes, connected components, shapes)
   filter.py      per-item rejection reasons, dedup, answer balancing
-  records.py     Turn, LLaVA record building / validation, ArrayRecord entry format
+  records.py     Turn, LLaVA record building, ArrayRecord entry writing
   backends.py    stage protocols, import-path loading, LLM / text-to-image adapters
-  pipeline.py    the parallel deterministic engine (`synthesize(SynthConfig(...))`)
+  pipeline.py    the parallel deterministic engine (`synthesize(SynthConfig(...))`) and the
+                 dataset finishing both engines share (select, quotas, splits, stats files)
   stats.py       chance level, majority-answer rate, rejection counts
 Model backends and the resumable engine (docs/synth.md, "Synthesis with real models"):
   openai_client.py  OpenAI-compatible chat client: retries, backoff, request budget
