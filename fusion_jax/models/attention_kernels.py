@@ -104,15 +104,19 @@ def _splash_blocks(s: int):
                        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
 
-@functools.lru_cache(maxsize=16)
-def _splash_kernel(heads: int, seq: int, interpret: bool):
+def _make_splash_kernel(heads: int, seq: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   mask = sm.MultiHeadMask([sm.CausalMask((seq, seq)) for _ in range(heads)])
+  return sk.make_splash_mha(mask, block_sizes=_splash_blocks(seq), head_shards=1,
+                            q_seq_shards=1, interpret=interpret)
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(heads: int, seq: int, interpret: bool):
   # Concrete block tables even when first built inside a trace (they are cached across traces).
   with jax.ensure_compile_time_eval():
-    return sk.make_splash_mha(mask, block_sizes=_splash_blocks(seq), head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+    return _make_splash_kernel(heads, seq, interpret)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
@@ -128,7 +132,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
-  kernel = _splash_kernel(h, s + pad, interpret)
+  # Compiling for TPU on a CPU host (fusion_jax.aot), concrete tables cannot be placed while
+  # the target's mesh is in context: they are built in this trace instead, uncached.
+  kernel = (_splash_kernel(h, s + pad, interpret) if _backend() == jax.default_backend()
+            else _make_splash_kernel(h, s + pad, interpret))
   # The kernel applies no softmax scale; (H, S, hd) per example.
   qh = (q * jnp.asarray(hd**-0.5, q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
