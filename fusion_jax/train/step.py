@@ -91,7 +91,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, mesh: jax.shar
     schedule: base learning-rate schedule, reported as metrics['lr'].
     donate: donate the state buffers (False keeps the input state alive, e.g. in tests).
   """
-  rules = [tuple(r) for r in rules]
+  rules = normalize_rules(rules)
   k = int(microbatches)
   mask_leaves, treedef = jax.tree.flatten(trainable)
   b_shardings = batch_shardings(task, mesh, rules)
