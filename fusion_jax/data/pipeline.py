@@ -55,7 +55,6 @@ pads it (see `make_pipeline`).
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
