@@ -10,7 +10,8 @@ import pytest
 
 from fusion_jax.models import attention_kernels as ak
 from fusion_jax.models.attention import causal_mask, dot_product_attention
-from fusion_jax.models.llm import Decoder, LLMConfig
+from fusion_jax.models.llm import Decoder
+from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 B, S, H, KV, HD = 2, 200, 4, 2, 16  # S not a multiple of 128: splash pads the rows

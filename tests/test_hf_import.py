@@ -15,7 +15,8 @@ from fusion_jax.convert import compare_hf
 from fusion_jax.convert.hf import load_hf_dir
 from fusion_jax.convert.hf_llm import llm_params_from_reader, llm_tensors_to_torch
 from fusion_jax.convert.safetensors_io import INDEX_NAME, SafetensorsReader, write_safetensors
-from fusion_jax.models.llm import LLMConfig, stack_layers
+from fusion_jax.models.llm import stack_layers
+from fusion_jax.models.llm_config import LLMConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusion_jax.models.llm import (Decoder, LLMConfig, cache_logical_axes, init_cache,
-                                   stack_layers)
+from fusion_jax.models.llm import Decoder, cache_logical_axes, init_cache, stack_layers
+from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.models.rope import Llama3Scaling, LongRopeScaling
 
 LLAMA = LLMConfig(arch="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2,

@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fusion_jax.models.llm import Decoder, LLMConfig, cache_logical_axes, init_cache
+from fusion_jax.models.llm import Decoder, cache_logical_axes, init_cache
+from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.models.rope import Llama3Scaling
 from fusion_jax.parallel.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh, param_shardings
 

@@ -19,7 +19,7 @@ from fusion_jax.convert.fusion_torch import (LLM_PREFIX, TOWER_PREFIX, stored_to
 from fusion_jax.convert.hf_siglip import siglip_config_from_hf, siglip_config_from_reader
 from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.fusion import FusionConfig
-from fusion_jax.models.llm import LLMConfig
+from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.models.rope import Llama3Scaling, LongRopeScaling
 from fusion_jax.models.vision import VisionConfig
 

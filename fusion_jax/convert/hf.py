@@ -81,7 +81,7 @@ def load_hf_dir(directory: str, *, weights_dtype: Any = None, strict: bool = Tru
   reader = SafetensorsReader(directory)
   if kind == "llm":
     from fusion_jax.convert.hf_llm import llm_params_from_reader
-    from fusion_jax.models.llm import LLMConfig
+    from fusion_jax.models.llm_config import LLMConfig
     cfg = LLMConfig.from_hf(hf_cfg, **dict(overrides or {}))
     params = llm_params_from_reader(reader, cfg, "model.", dtype=weights_dtype, strict=strict)
     return kind, cfg, params

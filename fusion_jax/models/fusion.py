@@ -31,7 +31,8 @@ from fusion_jax.models import batch_spec, global_context
 from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
-from fusion_jax.models.llm import Decoder, LLMConfig
+from fusion_jax.models.llm import Decoder
+from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.models.mapping_loss import fusion_loss
 from fusion_jax.models.text_guided import text_guided_features
 from fusion_jax.models.vision import VisionConfig, VisionTower

@@ -71,8 +71,7 @@ from fusion_jax.models import remat as remat_lib
 from fusion_jax.models import attention_kernels
 from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.layers import DenseGeneral
-# The config (and presets) live in llm_config.py; importable from here as well.
-from fusion_jax.models.llm_config import LLAMA_3_1_8B, PHI_3_5_MINI, LLMConfig  # noqa: F401
+from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.models.rope import RopeTables, apply_rope, make_rope_tables, rope_cos_sin
 from fusion_jax.parallel.sharding import constrain
 
