@@ -36,7 +36,6 @@ Not reproduced from the authors' inference (docs/model.md §12): batch > 1 posit
 padding, instructions taken from the first question only, random q at inference (q is an
 argument here), a context cached across calls.
 """
-
 from __future__ import annotations
 
 import dataclasses
