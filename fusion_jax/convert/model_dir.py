@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fusion_jax.convert.fusion_torch import unbox
-from fusion_jax.models.fusion import FusionConfig
+# The model is imported only where a config is read or written: is_model_dir (the trainer's
+# init_from) loads no model code.
+if TYPE_CHECKING:
+  from fusion_jax.models.fusion import FusionConfig
 
 CONFIG_NAME = "fusion_config.json"
 PARAMS_NAME = "params"
@@ -63,6 +65,7 @@ def save_model_dir(directory: str, params: Any, cfg: FusionConfig,
   if os.path.exists(os.path.join(directory, PARAMS_NAME)):
     raise FileExistsError(f"{directory}/{PARAMS_NAME} exists; choose a new model directory")
   os.makedirs(directory, exist_ok=True)
+  from fusion_jax.convert.fusion_torch import unbox
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, PARAMS_NAME), unbox(params))
   ckptr.wait_until_finished()
@@ -76,6 +79,7 @@ def save_model_dir(directory: str, params: Any, cfg: FusionConfig,
 
 def load_model_config(directory: str) -> FusionConfig:
   """The FusionConfig of a model dir (no tensors read)."""
+  from fusion_jax.models.fusion import FusionConfig
   _check_model_dir(directory)
   with open(os.path.join(directory, CONFIG_NAME)) as f:
     return FusionConfig.from_dict(json.load(f))
