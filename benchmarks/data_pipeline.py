@@ -179,7 +179,7 @@ def smoke_packing(num: int, batches: int, samples_per_row: tuple[int, ...]) -> d
   from experiments.smoke import get_config  # pylint: disable=g-import-not-at-top
   from fusion_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS  # pylint: disable=g-import-not-at-top
-  from fusion_jax.train.fusion_task import FusionTask  # pylint: disable=g-import-not-at-top
+  from fusion_jax.task.fusion import FusionTask  # pylint: disable=g-import-not-at-top
   config = get_config()
   config.synth.num = num
   config = run_lib.prepare(config)

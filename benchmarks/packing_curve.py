@@ -43,7 +43,7 @@ def _expected_samples_per_row(config, seq_len: int, p: int) -> float:
   """samples per row of the packer on the dataset's lengths (length-only simulation, q = max)."""
   from fusion_jax.data import conversation, layout, packing
   from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
-  from fusion_jax.train.fusion_task import fusion_config_from
+  from fusion_jax.task.fusion import fusion_config_from
   cfg = fusion_config_from(config.model)
   tok = load_tokenizer(config.data.tokenizer, pad_token=TEMPLATE_PAD_TOKENS[cfg.template])
   with open(config.data.paths[0]) as f:
@@ -93,8 +93,8 @@ def heldout_loss(workdir: str, heldout: str, seq_len: int, batch_size: int = 32)
   from fusion_jax.data import pipeline
   from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
   from fusion_jax.models import fusion
-  from fusion_jax.train.fusion_task import FusionTask
-  from fusion_jax.train.workdir import load_run
+  from fusion_jax.task.fusion import FusionTask
+  from fusion_jax.infer.workdir import load_run
   params, cfg, config, _ = load_run(workdir)
   task = FusionTask(config)
   dc = task.data_config(1).to_dict()

@@ -27,7 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 from fusion_jax import run as run_lib  # noqa: E402
 from fusion_jax.eval.evaluate import run_eval  # noqa: E402
 from fusion_jax.train.metrics import read_metrics  # noqa: E402
-from fusion_jax.train.workdir import checkpoint_steps  # noqa: E402
+from fusion_jax.infer.workdir import checkpoint_steps  # noqa: E402
 
 FLAGS = flags.FLAGS
 # --config and --workdir are fusion_jax.run's flags (defined when it is imported).

@@ -43,7 +43,7 @@ from fusion_jax.models.connector import feature_connector  # noqa: E402
 from fusion_jax.models.fusion import FusionConfig  # noqa: E402
 from fusion_jax.models.text_guided import text_guided_encode  # noqa: E402
 from fusion_jax.models.vision import VisionTower  # noqa: E402
-from fusion_jax.train.workdir import fusion_config_of  # noqa: E402
+from fusion_jax.infer.workdir import fusion_config_of  # noqa: E402
 
 FLAGS = flags.FLAGS
 # --config and --workdir are fusion_jax.run's flags (defined when it is imported).

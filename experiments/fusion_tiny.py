@@ -15,7 +15,7 @@ vocabulary, 320, divides the tensor axis).
 import ml_collections
 
 from fusion_jax.train.config import base_config
-from fusion_jax.train.fusion_task import model_config
+from fusion_jax.task.fusion import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -22,9 +22,9 @@ which runs on every host:
       --workdir gs://YOUR_BUCKET/fusion_x_3b/stage1
 
 Edit the paths below or override them: --config.data.mixture=... --config.data.image_root=...
---config.data.tokenizer=... --config.init_from=... (the recipe: fusion_task.STAGES).
+--config.data.tokenizer=... --config.init_from=... (the recipe: fusion_jax.task.fusion.STAGES).
 """
-from fusion_jax.train.fusion_task import STAGES, stage_config
+from fusion_jax.task.fusion import STAGES, stage_config
 
 CONFIG_ARGS = tuple(STAGES)
 DATA_ROOT = "/path/to/fusion_data"           # <DATA_ROOT>/<dataset>/mixture.yaml per stage

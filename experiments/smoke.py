@@ -21,7 +21,7 @@ import os
 import ml_collections
 
 from fusion_jax.train.config import base_config
-from fusion_jax.train.fusion_task import model_config
+from fusion_jax.task.fusion import model_config
 
 # Text categories need readable glyphs; at 32 px the synthesizer rejects every text item.
 CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMultiChoice",

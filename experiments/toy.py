@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fusion_jax.models import remat as remat_lib
+from fusion_jax.parallel import remat as remat_lib
 from fusion_jax.models.attention import causal_mask, dot_product_attention
 from fusion_jax.parallel import cross_entropy as ce_lib
 from fusion_jax.parallel.sharding import constrain
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None):
   c.init_from = ""                    # run dir to take params from (fresh optimizer)
   c.max_nonfinite = 5                 # abort after K consecutive non-finite steps
   c.compute_dtype = "float32"         # activations / matmuls; params are float32 always
-  c.remat_policy = "none"             # fusion_jax.models.remat policy name
+  c.remat_policy = "none"             # fusion_jax.parallel.remat policy name
   c.trace_batch_key = ""              # e.g. 'sample_id': per-step sample ids to workdir/trace/
   return c
 

@@ -1,5 +1,5 @@
 """Training stages (docs/model.md §10): one mechanism for the main job (config.stages,
-fusion_jax.run) and the paper recipe (experiments/fusion_*.py, fusion_task.STAGES).
+fusion_jax.run) and the paper recipe (experiments/fusion_*.py, fusion_jax.task.fusion.STAGES).
 
 A stage is a name, the dotted config keys it sets (its data, batch, learning rates, max
 length, steps, ...) and the stage whose weights it starts from. Its config is the job's config

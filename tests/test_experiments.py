@@ -17,7 +17,7 @@ from fusion_jax.models import param_layout, query_len
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import optimizer as optim_lib
 from fusion_jax.train import task as task_lib
-from fusion_jax.train.fusion_task import STAGES, FusionTask, fusion_config_from, recipe_num_steps
+from fusion_jax.task.fusion import STAGES, FusionTask, fusion_config_from, recipe_num_steps
 from fusion_jax.parallel.sharding import normalize_rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import pytest
 from fusion_jax.convert.model_dir import save_model_dir
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train import metrics as metrics_lib
-from fusion_jax.train.fusion_task import FusionTask
+from fusion_jax.task.fusion import FusionTask
 from experiment_helpers import load_experiment, override
 from fusion_jax.train.loop import setup, train
 from pipeline_fixtures import make_tokenizer, write_dataset

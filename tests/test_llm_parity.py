@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusion_jax.convert.hf import load_hf_dir
-from fusion_jax.models import remat as remat_lib
+from fusion_jax.parallel import remat as remat_lib
 from fusion_jax.models.llm import Decoder, rope_tables, stack_layers, unstack_layers
 from fusion_jax.models.llm_config import LLAMA_3_1_8B, PHI_3_5_MINI, LLMConfig
 from fusion_jax.models.rope import Llama3Scaling, LongRopeScaling, longrope_attention_factor

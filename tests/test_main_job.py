@@ -13,7 +13,7 @@ from experiments import smoke
 from fusion_jax import run as run_lib
 from fusion_jax.convert.import_torch import import_torch
 from fusion_jax.convert.model_dir import load_model_dir
-from fusion_jax.train.workdir import load_run
+from fusion_jax.infer.workdir import load_run
 
 
 def test_short_main_job_resumes_evaluates_and_exports(tmp_path):

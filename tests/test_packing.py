@@ -158,7 +158,7 @@ def test_simulate_length_mix():
 def tiny_task():
   import ml_collections
   from fusion_jax.train.config import base_config
-  from fusion_jax.train.fusion_task import FusionTask
+  from fusion_jax.task.fusion import FusionTask
   c = base_config()
   c.task = "fusion"
   c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=ml_collections.ConfigDict()))

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from experiment_helpers import ROOT, load_experiment
 from fusion_jax.train import preflight
-from fusion_jax.train.fusion_task import FusionTask
+from fusion_jax.task.fusion import FusionTask
 from pipeline_fixtures import make_tokenizer, write_dataset
 
 PREFIX = "fusion_jax.train: error: "

@@ -97,7 +97,7 @@ def test_shipped_bases_match_listed_sha256_and_size():
 def test_shipped_bases_import_as_the_main_job_expects(tmp_path):
   from fusion_jax.convert import import_hf
   from fusion_jax.convert.model_dir import load_model_config
-  from fusion_jax.train.fusion_task import fusion_config_from
+  from fusion_jax.task.fusion import fusion_config_from
   c = smoke.get_config()
   out = str(tmp_path / "base")
   assert import_hf.main(["--llm", c.base.llm, "--vision", c.base.vision, "--preset",

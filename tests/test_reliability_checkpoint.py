@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from fusion_jax.train import checkpoint as ckpt_lib
-from fusion_jax.train import workdir as workdir_lib
+from fusion_jax.infer import workdir as workdir_lib
 from fusion_jax.train.loop import setup, train
 from fusion_jax.train.state import create_state
 from test_train_step import leaves, toy_config

@@ -10,7 +10,7 @@ import time
 
 def split_path(config, split: str) -> str:
   """<directory of the run's first training file>/<split>.json."""
-  from fusion_jax.train.fusion_task import run_data_config
+  from fusion_jax.task.fusion import run_data_config
   paths = list(run_data_config(config).paths)
   if not paths:
     raise ValueError("the run's config.data.paths is empty; pass --data FILE")

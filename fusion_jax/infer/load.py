@@ -169,7 +169,7 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None) 
     return LoadedModel(cfg=cfg, params=params_for_config(params, cfg), kind="model_dir",
                        path=path, step=None, seq_len=seq_len, max_questions=max_questions, q=q,
                        tokenizer_path=tok if os.path.isdir(tok) else "", meta=meta)
-  from fusion_jax.train import workdir as wd
+  from fusion_jax.infer import workdir as wd
   if not wd.checkpoint_steps(path):
     raise FileNotFoundError(
         f"{path} is neither a model dir (no {md.CONFIG_NAME} + {md.PARAMS_NAME}/; written by "
@@ -179,7 +179,7 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None) 
     raise FileNotFoundError(f"{path}: no complete checkpoint at step {step}; steps: "
                             f"{wd.checkpoint_steps(path)}")
   params, cfg, config, step = wd.load_run(path, step)
-  from fusion_jax.train.fusion_task import run_data_config
+  from fusion_jax.task.fusion import run_data_config
   d = run_data_config(config)  # the run's DataConfig: its layout, eval q and image root
   cfg = with_compute_dtype(cfg, dtype)
   return LoadedModel(

@@ -13,7 +13,7 @@ def export_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """<workdir>/<a folder name the authors' loader routes to the right class> (torch_fusion_phi
   for the smoke model)."""
   from fusion_jax.convert import export_torch as export_lib
-  from fusion_jax.train.fusion_task import fusion_config_from
+  from fusion_jax.task.fusion import fusion_config_from
   return os.path.join(workdir, export_lib.torch_dir_name(fusion_config_from(config.model)))
 
 

@@ -82,9 +82,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None
   workdir, the base models are imported (`import_base`), training starts from them
   (config.init_from) and the tokenizer is the base LLM's; otherwise a tokenizer is trained on
   the dataset and the model starts from random init. The vocabulary size and pad id the model
-  gets are fusion_task.tokenizer_vocab's (the one rule; the data side loads the same tokenizer).
+  gets are task.fusion.tokenizer_vocab's (the one rule; the data side loads the same tokenizer).
   """
-  from fusion_jax.train.fusion_task import fusion_config_from, load_task_tokenizer, tokenizer_vocab
+  from fusion_jax.task.fusion import fusion_config_from, load_task_tokenizer, tokenizer_vocab
   template = fusion_config_from(config.model).template  # the tokenizer's pad token
   data_dir = synthesize(config.synth)
   base = config.get("base")

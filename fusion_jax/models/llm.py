@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from fusion_jax.models import remat as remat_lib
+from fusion_jax.parallel import remat as remat_lib
 from fusion_jax.models import attention_kernels
 from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.layers import DenseGeneral

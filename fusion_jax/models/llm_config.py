@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from fusion_jax import config_util
-from fusion_jax.models import remat as remat_lib
+from fusion_jax.parallel import remat as remat_lib
 from fusion_jax.models.rope import (Llama3Scaling, LongRopeScaling, RopeScaling, scaling_from_dict,
                                     scaling_to_dict)
 
@@ -37,7 +37,7 @@ class LLMConfig:
   initializer_range: float = 0.02
   dtype: str = "bfloat16"          # compute dtype
   param_dtype: str = "float32"
-  remat_policy: str = "none"       # see fusion_jax.models.remat.POLICY_NAMES
+  remat_policy: str = "none"       # see fusion_jax.parallel.remat.POLICY_NAMES
   scan_layers: bool = False
   # Decoder self attention without a KV cache: auto | xla | splash | cudnn
   # (fusion_jax.models.attention_kernels; cached decode always runs the XLA path).

@@ -27,11 +27,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from fusion_jax import config_util
-from fusion_jax.models import remat as remat_lib
+from fusion_jax.parallel import remat as remat_lib
 from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.connector import connector_k, feature_connector
 from fusion_jax.models.layers import DenseGeneral
-from fusion_jax.models.remat import policy_from_name, remat
+from fusion_jax.parallel.remat import policy_from_name, remat
 from fusion_jax.parallel.sharding import constrain
 
 
@@ -200,7 +200,7 @@ class VisionAttention(nn.Module):
           bias_axes=("heads", "head_dim"), kernel_init=_kernel_init, name=name, **kw)(x)
 
     names = ("batch", "length", "heads", "head_dim")
-    # Tags let the name-based remat policies (fusion_jax.models.remat) save these.
+    # Tags let the name-based remat policies (fusion_jax.parallel.remat) save these.
     q = checkpoint_name(constrain(in_proj("q_proj"), names), remat_lib.QUERY_PROJ)
     k = checkpoint_name(constrain(in_proj("k_proj"), names), remat_lib.KEY_PROJ)
     v = checkpoint_name(constrain(in_proj("v_proj"), names), remat_lib.VALUE_PROJ)
@@ -286,7 +286,7 @@ class VisionTower(nn.Module):
           in_axes=(nn.broadcast,), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     else:
-      layer_cls = remat(VisionEncoderLayer, cfg.remat_policy)  # names: fusion_jax.models.remat
+      layer_cls = remat(VisionEncoderLayer, cfg.remat_policy)  # names: fusion_jax.parallel.remat
       # A list attribute names its modules layers_0 .. layers_{L-1}, like HF's encoder.layers.{i}.
       self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
     self.post_layernorm = _layer_norm(cfg, "post_layernorm")

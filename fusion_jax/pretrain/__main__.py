@@ -59,7 +59,7 @@ def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int
   command."""
   import jax
   from fusion_jax.pretrain import lm, pairs, tower
-  from fusion_jax.train.fusion_task import fusion_config_from
+  from fusion_jax.task.fusion import fusion_config_from
 
   def log(msg: str) -> None:
     print(f"[fusion_jax.pretrain] {msg}", flush=True)

@@ -22,7 +22,7 @@ Every experiments/*.py starts from `base_config()` and overrides what it needs. 
   init_from       '' or a run dir / checkpoints dir / step dir: params only, fresh optimizer
   max_nonfinite   abort after this many consecutive non-finite steps (0 = never)
   compute_dtype   'bfloat16' | 'float32' activations and matmuls (params stay float32)
-  remat_policy    fusion_jax.models.remat policy name ('none', 'full', 'dots', ...)
+  remat_policy    fusion_jax.parallel.remat policy name ('none', 'full', 'dots', ...)
   peak_tflops_per_device  for the MFU estimate; 0 = from the device kind (unknown: no MFU)
   trace_batch_key '' or a batch key (e.g. sample ids) logged per step to
                   <workdir>/trace/process_<i>.jsonl for data-order audits
@@ -151,7 +151,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if int(config.num_steps) == 0 and float(config.num_epochs) <= 0:
     raise _err("num_steps", "both num_steps and num_epochs are 0; set one of them")
   resolve_dtype(config.compute_dtype)
-  from fusion_jax.models import remat as remat_lib  # local: keeps config import light
+  from fusion_jax.parallel import remat as remat_lib  # local: keeps config import light
   try:
     remat_lib.policy_from_name(config.remat_policy)
   except ValueError as e:

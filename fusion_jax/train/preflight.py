@@ -8,7 +8,7 @@ Checked, each problem one line naming the config key, the value and the fix:
   the common trainer fields (train.config.validate_config) against this host's devices;
   placeholder paths (/path/to/..., YOUR_BUCKET) by name, without touching the network;
   the task's own checks: `preflight(checks, config, data)` of its factory when it has one
-  (FUSION: the model, the data files and the tokenizer; fusion_jax/train/fusion_preflight.py);
+  (FUSION: the model, the data files and the tokenizer; fusion_jax/task/preflight.py);
   init_from (skipped when the workdir already holds a checkpoint: a resume does not read it).
 Nothing is created, so a failed check leaves no folder behind.
 """

@@ -35,7 +35,7 @@ config.task names the factory `factory(config) -> Task`: either 'package.module:
 (imported on first use; e.g. experiments/toy.py's 'experiments.toy:ToyTask') or a short name
 that a task module registers for itself when it is imported:
 
-  task_lib.register_task("fusion", FusionTask)      # in fusion_jax/train/fusion_task.py
+  task_lib.register_task("fusion", FusionTask)      # in fusion_jax/task/fusion.py
 
 This module names no task: the experiment config says which one runs.
 """

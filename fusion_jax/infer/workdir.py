@@ -44,7 +44,7 @@ def run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDi
 
 def fusion_config_of(config: ml_collections.ConfigDict) -> fusion.FusionConfig:
   """The FusionConfig a FUSION run trained (config.model + its compute dtype / remat)."""
-  from fusion_jax.train.fusion_task import fusion_config_from
+  from fusion_jax.task.fusion import fusion_config_from
   if config.get("task") != "fusion":
     raise ValueError(f"run config task is {config.get('task')!r}, not 'fusion'")
   return fusion_config_from(config.model, config.get("compute_dtype"), config.get("remat_policy"))

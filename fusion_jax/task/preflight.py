@@ -55,7 +55,7 @@ def _check_data(c: preflight.Checks, data: ml_collections.ConfigDict) -> None:
 
 def check(c: preflight.Checks, config: ml_collections.ConfigDict, data: bool) -> None:
   """FusionTask.preflight: the model (preset + overrides) and, with `data`, the data side."""
-  from fusion_jax.train.fusion_task import FusionTask  # imports this module
+  from fusion_jax.task.fusion import FusionTask  # imports this module
   task = c.run("config.model", FusionTask, config)
   if not data:
     return

@@ -46,7 +46,7 @@ from fusion_jax.models import mapping_loss, param_layout, query_len
 from fusion_jax.models.presets import get_preset
 from fusion_jax.parallel import cross_entropy as ce_lib
 from fusion_jax.parallel.sharding import normalize_rules
-from fusion_jax.train import fusion_preflight
+from fusion_jax.task import preflight as fusion_preflight
 from fusion_jax.train import task as task_lib
 from fusion_jax.train.config import base_config
 
