@@ -2,6 +2,7 @@ r"""Where the main job's config is read: its walk through the code, without trai
 
   python scripts/config_walk.py            # (~10-30 s on CPU; the first run synthesizes)
   python scripts/config_walk.py --verbose  # every place in order
+  python scripts/config_walk.py --stage_walk  # one stage's trainer set-up, place by place
 
 Runs experiments/smoke.py:short (the CI main job) through everything before the first train
 step: the job's preflight, its data + tokenizer preparation, the stage plan, each stage's
@@ -9,7 +10,16 @@ preflight, then per stage the trainer set-up (task, loop.setup, the host DataCon
 iterator). Every read of a ConfigDict (attribute, item, get, `in`, to_dict, items, ...) is
 recorded with the repository function that made it. The walk is the list of places
 (file:function) with consecutive repeats merged; a "return" is a place in a file the walk has
-already left once. Prints the walk's length, its returns and the distinct files.
+already left once. Prints the walk's length, its returns and the distinct files, then the
+same per phase (job preflight, preparation, stage plan, stage preflights, each stage's trainer
+set-up) at two levels: function (file:function places; a return revisits a function the walk
+has left) and file (consecutive places in one file merged; a return revisits a file).
+
+To measure an older commit, run this script from an archive of it (the code it walks is the
+one beside the script; the first output line names the fusion_jax that was imported):
+
+  git archive COMMIT | tar -x -C /tmp/old && cp scripts/config_walk.py /tmp/old/scripts/
+  cd /tmp/old && PYTHONPATH=/tmp/old python scripts/config_walk.py
 """
 from __future__ import annotations
 
@@ -30,6 +40,8 @@ from ml_collections import config_dict  # noqa: E402
 _ML = os.path.dirname(config_dict.__file__)
 _SELF = os.path.abspath(__file__)
 READS: list[str] = []
+# (phase name, index into READS where it starts), in order; a phase ends where the next starts.
+PHASES: list[tuple[str, int]] = []
 _PATCHED = ("__getattr__", "__getitem__", "__contains__", "get", "to_dict", "items", "keys",
             "values", "to_json_best_effort", "copy_and_resolve_references")
 
@@ -79,6 +91,35 @@ def install() -> None:
         setattr(cls, name, wrap(cls.__dict__[name]))
 
 
+def phase(name: str) -> None:
+  """Marks the start of a phase of the walk (its reads are READS from here on)."""
+  PHASES.append((name, len(READS)))
+
+
+def phase_reads() -> list[tuple[str, list[str]]]:
+  """[(phase name, its reads)] in order."""
+  ends = [start for _, start in PHASES[1:]] + [len(READS)]
+  return [(name, READS[start:end]) for (name, start), end in zip(PHASES, ends)]
+
+
+def levels(reads: list[str]) -> dict[str, tuple[list[str], int]]:
+  """{'function' | 'file': (places with consecutive repeats merged, returns)}: a return is a
+  place whose key (file:function, or file) the walk has already left once."""
+  out = {}
+  for level, key in (("function", lambda r: r), ("file", lambda r: r.split(":")[0])):
+    places: list[str] = []
+    for r in reads:
+      if not places or places[-1] != key(r):
+        places.append(key(r))
+    left: set[str] = set()
+    returns = 0
+    for prev, cur in zip(places, places[1:]):
+      left.add(prev)
+      returns += cur in left
+    out[level] = (places, returns)
+  return out
+
+
 def walk(reads: list[str]) -> tuple[list[str], int, int]:
   """(places with consecutive repeats merged, returns to files already left, distinct files)."""
   places: list[str] = []
@@ -106,14 +147,20 @@ def drive(cache_dir: str, workdir: str) -> None:
   config = smoke.get_config("short")
   config.synth.cache_dir = cache_dir
   install()
+  phase("job preflight")
   preflight.require(config, workdir, data=False, init_from=False)
+  phase("prepare (data + tokenizer)")
   config = run_lib.prepare(config, workdir)
+  phase("stage plan")
   plan = run_lib.stage_plan(config, workdir)
+  phase("stage preflights")
   problems = [p for i, (_, c, d) in enumerate(plan)
               for p in preflight.check(c, d, init_from=i == 0)]
   if problems:
     raise preflight.ConfigError(problems)
-  for _, stage_config, _ in plan:
+  for name, stage_config, _ in plan:
+    # loop.train's set-up: from its entry (loop.setup) to the data iterator.
+    phase(f"stage {name}: trainer set-up")
     su = loop.setup(stage_config)
     su.task.make_data_iterator(0, 1)
 
@@ -121,9 +168,18 @@ def drive(cache_dir: str, workdir: str) -> None:
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--verbose", action="store_true", help="print every place of the walk")
+  ap.add_argument("--stage_walk", action="store_true",
+                  help="print every place of the first stage's trainer set-up")
   ap.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(),
                                                       "fusion_config_walk_cache"))
   a = ap.parse_args()
+  import fusion_jax
+  where = os.path.dirname(os.path.abspath(fusion_jax.__file__))
+  print(f"fusion_jax from {where}")
+  if not where.startswith(ROOT + os.sep):
+    print(f"error: fusion_jax is imported from {where}, not from {ROOT} (the code beside this "
+          f"script); run with PYTHONPATH={ROOT}", file=sys.stderr)
+    return 2
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     drive(a.cache_dir, os.path.join(tmp, "run"))
@@ -133,6 +189,22 @@ def main() -> int:
       print(f"{i:4d} {p}")
   print(f"config reads {len(READS)}; walk: {len(places)} places, {returns} returns to files "
         f"already left, {files} distinct files ({time.time() - t0:.0f} s)")
+  print("per phase: reads | function level: places, returns | file level: places, returns")
+  for name, reads in phase_reads():
+    lv = levels(reads)
+    print(f"  {name:44s} {len(reads):5d} | {len(lv['function'][0]):4d} {lv['function'][1]:4d} "
+          f"| {len(lv['file'][0]):4d} {lv['file'][1]:4d}")
+  stages = [(n, r) for n, r in phase_reads() if n.endswith("trainer set-up")]
+  if stages:
+    name, reads = stages[0]
+    lv = levels(reads)
+    print(f"one stage ({name}, loop.setup -> data iterator): function level "
+          f"{len(lv['function'][0])} places, {lv['function'][1]} returns; file level "
+          f"{len(lv['file'][0])} places, {lv['file'][1]} returns")
+    if a.stage_walk:
+      for i, p in enumerate(lv["function"][0]):
+        print(f"{i:4d} {p}")
+      print("files: " + " -> ".join(lv["file"][0]))
   return 0
 
 
