@@ -131,8 +131,8 @@ def _scatter_rows(h: jax.Array, dst: jax.Array, values: jax.Array) -> jax.Array:
   """h (B, S, D) with h[b, dst[b, i]] = values[b, i]; dst >= S (or < 0 mapped there) drops."""
   s = h.shape[1]
   dst = jnp.where(dst >= 0, dst, s)
-  rows = jnp.arange(h.shape[0])[:, None]
-  return h.at[rows, dst].set(values.astype(h.dtype), mode="drop")
+  # Per row (vmap): a batched scatter stays batch-sharded (fusion_jax.models.interaction).
+  return jax.vmap(lambda hr, dr, vr: hr.at[dr].set(vr, mode="drop"))(h, dst, values.astype(h.dtype))
 
 
 class Fusion(nn.Module):

@@ -195,6 +195,7 @@ def apply_interaction(
               windows.reshape((b * p_,) + windows.shape[2:])).reshape(b, p_ * lq * q, d)
   # Invalid slots point past the end of the sequence and are dropped by the scatter.
   dst = jnp.where(valid, latent_pos, s)
-  rows = jnp.arange(b)[:, None]
-  h = h.at[rows, dst].set(new.astype(h.dtype), mode="drop")
+  # Per row (vmap): a batched scatter stays batch-sharded; a (row, dst) index array made the
+  # partitioner gather the cotangent over the whole global batch on every chip.
+  h = jax.vmap(lambda hr, dr, nr: hr.at[dr].set(nr, mode="drop"))(h, dst, new.astype(h.dtype))
   return constrain(h, ("batch", "length", "embed"))
