@@ -69,7 +69,9 @@ def test_interrupted_run_continues_without_redoing_items(server, tmp_path, backe
 
 def test_request_budget_stops_the_run_and_the_rerun_finishes(server, tmp_path, backends_file):
   out = str(tmp_path / "out")
-  stats = _run(server, out, backends_file, "--budget-requests", "5")
+  # One worker: with three, a fast first item can finish and start a fourth before the second
+  # and third items' first requests go out, which leaves one item done instead of two.
+  stats = _run(server, out, backends_file, "--budget-requests", "5", "--concurrency", "1")
   assert len(server.requests) == 5 and stats["this_run"]["requests"] == 5
   assert not stats["complete"] and "budget_requests" in stats["incomplete"]["stopped"]
   assert stats["this_run"]["items"] == 2  # two items of 2 requests each; the fifth is lost
