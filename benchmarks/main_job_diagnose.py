@@ -1,0 +1,246 @@
+r"""Why the main job does not learn the non-colour categories: cheap diagnostics on a finished
+run (no training).
+
+  python benchmarks/main_job_diagnose.py --workdir runs/smoke [--batches 4] [--out FILE.json]
+
+For a main-job workdir (experiments/smoke.py: stage 1 in <workdir>/stages/<name>, the last
+stage in <workdir>, the imported base model in <workdir>/base_model) it prints:
+
+  1. stage hand-over: the cross entropy of {base model, each stage's final params} on the
+     first batches of each stage's data, with the run's own stage config (template, seq_len,
+     loss mask). A stage that starts from the previous one's weights should start near that
+     one's final loss on the same kind of data.
+  2. vision dependence: each trained stage's loss on its own data with the images as given,
+     zeroed, and shuffled across the batch (rolled by one row): all crops, only the full view
+     (the image tokens' source), only the tiles (the mosaic: latents and context windows), and
+     with the image tokens left out of their slots. Unchanged loss = that path carries nothing.
+  3. per-category answer statistics of the training and held-out records: majority-answer
+     accuracy (what a question-only model reaches) next to the eval's chance.
+  4. closed-QA accuracy per category (the eval's scorer) of the final params on --per_category
+     records of each category from the training file and from the held-out file, with each
+     record's own image and with the image of another record of its category (shuffled).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+
+
+def _stage_dirs(workdir: str) -> list[tuple[str, str]]:
+  """[(name, run dir)] of the job's stages in training order (the last one is `workdir`)."""
+  from fusion_jax.infer import workdir as wd
+  last = wd.run_config(workdir)
+  rows = list(last.get("stages") or [])
+  out = []
+  for row in rows[:-1]:
+    out.append((row[0], os.path.join(workdir, "stages", row[0])))
+  out.append((rows[-1][0] if rows else "all", workdir))
+  return out
+
+
+def _task(config: ml_collections.ConfigDict):
+  from fusion_jax.task.fusion import FusionTask
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.worker_count = 0
+  config.data.shuffle = True
+  return FusionTask(config)
+
+
+def _batches(task, n: int) -> list[dict[str, np.ndarray]]:
+  it = task.make_data_iterator(0, 1)
+  out = []
+  for _ in range(n):
+    b = next(it)
+    out.append({k: np.asarray(b[k]) for k in task.batch_axes})
+  return out
+
+
+def _merge(fresh: Any, stored: Any) -> Any:
+  """`fresh` with every leaf `stored` has (same path) replaced: the trainer's init_from rule."""
+  from fusion_jax.train.checkpoint import _flat
+  s = _flat(stored)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+  from fusion_jax.train.checkpoint import path_str
+  leaves = []
+  for p, leaf in flat:
+    x = s.get(path_str(p))
+    leaves.append(leaf if x is None or tuple(x.shape) != tuple(leaf.shape)
+                  else jnp.asarray(x, leaf.dtype))
+  return treedef.unflatten(leaves)
+
+
+def _params(task, source: str, step: int | None = None) -> Any:
+  """A run's (or model dir's) params in `task`'s layout; missing leaves from task's init."""
+  from fusion_jax.infer.load import load_model
+  m = load_model(source, step=step)
+  fresh = task.init_params(jax.random.key(0))
+  import flax.linen as nn
+  fresh = nn.meta.unbox(fresh)
+  return _merge(fresh, task.adapt_params(m.params))
+
+
+def _ce(task, params: Any, batches: list[dict[str, np.ndarray]],
+        image_mode: str = "given") -> float:
+  """Token-weighted cross entropy over `batches` (image_mode: given | zero | shuffle)."""
+  @jax.jit
+  def f(params, batch):
+    sums, _ = task.loss_fn(params, batch, jax.random.key(0))
+    dens = task.loss_denominators(batch)
+    return sums["ce"], dens["ce"]
+  tot, den = 0.0, 0.0
+  for b in batches:
+    b = dict(b)
+    if image_mode == "zero":
+      b["images"] = np.zeros_like(b["images"])
+    elif image_mode == "shuffle":
+      b["images"] = np.roll(b["images"], 1, axis=0)
+    elif image_mode == "shuffle_full":  # the full view (image tokens) from another row
+      b["images"] = b["images"].copy()
+      b["images"][:, :, 4] = np.roll(b["images"][:, :, 4], 1, axis=0)
+    elif image_mode == "shuffle_tiles":  # the tiles (mosaic: latents, context) from another row
+      b["images"] = b["images"].copy()
+      b["images"][:, :, :4] = np.roll(b["images"][:, :, :4], 1, axis=0)
+    elif image_mode == "no_image_tokens":  # the image slots keep their pad embedding
+      b["image_start"] = np.full_like(b["image_start"], -1)
+    s, d = f(params, b)
+    tot += float(s)
+    den += float(d)
+  return tot / max(den, 1.0)
+
+
+def _answer_stats(path: str) -> dict[str, dict[str, Any]]:
+  """{category: {n, distinct answers, majority answer, its share}} of a records file."""
+  with open(path) as f:
+    records = json.load(f)
+  answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for r in records:
+    conv = r["conversations"]
+    for t in conv:
+      if t["from"] == "gpt":
+        answers[r.get("category", "?")][t["value"].strip().lower()] += 1
+  out = {}
+  for cat, cnt in sorted(answers.items()):
+    n = sum(cnt.values())
+    top, k = cnt.most_common(1)[0]
+    out[cat] = {"n": n, "distinct": len(cnt), "majority": top[:40], "majority_share": k / n,
+                "top5": [(a[:30], c) for a, c in cnt.most_common(5)]}
+  return out
+
+
+def _accuracy(workdir: str, config: ml_collections.ConfigDict, per_category: int
+              ) -> dict[str, Any]:
+  """{split/images: {category: accuracy}} of the run's final params (section 4)."""
+  from fusion_jax.eval import closed_qa
+  from fusion_jax.eval.evaluate import split_path
+  from fusion_jax.infer.load import load_model
+  m = load_model(workdir)
+  out = {}
+  print(f"\n4. closed-QA accuracy of the final params ({per_category} records per category):")
+  for split, path in (("train", config.data.paths[0]), ("heldout", split_path(config, "heldout"))):
+    with open(path) as f:
+      records = json.load(f)
+    by_cat: dict[str, list] = collections.defaultdict(list)
+    for r in records:
+      if r.get("qa") and len(by_cat[r.get("category")]) < per_category:
+        by_cat[r.get("category")].append(r)
+    recs = [r for c in sorted(by_cat) for r in by_cat[c]]
+    for mode in ("own image", "shuffled image"):
+      rs = recs
+      if mode == "shuffled image":  # each record gets the image of the next one of its category
+        rs = []
+        for c in sorted(by_cat):
+          group = by_cat[c]
+          rs += [{**r, "image": group[(i + 1) % len(group)]["image"]} for i, r in enumerate(group)]
+      rep = closed_qa.evaluate(m.params, m.cfg, rs, m.tokenizer, image_root=m.image_root, q=m.q,
+                               seq_len=int(m.seq_len), max_questions=m.max_questions,
+                               batch_size=32)
+      out[f"{split}/{mode}"] = {c: r["accuracy"] for c, r in rep.items()}
+      out[f"{split}/chance"] = {c: r["chance"] for c, r in rep.items()}
+  cats = list(out["train/own image"])
+  keys = [k for k in out if not k.endswith("chance")] + ["heldout/chance"]
+  print(f"  {'category':<20}" + "".join(f"{k:>24}" for k in keys))
+  for c in cats:
+    print(f"  {c:<20}" + "".join(f"{out[k].get(c, float('nan')):>24.3f}" for k in keys))
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--batches", type=int, default=4)
+  ap.add_argument("--out", default="")
+  ap.add_argument("--per_category", type=int, default=40)
+  ap.add_argument("--skip", default="", help="comma list of sections to skip: handover,vision,"
+                  "answers,accuracy")
+  args = ap.parse_args(argv)
+  skip = set(filter(None, args.skip.split(",")))
+  from fusion_jax.infer import workdir as wd
+  workdir = os.path.abspath(args.workdir)
+  stages = _stage_dirs(workdir)
+  configs = {name: wd.run_config(d) for name, d in stages}
+  tasks = {name: _task(c) for name, c in configs.items()}
+  report: dict[str, Any] = {"workdir": workdir, "stages": [n for n, _ in stages]}
+  data = {name: _batches(t, args.batches) for name, t in tasks.items()}
+  sources = [("base", os.path.join(workdir, "base_model"))] if os.path.isdir(
+      os.path.join(workdir, "base_model")) else []
+  sources += [(f"{name}@final", d) for name, d in stages]
+  # Params in the last stage's layout (all stages share the model config).
+  last_task = tasks[stages[-1][0]]
+  params = {s: _params(last_task, d) for s, d in sources}
+
+  if "handover" not in skip:
+    print("\n1. cross entropy of each start/final params on each stage's data "
+          f"({args.batches} batches):")
+    table = {}
+    print(f"{'params':<22}" + "".join(f"{n + ' data':>22}" for n, _ in stages))
+    for s, _ in sources:
+      row = {n: _ce(tasks[n], params[s], data[n]) for n, _ in stages}
+      table[s] = row
+      print(f"{s:<22}" + "".join(f"{row[n]:>22.3f}" for n, _ in stages))
+    report["handover"] = table
+
+  if "vision" not in skip:
+    print("\n2. each stage's final params on its own data: images given / zeroed / shuffled:")
+    vis = {}
+    for n, _ in stages:
+      row = {m: _ce(tasks[n], params[f"{n}@final"], data[n], m)
+             for m in ("given", "zero", "shuffle", "shuffle_full", "shuffle_tiles",
+                       "no_image_tokens")}
+      vis[n] = row
+      print(f"  {n:<14} " + "  ".join(f"{m} {v:.3f}" for m, v in row.items()))
+    report["vision"] = vis
+
+  if "answers" not in skip:
+    from fusion_jax.eval.evaluate import split_path
+    train = configs[stages[-1][0]].data.paths[0]
+    held = split_path(configs[stages[-1][0]], "heldout")
+    print("\n3. answers per category: training majority answer and its share (train / heldout)")
+    tr, he = _answer_stats(train), _answer_stats(held)
+    for cat in tr:
+      h = he.get(cat, {})
+      print(f"  {cat:<20} n={tr[cat]['n']:>6} distinct={tr[cat]['distinct']:>5} "
+            f"majority={tr[cat]['majority']!r:<24} share train {tr[cat]['majority_share']:.3f}"
+            f" heldout {h.get('majority_share', float('nan')):.3f}")
+    report["answers"] = {"train": tr, "heldout": he}
+  if "accuracy" not in skip:
+    report["accuracy"] = _accuracy(workdir, configs[stages[-1][0]], args.per_category)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
