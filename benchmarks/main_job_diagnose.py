@@ -16,6 +16,22 @@ stage in <workdir>, the imported base model in <workdir>/base_model) it prints:
      with the image tokens left out of their slots. Unchanged loss = that path carries nothing.
   3. per-category answer statistics of the training and held-out records: majority-answer
      accuracy (what a question-only model reaches) next to the eval's chance.
+  5. what the LLM sees of the image: norms of the image tokens vs the text embedding rows, and
+     how alike one image's tokens are after RMS normalisation (mean pairwise cosine within an
+     image, and across images at the same patch), for the base model and each stage's params.
+
+Measured on runs/bases_vs_random/bases (benchmarks/bases_vs_random.py, 600 + 400 steps from
+assets/tiny_bases; 2 loaded cores, ~3 min per section):
+  1. CE base / alignment@final / instruction@final: on alignment data 2.95 / 0.295 / 0.297, on
+     instruction data 4.47 / 5.19 / 0.28. Stage 2's first loss (5.86) is stage 1's weights on
+     the new long answers (worse than the base LM: stage 1 forgot free text), not a reset.
+  2. alignment: given 0.295, zero 1.13, shuffle 0.90, shuffle_full 0.39, shuffle_tiles 0.72,
+     no_image_tokens 0.304: the 16 image tokens carry almost nothing; the image reaches the
+     answer through the mosaic (latents / context windows), i.e. max-pooled colour.
+  4. train records = held-out records (40 per category): Color 1.0, Count/Spatial/Scene at
+     chance on both; shuffled images drop Color to 0.1. Summed log-probabilities per candidate
+     (Spatial ~ -1.4 = ln 4, Count ~ -1.8 = ln 6): the uniform prior over the answer set.
+  5. image-token norm 4.3 (base) -> 41 (stage 1) -> 74 (stage 2) against text rows of 0.3.
   4. closed-QA accuracy per category (the eval's scorer) of the final params on --per_category
      records of each category from the training file and from the held-out file, with each
      record's own image and with the image of another record of its category (shuffled).
@@ -120,6 +136,28 @@ def _ce(task, params: Any, batches: list[dict[str, np.ndarray]],
   return tot / max(den, 1.0)
 
 
+def _token_stats(task, params: Any, batch: dict[str, np.ndarray]) -> dict[str, float]:
+  """Image-token norm, text-embedding row norm, and mean cosine of RMS-normalised image tokens
+  within an image (patch vs patch) and across the batch's images (same patch)."""
+  from fusion_jax.models import fusion
+  flat = lambda x: jnp.asarray(x).reshape((-1,) + x.shape[2:])  # noqa: E731
+  vis = fusion.Fusion(task.cfg).apply(
+      {"params": params}, flat(batch["images"]), flat(batch["has_image"]),
+      flat(batch["instructs"]), flat(batch["instructs_mask"]),
+      method=fusion.Fusion.encode_images)
+  keep = np.asarray(flat(batch["has_image"]))
+  x = np.asarray(vis["image_tokens"], np.float64)[keep]  # (M, N, D)
+  u = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  n, m = u.shape[1], u.shape[0]
+  within = (np.einsum("mnd,mkd->mnk", u, u).sum((1, 2)) - n) / (n * (n - 1))
+  across = (np.einsum("mnd,knd->nmk", u, u).sum((1, 2)) - m) / (m * (m - 1))
+  emb = [np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params["llm"])[0]
+         if "embed" in jax.tree_util.keystr(k)][0]
+  return {"image_token_norm": float(np.linalg.norm(x, axis=-1).mean()),
+          "text_embedding_norm": float(np.linalg.norm(emb, axis=-1).mean()),
+          "cos_within_image": float(within.mean()), "cos_across_images": float(across.mean())}
+
+
 def _answer_stats(path: str) -> dict[str, dict[str, Any]]:
   """{category: {n, distinct answers, majority answer, its share}} of a records file."""
   with open(path) as f:
@@ -183,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--out", default="")
   ap.add_argument("--per_category", type=int, default=40)
   ap.add_argument("--skip", default="", help="comma list of sections to skip: handover,vision,"
-                  "answers,accuracy")
+                  "answers,tokens,accuracy")
   args = ap.parse_args(argv)
   skip = set(filter(None, args.skip.split(",")))
   from fusion_jax.infer import workdir as wd
@@ -234,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             f"majority={tr[cat]['majority']!r:<24} share train {tr[cat]['majority_share']:.3f}"
             f" heldout {h.get('majority_share', float('nan')):.3f}")
     report["answers"] = {"train": tr, "heldout": he}
+  if "tokens" not in skip:
+    print("\n5. image tokens as the LLM sees them (first batch of the first stage's data):")
+    first = stages[0][0]
+    report["tokens"] = {s: _token_stats(last_task, params[s], data[first][0]) for s, _ in sources}
+    for s, row in report["tokens"].items():
+      print(f"  {s:<22} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
   if "accuracy" not in skip:
     report["accuracy"] = _accuracy(workdir, configs[stages[-1][0]], args.per_category)
   if args.out:
