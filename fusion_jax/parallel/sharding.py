@@ -89,8 +89,10 @@ def make_mesh(shape: Mapping[str, int] | None = None,
   names = tuple(sizes)
   dims = tuple(sizes[n] for n in names)
   auto = (jax.sharding.AxisType.Auto,) * len(names)
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(dims, names, axis_types=auto)
+  # TPU devices (also a topology's, compiled for from a CPU host by fusion_jax.aot): jax orders
+  # them along the torus, as on the slice itself; collectives are compiled for that order.
+  if len(devices) == len(jax.devices()) or devices[0].platform == "tpu":
+    return jax.make_mesh(dims, names, axis_types=auto, devices=devices)
   arr = np.asarray(devices).reshape(dims)
   return jax.sharding.Mesh(arr, names, axis_types=auto)
 
