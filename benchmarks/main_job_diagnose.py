@@ -37,6 +37,10 @@ assets/tiny_bases; 2 loaded cores, ~3 min per section):
   With latents off (experiments/smoke.py:no_latents, the image tokens the only path) Color is
   0.92 and Count / Spatial / Scene stay at chance (0.12 / 0.13 / 0.12): the image tokens
   carry colour to the answer but nothing localised.
+  Twice the steps (--config.num_steps=2000, 1455 s): stage 1 (1200 steps) held-out Count /
+  Scene / Spatial 0.25 / 0.18 / 0.18; the job's table all 0.349 vs 0.330 (Count 0.27, Scene
+  0.20, Spatial 0.30, n = 60 each): noise. The stage-1 loss plateaus at ~0.3 (the uniform
+  prior over the non-colour answers) from step ~200 in both: stuck, not under-trained.
   6. a ridge probe of the background pattern (SynthScene pattern questions: the answer needs
      the image only) on the flattened image tokens each params hand the LLM: is what the
      answer needs in the image tokens (then the LLM does not read it) or not.
