@@ -97,10 +97,10 @@ def _batches(task, n: int) -> list[dict[str, np.ndarray]]:
 
 def _merge(fresh: Any, stored: Any) -> Any:
   """`fresh` with every leaf `stored` has (same path) replaced: the trainer's init_from rule."""
-  from fusion_jax.train.checkpoint import _flat
+  from fusion_jax.train.init_from import _flat
   s = _flat(stored)
   flat, treedef = jax.tree_util.tree_flatten_with_path(fresh)
-  from fusion_jax.train.checkpoint import path_str
+  from fusion_jax.train.optimizer import path_str
   leaves = []
   for p, leaf in flat:
     x = s.get(path_str(p))

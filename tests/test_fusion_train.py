@@ -10,6 +10,7 @@ import pytest
 
 from fusion_jax.convert.model_dir import save_model_dir
 from fusion_jax.train import checkpoint as ckpt_lib
+from fusion_jax.train.init_from import restore_params
 from fusion_jax.train import metrics as metrics_lib
 from fusion_jax.task.fusion import FusionTask
 from experiment_helpers import load_experiment, override
@@ -95,7 +96,7 @@ def test_train_frozen_tower_checkpoint_metrics_and_model_dir_init(data_dir, tmp_
 
   su = setup(cfg)
   init = jax.device_get(su.init_state().params)
-  trained, report = ckpt_lib.restore_params(workdir, su.target.params)
+  trained, report = restore_params(workdir, su.target.params)
   assert not report["fresh"] and not report["unused"]
   trained = jax.device_get(trained)
   for a, b in zip(leaves(trained["vision_tower"]), leaves(init["vision_tower"])):
@@ -107,7 +108,7 @@ def test_train_frozen_tower_checkpoint_metrics_and_model_dir_init(data_dir, tmp_
   # The stage-1 start: a model dir (what convert.import_hf writes) works as init_from.
   model_dir = str(tmp_path / "model_dir")
   save_model_dir(model_dir, trained, FusionTask(cfg).cfg)
-  again, report = ckpt_lib.restore_params(model_dir, su.target.params)
+  again, report = restore_params(model_dir, su.target.params)
   assert len(report["restored"]) == len(jax.tree.leaves(trained)) and not report["fresh"]
   for a, b in zip(leaves(again), leaves(trained)):
     np.testing.assert_array_equal(a, b)

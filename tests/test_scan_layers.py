@@ -15,7 +15,7 @@ from fusion_jax.convert import fusion_torch
 from fusion_jax.convert.model_dir import save_model_dir
 from fusion_jax.models import fusion, llm, param_layout
 from fusion_jax.models.presets import TINY
-from fusion_jax.train import checkpoint as ckpt_lib
+from fusion_jax.train.init_from import restore_params
 
 # 4 decoder layers, interaction after layers 0 and 2: head (1 layer + block), one group
 # (2 layers + block), tail (1 layer). 4 tower layers: connector k = 2.
@@ -120,7 +120,7 @@ def test_init_from_unrolled_model_dir_into_scanned_run(tmp_path, params):
   cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
                         fusion_torch.abstract_params(SCANNED))
-  got, report = ckpt_lib.restore_params(
+  got, report = restore_params(
       md, target, adapt=lambda t: param_layout.to_config_layout(t, SCANNED))
   assert not report["fresh"] and not report["unused"]
   want = param_layout.to_config_layout(params, SCANNED)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fusion_jax.train import checkpoint as ckpt_lib
+from fusion_jax.train.init_from import restore_params
 from fusion_jax.train import metrics as metrics_lib
 from fusion_jax.train.loop import NonFiniteError, setup, train
 from test_train_step import PoisonTask, host_batches, leaves, toy_config
@@ -57,13 +58,13 @@ def test_restore_params_partial(saved_222):
   target["new_module"] = jax.ShapeDtypeStruct((4,), np.float32,
                                               sharding=su.target.params["final_norm"]["scale"].sharding)
   fresh = dict(jax.device_get(su.init_state().params), new_module=np.full((4,), 7.0, np.float32))
-  params, report = ckpt_lib.restore_params(saved_222["directory"], target, fresh_params=fresh)
+  params, report = restore_params(saved_222["directory"], target, fresh_params=fresh)
   assert report["fresh"] == ["new_module"] and not report["unused"]
   np.testing.assert_array_equal(np.asarray(params["new_module"]), 7.0)
   np.testing.assert_array_equal(np.asarray(params["block_1"]["fc1"]["kernel"]),
                                 np.asarray(saved_222["state"].params["block_1"]["fc1"]["kernel"]))
   with pytest.raises(ValueError, match="missing from the checkpoint"):
-    ckpt_lib.restore_params(saved_222["directory"], target)
+    restore_params(saved_222["directory"], target)
 
 
 def test_train_init_from_and_outputs(saved_222, tmp_path, capsys):

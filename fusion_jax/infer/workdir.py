@@ -15,6 +15,7 @@ import ml_collections
 
 from fusion_jax.models import fusion
 from fusion_jax.train import checkpoint as ckpt_lib
+from fusion_jax.train.init_from import restore_params
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -63,6 +64,6 @@ def load_run(workdir: str, step: int | None = None
   import flax.linen as nn
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         nn.meta.unbox(abstract))
-  params, _ = ckpt_lib.restore_params(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)),
+  params, _ = restore_params(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)),
                                       target)
   return params, cfg, config, step

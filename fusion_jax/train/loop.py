@@ -35,6 +35,7 @@ import numpy as np
 
 from fusion_jax.parallel.sharding import make_mesh, normalize_rules, param_shardings
 from fusion_jax.train import checkpoint as ckpt_lib
+from fusion_jax.train.init_from import restore_params
 from fusion_jax.train import config as config_lib
 from fusion_jax.train import metrics as metrics_lib
 from fusion_jax.train import optimizer as optim_lib
@@ -188,7 +189,7 @@ def _restore_or_init(su: Setup, ckpt: ckpt_lib.Checkpointer
   state = su.init_state()
   if not config.init_from:
     return state, None, None, None
-  params, report = ckpt_lib.restore_params(config.init_from, su.target.params,
+  params, report = restore_params(config.init_from, su.target.params,
                                            fresh_params=state.params,
                                            adapt=getattr(su.task, "adapt_params", None))
   return state.replace(params=params), None, None, {k: len(v) for k, v in report.items()}
