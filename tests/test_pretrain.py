@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fusion_jax.pretrain import pairs
-from fusion_jax.pretrain.siglip import sigmoid_loss
+from fusion_jax.pretrain.siglip import candidate_sigmoid_loss, sigmoid_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASES = os.path.join(ROOT, "assets", "tiny_bases")
@@ -39,6 +39,50 @@ def test_sigmoid_loss_matches_numpy_reference():
   worse = float(sigmoid_loss(x.astype(np.float32), y[::-1].astype(np.float32),
                              np.float32(np.log(7.0)), np.float32(-2.5)))
   assert worse > got
+
+
+def test_candidate_sigmoid_loss_matches_numpy_reference():
+  rng = np.random.default_rng(1)
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+  x, c = unit(rng.normal(size=(4, 6))), unit(rng.normal(size=(4, 3, 6)))
+  answer = np.array([0, 2, 1, 1])
+  valid = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]], bool)
+  w = np.array([1.0, 0.0, 1.0, 1.0])
+  t, b = 5.0, 0.7
+  want = 0.0
+  for i in range(4):
+    for k in range(3):
+      z = 1.0 if k == answer[i] else -1.0
+      if valid[i, k]:
+        want += w[i] * np.log1p(np.exp(-z * (t * float(x[i] @ c[i, k]) + b)))
+  f32 = lambda a: a.astype(np.float32)  # noqa: E731
+  got = float(candidate_sigmoid_loss(f32(x), f32(c), answer, valid, np.float32(np.log(t)),
+                                     np.float32(b), f32(w)))
+  assert got == pytest.approx(want / 3, rel=1e-5)
+
+
+def test_qa_facts_keep_each_closed_turn_with_its_candidates():
+  from fusion_jax.pretrain import tower
+  img = np.zeros((32, 32, 3), np.uint8)
+  items = [
+      pairs.Item(img, "c0", (("How many?", "2"), ("Describe.", "a scene")), "SynthCount",
+                 (("1", "2", "3"), ())),
+      pairs.Item(img, "c1", (("Describe.", "x"),), "SynthConvLong", ((),)),
+      pairs.Item(img, "c2", (("Left or right?", "left"),), "SynthSpatial", (("left", "right"),)),
+  ]
+  vocab = {}
+  encode = lambda s: [vocab.setdefault(w, len(vocab) + 1) for w in s.split()]  # noqa: E731
+  f = tower.qa_facts(items, encode, 0)
+  assert f["item"].tolist() == [0, 2] and f["answer"].tolist() == [1, 0]
+  assert f["valid"].tolist() == [[True, True, True], [True, True, False]]
+  assert list(f["start"]) == [0, 1, 1, 2]
+  decode = {v: k for k, v in vocab.items()}
+  text = lambda ids, m: " ".join(decode[i] for i in ids[m])  # noqa: E731
+  s = tower.sample_facts(f, np.array([0, 1, 2, 0]), np.random.default_rng(0))
+  assert s["weight"].tolist() == [1, 0, 1, 1]
+  assert text(s["q_ids"][2], s["q_mask"][2]) == "Left or right?"
+  assert [text(s["a_ids"][0, k], s["a_mask"][0, k]) for k in range(3)] == ["1", "2", "3"]
+  assert s["answer"][0] == 1 and s["answer"][2] == 0
 
 
 def _main_job_hashes(n: int) -> set[str]:

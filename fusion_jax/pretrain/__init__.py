@@ -6,9 +6,10 @@ main job's dataset, and writes them in the transformers layouts the project impo
 
   pairs.py    image / caption / QA items from fusion_jax.synth (PRETRAIN_SEED, never the main
               job's seed), and the image hashes the disjointness test compares
-  siglip.py   SigLIP's sigmoid contrastive loss (learned temperature and bias)
-  tower.py    trains a tiny SigLIP tower with it (a tiny text transformer on the other side,
-              not shipped) -> SiglipVisionModel dir
+  siglip.py   SigLIP's sigmoid loss (learned temperature and bias), over a batch's captions
+              and over each scene's own candidate answers (hard negatives)
+  tower.py    trains a tiny SigLIP tower with both terms (a tiny text transformer and the MAP
+              head on the other side, not shipped) -> SiglipVisionModel dir
   lm.py       sentencepiece tokenizer + a tiny Phi-3 LM on the synthesized text in the chat
               template -> Phi3ForCausalLM dir with its tokenizer
 

@@ -28,6 +28,7 @@ class Item:
   caption: str
   qa: tuple[tuple[str, str], ...]   # (question, answer)
   category: str
+  choices: tuple[tuple[str, ...], ...] = ()  # per qa turn: its closed candidates, () if open
 
 
 def image_hash(image: np.ndarray) -> str:
@@ -59,5 +60,6 @@ def build_items(num: int, categories: Sequence[str], size: int, *, seed: int = P
     if exclude and image_hash(image) in exclude:
       continue
     items.append(Item(image=image, caption=desc.caption,
-                      qa=tuple((t.question, t.answer) for t in turns), category=category))
+                      qa=tuple((t.question, t.answer) for t in turns), category=category,
+                      choices=tuple(tuple((t.qa or {}).get("candidates") or ()) for t in turns)))
   return items

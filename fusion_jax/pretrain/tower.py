@@ -1,18 +1,26 @@
 """A tiny SigLIP tower pretrained with the sigmoid loss on synthesized image-caption pairs.
 
-Image side: the SigLIP ViT (fusion_jax.models.vision.VisionTower, all layers), post_layernorm,
-mean over patches, a linear map to the joint space (SigLIP uses an attention-pooling head; the
-head is not shipped: FUSION reads hidden states, never the pooled embedding). Text side: a
-bag-of-tokens encoder (token embeddings averaged over the caption, a 2-layer MLP): on 2 shared
-CPU cores a text transformer over ~100-token captions costs more than the tower itself. Only
-the tower is written out.
+Image side: the SigLIP ViT (fusion_jax.models.vision.VisionTower, all layers), post_layernorm
+and SigLIP's attention-pooling (MAP) head, a linear map to the joint space. Text side: a
+2-layer transformer (its last token). Only the tower is written out: FUSION reads hidden
+states, never the pooled embedding.
+
+Two sigmoid terms (siglip.py):
+  captions   the scene's caption against the batch's (SigLIP's loss, n x n pairs);
+  QA facts   the scene pooled by the MAP head with one of its closed questions as the query,
+             against that question's candidate answers (the right one +1, the others -1: hard
+             negatives one word apart). Captions alone are solved by colours (every scene has
+             its own colour set), so a tower trained on them learned little else; the facts
+             ask exactly what the main job's questions ask (count, relation, background,
+             shape). The question-as-query pooling is how FUSION reads the tower too: its LLM
+             attends to the patch tokens from the question's positions.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,42 +32,78 @@ import optax
 from fusion_jax.convert.hf_siglip import siglip_tensors_to_torch
 from fusion_jax.convert.safetensors_io import write_safetensors
 from fusion_jax.models.vision import VisionConfig, VisionTower
-from fusion_jax.pretrain.siglip import INIT_BIAS, INIT_LOG_T, l2_normalize, sigmoid_loss
+from fusion_jax.pretrain.pairs import Item
+from fusion_jax.pretrain.siglip import (INIT_BIAS, INIT_LOG_T, candidate_sigmoid_loss,
+                                        l2_normalize, sigmoid_loss)
 
 
-class BagOfTokens(nn.Module):
-  """(B, T) ids + mask -> (B, width): mean token embedding through a 2-layer MLP."""
+class TextEncoder(nn.Module):
+  """(B, T) ids + mask -> (B, width): pre-LN transformer, the last valid token's state.
+
+  The last token, as CLIP's end-of-text token, not the mean: a fact and its hard negative
+  differ in one word, which a mean over the text dilutes.
+  """
   vocab_size: int
-  width: int = 128
+  width: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  max_len: int = 512
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    e = nn.Embed(self.vocab_size, self.width)(ids)
-    m = mask[..., None].astype(e.dtype)
-    h = jnp.sum(e * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-    return nn.Dense(self.width)(nn.gelu(nn.Dense(self.width)(h)))
+    pos = self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.width))
+    x = nn.Embed(self.vocab_size, self.width)(ids) + pos[:ids.shape[1]]
+    attn_mask = nn.make_attention_mask(mask, mask)
+    for _ in range(self.num_layers):
+      h = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(self.num_heads)(h, h, mask=attn_mask)
+      h = nn.LayerNorm()(x)
+      x = x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(h)))
+    x = nn.LayerNorm()(x)
+    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
 
 class DualEncoder(nn.Module):
-  """Tower + bag-of-tokens text encoder -> L2-normalised (B, E) embeddings, log_t and bias."""
+  """Tower + MAP head and a text transformer -> L2-normalised (B, E) embeddings."""
   vision: VisionConfig
   vocab_size: int
-  embed_dim: int = 64
+  embed_dim: int = 128
 
   def setup(self):
     self.tower = VisionTower(self.vision)
-    self.text_encoder = BagOfTokens(self.vocab_size)
+    self.probe = self.param("probe", nn.initializers.normal(0.02),
+                            (1, 1, self.vision.hidden_size))
+    self.pool = nn.MultiHeadDotProductAttention(self.vision.num_heads)
+    self.text_encoder = TextEncoder(self.vocab_size)
+    self.question_query = nn.Dense(self.vision.hidden_size)
     self.img_proj = nn.Dense(self.embed_dim)
     self.txt_proj = nn.Dense(self.embed_dim)
     self.log_t = self.param("log_t", lambda _: jnp.asarray(INIT_LOG_T, jnp.float32))
     self.bias = self.param("bias", lambda _: jnp.asarray(INIT_BIAS, jnp.float32))
+    self.qa_log_t = self.param("qa_log_t", lambda _: jnp.asarray(INIT_LOG_T, jnp.float32))
+    self.qa_bias = self.param("qa_bias", lambda _: jnp.zeros((), jnp.float32))
+
+  def image(self, pixels: jax.Array, q_ids: jax.Array | None = None,
+            q_mask: jax.Array | None = None) -> jax.Array:
+    """pixels (B, H, W, 3) normalised [, question ids / mask (B, Tq) as the pooling query]
+    -> (B, E)."""
+    h = self.tower.post_norm(self.tower(pixels)[-1])
+    if q_ids is None:
+      q = jnp.broadcast_to(self.probe, (h.shape[0], 1, h.shape[-1]))
+    else:
+      q = self.probe + self.question_query(self.text_encoder(q_ids, q_mask))[:, None]
+    return l2_normalize(self.img_proj(self.pool(q, h)[:, 0]))
+
+  def text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """ids / mask (..., T) -> (..., E)."""
+    lead = ids.shape[:-1]
+    x = self.text_encoder(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]))
+    return l2_normalize(self.txt_proj(x)).reshape(*lead, -1)
 
   def __call__(self, pixels: jax.Array, ids: jax.Array, mask: jax.Array):
-    """pixels (B, H, W, 3) normalised, ids / mask (B, T) -> (img (B, E), txt (B, E), log_t, b)."""
-    hs = self.tower(pixels)
-    img = self.img_proj(jnp.mean(self.tower.post_norm(hs[-1]), axis=1))
-    txt = self.txt_proj(self.text_encoder(ids, mask))
-    return l2_normalize(img), l2_normalize(txt), self.log_t, self.bias
+    """-> (image (B, E), text (B, E), image pooled with the text as question (B, E))."""
+    return self.image(pixels), self.text(ids, mask), self.image(pixels, ids, mask)
 
 
 def normalize(images: np.ndarray) -> jax.Array:
@@ -67,30 +111,91 @@ def normalize(images: np.ndarray) -> jax.Array:
   return (jnp.asarray(images, jnp.float32) / 255.0 - 0.5) / 0.5
 
 
+def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  t = max(1, max(len(x) for x in seqs))
+  ids = np.full((len(seqs), t), pad_id, np.int32)
+  mask = np.zeros((len(seqs), t), bool)
+  for i, x in enumerate(seqs):
+    ids[i, :len(x)], mask[i, :len(x)] = x, True
+  return ids, mask
+
+
+def qa_facts(items: Sequence[Item], encode: Callable[[str], list[int]], pad_id: int
+             ) -> dict[str, np.ndarray]:
+  """Every closed turn of the items: its question and its candidate answers, tokenised.
+
+  Returns item (M,), answer (M,) index of the right candidate, q_ids / q_mask (M, Tq),
+  a_ids / a_mask (M, K, Ta), valid (M, K), start (N + 1,) (item i's turns are
+  start[i]:start[i + 1]): M closed turns in item order, K the most candidates of any turn.
+  """
+  rows = [(i, q, cands, cands.index(a)) for i, it in enumerate(items)
+          for (q, a), cands in zip(it.qa, it.choices) if len(cands) >= 2 and a in cands]
+  if not rows:
+    raise ValueError("pretrain.tower.qa_facts: no closed question with candidates in the items")
+  k = max(len(r[2]) for r in rows)
+  q_ids, q_mask = _pad([encode(r[1]) for r in rows], pad_id)
+  flat = [encode(c) for r in rows for c in r[2]]
+  a_ids, a_mask = _pad(flat, pad_id)
+  valid = np.zeros((len(rows), k), bool)
+  full = np.full((len(rows), k, a_ids.shape[1]), pad_id, np.int32)
+  full_mask = np.zeros(full.shape, bool)
+  n = 0
+  for m, r in enumerate(rows):
+    c = len(r[2])
+    full[m, :c], full_mask[m, :c], valid[m, :c] = a_ids[n:n + c], a_mask[n:n + c], True
+    n += c
+  item = np.array([r[0] for r in rows])
+  return dict(item=item, answer=np.array([r[3] for r in rows]), q_ids=q_ids, q_mask=q_mask,
+              a_ids=full, a_mask=full_mask, valid=valid,
+              start=np.searchsorted(item, np.arange(len(items) + 1)))
+
+
+FACT_KEYS = ("answer", "q_ids", "q_mask", "a_ids", "a_mask", "valid")
+
+
+def sample_facts(facts: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+  """For items idx (B,): one of its closed turns each (FACT_KEYS rows) and weight (B,) (0: the
+  item has none; its row is turn 0's, ignored)."""
+  lo, hi = facts["start"][idx], facts["start"][idx + 1]
+  has = hi > lo
+  m = np.where(has, lo + np.floor(rng.random(len(idx)) * np.maximum(hi - lo, 1)).astype(int), 0)
+  return {**{k: facts[k][m] for k in FACT_KEYS}, "weight": has.astype(np.float32)}
+
+
 def train_tower(vision: VisionConfig, images: np.ndarray, captions: np.ndarray,
-                caption_mask: np.ndarray, vocab_size: int, *, steps: int, batch: int = 256,
-                lr: float = 1e-3, seed: int = 0, log: Callable[[str], None] = print
-                ) -> tuple[dict[str, Any], list[float]]:
+                caption_mask: np.ndarray, facts: dict[str, np.ndarray], vocab_size: int, *,
+                steps: int, batch: int = 256, lr: float = 1e-3, seed: int = 0,
+                log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[float]]:
   """Trains the dual encoder; returns (its params, loss per step); ["tower"] ships.
 
-  images (N, H, W, 3) uint8; captions / caption_mask (N, T) token ids / validity.
+  images (N, H, W, 3) uint8; captions / caption_mask (N, T) token ids / validity; facts from
+  `qa_facts` over the same N items.
   """
   model = DualEncoder(vision, vocab_size)
   rng = np.random.default_rng(seed)
   params = model.init(jax.random.key(seed), normalize(images[:2]), captions[:2],
                       caption_mask[:2])["params"]
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.05)
-  opt = optax.adamw(sched, weight_decay=1e-4)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
   state = opt.init(params)
 
+  def loss_fn(p, pix, ids, mask, f):
+    apply = lambda *a, method: model.apply({"params": p}, *a, method=method)  # noqa: E731
+    img = apply(pix, method=DualEncoder.image)
+    cap = apply(ids, mask, method=DualEncoder.text)
+    img_q = apply(pix, f["q_ids"], f["q_mask"], method=DualEncoder.image)
+    cands = apply(f["a_ids"], f["a_mask"], method=DualEncoder.text)
+    l_cap = sigmoid_loss(img, cap, p["log_t"], p["bias"])
+    l_qa = candidate_sigmoid_loss(img_q, cands, f["answer"], f["valid"], p["qa_log_t"],
+                                  p["qa_bias"], f["weight"])
+    return l_cap + l_qa, (l_cap, l_qa)
+
   @jax.jit
-  def step(params, state, pix, ids, mask):
-    def loss_fn(p):
-      img, txt, log_t, b = model.apply({"params": p}, pix, ids, mask)
-      return sigmoid_loss(img, txt, log_t, b)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+  def step(params, state, pix, ids, mask, f):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, pix, ids, mask, f)
     updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
+    return optax.apply_updates(params, updates), state, loss, parts
 
   n = images.shape[0]
   losses: list[float] = []
@@ -102,21 +207,35 @@ def train_tower(vision: VisionConfig, images: np.ndarray, captions: np.ndarray,
       order, pos = rng.permutation(n), 0
     idx = np.sort(order[pos:pos + batch])
     pos += batch
-    params, state, loss = step(params, state, normalize(images[idx]), captions[idx],
-                               caption_mask[idx])
+    f = sample_facts(facts, idx, rng)
+    params, state, loss, (l_cap, l_qa) = step(params, state, normalize(images[idx]),
+                                              captions[idx], caption_mask[idx], f)
     losses.append(float(loss))
     if (i + 1) % max(1, steps // 10) == 0 or i == 0:
-      log(f"tower step {i + 1}/{steps}: sigmoid loss {losses[-1]:.4f} "
-          f"(t {float(np.exp(params['log_t'])):.1f}, b {float(params['bias']):.2f}, "
-          f"{time.time() - t0:.0f} s)")
+      log(f"tower step {i + 1}/{steps}: loss {losses[-1]:.4f} (captions {float(l_cap):.3f}, "
+          f"QA facts {float(l_qa):.3f}; t {float(np.exp(params['log_t'])):.1f}, "
+          f"b {float(params['bias']):.2f}, {time.time() - t0:.0f} s)")
   return jax.tree.map(np.asarray, params), losses
+
+
+def fact_accuracy(vision: VisionConfig, params: dict[str, Any], images: np.ndarray,
+                  facts: dict[str, np.ndarray], vocab_size: int) -> float:
+  """Share of the closed turns of these images whose right candidate scores highest
+  (1 / candidates by chance)."""
+  model = DualEncoder(vision, vocab_size)
+  apply = lambda *a, method: np.asarray(model.apply({"params": params}, *a, method=method))  # noqa: E731
+  img = apply(normalize(images[facts["item"]]), facts["q_ids"], facts["q_mask"],
+              method=DualEncoder.image)
+  cands = apply(facts["a_ids"], facts["a_mask"], method=DualEncoder.text)
+  scores = np.where(facts["valid"], np.einsum("md,mkd->mk", img, cands), -np.inf)
+  return float(np.mean(np.argmax(scores, axis=1) == facts["answer"]))
 
 
 def retrieval_accuracy(vision: VisionConfig, params: dict[str, Any], images: np.ndarray,
                        captions: np.ndarray, caption_mask: np.ndarray, vocab_size: int) -> float:
   """Image -> caption top-1 accuracy inside the given set (a sanity number for the log)."""
   model = DualEncoder(vision, vocab_size)
-  img, txt, _, _ = model.apply({"params": params}, normalize(images), captions, caption_mask)
+  img, txt, _ = model.apply({"params": params}, normalize(images), captions, caption_mask)
   return float(np.mean(np.argmax(np.asarray(img @ txt.T), axis=1) == np.arange(len(images))))
 
 
