@@ -21,7 +21,7 @@ import os
 import ml_collections
 
 from fusion_jax.train.config import base_config
-from fusion_jax.task.fusion import model_config
+from fusion_jax.task.fusion import VISION_TOWER_RULE, model_config
 
 # Text categories need readable glyphs; at 32 px the synthesizer rejects every text item.
 CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMultiChoice",
@@ -92,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_steps = 6 if short else 1000
   c.optim.lr = 1e-3
   c.optim.warmup_frac = 0.05
+  # The pretrained tower at lr / 10, as the paper's stages 1.5 and 2 (docs/model.md §10): at the
+  # full lr its features decay over the job (benchmarks/main_job_diagnose.py).
+  if arg != "random":
+    c.optim.rules = ((VISION_TOWER_RULE, 0.1),)
   c.checkpoint.every = 3 if short else 200
   c.checkpoint.keep_last = 2
   c.checkpoint.async_save = True
