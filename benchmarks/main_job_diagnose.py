@@ -41,6 +41,11 @@ assets/tiny_bases; 2 loaded cores, ~3 min per section):
   Scene / Spatial 0.25 / 0.18 / 0.18; the job's table all 0.349 vs 0.330 (Count 0.27, Scene
   0.20, Spatial 0.30, n = 60 each): noise. The stage-1 loss plateaus at ~0.3 (the uniform
   prior over the non-colour answers) from step ~200 in both: stuck, not under-trained.
+  From the bases pretrained with QA facts (assets/tiny_bases/README.md, tower at lr / 10), the
+  same sections: 2. alignment given 0.262, zero 0.979, shuffle_full 0.574, shuffle_tiles 0.357,
+  no_image_tokens 0.357 (the image tokens now carry the answer: Count 0.450 held-out);
+  5. image-token norm 5.4 -> 11.9 -> 15.7; 6. pattern probe base 0.51, stage 1 0.43,
+  stage 2 0.42.
   6. a ridge probe of the background pattern (SynthScene pattern questions: the answer needs
      the image only) on the flattened image tokens each params hand the LLM: is what the
      answer needs in the image tokens (then the LLM does not read it) or not.
