@@ -64,6 +64,5 @@ def load_run(workdir: str, step: int | None = None
   import flax.linen as nn
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         nn.meta.unbox(abstract))
-  params, _ = restore_params(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)),
-                                      target)
+  params, _ = restore_params(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)), target)
   return params, cfg, config, step

@@ -84,16 +84,29 @@ class DualEncoder(nn.Module):
     self.qa_log_t = self.param("qa_log_t", lambda _: jnp.asarray(INIT_LOG_T, jnp.float32))
     self.qa_bias = self.param("qa_bias", lambda _: jnp.zeros((), jnp.float32))
 
-  def image(self, pixels: jax.Array, q_ids: jax.Array | None = None,
-            q_mask: jax.Array | None = None) -> jax.Array:
-    """pixels (B, H, W, 3) normalised [, question ids / mask (B, Tq) as the pooling query]
-    -> (B, E)."""
-    h = self.tower.post_norm(self.tower(pixels)[-1])
+  def _pooled(self, h: jax.Array, q_ids: jax.Array | None, q_mask: jax.Array | None
+              ) -> jax.Array:
+    """Post-normed tower states h (B, N, Dv) -> (B, E), pooled by the probe [+ question]."""
     if q_ids is None:
       q = jnp.broadcast_to(self.probe, (h.shape[0], 1, h.shape[-1]))
     else:
       q = self.probe + self.question_query(self.text_encoder(q_ids, q_mask))[:, None]
     return l2_normalize(self.img_proj(self.pool(q, h)[:, 0]))
+
+  def _states(self, pixels: jax.Array) -> jax.Array:
+    return self.tower.post_norm(self.tower(pixels)[-1])
+
+  def image(self, pixels: jax.Array, q_ids: jax.Array | None = None,
+            q_mask: jax.Array | None = None) -> jax.Array:
+    """pixels (B, H, W, 3) normalised [, question ids / mask (B, Tq) as the pooling query]
+    -> (B, E)."""
+    return self._pooled(self._states(pixels), q_ids, q_mask)
+
+  def image_both(self, pixels: jax.Array, q_ids: jax.Array, q_mask: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """One tower pass -> (image (B, E), image pooled with the question (B, E))."""
+    h = self._states(pixels)
+    return self._pooled(h, None, None), self._pooled(h, q_ids, q_mask)
 
   def text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """ids / mask (..., T) -> (..., E)."""
@@ -103,7 +116,8 @@ class DualEncoder(nn.Module):
 
   def __call__(self, pixels: jax.Array, ids: jax.Array, mask: jax.Array):
     """-> (image (B, E), text (B, E), image pooled with the text as question (B, E))."""
-    return self.image(pixels), self.text(ids, mask), self.image(pixels, ids, mask)
+    img, img_q = self.image_both(pixels, ids, mask)
+    return img, self.text(ids, mask), img_q
 
 
 def normalize(images: np.ndarray) -> jax.Array:
@@ -182,9 +196,8 @@ def train_tower(vision: VisionConfig, images: np.ndarray, captions: np.ndarray,
 
   def loss_fn(p, pix, ids, mask, f):
     apply = lambda *a, method: model.apply({"params": p}, *a, method=method)  # noqa: E731
-    img = apply(pix, method=DualEncoder.image)
+    img, img_q = apply(pix, f["q_ids"], f["q_mask"], method=DualEncoder.image_both)
     cap = apply(ids, mask, method=DualEncoder.text)
-    img_q = apply(pix, f["q_ids"], f["q_mask"], method=DualEncoder.image)
     cands = apply(f["a_ids"], f["a_mask"], method=DualEncoder.text)
     l_cap = sigmoid_loss(img, cap, p["log_t"], p["bias"])
     l_qa = candidate_sigmoid_loss(img_q, cands, f["answer"], f["valid"], p["qa_log_t"],

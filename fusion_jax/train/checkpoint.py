@@ -1,7 +1,8 @@
 """Orbax checkpoints of the training state: async saves, keep policies, resume, re-sharding.
 
 Layout: `<workdir>/checkpoints/<step>/` with one orbax item per part, so a later stage can read
-the parameters alone (`init_from`, fusion_jax/train/init_from.py) without touching the optimizer state:
+the parameters alone (`init_from`, fusion_jax/train/init_from.py) without touching the
+optimizer state:
 
   params      fp32 master parameters (sharded tensorstore arrays)
   opt_state   optax state (frozen parameters have none)
