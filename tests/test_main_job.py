@@ -92,3 +92,20 @@ def test_stage_overrides_reject_unknown_keys(tmp_path):
   config.stages = (("only", (), 1.0, {"data.seq_len": 64, "optim.lr": 3e-4}),)
   (_, c, _), = run_lib.stage_plan(config, str(tmp_path / "run"))
   assert (c.data.seq_len, c.optim.lr) == (64, 3e-4)
+
+
+def test_stage_subset_follows_its_categories(tmp_path):
+  """A stage's subset file is cached next to the data; changing the stage's categories under
+  the same name must not reuse the old file."""
+  config = smoke.get_config("short")
+  data = tmp_path / "train.json"
+  data.write_text(json.dumps([{"category": "SynthColor", "id": "a"},
+                              {"category": "SynthScene", "id": "b"}]))
+  config.data.paths = (str(data),)
+  cats = {}
+  for keep in (("SynthColor",), ("SynthScene",)):
+    config.stages = (("align", keep, 0.5), ("all", (), 0.5))
+    (_, c, _), _ = run_lib.stage_plan(config, str(tmp_path / "run"))
+    with open(c.data.paths[0]) as f:
+      cats[keep] = [r["category"] for r in json.load(f)]
+  assert cats == {("SynthColor",): ["SynthColor"], ("SynthScene",): ["SynthScene"]}

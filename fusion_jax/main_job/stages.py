@@ -2,6 +2,7 @@
 categories of the dataset (a subset file next to it, written once)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -14,8 +15,10 @@ from fusion_jax import stages as stages_lib
 
 def _subset(records: list[dict[str, Any]], data_file: str, name: str,
             categories: Sequence[str]) -> str:
-  """<data dir>/train_<name>.json: the records of `categories` (written once)."""
-  subset = os.path.join(os.path.dirname(data_file), f"train_{name}.json")
+  """<data dir>/train_<name>_<digest of the categories>.json: the records of `categories`
+  (written once; the digest keeps a stage whose categories change from reading a stale file)."""
+  digest = hashlib.sha256(json.dumps(sorted(categories)).encode()).hexdigest()[:8]
+  subset = os.path.join(os.path.dirname(data_file), f"train_{name}_{digest}.json")
   if not os.path.isfile(subset):
     keep = [r for r in records if r.get("category") in set(categories)]
     if not keep:
