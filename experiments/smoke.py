@@ -30,7 +30,10 @@ CATEGORIES = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene", "SynthMu
 CONFIG_ARGS = ("", "short", "random", "no_text_guidance", "no_interaction", "no_mapping_loss", "no_latents")
 # Paper recipe in miniature (docs/model.md §10): alignment data first, then everything (instruction
 # data with the alignment data kept), each stage from the previous one's weights, fresh optimizer.
-ALIGNMENT = ("SynthColor", "SynthCount", "SynthSpatial", "SynthScene")
+# Share of each category's records in the alignment stage: colour is learned from a few hundred
+# samples, while the background pattern is read only after ~1 400 (a stage on SynthScene alone
+# learned it between steps 150 and 200), so colour gives a quarter of its records to the others.
+ALIGNMENT = {"SynthColor": 0.25, "SynthCount": 1.0, "SynthSpatial": 1.0, "SynthScene": 1.0}
 # The shipped tiny base models (python -m fusion_jax.pretrain; assets/tiny_bases/README.md):
 # the job imports them with import_hf, as a user starting from real base models does.
 BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "tiny_bases")
@@ -84,12 +87,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fusion_jax/main_job/stages.py makes them fusion_jax.stages.Stage, as the paper configs'.
   # The alignment data is short: its stage trains at 128 tokens (a max length per stage, as
   # docs/model.md §10).
-  c.stages = (("alignment", ALIGNMENT, 0.6, {"data.seq_len": 128}), ("instruction", (), 0.4))
+  c.stages = (("alignment", ALIGNMENT, 0.65, {"data.seq_len": 128}), ("instruction", (), 0.35))
 
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.compute_dtype = "float32"
   c.global_batch = 16
-  c.num_steps = 6 if short else 1000
+  c.num_steps = 6 if short else 1200
   c.optim.lr = 1e-3
   c.optim.warmup_frac = 0.05
   # The pretrained tower at lr / 10, as the paper's stages 1.5 and 2 (docs/model.md §10): at the

@@ -24,7 +24,7 @@ def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
   workdir = str(tmp_path / "run")
 
   first = run_lib.run(config, workdir, export=False)
-  # Two stages (alignment, then everything from the alignment weights), 0.6 / 0.4 of the steps.
+  # Two stages (alignment, then everything from the alignment weights), 0.65 / 0.35 of the steps.
   assert [s["stage"] for s in first["stages"]] == ["alignment", "instruction"]
   assert [s["step"] for s in first["stages"]] == [3, 2]
   assert first["train"]["resumed_from"] is None
@@ -109,3 +109,20 @@ def test_stage_subset_follows_its_categories(tmp_path):
     with open(c.data.paths[0]) as f:
       cats[keep] = [r["category"] for r in json.load(f)]
   assert cats == {("SynthColor",): ["SynthColor"], ("SynthScene",): ["SynthScene"]}
+
+
+def test_stage_keeps_the_given_share_of_each_category(tmp_path):
+  config = smoke.get_config("short")
+  data = tmp_path / "train.json"
+  recs = [{"category": c, "id": f"{c}{i}"} for i in range(8) for c in ("SynthColor", "SynthScene")]
+  data.write_text(json.dumps(recs))
+  config.data.paths = (str(data),)
+  config.stages = (("align", {"SynthColor": 0.25, "SynthScene": 1.0}, 0.5), ("all", (), 0.5))
+  (_, c, _), _ = run_lib.stage_plan(config, str(tmp_path / "run"))
+  with open(c.data.paths[0]) as f:
+    ids = [r["id"] for r in json.load(f)]
+  assert ids == ["SynthColor0", "SynthScene0", "SynthColor1"] + [f"SynthScene{i}" for i in range(1, 8)]
+  config.stages = (("align", {"SynthColor": 0.0}, 0.5), ("all", (), 0.5))
+  with pytest.raises(ValueError, match=r"config.stages\[0\] \('align'\): the record fraction "
+                     r"of \['SynthColor'\] must be in \(0, 1\]"):
+    run_lib.stage_plan(config, str(tmp_path / "run"))

@@ -85,6 +85,67 @@ def test_qa_facts_keep_each_closed_turn_with_its_candidates():
   assert s["answer"][0] == 1 and s["answer"][2] == 0
 
 
+def test_object_labels_name_what_the_renderer_draws():
+  from fusion_jax.synth import scene as S
+  from fusion_jax.synth.render import ProceduralRenderer, object_labels
+  a = S.Obj("star", "red", 0.3, 0.3, 0.2)
+  b = S.Obj("square", "blue", 0.45, 0.4, 0.15)  # drawn over the star's lower right
+  desc = S.Description("SynthCount", "x", (S.Panel(S.FULL_REGION, (a, b)),),
+                       background=("gray", "plain"))
+  img = ProceduralRenderer(noise=False).render(desc, 64, np.random.default_rng(0)).astype(int)
+  lab = object_labels(desc, 64)
+  star = (1 + S.SHAPES.index("star"), 1 + S.COLORS.index("red"))
+  square = (1 + S.SHAPES.index("square"), 1 + S.COLORS.index("blue"))
+  for cls, obj in ((star, a), (square, b)):
+    m = (lab == cls).all(-1)
+    # interior pixels (all 4 neighbours the same object) carry the object's palette colour
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    assert inner.sum() > 20
+    diff = np.abs(img[1:-1, 1:-1][inner] - np.array(S.PALETTE[obj.color])).max()
+    assert diff <= 2
+  assert (lab == square).all(-1).sum() > (lab == star).all(-1).sum() > 0  # paint order
+  none = (lab == 0).all(-1)
+  assert (img[none] == np.array(S.BACKGROUND_TONES["gray"])).all(-1).mean() > 0.9
+
+
+def test_patch_labels_take_the_object_covering_most_of_each_patch():
+  from fusion_jax.pretrain import tower
+  from fusion_jax.synth import scene as S
+  lab = np.zeros((16, 16, 2), np.uint8)
+  lab[0:2, 0:3] = (1, 1)       # patch 0: 6 px of object (1, 1) < 64 / 8: none
+  lab[0:2, 8:13] = (2, 3)      # patch 1: 10 px of (2, 3) ...
+  lab[4:8, 8:13] = (4, 5)      # ... and 20 px of (4, 5): the larger wins
+  lab[8:16, 8:16] = (5, 8)     # patch 3: fully covered
+  img = np.zeros((16, 16, 3), np.uint8)
+  items = [pairs.Item(img, "c", (), "SynthScene", object_labels=lab,
+                      pattern=S.PATTERNS.index("dotted")),
+           pairs.Item(img, "c", (), "SynthScene")]
+  got = tower.patch_labels(items, 8)
+  assert got.shape == (2, 4, 3)
+  dotted = S.PATTERNS.index("dotted")
+  assert got[0].tolist() == [[0, 0, dotted], [4, 5, dotted], [0, 0, dotted], [5, 8, dotted]]
+  assert (got[1] == -1).all()  # no labels, unknown pattern: ignored by dense_loss
+
+
+def test_dense_loss_ignores_unknown_targets_and_scores_objects_only():
+  from fusion_jax.pretrain import tower
+  c = tower.DENSE_CLASSES
+  logits = np.zeros((1, 2, sum(c)), np.float32)
+  logits[0, 0, 2] = 5.0                  # patch 0: shape class 2 (the target)
+  logits[0, :, c[0] + 0] = 5.0           # colour "none" everywhere (patch 1's target is 3)
+  logits[0, :, c[0] + c[1] + 1] = 5.0    # pattern 1 everywhere
+  labels = np.array([[[2, -1, 1], [0, 3, -1]]], np.int32)
+  loss, acc = tower.dense_loss(logits, labels)
+  lse = lambda k, hit: np.log(np.exp(5.0) + k - 1) - (5.0 if hit else 0.0)  # noqa: E731
+  # shape: patch 0 hits, patch 1 (target "none") has flat logits; shape and colour add their
+  # mean over the object patches (shape: patch 0, colour: patch 1)
+  want = ((lse(c[0], True) + np.log(c[0])) / 2 + lse(c[0], True)
+          + 2 * lse(c[1], False) + lse(c[2], True))
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  # shape: only patch 0 has an object (right); colour: patch 1 (wrong); pattern: patch 0
+  assert np.asarray(acc).tolist() == [1.0, 0.0, 1.0]
+
+
 def _main_job_hashes(n: int) -> set[str]:
   """Image hashes of the main job's items 0..n-1 (its train and held-out splits are drawn from
   these indices with config.synth.seed; fusion_jax/synth/pipeline.py)."""

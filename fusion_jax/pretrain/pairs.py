@@ -16,6 +16,8 @@ import numpy as np
 
 from fusion_jax.synth.backends import BackendConfig
 from fusion_jax.synth.pipeline import item_rngs
+from fusion_jax.synth.render import object_labels
+from fusion_jax.synth.scene import PATTERNS
 
 # Entropy of the pretraining scenes; the main job's datasets use small seeds (smoke.py: 0).
 PRETRAIN_SEED = 16_000_001
@@ -29,6 +31,9 @@ class Item:
   qa: tuple[tuple[str, str], ...]   # (question, answer)
   category: str
   choices: tuple[tuple[str, ...], ...] = ()  # per qa turn: its closed candidates, () if open
+  # What is drawn where (synth.render.object_labels): (H, W, 2) shape / colour ids, 0 = none.
+  object_labels: np.ndarray | None = None
+  pattern: int = -1  # index of the background pattern in synth.scene.PATTERNS (-1 unknown)
 
 
 def image_hash(image: np.ndarray) -> str:
@@ -61,5 +66,7 @@ def build_items(num: int, categories: Sequence[str], size: int, *, seed: int = P
       continue
     items.append(Item(image=image, caption=desc.caption,
                       qa=tuple((t.question, t.answer) for t in turns), category=category,
-                      choices=tuple(tuple((t.qa or {}).get("candidates") or ()) for t in turns)))
+                      choices=tuple(tuple((t.qa or {}).get("candidates") or ()) for t in turns),
+                      object_labels=object_labels(desc, size),
+                      pattern=PATTERNS.index(desc.background[1])))
   return items

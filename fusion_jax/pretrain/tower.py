@@ -14,6 +14,15 @@ Two sigmoid terms (siglip.py):
              ask exactly what the main job's questions ask (count, relation, background,
              shape). The question-as-query pooling is how FUSION reads the tower too: its LLM
              attends to the patch tokens from the question's positions.
+And one dense term (`dense_loss`, weight `dense_weight`): from each patch token of the layer
+FUSION reads (the last one it keeps), a linear head names the shape and colour of the object
+covering that patch (or none) and the background pattern. The synthesizer knows what it drew
+where (synth.render.object_labels), as detection and segmentation data know it for real
+images. The sigmoid terms pool over the patches and let a scene-level summary answer; FUSION's
+LLM reads the patch tokens one by one, so the colour -> shape binding and the texture have to
+be in each token: without this term the tower named the shape of the asked object less often
+than chance (a present but wrong object's, 0.09 with 5 candidates) and the background pattern
+was more readable from a random tower's tokens than from the pretrained one's.
 """
 from __future__ import annotations
 
@@ -35,6 +44,12 @@ from fusion_jax.models.vision import VisionConfig, VisionTower
 from fusion_jax.pretrain.pairs import Item
 from fusion_jax.pretrain.siglip import (INIT_BIAS, INIT_LOG_T, candidate_sigmoid_loss,
                                         l2_normalize, sigmoid_loss)
+from fusion_jax.synth.scene import COLORS, PATTERNS, SHAPES
+
+# Dense targets per patch: (shape, colour, pattern) class counts; class 0 of shape and colour
+# is "no object covers this patch" (less than MIN_COVER of its pixels).
+DENSE_CLASSES = (1 + len(SHAPES), 1 + len(COLORS), len(PATTERNS))
+MIN_COVER = 1 / 8
 
 
 class TextEncoder(nn.Module):
@@ -83,6 +98,8 @@ class DualEncoder(nn.Module):
     self.bias = self.param("bias", lambda _: jnp.asarray(INIT_BIAS, jnp.float32))
     self.qa_log_t = self.param("qa_log_t", lambda _: jnp.asarray(INIT_LOG_T, jnp.float32))
     self.qa_bias = self.param("qa_bias", lambda _: jnp.zeros((), jnp.float32))
+    self.dense_norm = nn.LayerNorm()
+    self.dense_head = nn.Dense(sum(DENSE_CLASSES))
 
   def _pooled(self, h: jax.Array, q_ids: jax.Array | None, q_mask: jax.Array | None
               ) -> jax.Array:
@@ -102,11 +119,17 @@ class DualEncoder(nn.Module):
     -> (B, E)."""
     return self._pooled(self._states(pixels), q_ids, q_mask)
 
+  def dense(self, hidden: jax.Array) -> jax.Array:
+    """(B, N, Dv) patch tokens -> (B, N, sum(DENSE_CLASSES)) logits."""
+    return self.dense_head(self.dense_norm(hidden))
+
   def image_both(self, pixels: jax.Array, q_ids: jax.Array, q_mask: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-    """One tower pass -> (image (B, E), image pooled with the question (B, E))."""
-    h = self._states(pixels)
-    return self._pooled(h, None, None), self._pooled(h, q_ids, q_mask)
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One tower pass -> (image (B, E), image pooled with the question (B, E), dense logits
+    (B, N, C) from the last layer FUSION keeps)."""
+    hs = self.tower(pixels)
+    h = self.tower.post_norm(hs[-1])
+    return self._pooled(h, None, None), self._pooled(h, q_ids, q_mask), self.dense(hs[-2])
 
   def text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """ids / mask (..., T) -> (..., E)."""
@@ -115,9 +138,10 @@ class DualEncoder(nn.Module):
     return l2_normalize(self.txt_proj(x)).reshape(*lead, -1)
 
   def __call__(self, pixels: jax.Array, ids: jax.Array, mask: jax.Array):
-    """-> (image (B, E), text (B, E), image pooled with the text as question (B, E))."""
-    img, img_q = self.image_both(pixels, ids, mask)
-    return img, self.text(ids, mask), img_q
+    """-> (image (B, E), text (B, E), image pooled with the text as question (B, E), dense
+    logits (B, N, C))."""
+    img, img_q, dense = self.image_both(pixels, ids, mask)
+    return img, self.text(ids, mask), img_q, dense
 
 
 def normalize(images: np.ndarray) -> jax.Array:
@@ -164,6 +188,61 @@ def qa_facts(items: Sequence[Item], encode: Callable[[str], list[int]], pad_id: 
               start=np.searchsorted(item, np.arange(len(items) + 1)))
 
 
+def patch_labels(items: Sequence[Item], patch: int) -> np.ndarray:
+  """(N, P, 3) int32 dense targets, patches row-major as the tower's tokens: the shape and
+  colour class (DENSE_CLASSES) of the object covering most of the patch (0 when none covers
+  MIN_COVER of it) and the background pattern; -1 (ignored) where an item lacks them."""
+  n = len(items)
+  h, w = items[0].image.shape[:2]
+  gh, gw = h // patch, w // patch
+  labels = np.stack([it.object_labels if it.object_labels is not None
+                     else np.zeros((h, w, 2), np.uint8) for it in items])
+  code = labels[..., 0].astype(np.int64) * DENSE_CLASSES[1] + labels[..., 1]  # 0 = none
+  code = (code[:, :gh * patch, :gw * patch].reshape(n, gh, patch, gw, patch)
+          .transpose(0, 1, 3, 2, 4).reshape(n * gh * gw, patch * patch))
+  k = DENSE_CLASSES[0] * DENSE_CLASSES[1]
+  counts = np.bincount((np.arange(code.shape[0])[:, None] * k + code).ravel(),
+                       minlength=code.shape[0] * k).reshape(-1, k)
+  counts[:, 0] = 0
+  best = np.where(counts.max(1) >= MIN_COVER * patch * patch, counts.argmax(1), 0)
+  out = np.stack([best // DENSE_CLASSES[1], best % DENSE_CLASSES[1],
+                  np.repeat([it.pattern for it in items], gh * gw)], -1)
+  out = out.reshape(n, gh * gw, 3).astype(np.int32)
+  out[[it.object_labels is None for it in items], :, :2] = -1
+  return out
+
+
+def dense_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits (B, P, sum(DENSE_CLASSES)), labels (B, P, 3) (-1 ignored) -> (loss, (3,)
+  accuracies: shape and colour on the patches an object covers, pattern on all).
+
+  loss: per target the mean cross entropy over its known patches; shape and colour add their
+  mean over the patches an object covers, which are a few of the 16 and otherwise weigh little
+  next to the easy "no object" ones."""
+  total, accs, off = 0.0, [], 0
+  mean = lambda x, w: jnp.sum(x * w) / jnp.maximum(w.sum(), 1.0)  # noqa: E731
+  for k, c in enumerate(DENSE_CLASSES):
+    lg = logits[..., off:off + c].astype(jnp.float32)
+    off += c
+    y = labels[..., k]
+    valid = (y >= 0).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(lg, jnp.maximum(y, 0))
+    scored = valid if k == 2 else (y > 0).astype(jnp.float32)
+    total = total + mean(ce, valid) + (mean(ce, scored) if k < 2 else 0.0)
+    accs.append(mean(jnp.argmax(lg, -1) == y, scored))
+  return total, jnp.stack(accs)
+
+
+def dense_accuracy(vision: VisionConfig, params: dict[str, Any], images: np.ndarray,
+                   labels: np.ndarray, vocab_size: int) -> np.ndarray:
+  """(3,) accuracies of the dense head (see `dense_loss`) on these images."""
+  model = DualEncoder(vision, vocab_size)
+  logits = model.apply({"params": params}, model.apply(
+      {"params": params}, normalize(images), method=lambda m, x: m.tower(x)[-2]),
+      method=DualEncoder.dense)
+  return np.asarray(dense_loss(logits, jnp.asarray(labels))[1])
+
+
 FACT_KEYS = ("answer", "q_ids", "q_mask", "a_ids", "a_mask", "valid")
 
 
@@ -179,13 +258,17 @@ def sample_facts(facts: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.G
 
 def train_tower(vision: VisionConfig, images: np.ndarray, captions: np.ndarray,
                 caption_mask: np.ndarray, facts: dict[str, np.ndarray], vocab_size: int, *,
+                dense: np.ndarray | None = None, dense_weight: float = 1.0,
                 steps: int, batch: int = 256, lr: float = 1e-3, seed: int = 0,
                 log: Callable[[str], None] = print) -> tuple[dict[str, Any], list[float]]:
   """Trains the dual encoder; returns (its params, loss per step); ["tower"] ships.
 
   images (N, H, W, 3) uint8; captions / caption_mask (N, T) token ids / validity; facts from
-  `qa_facts` over the same N items.
+  `qa_facts` over the same N items; dense (N, P, 3) from `patch_labels` (None: no dense term).
   """
+  if dense is None:
+    dense = np.full((images.shape[0], 1, 3), -1, np.int32)
+    dense_weight = 0.0
   model = DualEncoder(vision, vocab_size)
   rng = np.random.default_rng(seed)
   params = model.init(jax.random.key(seed), normalize(images[:2]), captions[:2],
@@ -194,19 +277,24 @@ def train_tower(vision: VisionConfig, images: np.ndarray, captions: np.ndarray,
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
   state = opt.init(params)
 
-  def loss_fn(p, pix, ids, mask, f):
+  def loss_fn(p, pix, ids, mask, f, labels):
     apply = lambda *a, method: model.apply({"params": p}, *a, method=method)  # noqa: E731
-    img, img_q = apply(pix, f["q_ids"], f["q_mask"], method=DualEncoder.image_both)
+    img, img_q, logits = apply(pix, f["q_ids"], f["q_mask"], method=DualEncoder.image_both)
     cap = apply(ids, mask, method=DualEncoder.text)
     cands = apply(f["a_ids"], f["a_mask"], method=DualEncoder.text)
     l_cap = sigmoid_loss(img, cap, p["log_t"], p["bias"])
     l_qa = candidate_sigmoid_loss(img_q, cands, f["answer"], f["valid"], p["qa_log_t"],
                                   p["qa_bias"], f["weight"])
-    return l_cap + l_qa, (l_cap, l_qa)
+    if dense_weight:
+      l_dense, acc = dense_loss(logits, labels)
+    else:
+      l_dense, acc = jnp.zeros(()), jnp.zeros((3,))
+    return l_cap + l_qa + dense_weight * l_dense, (l_cap, l_qa, l_dense, acc)
 
   @jax.jit
-  def step(params, state, pix, ids, mask, f):
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, pix, ids, mask, f)
+  def step(params, state, pix, ids, mask, f, labels):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, pix, ids, mask, f,
+                                                                     labels)
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss, parts
 
@@ -221,13 +309,16 @@ def train_tower(vision: VisionConfig, images: np.ndarray, captions: np.ndarray,
     idx = np.sort(order[pos:pos + batch])
     pos += batch
     f = sample_facts(facts, idx, rng)
-    params, state, loss, (l_cap, l_qa) = step(params, state, normalize(images[idx]),
-                                              captions[idx], caption_mask[idx], f)
+    params, state, loss, (l_cap, l_qa, l_dense, acc) = step(
+        params, state, normalize(images[idx]), captions[idx], caption_mask[idx], f,
+        dense[idx])
     losses.append(float(loss))
     if (i + 1) % max(1, steps // 10) == 0 or i == 0:
       log(f"tower step {i + 1}/{steps}: loss {losses[-1]:.4f} (captions {float(l_cap):.3f}, "
-          f"QA facts {float(l_qa):.3f}; t {float(np.exp(params['log_t'])):.1f}, "
-          f"b {float(params['bias']):.2f}, {time.time() - t0:.0f} s)")
+          f"QA facts {float(l_qa):.3f}, dense {float(l_dense):.3f}: shape / colour / pattern "
+          f"{' / '.join(f'{a:.2f}' for a in np.asarray(acc))}; t "
+          f"{float(np.exp(params['log_t'])):.1f}, b {float(params['bias']):.2f}, "
+          f"{time.time() - t0:.0f} s)")
   return jax.tree.map(np.asarray, params), losses
 
 
@@ -248,7 +339,7 @@ def retrieval_accuracy(vision: VisionConfig, params: dict[str, Any], images: np.
                        captions: np.ndarray, caption_mask: np.ndarray, vocab_size: int) -> float:
   """Image -> caption top-1 accuracy inside the given set (a sanity number for the log)."""
   model = DualEncoder(vision, vocab_size)
-  img, txt, _ = model.apply({"params": params}, normalize(images), captions, caption_mask)
+  img, txt, _, _ = model.apply({"params": params}, normalize(images), captions, caption_mask)
   return float(np.mean(np.argmax(np.asarray(img @ txt.T), axis=1) == np.arange(len(images))))
 
 

@@ -191,6 +191,23 @@ class ProceduralRenderer:
     return np.asarray(img)
 
 
+def object_labels(desc: S.Description, size: int, supersample: int = 4) -> np.ndarray:
+  """What `render` draws at each pixel, as class ids: (size, size, 2) uint8 =
+  (1 + index in S.SHAPES, 1 + index in S.COLORS) of the topmost object covering >= half the
+  pixel, (0, 0) where none does (background, divider, signs). Same geometry and paint order as
+  `ProceduralRenderer.render`."""
+  out = np.zeros((size, size, 2), np.uint8)
+  for panel in desc.panels:
+    for o in panel.objects:
+      box = _box_px(o.bbox, size)
+      if box[2] <= box[0] or box[3] <= box[1]:
+        continue
+      cover = np.asarray(_shape_mask(o.shape, o.bbox, box, size, supersample)) >= 128
+      region = out[box[1]:box[3], box[0]:box[2]]
+      region[cover] = (1 + S.SHAPES.index(o.shape), 1 + S.COLORS.index(o.color))
+  return out
+
+
 def encode_png(image: np.ndarray, level: int = 1) -> bytes:
   """Minimal deterministic PNG writer for (H, W, 3) uint8: "Up" filter on every row + zlib.
 
