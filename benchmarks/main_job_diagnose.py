@@ -46,6 +46,12 @@ assets/tiny_bases; 2 loaded cores, ~3 min per section):
   no_image_tokens 0.357 (the image tokens now carry the answer: Count 0.450 held-out);
   5. image-token norm 5.4 -> 11.9 -> 15.7; 6. pattern probe base 0.51, stage 1 0.43,
   stage 2 0.42.
+  With the dense pretraining term (a 600-step tower of that recipe, 600 + 400 steps, colour at
+  full share): 6. pattern probe base 0.930, stage 1 0.592, stage 2 0.556, yet held-out Scene
+  pattern questions 3 of 26 (always "striped"): the pattern is in the tokens the LLM gets and
+  it does not read it in ~1 000 pattern samples. A stage on SynthScene alone read it (25 of 26)
+  after ~1 400 (its loss drops between steps 150 and 200): hence experiments/smoke.py's
+  colour share in stage 1.
   6. a ridge probe of the background pattern (SynthScene pattern questions: the answer needs
      the image only) on the flattened image tokens each params hand the LLM: is what the
      answer needs in the image tokens (then the LLM does not read it) or not.
