@@ -9,23 +9,33 @@ Not part of CI: one run is minutes on a laptop CPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import flags  # noqa: E402
+
+from fusion_jax import cli  # noqa: E402
+
 VARIANTS = ("", "no_text_guidance", "no_interaction", "no_mapping_loss", "no_latents")
 
 
-def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "ablation"))
-  p.add_argument("--steps", type=int, default=0, help="override num_steps (0 = the config's)")
-  p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(VARIANTS[1:]))
-  args = p.parse_args()
-  variants = [v for v in VARIANTS if not args.only or v == "" or v in args.only.split(",")]
+PROG = "python benchmarks/ablation.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", os.path.join(ROOT, "runs", "ablation"),
+                      "where the runs go", flag_values=fv)
+  flags.DEFINE_integer("steps", 0, "override num_steps (0 = the config's)", flag_values=fv)
+  flags.DEFINE_list("only", [], "subset of " + ",".join(VARIANTS[1:]), flag_values=fv)
+
+
+def main(args) -> int:
+  variants = [v for v in VARIANTS if not args.only or v == "" or v in args.only]
   results = {}
   for v in variants:
     name = v or "full"
@@ -53,4 +63,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, main, PROG)

@@ -9,23 +9,33 @@ and writes <workdir>/bases_vs_random.json. Not part of CI: each run is minutes o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import flags  # noqa: E402
+
+from fusion_jax import cli  # noqa: E402
+
 VARIANTS = {"bases": "experiments/smoke.py", "random": "experiments/smoke.py:random"}
 
 
-def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bases_vs_random"))
-  p.add_argument("--steps", type=int, default=0, help="override num_steps (0 = the config's)")
-  p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(VARIANTS))
-  args = p.parse_args()
-  names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+PROG = "python benchmarks/bases_vs_random.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", os.path.join(ROOT, "runs", "bases_vs_random"),
+                      "where the runs go", flag_values=fv)
+  flags.DEFINE_integer("steps", 0, "override num_steps (0 = the config's)", flag_values=fv)
+  flags.DEFINE_list("only", [], "subset of " + ",".join(VARIANTS), flag_values=fv)
+
+
+def main(args) -> int:
+  names = [n for n in VARIANTS if not args.only or n in args.only]
   results = {}
   for name in names:
     wd = os.path.join(args.workdir, name)
@@ -61,4 +71,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, main, PROG)
