@@ -8,62 +8,73 @@ the main job's and the pretraining data (PRETRAIN_SEED + 1), runs the tower as F
 fits ridge classifiers (70/30 split; the best of 4 penalties on the test part, for both towers
 alike) for: object count (capped at 6), the shape of a lone object, the background pattern,
 and, in two-object scenes of two colours, whether the object whose colour name sorts first is
-left of the other (a question the pixels answer; "the describer's first object" was not). Prints test accuracy next to the majority-class rate, for the given tower and for a
-randomly initialised tower of the same shape. ~20 s on 2 cores. Not part of CI.
+left of the other (a question the pixels answer; "the describer's first object" was not).
+Prints test accuracy next to the majority-class rate, for the given tower and for a randomly
+initialised tower of the same shape. ~20 s on 2 cores. Not part of CI.
 """
-import argparse
 import dataclasses
+import os
+import sys
 
-import jax
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusion_jax.convert.hf import read_config
-from fusion_jax.convert.hf_siglip import siglip_config_from_hf, siglip_params_from_reader, siglip_prefix
-from fusion_jax.convert.safetensors_io import SafetensorsReader
-from fusion_jax.models.vision import VisionTower, fusion_tower
-from fusion_jax.pretrain.pairs import PRETRAIN_SEED
-from fusion_jax.pretrain.tower import normalize
-from fusion_jax.synth.backends import BackendConfig
-from fusion_jax.synth.pipeline import item_rngs
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--siglip", default="assets/tiny_bases/siglip")
-p.add_argument("--num", type=int, default=4000)
-args = p.parse_args()
-b = BackendConfig().build()
-cats = ("SynthCount", "SynthScene", "SynthSpatial", "SynthColor")
-imgs, nobj, shape1, pat, left = [], [], [], [], []
-for i in range(args.num):
-  r = item_rngs(PRETRAIN_SEED + 1, i)
-  desc = b["describer"].describe(cats[i % 4], r["describe"])
-  if len(desc.panels) != 1:
-    continue
-  imgs.append(b["renderer"].render(desc, 32, r["render"]))
-  o = desc.panels[0].objects
-  nobj.append(min(len(o), 6))
-  pat.append(desc.background[1])
-  shape1.append(o[0].shape if len(o) == 1 else None)
-  pair = sorted(o, key=lambda x: x.color) if len(o) == 2 and o[0].color != o[1].color else None
-  left.append(None if pair is None else pair[0].cx < pair[1].cx)
-imgs = np.stack(imgs)
-d = args.siglip
-full = siglip_config_from_hf(read_config(d))
-cfg = dataclasses.replace(fusion_tower(full), dtype="float32")
-rd = SafetensorsReader(d)
-pre = siglip_params_from_reader(rd, siglip_prefix(rd), cfg.num_layers, config=cfg, dtype=np.float32)
-tw = VisionTower(cfg)
-rnd = tw.init(jax.random.key(0), normalize(imgs[:1]))["params"]
+from fusion_jax import cli  # noqa: E402
+from fusion_jax.convert.hf import read_config  # noqa: E402
+from fusion_jax.convert.hf_siglip import (siglip_config_from_hf,  # noqa: E402
+                                          siglip_params_from_reader, siglip_prefix)
+from fusion_jax.convert.safetensors_io import SafetensorsReader  # noqa: E402
+from fusion_jax.models.vision import VisionTower, fusion_tower  # noqa: E402
+from fusion_jax.pretrain.pairs import PRETRAIN_SEED  # noqa: E402
+from fusion_jax.pretrain.tower import normalize  # noqa: E402
+from fusion_jax.synth.backends import BackendConfig  # noqa: E402
+from fusion_jax.synth.pipeline import item_rngs  # noqa: E402
+
+PROG = "python benchmarks/tower_features_probe.py"
 
 
-def feats(p):
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("siglip", "assets/tiny_bases/siglip", "SiglipVisionModel directory",
+                      flag_values=fv)
+  flags.DEFINE_integer("num", 4000, "scenes to render (single-panel ones are kept)",
+                       flag_values=fv)
+
+
+def scenes(num: int):
+  """(images (N, 32, 32, 3), {probe name: labels, None where it does not apply})."""
+  b = BackendConfig().build()
+  cats = ("SynthCount", "SynthScene", "SynthSpatial", "SynthColor")
+  imgs, nobj, shape1, pat, left = [], [], [], [], []
+  for i in range(num):
+    r = item_rngs(PRETRAIN_SEED + 1, i)
+    desc = b["describer"].describe(cats[i % 4], r["describe"])
+    if len(desc.panels) != 1:
+      continue
+    imgs.append(b["renderer"].render(desc, 32, r["render"]))
+    o = desc.panels[0].objects
+    nobj.append(min(len(o), 6))
+    pat.append(desc.background[1])
+    shape1.append(o[0].shape if len(o) == 1 else None)
+    pair = sorted(o, key=lambda x: x.color) if len(o) == 2 and o[0].color != o[1].color else None
+    left.append(None if pair is None else pair[0].cx < pair[1].cx)
+  return np.stack(imgs), {"n_objects": nobj, "shape (1 object)": shape1, "bg pattern": pat,
+                          "A left of B (2 obj)": left}
+
+
+def feats(tower: VisionTower, params, imgs: np.ndarray) -> np.ndarray:
+  """(N, patches x width): the last hidden state FUSION reads, flattened."""
   out = []
   for k in range(0, len(imgs), 500):
-    hs = tw.apply({"params": p}, normalize(imgs[k:k+500]))
+    hs = tower.apply({"params": params}, normalize(imgs[k:k + 500]))
     out.append(np.asarray(hs[-1]).reshape(hs[-1].shape[0], -1))
   return np.concatenate(out)
 
 
-def probe(X, y):
+def probe(X: np.ndarray, y) -> tuple[float, float, int]:
+  """(test accuracy of the best of 4 ridge penalties, majority rate, test n); 70/30 split."""
   keep = [i for i, v in enumerate(y) if v is not None]
   X = X[keep]
   y = np.array([str(y[i]) for i in keep])
@@ -80,8 +91,22 @@ def probe(X, y):
   return best, maj, len(y) - n
 
 
-for name, p in (("pretrained", pre), ("random", rnd)):
-  X = feats(p)
-  for lab, y in (("n_objects", nobj), ("shape (1 object)", shape1), ("bg pattern", pat), ("A left of B (2 obj)", left)):
-    acc, maj, n = probe(X, y)
-    print(f"{name:10s} {lab:18s} test acc {acc:.3f} (majority {maj:.3f}, n {n})", flush=True)
+def main(args) -> int:
+  imgs, labels = scenes(args.num)
+  cfg = dataclasses.replace(fusion_tower(siglip_config_from_hf(read_config(args.siglip))),
+                            dtype="float32")
+  rd = SafetensorsReader(args.siglip)
+  pre = siglip_params_from_reader(rd, siglip_prefix(rd), cfg.num_layers, config=cfg,
+                                  dtype=np.float32)
+  tower = VisionTower(cfg)
+  rnd = tower.init(jax.random.key(0), normalize(imgs[:1]))["params"]
+  for name, p in (("pretrained", pre), ("random", rnd)):
+    X = feats(tower, p, imgs)
+    for lab, y in labels.items():
+      acc, maj, n = probe(X, y)
+      print(f"{name:10s} {lab:18s} test acc {acc:.3f} (majority {maj:.3f}, n {n})", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  cli.app_main(define_flags, main, PROG)
