@@ -1,20 +1,8 @@
 """benchmarks/answer_kinds.py: accuracy and the most frequent answer per kind of question."""
-import importlib.util
-import os
-
 import pytest
 
+from experiment_helpers import load_benchmark
 from fusion_jax.eval.closed_qa import Question
-
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "answer_kinds.py")
-
-
-def _module():
-  spec = importlib.util.spec_from_file_location("answer_kinds", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def test_rows_group_by_category_and_kind_and_show_constant_answers():
@@ -25,7 +13,7 @@ def test_rows_group_by_category_and_kind_and_show_constant_answers():
         Question(2, 1, "SynthConvShort", "yes_no", ("yes", "no"), 0),
         Question(3, 0, "SynthConvShort", "yes_no", ("yes", "no"), 1)]
   predicted = [1, 1, 1, 1, None]  # always "right" / "no"; the last question was skipped
-  rows = {(r["category"], r["kind"]): r for r in _module().rows_by_kind(qs, predicted)}
+  rows = {(r["category"], r["kind"]): r for r in load_benchmark("answer_kinds").rows_by_kind(qs, predicted)}
   assert list(rows) == [("SynthConvShort", "spatial"), ("SynthConvShort", "yes_no"),
                         ("SynthSpatial", "spatial"), ("*", "spatial"), ("*", "yes_no")]
   sp = rows[("*", "spatial")]

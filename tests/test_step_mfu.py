@@ -1,17 +1,11 @@
 """benchmarks/step_mfu.py runs end to end on CPU at tiny shapes (FUSION step + torch baseline)."""
-import importlib.util
 import json
-import os
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "step_mfu.py")
+from experiment_helpers import load_benchmark
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("step_mfu", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_benchmark("step_mfu")
 
 
 def test_tiny_run_writes_the_table_json(tmp_path, capsys):

@@ -8,8 +8,9 @@ main job's dataset, and writes them in the transformers layouts the project impo
               job's seed), and the image hashes the disjointness test compares
   siglip.py   SigLIP's sigmoid loss (learned temperature and bias), over a batch's captions
               and over each scene's own candidate answers (hard negatives)
-  tower.py    trains a tiny SigLIP tower with both terms (a tiny text transformer and the MAP
-              head on the other side, not shipped) -> SiglipVisionModel dir
+  tower.py    trains a tiny SigLIP tower with both sigmoid terms and a dense per-patch term
+              (what covers each patch, the background; a tiny text transformer, the MAP head
+              and the dense head are not shipped) -> SiglipVisionModel dir
   lm.py       sentencepiece tokenizer + a tiny Phi-3 LM on the synthesized text in the chat
               template -> Phi3ForCausalLM dir with its tokenizer
 

@@ -123,6 +123,10 @@ class DualEncoder(nn.Module):
     """(B, N, Dv) patch tokens -> (B, N, sum(DENSE_CLASSES)) logits."""
     return self.dense_head(self.dense_norm(hidden))
 
+  def dense_of(self, pixels: jax.Array) -> jax.Array:
+    """pixels (B, H, W, 3) normalised -> dense logits of the last layer FUSION keeps."""
+    return self.dense(self.tower(pixels)[-2])
+
   def image_both(self, pixels: jax.Array, q_ids: jax.Array, q_mask: jax.Array
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One tower pass -> (image (B, E), image pooled with the question (B, E), dense logits
@@ -236,10 +240,8 @@ def dense_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arr
 def dense_accuracy(vision: VisionConfig, params: dict[str, Any], images: np.ndarray,
                    labels: np.ndarray, vocab_size: int) -> np.ndarray:
   """(3,) accuracies of the dense head (see `dense_loss`) on these images."""
-  model = DualEncoder(vision, vocab_size)
-  logits = model.apply({"params": params}, model.apply(
-      {"params": params}, normalize(images), method=lambda m, x: m.tower(x)[-2]),
-      method=DualEncoder.dense)
+  logits = DualEncoder(vision, vocab_size).apply({"params": params}, normalize(images),
+                                                 method=DualEncoder.dense_of)
   return np.asarray(dense_loss(logits, jnp.asarray(labels))[1])
 
 
