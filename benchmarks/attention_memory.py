@@ -10,25 +10,31 @@ are materialised; cudnn needs a GPU. The vocabulary is cut to 1024 so logits do 
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from fusion_jax import cli
 from fusion_jax.models.llm import Decoder
 from fusion_jax.models.presets import get_preset
 
+PROG = "python benchmarks/attention_memory.py"
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--preset", default="fusion_3b")
-  p.add_argument("--seq", type=int, default=4096)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--layers", type=int, default=1)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--impls", default="xla,splash")
-  a = p.parse_args(argv)
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("preset", "fusion_3b", "model preset (its LLM width)", flag_values=fv)
+  flags.DEFINE_integer("seq", 4096, "tokens per row", flag_values=fv)
+  flags.DEFINE_integer("batch", 1, "rows", flag_values=fv)
+  flags.DEFINE_integer("layers", 1, "decoder layers", flag_values=fv)
+  flags.DEFINE_string("dtype", "float32", "compute dtype", flag_values=fv)
+  flags.DEFINE_list("impls", ["xla", "splash"], "LLMConfig.attention_impl values to compile",
+                    flag_values=fv)
+
+
+def temp_mib(a) -> dict[str, float]:
+  """{attention_impl: compiled temp MiB} of one decoder forward + backward; prints each."""
   base = get_preset(a.preset).llm.replace(num_layers=a.layers, vocab_size=1024, dtype=a.dtype,
                                           rope_scaling=None, remat_policy="full")
   ids = jnp.zeros((a.batch, a.seq), jnp.int32)
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   params = jax.eval_shape(lambda k: Decoder(base).init(k, ids, pos, mask, method=Decoder.forward),
                           jax.random.key(0))["params"]
   out = {}
-  for impl in a.impls.split(","):
+  for impl in a.impls:
     cfg = base.replace(attention_impl=impl)
     grad = jax.grad(lambda p, cfg=cfg: jnp.sum(
         Decoder(cfg).apply({"params": p}, ids, pos, mask, method=Decoder.forward)[0]))
@@ -50,5 +56,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   return out
 
 
+def main(args) -> int:
+  temp_mib(args)
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  cli.app_main(define_flags, main, PROG)

@@ -8,7 +8,6 @@ static (an example batch from fusion.example_batch), so each measurement is one 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -16,9 +15,23 @@ import time
 import flax.linen as nn
 import jax
 import optax
+from absl import flags
 
+from fusion_jax import cli
 from fusion_jax.models import fusion
 from fusion_jax.models.presets import get_preset
+
+PROG = "python benchmarks/fusion_step.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("preset", "tiny", "model preset", flag_values=fv)
+  flags.DEFINE_integer("batch", 4, "rows", flag_values=fv)
+  flags.DEFINE_integer("seq", 48, "tokens per row", flag_values=fv)
+  flags.DEFINE_integer("questions", 2, "question slots per sample", flag_values=fv)
+  flags.DEFINE_integer("q", 4, "latents per question", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "timed calls", flag_values=fv)
+  flags.DEFINE_string("dtype", "float32", "compute dtype", flag_values=fv)
 
 
 def _time(fn, *args, steps: int) -> tuple[float, float]:
@@ -33,16 +46,7 @@ def _time(fn, *args, steps: int) -> tuple[float, float]:
   return compile_s, statistics.median(times)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--preset", default="tiny")
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--seq", type=int, default=48)
-  p.add_argument("--questions", type=int, default=2)
-  p.add_argument("--q", type=int, default=4)
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--dtype", default="float32")
-  a = p.parse_args()
+def main(a) -> int:
   cfg = get_preset(a.preset)
   cfg = dataclasses.replace(cfg, llm=cfg.llm.replace(dtype=a.dtype),
                             vision=dataclasses.replace(cfg.vision, dtype=a.dtype))
@@ -66,7 +70,8 @@ def main() -> None:
   print(f"forward + loss: compile {c:.1f} s, {t * 1e3:.1f} ms per call")
   c, t = _time(step, params, opt, batch, steps=a.steps)
   print(f"train step:     compile {c:.1f} s, {t * 1e3:.1f} ms per call")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.app_main(define_flags, main, PROG)

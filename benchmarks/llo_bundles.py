@@ -13,10 +13,21 @@ flags: a diagnostic, not an interface.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
+
+from absl import flags
+
+from fusion_jax import cli
+
+PROG = "python benchmarks/llo_bundles.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("hlo", "", "the program's optimized HLO (fusion_jax.aot --hlo_out)",
+                      flag_values=fv)
+  flags.DEFINE_integer("top", 25, "kernels and kinds listed", flag_values=fv)
 
 
 def kernel_bundles(dump_dir: str) -> dict[str, int]:
@@ -41,12 +52,7 @@ def op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("dump_dir")
-  ap.add_argument("--hlo", help="the program's optimized HLO (fusion_jax.aot --hlo_out)")
-  ap.add_argument("--top", type=int, default=25)
-  a = ap.parse_args()
+def main(a) -> int:
   bundles = kernel_bundles(a.dump_dir)
   names = op_names(open(a.hlo).read()) if a.hlo else {}
   total = sum(bundles.values())
@@ -60,7 +66,8 @@ def main() -> None:
   print("largest kernels:")
   for k, n in sorted(bundles.items(), key=lambda kv: -kv[1])[:a.top]:
     print(f"  {n:>10,} {100 * n / total:5.1f} %  {k}  {names.get(k, '')[:150]}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.app_main(define_flags, main, PROG, positional=("dump_dir",))

@@ -2,7 +2,7 @@ r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline
 
   python benchmarks/step_mfu.py [--preset fusion_3b] [--layers 32] [--vision-layers 26]
       [--batch 2] [--seq 4096] [--q 64] [--questions 4] [--packed 4] [--attention auto]
-      [--steps 10] [--no-torch] [--isolate] [--out step_mfu.json]
+      [--dtype bfloat16] [--noscan] [--steps 10] [--notorch] [--isolate] [--out step_mfu.json]
   python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
 
 FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 params, full
@@ -22,7 +22,6 @@ otherwise hold each other's memory); benchmarks/gpu_run.sh sets it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -34,47 +33,69 @@ import time
 from typing import Any
 
 import numpy as np
+from absl import flags
 
+from fusion_jax import cli
+
+PROG = "python benchmarks/step_mfu.py"
 TINY_ARGS = ["--preset", "tiny", "--batch", "2", "--seq", "64", "--q", "4", "--questions", "2",
              "--packed", "2", "--steps", "2"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--preset", default="fusion_3b")
-  p.add_argument("--layers", type=int, default=0, help="LLM layers (0 = the preset's)")
-  p.add_argument("--vision-layers", type=int, default=0, help="tower layers (0 = the preset's)")
-  p.add_argument("--batch", type=int, default=2, help="rows per step")
-  p.add_argument("--seq", type=int, default=4096)
-  p.add_argument("--q", type=int, default=64, help="latents per question")
-  p.add_argument("--questions", type=int, default=4, help="question slots per sample (Lq)")
-  p.add_argument("--packed", type=int, default=4, help="samples per packed row (0 = no packed run)")
-  p.add_argument("--attention", default="auto", help="LLMConfig.attention_impl")
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--no-scan", action="store_true", help="unrolled layer stacks")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--no-torch", action="store_true")
-  p.add_argument("--isolate", action="store_true", help="each framework in its own process")
-  p.add_argument("--part", choices=("all", "jax", "torch"), default="all", help=argparse.SUPPRESS)
-  p.add_argument("--tiny", action="store_true", help="CPU smoke shapes: " + " ".join(TINY_ARGS))
-  p.add_argument("--out", default="")
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if "--tiny" in argv:
-    argv = TINY_ARGS + argv  # explicit flags after --tiny still win
-  return p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("preset", "fusion_3b", "model preset", flag_values=fv)
+  flags.DEFINE_integer("layers", 0, "LLM layers (0 = the preset's)", flag_values=fv)
+  flags.DEFINE_integer("vision-layers", 0, "tower layers (0 = the preset's)", flag_values=fv)
+  flags.DEFINE_integer("batch", 2, "rows per step", flag_values=fv)
+  flags.DEFINE_integer("seq", 4096, "tokens per row", flag_values=fv)
+  flags.DEFINE_integer("q", 64, "latents per question", flag_values=fv)
+  flags.DEFINE_integer("questions", 4, "question slots per sample (Lq)", flag_values=fv)
+  flags.DEFINE_integer("packed", 4, "samples per packed row (0 = no packed run)", flag_values=fv)
+  flags.DEFINE_string("attention", "auto", "LLMConfig.attention_impl", flag_values=fv)
+  flags.DEFINE_string("dtype", "bfloat16", "compute dtype", flag_values=fv)
+  flags.DEFINE_boolean("scan", True, "scanned layer stacks (--noscan: unrolled)", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "timed steps per run", flag_values=fv)
+  flags.DEFINE_boolean("torch", True, "also time the PyTorch baseline (--notorch: FUSION only)",
+                       flag_values=fv)
+  flags.DEFINE_boolean("isolate", False, "each framework in its own process", flag_values=fv)
+  flags.DEFINE_enum("part", "all", ("all", "jax", "torch"),
+                    "internal: the part an --isolate subprocess runs", flag_values=fv)
+  flags.DEFINE_boolean("tiny", False, "CPU smoke shapes: " + " ".join(TINY_ARGS)
+                       + " (flags given with it win)", flag_values=fv)
+  flags.DEFINE_string("out", "", "also write the report as JSON here", flag_values=fv)
+
+
+def with_tiny(argv: list[str]) -> list[str]:
+  """argv with TINY_ARGS in front when it has --tiny (explicit flags still win: absl keeps a
+  flag's last value)."""
+  argv = list(argv)
+  return TINY_ARGS + argv if "--tiny" in argv else argv
+
+
+def parse_args(argv: list[str] | None = None):
+  """The flags' values (argv: the arguments without the program name; None: sys.argv[1:])."""
+  return cli.parse(define_flags, with_tiny(sys.argv[1:] if argv is None else argv), PROG)
+
+
+def flag_argv(a) -> list[str]:
+  """The shape and model flags of `a` as arguments (what an --isolate subprocess gets)."""
+  return [f"--preset={a.preset}", f"--layers={a.layers}", f"--vision-layers={a.vision_layers}",
+          f"--batch={a.batch}", f"--seq={a.seq}", f"--q={a.q}", f"--questions={a.questions}",
+          f"--packed={a.packed}", f"--attention={a.attention}", f"--dtype={a.dtype}",
+          "--scan" if a.scan else "--noscan", f"--steps={a.steps}"]
 
 
 # ------------------------------------------------------------------------------------ configs
 
 
-def model_config(a: argparse.Namespace):
+def model_config(a):
   from fusion_jax.models.presets import get_preset
   cfg = get_preset(a.preset)
   llm = cfg.llm.replace(num_layers=a.layers or cfg.llm.num_layers, dtype=a.dtype,
-                        remat_policy="full", scan_layers=not a.no_scan,
+                        remat_policy="full", scan_layers=a.scan,
                         attention_impl=a.attention)
   vision = dataclasses.replace(cfg.vision, num_layers=a.vision_layers or cfg.vision.num_layers,
-                               dtype=a.dtype, remat_policy="full", scan_layers=not a.no_scan)
+                               dtype=a.dtype, remat_policy="full", scan_layers=a.scan)
   return cfg.replace(llm=llm, vision=vision)
 
 
@@ -236,12 +257,12 @@ def table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _run_part(a: argparse.Namespace, part: str, argv: list[str]) -> dict[str, Any]:
+def _run_part(a, part: str) -> dict[str, Any]:
   """This script's `part` in a fresh process (its own device memory); its runs dict."""
   import tempfile
   with tempfile.TemporaryDirectory() as d:
     out = os.path.join(d, "part.json")
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--part", part, "--out", out]
+    cmd = [sys.executable, os.path.abspath(__file__), *flag_argv(a), "--part", part, "--out", out]
     proc = subprocess.run(cmd, check=False)
     if proc.returncode:
       return {f"{part} (all)": {"skipped": f"subprocess exited {proc.returncode}"}}
@@ -249,8 +270,8 @@ def _run_part(a: argparse.Namespace, part: str, argv: list[str]) -> dict[str, An
       return json.load(f)["runs"]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  a = parse_args(argv)
+def measure(a) -> dict[str, Any]:
+  """Times the runs `a` asks for; prints the table (part 'all') and returns the report."""
   from fusion_jax.models import flops
   from fusion_jax.models.presets import get_preset
   cfg = model_config(a)
@@ -266,10 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   runs: dict[str, Any] = {}
 
   if a.isolate and a.part == "all":
-    raw = sys.argv[1:] if argv is None else list(argv)
-    runs.update(_run_part(a, "jax", raw))
-    if not a.no_torch:
-      runs.update(_run_part(a, "torch", raw))
+    runs.update(_run_part(a, "jax"))
+    if a.torch:
+      runs.update(_run_part(a, "torch"))
   else:
     if a.part in ("all", "jax"):
       b = unpacked_batch(cfg, batch=a.batch, seq=a.seq, lq=a.questions, q=a.q)
@@ -282,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as e:  # the model may not consume packed batches yet
           msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
           runs["fusion packed"] = {"skipped": f"{type(e).__name__}: {msg[:160]}"}
-    if a.part in ("all", "torch") and not a.no_torch:
+    if a.part in ("all", "torch") and a.torch:
       runs["torch Phi3 baseline"] = figures(
           time_torch(cfg.llm, batch=a.batch, seq=a.seq, steps=a.steps),
           {"model": torch_fl["model"], "remat": torch_fl["remat"]}, tokens)
@@ -295,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       preset=a.preset, llm_layers=cfg.llm.num_layers, preset_llm_layers=full_depth,
       vision_layers=cfg.vision.num_layers, batch=a.batch, seq_len=a.seq, q=a.q,
       questions=a.questions, packed_samples=a.packed, dtype=a.dtype, attention=a.attention,
-      remat="full", scan=not a.no_scan,
+      remat="full", scan=a.scan,
       fusion_flops_share={k: v["fusion_share"] for k, v in fl.items()},
       flops_fwd={k: v["fwd"] for k, v in fl.items()}, runs=runs)
   if a.part == "all":
@@ -314,5 +334,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return report
 
 
+def main(args) -> int:
+  measure(args)
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.argv[1:] = with_tiny(sys.argv[1:])
+  cli.app_main(define_flags, main, PROG)

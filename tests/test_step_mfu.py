@@ -10,8 +10,9 @@ def _module():
 
 def test_tiny_run_writes_the_table_json(tmp_path, capsys):
   out = tmp_path / "mfu.json"
-  report = _module().main(["--tiny", "--layers", "1", "--vision-layers", "2", "--steps", "1",
-                           "--dtype", "float32", "--out", str(out)])
+  mod = _module()
+  report = mod.measure(mod.parse_args(["--tiny", "--layers", "1", "--vision-layers", "2",
+                                       "--steps", "1", "--dtype", "float32", "--out", str(out)]))
   assert json.loads(out.read_text())["runs"].keys() == report["runs"].keys()
   fusion, torch = report["runs"]["fusion unpacked"], report["runs"]["torch Phi3 baseline"]
   for run in (fusion, torch):
