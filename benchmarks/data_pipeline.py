@@ -22,7 +22,6 @@ Numbers from a shared machine are pessimistic; use them as ratios.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -35,10 +34,34 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402
+
+from fusion_jax import cli  # noqa: E402
 from fusion_jax.data import conversation, images, layout, pipeline  # noqa: E402
 from fusion_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from fusion_jax.data.tokenizer_train import train_sentencepiece  # noqa: E402
 from fusion_jax.models import query_len as query_len_lib  # noqa: E402
+
+PROG = "python benchmarks/data_pipeline.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("num_images", 96, "640x480 JPEGs to make", flag_values=fv)
+  flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts", flag_values=fv)
+  flags.DEFINE_integer("image_size", 384, "static_hd image size (px)", flag_values=fv)
+  flags.DEFINE_integer("batches", 16, "batches timed per pipeline setting", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "pipeline batch size", flag_values=fv)
+  flags.DEFINE_string("tokenizer", "", "tokenizer dir/file (default: train a tiny one)",
+                      flag_values=fv)
+  flags.DEFINE_string("template", "phi_3", "conversation template", flag_values=fv)
+  flags.DEFINE_string("out_json", "", "also write the results as JSON here", flag_values=fv)
+  flags.DEFINE_boolean("packing_only", False, "only section 4", flag_values=fv)
+  flags.DEFINE_integer("smoke_num", 24000,
+                       "records of the main job's dataset (experiments/smoke.py: 24000)",
+                       flag_values=fv)
+  flags.DEFINE_integer("packing_batches", 60,
+                       "batches of 16 rows read per setting on the main job's data",
+                       flag_values=fv)
 
 _WORDS = ("the a red blue green small large cat dog tree house car person table window left "
           "right above below near far bright dark two three several wooden metal glass sky "
@@ -211,22 +234,7 @@ def smoke_packing(num: int, batches: int, samples_per_row: tuple[int, ...]) -> d
   return out
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--num_images", type=int, default=96)
-  ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-  ap.add_argument("--image_size", type=int, default=384)
-  ap.add_argument("--batches", type=int, default=16)
-  ap.add_argument("--batch_size", type=int, default=8)
-  ap.add_argument("--tokenizer", default="", help="tokenizer dir/file (default: train a tiny one)")
-  ap.add_argument("--template", default="phi_3")
-  ap.add_argument("--out_json", default="")
-  ap.add_argument("--packing_only", action="store_true", help="only section 4")
-  ap.add_argument("--smoke_num", type=int, default=24000,
-                  help="records of the main job's dataset (experiments/smoke.py: 24000)")
-  ap.add_argument("--packing_batches", type=int, default=60,
-                  help="batches of 16 rows read per setting on the main job's data")
-  args = ap.parse_args(argv)
+def main(args) -> int:
   if args.packing_only:
     result = packing_report(args)
     if args.out_json:
@@ -234,7 +242,6 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1)
     return 0
 
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
 
@@ -276,7 +283,7 @@ def main(argv=None) -> int:
   print(f"\n3. grain pipeline, batch {args.batch_size}, 1 read thread per worker:")
   result["pipeline"] = []
   for fast_images in (False, True):
-    for k in [int(x) for x in args.workers.split(",") if x.strip()]:
+    for k in [int(x) for x in args.workers if x.strip()]:
       c = pipeline.DataConfig(**{**cfg.to_dict(), "paths": (path,), "query_len": cfg.query_len,
                                  "worker_count": k, "fast_images": fast_images})
       rate = pipeline_rate(c, tok, args.batches)
@@ -321,4 +328,4 @@ def packing_report(args) -> dict:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, main, PROG)

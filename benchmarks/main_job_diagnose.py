@@ -61,7 +61,6 @@ assets/tiny_bases; 2 loaded cores, ~3 min per section):
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -75,6 +74,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
+from absl import flags  # noqa: E402
+
+from fusion_jax import cli  # noqa: E402
+
+PROG = "python benchmarks/main_job_diagnose.py"
+SECTIONS = ("handover", "vision", "answers", "tokens", "probe", "accuracy")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "the main job's workdir", flag_values=fv, required=True)
+  flags.DEFINE_integer("batches", 4, "batches of each stage's data", flag_values=fv)
+  flags.DEFINE_string("out", "", "also write the report as JSON here", flag_values=fv)
+  flags.DEFINE_integer("per_category", 40, "records per category for the accuracy section",
+                       flag_values=fv)
+  flags.DEFINE_list("skip", [], "sections to skip: " + ",".join(SECTIONS), flag_values=fv)
 
 
 def _stage_dirs(workdir: str) -> list[tuple[str, str]]:
@@ -277,16 +291,8 @@ def _accuracy(workdir: str, config: ml_collections.ConfigDict, per_category: int
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--batches", type=int, default=4)
-  ap.add_argument("--out", default="")
-  ap.add_argument("--per_category", type=int, default=40)
-  ap.add_argument("--skip", default="", help="comma list of sections to skip: handover,vision,"
-                  "answers,tokens,probe,accuracy")
-  args = ap.parse_args(argv)
-  skip = set(filter(None, args.skip.split(",")))
+def main(args) -> int:
+  skip = set(filter(None, args.skip))
   from fusion_jax.infer import workdir as wd
   workdir = os.path.abspath(args.workdir)
   stages = _stage_dirs(workdir)
@@ -355,4 +361,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, main, PROG)

@@ -24,7 +24,6 @@ unpacked held-out batches for both final models). Writes
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,8 +34,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
+from fusion_jax import cli  # noqa: E402
+
+PROG = "python benchmarks/packing_curve.py"
 WARMUP_STEPS = 3  # compile + first steps, left out of the samples/s
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "where the two runs and the report go", flag_values=fv,
+                      required=True)
+  flags.DEFINE_integer("samples", 2400, "training samples per run", flag_values=fv)
+  flags.DEFINE_integer("seq_len", 192, "row length of both runs", flag_values=fv)
+  flags.DEFINE_integer("max_samples_per_row", 2, "P of the packed run", flag_values=fv)
+  flags.DEFINE_integer("rows_packed", 0, "rows per packed batch (0: 16 / expected samples per row)",
+                       flag_values=fv)
+  flags.DEFINE_integer("num", 24000, "dataset records (smoke.py: 24000)", flag_values=fv)
+  flags.DEFINE_string("train_one", "", "internal: the child process that trains DIR/config.json",
+                      flag_values=fv)
 
 
 def _expected_samples_per_row(config, seq_len: int, p: int) -> float:
@@ -59,7 +75,7 @@ def _expected_samples_per_row(config, seq_len: int, p: int) -> float:
 def _train(workdir: str) -> int:
   """Child process: trains <workdir>/config.json into <workdir>."""
   import ml_collections
-  from absl import flags, logging
+  from absl import logging
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.WARNING)
@@ -136,33 +152,27 @@ def _plot(results: dict, out: str) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--samples", type=int, default=2400, help="training samples per run")
-  ap.add_argument("--seq_len", type=int, default=192)
-  ap.add_argument("--max_samples_per_row", type=int, default=2)
-  ap.add_argument("--rows_packed", type=int, default=0)
-  ap.add_argument("--num", type=int, default=24000, help="dataset records (smoke.py: 24000)")
-  ap.add_argument("--train_one", default="", help=argparse.SUPPRESS)  # child process
-  args = ap.parse_args(argv)
+def main(args) -> int:
   if args.train_one:
     return _train(args.train_one)
 
   import ml_collections
-  from absl import flags, logging
+  from absl import logging
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.WARNING)
   from experiments.smoke import get_config
-  from fusion_jax import run as run_lib
+  # The main job's steps from their modules: importing fusion_jax.run would define its global
+  # --workdir flag next to this program's.
+  from fusion_jax.main_job.prepare import prepare
+  from fusion_jax.main_job.stages import stage_plan
 
   config = get_config()
   config.synth.num = args.num
-  config = run_lib.prepare(config)
+  config = prepare(config)
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
-  base = run_lib.stage_plan(config, workdir)[-1][1]  # the instruction stage: all categories
+  base = stage_plan(config, workdir)[-1][1]  # the instruction stage: all categories
   base.data.seq_len = args.seq_len
   base.init_from = ""
   base.log_every = 1
@@ -236,4 +246,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, main, PROG)

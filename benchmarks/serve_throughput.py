@@ -9,7 +9,6 @@ first, so the numbers are steady-state. Prints requests/s and generated tokens/s
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -21,6 +20,21 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from fusion_jax import cli  # noqa: E402
+
+PROG = "python benchmarks/serve_throughput.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", "", "model workdir (default: a tiny random model in a temp dir)",
+                      flag_values=fv)
+  flags.DEFINE_integer("requests", 16, "chat requests per mode", flag_values=fv)
+  flags.DEFINE_integer("max_batch", 8, "the generator's largest batch", flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 16, "tokens generated per request", flag_values=fv)
+  flags.DEFINE_string("dtype", None, "compute dtype (default: the model's)", flag_values=fv)
 
 
 def _tiny_model_dir(root: str) -> str:
@@ -42,14 +56,7 @@ def _post(url: str, body: dict) -> dict:
     return json.loads(r.read())
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", default="")
-  p.add_argument("--requests", type=int, default=16)
-  p.add_argument("--max_batch", type=int, default=8)
-  p.add_argument("--max_tokens", type=int, default=16)
-  p.add_argument("--dtype", default=None)
-  a = p.parse_args()
+def main(a) -> int:
   import jax
 
   from fusion_jax.infer.generator import Generator
@@ -103,7 +110,8 @@ def main() -> None:
     print(f"{name:>10}: {dt:7.2f} s  {len(res) / dt:7.2f} req/s  {toks / dt:8.1f} tok/s  "
           f"({srv.batcher.stats.batches - before} device batches)")
   srv.shutdown()
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.app_main(define_flags, main, PROG)

@@ -12,17 +12,27 @@ A "sample" is one generated item (rejected items included: their cost is paid to
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import tempfile
 import time
 
+from absl import flags
+
+from fusion_jax import cli
 from fusion_jax.synth.backends import BackendConfig
 from fusion_jax.synth.categories import CATEGORIES
 from fusion_jax.synth.pipeline import SynthConfig, item_rngs, synthesize
 from fusion_jax.synth.records import build_record
 from fusion_jax.synth.render import encode_image
+
+PROG = "python benchmarks/synth_throughput.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("num", 1200, "items to generate", flag_values=fv)
+  flags.DEFINE_integer("size", 384, "image size (px)", flag_values=fv)
+  flags.DEFINE_integer("workers", 1, "synthesis worker processes", flag_values=fv)
 
 
 def stage_breakdown(size: int, n: int) -> dict[str, float]:
@@ -48,13 +58,7 @@ def stage_breakdown(size: int, n: int) -> dict[str, float]:
   return {k: 1000 * v / n for k, v in t.items()}
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--num", type=int, default=1200)
-  p.add_argument("--size", type=int, default=384)
-  p.add_argument("--workers", type=int, default=1)
-  args = p.parse_args()
+def main(args) -> int:
   with tempfile.TemporaryDirectory() as d:
     cfg = SynthConfig(out=os.path.join(d, "out"), num=args.num, seed=0, size=args.size,
                       workers=args.workers, progress=False)
@@ -71,7 +75,8 @@ def main() -> None:
   br = stage_breakdown(args.size, min(args.num, 480))
   print("  stages (CPU ms/item): " + ", ".join(f"{k} {v:.2f}" for k, v in br.items())
         + f"; sum {sum(br.values()):.2f}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.app_main(define_flags, main, PROG)
