@@ -1,7 +1,7 @@
 r"""Where the main job's config is read: its walk through the code, without training.
 
   python scripts/config_walk.py            # (~10-30 s on CPU; the first run synthesizes)
-  python scripts/config_walk.py --verbose  # every place in order
+  python scripts/config_walk.py --places   # every place in order
   python scripts/config_walk.py --stage_walk  # one stage's trainer set-up, place by place
 
 Runs experiments/smoke.py:short (the CI main job) through everything before the first train
@@ -19,11 +19,11 @@ To measure an older commit, run this script from an archive of it (the code it w
 one beside the script; the first output line names the fusion_jax that was imported):
 
   git archive COMMIT | tar -x -C /tmp/old && cp scripts/config_walk.py /tmp/old/scripts/
+  cp -n fusion_jax/cli.py /tmp/old/fusion_jax/   # its flags; commits before cli.py lack it
   cd /tmp/old && PYTHONPATH=/tmp/old python scripts/config_walk.py
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import sys
@@ -35,7 +35,12 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import ml_collections  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
+
+from fusion_jax import cli  # noqa: E402
+
+PROG = "python scripts/config_walk.py"
 
 _ML = os.path.dirname(config_dict.__file__)
 _SELF = os.path.abspath(__file__)
@@ -44,6 +49,15 @@ READS: list[str] = []
 PHASES: list[tuple[str, int]] = []
 _PATCHED = ("__getattr__", "__getitem__", "__contains__", "get", "to_dict", "items", "keys",
             "values", "to_json_best_effort", "copy_and_resolve_references")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  # Not --verbose: the walk imports fusion_jax.run, which defines a global --verbose.
+  flags.DEFINE_boolean("places", False, "print every place of the walk", flag_values=fv)
+  flags.DEFINE_boolean("stage_walk", False,
+                       "print every place of the first stage's trainer set-up", flag_values=fv)
+  flags.DEFINE_string("cache_dir", os.path.join(tempfile.gettempdir(), "fusion_config_walk_cache"),
+                      "the main job's dataset cache (config.synth.cache_dir)", flag_values=fv)
 
 
 def _place() -> str | None:
@@ -165,14 +179,7 @@ def drive(cache_dir: str, workdir: str) -> None:
     su.task.make_data_iterator(0, 1)
 
 
-def main() -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--verbose", action="store_true", help="print every place of the walk")
-  ap.add_argument("--stage_walk", action="store_true",
-                  help="print every place of the first stage's trainer set-up")
-  ap.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(),
-                                                      "fusion_config_walk_cache"))
-  a = ap.parse_args()
+def main(a) -> int:
   import fusion_jax
   where = os.path.dirname(os.path.abspath(fusion_jax.__file__))
   print(f"fusion_jax from {where}")
@@ -184,7 +191,7 @@ def main() -> int:
   with tempfile.TemporaryDirectory() as tmp:
     drive(a.cache_dir, os.path.join(tmp, "run"))
   places, returns, files = walk(READS)
-  if a.verbose:
+  if a.places:
     for i, p in enumerate(places):
       print(f"{i:4d} {p}")
   print(f"config reads {len(READS)}; walk: {len(places)} places, {returns} returns to files "
@@ -209,4 +216,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(define_flags, main, PROG)
