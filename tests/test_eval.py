@@ -78,10 +78,22 @@ def test_summarize_counts_and_chance():
   owners = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1)]
   scores = np.array([-2.0, -1.0, -5.0, -1.0, -3.0, -4.0, -0.5, -0.1])
   rep = closed_qa.summarize(qs, scores, owners)
-  assert rep["A"] == {"accuracy": 0.5, "chance": (0.5 + 0.25) / 2, "count": 2, "skipped": 0}
+  # Predictions: "y" (right), "y" (wrong), "2" (wrong).
+  assert rep["A"] == {"accuracy": 0.5, "chance": (0.5 + 0.25) / 2, "count": 2, "skipped": 0,
+                      "top": "y", "top_share": 1.0}
   assert rep["B"]["accuracy"] == 0.0 and rep["all"]["count"] == 3
   assert list(rep)[-1] == "all"
   assert "x chance" in closed_qa.format_table(rep)
+  kinds = closed_qa.summarize(qs, scores, owners, by="answer_type")
+  assert list(kinds) == ["color", "count", "all"]
+  assert kinds["color"]["accuracy"] == 0.5 and kinds["color"]["count"] == 2
+  assert kinds["all"]["top"] == "y" and kinds["all"]["top_share"] == pytest.approx(2 / 3)
+  # The third question did not fit: counted as skipped in its kind, never scored.
+  kinds = closed_qa.summarize(qs, scores[:6], owners[:6], skipped=[2], by="answer_type")
+  assert kinds["count"] == {"accuracy": 0.0, "chance": 0.0, "count": 0, "skipped": 1,
+                            "top": "", "top_share": 0.0}
+  assert kinds["all"]["count"] == 2 and kinds["all"]["skipped"] == 1
+  assert "'y' (100%)" in closed_qa.format_table(kinds, group="answer kind")
 
 
 def test_scores_are_negative_summed_cross_entropy(setup):

@@ -45,6 +45,10 @@ def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
   report = summary["eval"]
   assert report["all"]["count"] > 0 and 0.0 <= report["all"]["accuracy"] <= 1.0
   assert {t["category"] for t in summary["targets"]} == set(report) - {"all"}
+  # The same questions by kind of answer, each kind with its most frequent prediction.
+  kinds = summary["eval_kinds"]
+  assert kinds["all"]["count"] == report["all"]["count"] and len(kinds) > 1
+  assert all(0.0 <= r["top_share"] <= 1.0 for r in kinds.values())
   # One greedy answer per held-out category, next to its reference.
   assert {x["category"] for x in summary["samples"]} == set(report) - {"all"}
   assert all(isinstance(x["answer"], str) and x["reference"] for x in summary["samples"])

@@ -166,40 +166,47 @@ def image_loader(records: Sequence[Mapping[str, Any]], image_root: str, size: in
 
 
 def summarize(questions: Sequence[Question], scores: np.ndarray,
-              owners: Sequence[tuple[int, int]], skipped: Sequence[int] = ()) -> dict[str, Any]:
-  """Accuracy, chance level, counts and skipped (too long) questions per category and 'all'."""
+              owners: Sequence[tuple[int, int]], skipped: Sequence[int] = (),
+              by: str = "category") -> dict[str, Any]:
+  """Accuracy, chance level, counts, skipped (too long) questions and the most frequent
+  prediction (`top`, its share `top_share`: a constant answer shows as a share near 1) per
+  group and 'all'. by: the Question field to group on, "category" or "answer_type" (the kind
+  of answer: colour, shape, spatial, yes_no, ...; a category mixes several)."""
   best: dict[int, tuple[float, int]] = {}
   for (qi, ci), s in zip(owners, scores):
     if qi not in best or s > best[qi][0]:
       best[qi] = (float(s), ci)
-  per: dict[str, dict[str, float]] = collections.defaultdict(
-      lambda: {"correct": 0, "count": 0, "chance_sum": 0.0})
+  per: dict[str, dict[str, Any]] = collections.defaultdict(
+      lambda: {"correct": 0, "count": 0, "chance_sum": 0.0, "skipped": 0,
+               "predicted": collections.Counter()})
   for qi in skipped:
-    for key in (questions[qi].category, "all"):
-      per[key]["skipped"] = per[key].get("skipped", 0) + 1
-      per[key]["count"] += 0
+    for key in (getattr(questions[qi], by), "all"):
+      per[key]["skipped"] += 1
   for qi, qn in enumerate(questions):
     if qi not in best:
       continue
-    for key in (qn.category, "all"):
+    for key in (getattr(qn, by), "all"):
       row = per[key]
       row["count"] += 1
       row["correct"] += int(best[qi][1] == qn.answer)
       row["chance_sum"] += 1.0 / len(qn.candidates)
+      row["predicted"][qn.candidates[best[qi][1]]] += 1
   report = {}
   for key, row in sorted(per.items(), key=lambda kv: (kv[0] == "all", kv[0])):
     count = row["count"]
+    top, top_n = (row["predicted"].most_common(1) or [("", 0)])[0]
     report[key] = {"accuracy": row["correct"] / max(count, 1),
                    "chance": row["chance_sum"] / max(count, 1), "count": count,
-                   "skipped": int(row.get("skipped", 0))}
+                   "skipped": row["skipped"], "top": top, "top_share": top_n / max(count, 1)}
   return report
 
 
-def evaluate(params: Any, cfg: fusion.FusionConfig, records: Sequence[Mapping[str, Any]],
-             tokenizer, *, image_root: str, q: int, seq_len: int, max_questions: int,
-             batch_size: int = 16, progress: Callable[[int, int], None] | None = None
-             ) -> dict[str, Any]:
-  """Per-category closed-answer accuracy of `params` on `records` (see module docstring)."""
+def evaluate_report(params: Any, cfg: fusion.FusionConfig, records: Sequence[Mapping[str, Any]],
+                    tokenizer, *, image_root: str, q: int, seq_len: int, max_questions: int,
+                    batch_size: int = 16, progress: Callable[[int, int], None] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+  """Closed-answer accuracy of `params` on `records`, scored once and summarised two ways:
+  {"categories": per category, "kinds": per answer kind over all categories} (`summarize`)."""
   questions = closed_questions(records)
   if not questions:
     raise ValueError("eval: no closed-answer questions (records need 'qa' entries with "
@@ -214,17 +221,26 @@ def evaluate(params: Any, cfg: fusion.FusionConfig, records: Sequence[Mapping[st
   scores = score_examples(params, cfg, examples,
                           image_loader(records, image_root, cfg.vision.image_size),
                           batch_size=batch_size, progress=progress)
-  return summarize(questions, scores, owners, skipped)
+  return {by: summarize(questions, scores, owners, skipped, by=field)
+          for by, field in (("categories", "category"), ("kinds", "answer_type"))}
 
 
-def format_table(report: Mapping[str, Mapping[str, float]]) -> str:
-  """A fixed-width text table of a report."""
-  lines = [f"{'category':<20} {'accuracy':>8} {'chance':>7} {'x chance':>8} {'n':>5} "
-           f"{'skipped':>7}"]
+def evaluate(params: Any, cfg: fusion.FusionConfig, records: Sequence[Mapping[str, Any]],
+             tokenizer, **kw: Any) -> dict[str, Any]:
+  """Per-category closed-answer accuracy of `params` on `records` (evaluate_report's
+  "categories"; keyword arguments as there)."""
+  return evaluate_report(params, cfg, records, tokenizer, **kw)["categories"]
+
+
+def format_table(report: Mapping[str, Mapping[str, Any]], group: str = "category") -> str:
+  """A fixed-width text table of a report (`group` names its first column)."""
+  lines = [f"{group:<20} {'accuracy':>8} {'chance':>7} {'x chance':>8} {'n':>5} "
+           f"{'skipped':>7}  most frequent answer"]
   for cat, r in report.items():
     ratio = r["accuracy"] / r["chance"] if r["chance"] else float("nan")
+    top = f"{r['top']!r} ({r['top_share']:.0%})" if "top" in r else ""
     lines.append(f"{cat:<20} {r['accuracy']:>8.3f} {r['chance']:>7.3f} {ratio:>8.2f} "
-                 f"{r['count']:>5d} {r.get('skipped', 0):>7d}")
+                 f"{r['count']:>5d} {r.get('skipped', 0):>7d}  {top}")
   return "\n".join(lines)
 
 

@@ -22,6 +22,9 @@ def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int 
              dtype: str | None = None) -> dict:
   """Evaluates a model; returns the report and writes eval_<split>.json / .png in `workdir`.
 
+  The report's "categories" is accuracy per category, "kinds" per kind of answer over all
+  categories (colour, shape, spatial, yes_no, ...), each with its most frequent prediction.
+
   workdir: a training workdir or a model dir (fusion_jax.infer.load); a model dir needs
     `data` (it has no dataset of its own; images resolve relative to the file's directory).
   seq_len: scoring length (default: the run's data.seq_len; an earlier stage trained shorter
@@ -44,17 +47,19 @@ def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int 
   def progress(done: int, total: int) -> None:
     print(f"\reval {done}/{total} sequences", end="", file=sys.stderr, flush=True)
 
-  report = closed_qa.evaluate(params, cfg, records, tok, image_root=image_root,
-                              q=q, seq_len=int(seq_len or model.seq_len),
-                              max_questions=model.max_questions,
-                              batch_size=batch_size, progress=progress)
+  both = closed_qa.evaluate_report(params, cfg, records, tok, image_root=image_root,
+                                   q=q, seq_len=int(seq_len or model.seq_len),
+                                   max_questions=model.max_questions,
+                                   batch_size=batch_size, progress=progress)
   print(file=sys.stderr)
+  report = both["categories"]
   out = {"workdir": workdir, "step": step, "data": path, "q": q, "categories": report,
-         "wall_time_s": time.time() - t0}
+         "kinds": both["kinds"], "wall_time_s": time.time() - t0}
   if write:
     with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
       json.dump(out, f, indent=2)
     closed_qa.plot_report(report, os.path.join(workdir, f"eval_{split}.png"))
   print(f"{split} accuracy of {model.name} ({path}, q={q}):")
   print(closed_qa.format_table(report))
+  print(closed_qa.format_table(both["kinds"], group="answer kind"))
   return out

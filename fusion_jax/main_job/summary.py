@@ -39,6 +39,7 @@ def summarize(config: ml_collections.ConfigDict, workdir: str, *, wall_time_s: f
       "workdir": workdir, "wall_time_s": wall_time_s, "stage_time_s": times,
       "train": stage_runs[-1], "stages": stage_runs,
       "final_metrics": train_summary.get("last") or {}, "eval": ev["categories"],
+      "eval_kinds": ev.get("kinds") or {},
       "targets": [{"category": c, "target": t, "met": m} for c, t, m in
                   check_targets(ev["categories"])],
       "samples": samples, "export_note": export_note,
@@ -95,6 +96,13 @@ def format_summary(s: dict[str, Any]) -> str:
   if unmet:
     lines.append(f"{len(unmet)} of {len(s['targets'])} targets not met: {', '.join(unmet)} "
                  "(README 'Main job' says what limits them)")
+  kinds = {k: r for k, r in (s.get("eval_kinds") or {}).items() if k != "all"}
+  if kinds:
+    # A category mixes kinds of answer; a kind answered by one constant shows its share.
+    lines.append("by kind of answer: " + ", ".join(
+        f"{k} {r['accuracy']:.2f}" + (f" ({r['top_share']:.0%} {r['top']!r})"
+                                      if r.get("top_share", 0) >= 0.6 else "")
+        for k, r in kinds.items()))
   if s.get("samples"):
     lines.append("")
     lines.append("sample answers (greedy, first held-out question per category):")
