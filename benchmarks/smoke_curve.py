@@ -7,8 +7,10 @@ Runs the config's stages (fusion_jax.run.stage_plan: each stage from the previou
 weights) with num_steps x scale, keeps a checkpoint every `--every` steps, then scores each
 checkpoint on the held-out split (fusion_jax/eval/closed_qa.py) at the final stage's
 sequence length (or --seq_len). Prints the curve and, per category, the first step at which the
-main job's target (fusion_jax.run.check_targets) is met; writes <workdir>/curve.json and
-<workdir>/curve.png. A stage interrupted or already trained is resumed / reused.
+main job's target (fusion_jax.run.check_targets) is met, then the same curve by kind of
+answer over all categories (colour, shape, spatial, yes_no, ...); writes <workdir>/curve.json,
+<workdir>/curve.png and <workdir>/curve_kinds.png. A stage interrupted or already trained is
+resumed / reused. Like the main job, it starts from the config's base models (config.base).
 
 Time on the x axis is training wall time (median step time of each stage x steps), without
 compile, synthesis or evaluation.
@@ -52,9 +54,11 @@ def main(argv) -> None:
   config.num_steps = max(1, int(round(config.num_steps * a.scale)))
   config.checkpoint.every = a.every
   config.checkpoint.keep_last = 10**6
-  config = run_lib.prepare(config)
-  from fusion_jax.train.loop import train
   workdir = os.path.abspath(a.workdir)
+  # With the workdir, prepare imports the config's base models as the main job does (without
+  # it, it would train from random init with a tokenizer of its own).
+  config = run_lib.prepare(config, workdir)
+  from fusion_jax.train.loop import train
   plan = run_lib.stage_plan(config, workdir)
   seq_len = a.seq_len or int(plan[-1][1].data.seq_len)
   heldout = os.path.join(config.data.image_root, f"{config.eval.split}.json")
@@ -72,6 +76,7 @@ def main(argv) -> None:
           "stage": name, "step": step, "total_step": offset_steps + step,
           "train_s": offset_s + step * dt,
           "accuracy": {c: r["accuracy"] for c, r in cats.items()},
+          "kinds": {k: r["accuracy"] for k, r in ev["kinds"].items()},
           "met": {c: m for c, _, m in run_lib.check_targets(cats)}})
       print(f"{name} step {step}: " + ", ".join(
           f"{c} {r['accuracy']:.3f}" for c, r in cats.items()), flush=True)
@@ -83,7 +88,10 @@ def main(argv) -> None:
   with open(os.path.join(workdir, "curve.json"), "w") as f:
     json.dump({"config": config.to_dict(), "scale": a.scale, "seq_len": seq_len, "points": points,
                "targets": targets, "first_met_step": first}, f, indent=2, default=str)
-  _plot(points, targets, os.path.join(workdir, "curve.png"))
+  _plot(points, "accuracy", targets, os.path.join(workdir, "curve.png"),
+        "held-out accuracy (dashed: main-job target; dotted: next stage)")
+  _plot(points, "kinds", {}, os.path.join(workdir, "curve_kinds.png"),
+        "held-out accuracy by kind of answer, all categories (dotted: next stage)")
 
   cats = [c for c in points[-1]["accuracy"] if c != "all"]
   print("\n" + f"{'step':>6} {'train s':>8} " + " ".join(f"{c[5:][:9]:>9}" for c in cats))
@@ -92,15 +100,22 @@ def main(argv) -> None:
         f"{pt['accuracy'][c]:>8.3f}{'*' if pt['met'][c] else ' '}" for c in cats))
   print("(* = target met)\nfirst step meeting the target: " + ", ".join(
       f"{c} {first[c] if first[c] is not None else 'never'} ({targets[c]})" for c in cats))
-  print(f"wrote {workdir}/curve.json, {workdir}/curve.png")
+  kinds = [k for k in points[-1]["kinds"] if k != "all"]
+  print("\nby kind of answer (all categories):\n" + f"{'step':>6} " +
+        " ".join(f"{k[:9]:>9}" for k in kinds))
+  for pt in points:
+    print(f"{pt['total_step']:>6} " + " ".join(f"{pt['kinds'].get(k, float('nan')):>9.3f}"
+                                               for k in kinds))
+  print(f"wrote {workdir}/curve.json, {workdir}/curve.png, {workdir}/curve_kinds.png")
 
 
-def _plot(points, targets, path: str) -> None:
-  """One panel per category; red dashed: target, gray dotted: stage boundaries."""
+def _plot(points, field: str, targets, path: str, title: str) -> None:
+  """One panel per series of points[i][field]; red dashed: target (where `targets` has one),
+  gray dotted: stage boundaries."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  cats = [c for c in points[-1]["accuracy"] if c != "all"]
+  cats = [c for c in points[-1][field] if c != "all"]
   cols = 5
   rows = -(-len(cats) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
@@ -108,8 +123,9 @@ def _plot(points, targets, path: str) -> None:
   boundaries = [pt["total_step"] - pt["step"] for pt, prev in zip(points[1:], points)
                 if pt["stage"] != prev["stage"]]
   for ax, c in zip(axes.flat, cats):
-    ax.plot(xs, [pt["accuracy"][c] for pt in points], marker=".")
-    ax.axhline(float(targets[c].split()[-1]), color="r", ls="--", lw=1)
+    ax.plot(xs, [pt[field].get(c, float("nan")) for pt in points], marker=".")
+    if c in targets:
+      ax.axhline(float(targets[c].split()[-1]), color="r", ls="--", lw=1)
     for x in boundaries:
       ax.axvline(x, color="gray", ls=":", lw=1)
     ax.set_title(c, fontsize=9)
@@ -117,7 +133,7 @@ def _plot(points, targets, path: str) -> None:
     ax.set_xlabel("step", fontsize=8)
   for ax in list(axes.flat)[len(cats):]:
     ax.axis("off")
-  fig.suptitle("held-out accuracy (dashed: main-job target; dotted: next stage)")
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
