@@ -12,7 +12,6 @@ Not part of CI (~30 s on 2 cores for the main job's 600 held-out records).
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import sys
@@ -36,21 +35,13 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def rows_by_kind(questions, predicted) -> list[dict]:
   """[{category, kind, n, accuracy, chance, top, top_share}] per (category, kind), then per
-  kind over all categories (category '*')."""
-  groups = collections.defaultdict(list)
-  for q, p in zip(questions, predicted):
-    if p is None:
-      continue
-    for key in ((q.category, q.answer_type), ("*", q.answer_type)):
-      groups[key].append((q, p))
+  kind over all categories (category '*'): fusion_jax.eval.closed_qa.group_accuracy."""
+  from fusion_jax.eval.closed_qa import group_accuracy
   out = []
-  for (cat, kind), items in sorted(groups.items(), key=lambda kv: (kv[0][0] == "*", kv[0])):
-    preds = collections.Counter(q.candidates[p] for q, p in items)
-    top, count = preds.most_common(1)[0]
-    out.append({"category": cat, "kind": kind, "n": len(items),
-                "accuracy": sum(p == q.answer for q, p in items) / len(items),
-                "chance": sum(1 / len(q.candidates) for q, _ in items) / len(items),
-                "top": top, "top_share": count / len(items)})
+  for key in (lambda q: (q.category, q.answer_type), lambda q: ("*", q.answer_type)):
+    for (cat, kind), r in group_accuracy(questions, predicted, key=key, total=None).items():
+      out.append({"category": cat, "kind": kind, "n": r["count"], "accuracy": r["accuracy"],
+                  "chance": r["chance"], "top": r["top"], "top_share": r["top_share"]})
   return out
 
 
@@ -69,12 +60,7 @@ def main(args) -> int:
   scores = cq.score_examples(m.params, m.cfg, examples,
                              cq.image_loader(records, os.path.dirname(data),
                                              m.cfg.vision.image_size), batch_size=32)
-  best: dict[int, tuple[float, int]] = {}
-  for (qi, ci), s in zip(owners, scores):
-    if qi not in best or s > best[qi][0]:
-      best[qi] = (float(s), ci)
-  rows = rows_by_kind(questions, [best[i][1] if i in best else None
-                                  for i in range(len(questions))])
+  rows = rows_by_kind(questions, cq.best_candidates(questions, scores, owners))
   print(f"{m.name} on {data}")
   print(f"{'category':<20} {'kind':<11} {'n':>4} {'accuracy':>8} {'chance':>7}  most frequent answer")
   for r in rows:

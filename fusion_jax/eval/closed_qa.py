@@ -165,40 +165,58 @@ def image_loader(records: Sequence[Mapping[str, Any]], image_root: str, size: in
   return load
 
 
-def summarize(questions: Sequence[Question], scores: np.ndarray,
-              owners: Sequence[tuple[int, int]], skipped: Sequence[int] = (),
-              by: str = "category") -> dict[str, Any]:
-  """Accuracy, chance level, counts, skipped (too long) questions and the most frequent
-  prediction (`top`, its share `top_share`: a constant answer shows as a share near 1) per
-  group and 'all'. by: the Question field to group on, "category" or "answer_type" (the kind
-  of answer: colour, shape, spatial, yes_no, ...; a category mixes several)."""
+def best_candidates(questions: Sequence[Question], scores: np.ndarray,
+                    owners: Sequence[tuple[int, int]]) -> list[int | None]:
+  """Per question the index of its highest-scoring candidate (None: never scored)."""
   best: dict[int, tuple[float, int]] = {}
   for (qi, ci), s in zip(owners, scores):
     if qi not in best or s > best[qi][0]:
       best[qi] = (float(s), ci)
-  per: dict[str, dict[str, Any]] = collections.defaultdict(
+  return [best[i][1] if i in best else None for i in range(len(questions))]
+
+
+def group_accuracy(questions: Sequence[Question], predicted: Sequence[int | None],
+                   skipped: Sequence[int] = (), key: Callable[[Question], Any] | None = None,
+                   total: str | None = "all") -> dict[Any, dict[str, Any]]:
+  """Per group key(question) (default: its category) and `total` (None: no total row):
+  accuracy, chance level, count, skipped (too long) questions and the most frequent prediction
+  (`top`, its share `top_share`: a constant answer shows as a share near 1). predicted: the
+  chosen candidate index per question (None: not scored)."""
+  key = key or (lambda q: q.category)
+  per: dict[Any, dict[str, Any]] = collections.defaultdict(
       lambda: {"correct": 0, "count": 0, "chance_sum": 0.0, "skipped": 0,
                "predicted": collections.Counter()})
+  groups = lambda q: (key(q),) + ((total,) if total is not None else ())  # noqa: E731
   for qi in skipped:
-    for key in (getattr(questions[qi], by), "all"):
-      per[key]["skipped"] += 1
-  for qi, qn in enumerate(questions):
-    if qi not in best:
+    for g in groups(questions[qi]):
+      per[g]["skipped"] += 1
+  for qn, p in zip(questions, predicted):
+    if p is None:
       continue
-    for key in (getattr(qn, by), "all"):
-      row = per[key]
+    for g in groups(qn):
+      row = per[g]
       row["count"] += 1
-      row["correct"] += int(best[qi][1] == qn.answer)
+      row["correct"] += int(p == qn.answer)
       row["chance_sum"] += 1.0 / len(qn.candidates)
-      row["predicted"][qn.candidates[best[qi][1]]] += 1
+      row["predicted"][qn.candidates[p]] += 1
   report = {}
-  for key, row in sorted(per.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+  for g, row in sorted(per.items(), key=lambda kv: (kv[0] == total, kv[0])):
     count = row["count"]
     top, top_n = (row["predicted"].most_common(1) or [("", 0)])[0]
-    report[key] = {"accuracy": row["correct"] / max(count, 1),
-                   "chance": row["chance_sum"] / max(count, 1), "count": count,
-                   "skipped": row["skipped"], "top": top, "top_share": top_n / max(count, 1)}
+    report[g] = {"accuracy": row["correct"] / max(count, 1),
+                 "chance": row["chance_sum"] / max(count, 1), "count": count,
+                 "skipped": row["skipped"], "top": top, "top_share": top_n / max(count, 1)}
   return report
+
+
+def summarize(questions: Sequence[Question], scores: np.ndarray,
+              owners: Sequence[tuple[int, int]], skipped: Sequence[int] = (),
+              by: str = "category") -> dict[str, Any]:
+  """`group_accuracy` of the best-scoring candidates per group and 'all'. by: the Question
+  field to group on, "category" or "answer_type" (the kind of answer: colour, shape, spatial,
+  yes_no, ...; a category mixes several)."""
+  return group_accuracy(questions, best_candidates(questions, scores, owners), skipped,
+                        key=lambda q: getattr(q, by))
 
 
 def evaluate_report(params: Any, cfg: fusion.FusionConfig, records: Sequence[Mapping[str, Any]],
