@@ -58,16 +58,23 @@ def train_tokenizer(items: Sequence[Item], out_dir: str, vocab_size: int) -> Tok
   return load_tokenizer(out_dir, pad_token=TEMPLATE_PAD_TOKENS["phi_3"])
 
 
+def pad_rows(seqs: Sequence[Sequence[int]], pad_id: int, seq_len: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token id lists -> (N, T) int32 ids padded with pad_id and their (N, T) validity mask;
+  T = seq_len (longer lists are cut) or the longest list (at least 1)."""
+  t = seq_len if seq_len is not None else max(1, max((len(x) for x in seqs), default=0))
+  ids = np.full((len(seqs), t), pad_id, np.int32)
+  mask = np.zeros((len(seqs), t), bool)
+  for i, x in enumerate(seqs):
+    x = list(x)[:t]
+    ids[i, :len(x)], mask[i, :len(x)] = x, True
+  return ids, mask
+
+
 def pack_ids(texts: Sequence[str], tok: Tokenizer, seq_len: int, pad_id: int
              ) -> tuple[np.ndarray, np.ndarray]:
   """Each text -> one row of seq_len ids (cut / padded) and its validity mask."""
-  ids = np.full((len(texts), seq_len), pad_id, np.int32)
-  mask = np.zeros((len(texts), seq_len), bool)
-  for i, t in enumerate(texts):
-    x = tok.encode(t)[:seq_len]
-    ids[i, :len(x)] = x
-    mask[i, :len(x)] = True
-  return ids, mask
+  return pad_rows([tok.encode(t) for t in texts], pad_id, seq_len)
 
 
 def train_lm(cfg: LLMConfig, ids: np.ndarray, mask: np.ndarray, *, steps: int, batch: int = 32,

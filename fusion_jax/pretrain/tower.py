@@ -41,6 +41,7 @@ import optax
 from fusion_jax.convert.hf_siglip import siglip_tensors_to_torch
 from fusion_jax.convert.safetensors_io import write_safetensors
 from fusion_jax.models.vision import VisionConfig, VisionTower
+from fusion_jax.pretrain.lm import pad_rows
 from fusion_jax.pretrain.pairs import Item
 from fusion_jax.pretrain.siglip import (INIT_BIAS, INIT_LOG_T, candidate_sigmoid_loss,
                                         l2_normalize, sigmoid_loss)
@@ -153,15 +154,6 @@ def normalize(images: np.ndarray) -> jax.Array:
   return (jnp.asarray(images, jnp.float32) / 255.0 - 0.5) / 0.5
 
 
-def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  t = max(1, max(len(x) for x in seqs))
-  ids = np.full((len(seqs), t), pad_id, np.int32)
-  mask = np.zeros((len(seqs), t), bool)
-  for i, x in enumerate(seqs):
-    ids[i, :len(x)], mask[i, :len(x)] = x, True
-  return ids, mask
-
-
 def qa_facts(items: Sequence[Item], encode: Callable[[str], list[int]], pad_id: int
              ) -> dict[str, np.ndarray]:
   """Every closed turn of the items: its question and its candidate answers, tokenised.
@@ -175,9 +167,9 @@ def qa_facts(items: Sequence[Item], encode: Callable[[str], list[int]], pad_id: 
   if not rows:
     raise ValueError("pretrain.tower.qa_facts: no closed question with candidates in the items")
   k = max(len(r[2]) for r in rows)
-  q_ids, q_mask = _pad([encode(r[1]) for r in rows], pad_id)
+  q_ids, q_mask = pad_rows([encode(r[1]) for r in rows], pad_id)
   flat = [encode(c) for r in rows for c in r[2]]
-  a_ids, a_mask = _pad(flat, pad_id)
+  a_ids, a_mask = pad_rows(flat, pad_id)
   valid = np.zeros((len(rows), k), bool)
   full = np.full((len(rows), k, a_ids.shape[1]), pad_id, np.int32)
   full_mask = np.zeros(full.shape, bool)
