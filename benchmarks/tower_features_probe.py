@@ -2,13 +2,16 @@ r"""Linear probes of a SigLIP tower's features: what the main job's tower hands 
 
   python benchmarks/tower_features_probe.py [--siglip assets/tiny_bases/siglip] [--num 4000]
 
-Renders single-panel scenes (SynthCount/Scene/Spatial/Color) from a seed disjoint from both
-the main job's and the pretraining data (PRETRAIN_SEED + 1), runs the tower as FUSION does
-(last layer dropped, no post_layernorm), flattens the last hidden state (patches x width) and
-fits ridge classifiers (70/30 split; the best of 4 penalties on the test part, for both towers
-alike) for: object count (capped at 6), the shape of a lone object, the background pattern,
-and, in two-object scenes of two colours, whether the object whose colour name sorts first is
-left of the other (a question the pixels answer; "the describer's first object" was not).
+Renders single-panel scenes (SynthCount/Scene/Spatial/Color) at the tower's image size from a
+seed disjoint from both the main job's and the pretraining data (PRETRAIN_SEED + 1), runs the
+tower as FUSION does (last layer dropped, no post_layernorm), flattens the last hidden state
+(patches x width) and fits ridge classifiers (70/30 split; the best of 4 penalties on the test
+part, for both towers alike) for: object count (capped at 6), the shape of a lone object, the
+background pattern, and, in two-object scenes of two colours, whether the object whose colour
+name sorts first is left of the other (a question the pixels answer; "the describer's first
+object" was not). One more probe reads every object's shape from its own tokens: the mean of
+the patch tokens weighted by how much of each patch the object covers (what an LLM head that
+attends to the object's tokens, found by colour, gets).
 Prints test accuracy next to the majority-class rate, for the given tower and for a randomly
 initialised tower of the same shape. ~20 s on 2 cores. Not part of CI.
 """
@@ -32,6 +35,8 @@ from fusion_jax.pretrain.pairs import PRETRAIN_SEED  # noqa: E402
 from fusion_jax.pretrain.tower import normalize  # noqa: E402
 from fusion_jax.synth.backends import BackendConfig  # noqa: E402
 from fusion_jax.synth.pipeline import item_rngs  # noqa: E402
+from fusion_jax.synth.render import object_labels  # noqa: E402
+from fusion_jax.synth.scene import COLORS, SHAPES  # noqa: E402
 
 PROG = "python benchmarks/tower_features_probe.py"
 
@@ -43,34 +48,50 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
 
 
-def scenes(num: int):
-  """(images (N, 32, 32, 3), {probe name: labels, None where it does not apply})."""
+def scenes(num: int, size: int, patch: int):
+  """(images (N, size, size, 3), {probe name: labels, None where it does not apply},
+  objects [(image index, (P,) share of each patch the object covers, shape)])."""
   b = BackendConfig().build()
   cats = ("SynthCount", "SynthScene", "SynthSpatial", "SynthColor")
-  imgs, nobj, shape1, pat, left = [], [], [], [], []
+  imgs, nobj, shape1, pat, left, objects = [], [], [], [], [], []
+  g = size // patch
   for i in range(num):
     r = item_rngs(PRETRAIN_SEED + 1, i)
     desc = b["describer"].describe(cats[i % 4], r["describe"])
     if len(desc.panels) != 1:
       continue
-    imgs.append(b["renderer"].render(desc, 32, r["render"]))
     o = desc.panels[0].objects
+    drawn = object_labels(desc, size)
+    for x in o:
+      hit = ((drawn[..., 0] == 1 + SHAPES.index(x.shape))
+             & (drawn[..., 1] == 1 + COLORS.index(x.color)))
+      share = hit[:g * patch, :g * patch].reshape(g, patch, g, patch).mean((1, 3)).ravel()
+      if share.sum() > 0:
+        objects.append((len(imgs), share, x.shape))
+    imgs.append(b["renderer"].render(desc, size, r["render"]))
     nobj.append(min(len(o), 6))
     pat.append(desc.background[1])
     shape1.append(o[0].shape if len(o) == 1 else None)
     pair = sorted(o, key=lambda x: x.color) if len(o) == 2 and o[0].color != o[1].color else None
     left.append(None if pair is None else pair[0].cx < pair[1].cx)
   return np.stack(imgs), {"n_objects": nobj, "shape (1 object)": shape1, "bg pattern": pat,
-                          "A left of B (2 obj)": left}
+                          "A left of B (2 obj)": left}, objects
 
 
 def feats(tower: VisionTower, params, imgs: np.ndarray) -> np.ndarray:
-  """(N, patches x width): the last hidden state FUSION reads, flattened."""
+  """(N, patches, width): the last hidden state FUSION reads."""
   out = []
   for k in range(0, len(imgs), 500):
     hs = tower.apply({"params": params}, normalize(imgs[k:k + 500]))
-    out.append(np.asarray(hs[-1]).reshape(hs[-1].shape[0], -1))
+    out.append(np.asarray(hs[-1]))
   return np.concatenate(out)
+
+
+def object_feats(tokens: np.ndarray, objects) -> tuple[np.ndarray, list[str]]:
+  """Per object, the mean of its image's patch tokens weighted by how much of each patch it
+  covers (what an LLM head attending to the object's tokens gets), and its shape."""
+  X = np.stack([np.einsum("p,pd->d", share / share.sum(), tokens[i]) for i, share, _ in objects])
+  return X, [shape for _, _, shape in objects]
 
 
 def probe(X: np.ndarray, y) -> tuple[float, float, int]:
@@ -92,18 +113,20 @@ def probe(X: np.ndarray, y) -> tuple[float, float, int]:
 
 
 def main(args) -> int:
-  imgs, labels = scenes(args.num)
   cfg = dataclasses.replace(fusion_tower(siglip_config_from_hf(read_config(args.siglip))),
                             dtype="float32")
+  imgs, labels, objects = scenes(args.num, cfg.image_size, cfg.patch_size)
   rd = SafetensorsReader(args.siglip)
   pre = siglip_params_from_reader(rd, siglip_prefix(rd), cfg.num_layers, config=cfg,
                                   dtype=np.float32)
   tower = VisionTower(cfg)
   rnd = tower.init(jax.random.key(0), normalize(imgs[:1]))["params"]
   for name, p in (("pretrained", pre), ("random", rnd)):
-    X = feats(tower, p, imgs)
-    for lab, y in labels.items():
-      acc, maj, n = probe(X, y)
+    tokens = feats(tower, p, imgs)
+    X = tokens.reshape(len(tokens), -1)
+    rows = [(lab, *probe(X, y)) for lab, y in labels.items()]
+    rows.append(("shape (its tokens)", *probe(*object_feats(tokens, objects))))
+    for lab, acc, maj, n in rows:
       print(f"{name:10s} {lab:18s} test acc {acc:.3f} (majority {maj:.3f}, n {n})", flush=True)
   return 0
 
