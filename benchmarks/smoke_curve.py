@@ -88,10 +88,12 @@ def main(argv) -> None:
   with open(os.path.join(workdir, "curve.json"), "w") as f:
     json.dump({"config": config.to_dict(), "scale": a.scale, "seq_len": seq_len, "points": points,
                "targets": targets, "first_met_step": first}, f, indent=2, default=str)
-  _plot(points, "accuracy", targets, os.path.join(workdir, "curve.png"),
+  _plot(points, "accuracy", {c: float(t.split()[-1]) for c, t in targets.items()},
+        os.path.join(workdir, "curve.png"),
         "held-out accuracy (dashed: main-job target; dotted: next stage)")
-  _plot(points, "kinds", {}, os.path.join(workdir, "curve_kinds.png"),
-        "held-out accuracy by kind of answer, all categories (dotted: next stage)")
+  _plot(points, "kinds", {k: r["chance"] for k, r in ev["kinds"].items()},
+        os.path.join(workdir, "curve_kinds.png"),
+        "held-out accuracy by kind of answer, all categories (dashed: chance; dotted: next stage)")
 
   cats = [c for c in points[-1]["accuracy"] if c != "all"]
   print("\n" + f"{'step':>6} {'train s':>8} " + " ".join(f"{c[5:][:9]:>9}" for c in cats))
@@ -109,9 +111,9 @@ def main(argv) -> None:
   print(f"wrote {workdir}/curve.json, {workdir}/curve.png, {workdir}/curve_kinds.png")
 
 
-def _plot(points, field: str, targets, path: str, title: str) -> None:
-  """One panel per series of points[i][field]; red dashed: target (where `targets` has one),
-  gray dotted: stage boundaries."""
+def _plot(points, field: str, marks: dict[str, float], path: str, title: str) -> None:
+  """One panel per series of points[i][field]; red dashed: marks[series] (a target or chance
+  level), gray dotted: stage boundaries."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -124,8 +126,8 @@ def _plot(points, field: str, targets, path: str, title: str) -> None:
                 if pt["stage"] != prev["stage"]]
   for ax, c in zip(axes.flat, cats):
     ax.plot(xs, [pt[field].get(c, float("nan")) for pt in points], marker=".")
-    if c in targets:
-      ax.axhline(float(targets[c].split()[-1]), color="r", ls="--", lw=1)
+    if c in marks:
+      ax.axhline(marks[c], color="r", ls="--", lw=1)
     for x in boundaries:
       ax.axvline(x, color="gray", ls=":", lw=1)
     ax.set_title(c, fontsize=9)
