@@ -130,3 +130,21 @@ def test_stage_keeps_the_given_share_of_each_category(tmp_path):
   with pytest.raises(ValueError, match=r"config.stages\[0\] \('align'\): the record fraction "
                      r"of \['SynthColor'\] must be in \(0, 1\]"):
     run_lib.stage_plan(config, str(tmp_path / "run"))
+
+
+def test_sample_answers_take_each_categorys_first_question_that_fits():
+  from fusion_jax.main_job.evaluate import first_fitting
+
+  def rec(cat: str, question: str, answer: str) -> dict:
+    return {"category": cat, "conversations": [{"from": "human", "value": question},
+                                               {"from": "gpt", "value": answer}]}
+
+  records = [rec("A", "a long question", "x"), rec("A", "short", "y"), rec("A", "short 2", "z"),
+             rec("B", "another long one", "w"), rec("C", "ok", "v")]
+  firsts, missing = first_fitting(records, lambda p: "long" not in p["conversations"][0]["value"])
+  # A's first question does not fit (a last stage trained shorter than the held-out prompts):
+  # its next one stands in; B has none that fits and is named, not a crash at the job's end.
+  assert {c: (p["conversations"][0]["value"], r) for c, (p, r) in firsts.items()} == {
+      "A": ("short", "y"), "C": ("ok", "v")}
+  assert all(len(p["conversations"]) == 1 for p, _ in firsts.values())
+  assert missing == ["B"]

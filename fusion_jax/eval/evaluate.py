@@ -59,7 +59,7 @@ def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int 
     with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
       json.dump(out, f, indent=2)
     closed_qa.plot_report(report, os.path.join(workdir, f"eval_{split}.png"))
-  print(f"{split} accuracy of {model.name} ({path}, q={q}):")
+  print(f"{'accuracy' if data else split + ' accuracy'} of {model.name} ({path}, q={q}):")
   print(closed_qa.format_table(report))
   print(closed_qa.format_table(both["kinds"], group="answer kind"))
   return out
