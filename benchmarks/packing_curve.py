@@ -79,7 +79,6 @@ def _train(workdir: str) -> int:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.WARNING)
-  import fusion_jax.task.fusion  # noqa: F401  (registers config.task = "fusion")
   from fusion_jax.train.loop import train
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))

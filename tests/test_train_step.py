@@ -1,6 +1,9 @@
 """Train step: sharded == single device, microbatch accumulation, freezing / per-module LR,
 non-finite skip; optimizer schedule and config validation."""
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +217,19 @@ def test_task_registry():
   assert isinstance(task_lib.make_task(cfg), task_lib.Task)
   with pytest.raises(ValueError, match="is not registered; known tasks"):
     task_lib.make_task(toy_config(task="nope"))
+
+
+def test_own_task_names_resolve_without_importing_their_module():
+  # A fresh interpreter that never imported fusion_jax.task.fusion (a config read back from a
+  # workdir's JSON, a benchmark's training subprocess) still finds config.task = "fusion".
+  code = ("import sys, ml_collections\n"
+          "from fusion_jax.train import task\n"
+          "assert 'fusion_jax.task.fusion' not in sys.modules\n"
+          "f = task.task_factory(ml_collections.ConfigDict({'task': 'fusion'}))\n"
+          "print(f.__module__, f.__name__)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.split() == ["fusion_jax.task.fusion", "FusionTask"]
 
 
 def test_multihost_detection():

@@ -37,6 +37,9 @@ that a task module registers for itself when it is imported:
 
   task_lib.register_task("fusion", FusionTask)      # in fusion_jax/task/fusion.py
 
+An unregistered short name is looked up as the module fusion_jax.task.<name> (imported, so that
+it registers itself): a config read back from a workdir's JSON needs no import of its own.
+
 This module names no task: the experiment config says which one runs.
 """
 from __future__ import annotations
@@ -107,9 +110,25 @@ def _import(spec: str) -> TaskFactory:
                      "the repository root, or add the module's folder to PYTHONPATH)") from None
 
 
+def _import_own_task(name: str) -> None:
+  """Imports fusion_jax.task.<name> when it exists: the package's own tasks register themselves
+  on import, and a config read back from JSON (a workdir's, a subprocess's) imported nothing."""
+  if not name.isidentifier():
+    return
+  module = f"fusion_jax.task.{name}"
+  try:
+    importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name != module:
+      raise  # the task module itself lacks a dependency
+
+
 def task_factory(config: ml_collections.ConfigDict) -> TaskFactory:
-  """The factory named by config.task (a registered name or 'module:factory')."""
+  """The factory named by config.task (a registered name, the name of one of fusion_jax.task's
+  modules, which registers itself, or 'module:factory')."""
   name = config.task
+  if name not in TASKS and ":" not in name:
+    _import_own_task(name)
   if name in TASKS:
     factory = TASKS[name]
     return _import(factory) if isinstance(factory, str) else factory
