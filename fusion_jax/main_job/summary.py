@@ -105,7 +105,7 @@ def format_summary(s: dict[str, Any]) -> str:
         for k, r in kinds.items()))
   if s.get("samples"):
     lines.append("")
-    lines.append("sample answers (greedy, first held-out question per category):")
+    lines.append("sample answers (greedy, first held-out question per category that fits):")
     for x in s["samples"]:
       lines.append(f"  {x['category']:<20} {_short(x['question'], 56):<56} -> "
                    f"{_short(x['answer'], 30)!r} (reference {_short(x['reference'], 30)!r})")
