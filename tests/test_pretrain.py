@@ -216,3 +216,53 @@ def test_shipped_bases_import_as_the_main_job_expects(tmp_path):
             "head_dim", "arch"):
     assert getattr(got.llm, k) == getattr(want.llm, k), k
   assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.model"))
+
+
+def test_object_targets_weight_each_objects_patches():
+  from fusion_jax.pretrain import refine
+  lab = np.zeros((16, 16, 2), np.uint8)
+  lab[0:8, 0:4] = (2, 1)       # object A (shape 2): 32 px in patch 0
+  lab[0:8, 8:16] = (2, 1)      # ... and 64 px in patch 1
+  lab[8:16, 8:12] = (5, 3)     # object B (shape 5): patch 3 only
+  items = [pairs.Item(np.zeros((16, 16, 3), np.uint8), "c", (), "SynthScene",
+                      object_labels=lab)]
+  w, y = refine.object_targets(items, 8)
+  assert w.shape == (1, refine.MAX_OBJECTS, 4) and y.shape == (1, refine.MAX_OBJECTS)
+  assert y[0, :3].tolist() == [2, 5, -1]
+  np.testing.assert_allclose(w[0, 0], [1 / 3, 2 / 3, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(w[0, 1], [0, 0, 0, 1])
+  assert (w[0, 2:] == 0).all()
+
+
+def test_refine_trains_the_tower_it_was_given():
+  import jax
+  from fusion_jax.models.vision import VisionConfig, VisionTower
+  from fusion_jax.pretrain import refine, tower
+  items = pairs.build_items(12, ("SynthCount", "SynthScene"), 32, seed=refine.REFINE_SEED)
+  vision = VisionConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                        num_layers=2, num_heads=2, dtype="float32")
+  images = np.stack([it.image for it in items])
+  start = jax.tree.map(np.asarray, VisionTower(vision).init(
+      jax.random.key(0), tower.normalize(images[:1]))["params"])
+  w, y = refine.object_targets(items, 8)
+  out, acc, losses = refine.refine_tower(vision, start, images, tower.patch_labels(items, 8), w,
+                                         y, steps=3, batch=4, hold=4, log=lambda _: None)
+  assert jax.tree.structure(out) == jax.tree.structure(start)
+  assert len(losses) == 3 and np.isfinite(losses).all()
+  assert 0.0 <= float(acc["object_shape"]) <= 1.0 and acc["dense"].shape == (3,)
+  # Every parameter of the layers FUSION reads moved (the last layer only decays: import_hf
+  # drops it, as the loss does).
+  read = {k: v for k, v in start.items() if k not in (f"layers_{vision.num_layers - 1}",
+                                                      "post_layernorm")}
+  assert set(read) == {"embeddings", "layers_0"}
+  for a, b in zip(jax.tree.leaves({k: out[k] for k in read}), jax.tree.leaves(read)):
+    assert not np.array_equal(a, b)
+
+
+def test_refine_scenes_are_disjoint_from_the_main_job():
+  from fusion_jax.pretrain import refine
+  c = smoke.get_config()
+  assert refine.REFINE_SEED not in (int(c.synth.seed), pairs.PRETRAIN_SEED)
+  items = pairs.build_items(200, tuple(c.synth.categories), int(c.synth.size),
+                            seed=refine.REFINE_SEED)
+  assert not ({pairs.image_hash(it.image) for it in items} & _main_job_hashes(200))

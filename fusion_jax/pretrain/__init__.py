@@ -13,6 +13,9 @@ main job's dataset, and writes them in the transformers layouts the project impo
               and the dense head are not shipped) -> SiglipVisionModel dir
   lm.py       sentencepiece tokenizer + a tiny Phi-3 LM on the synthesized text in the chat
               template -> Phi3ForCausalLM dir with its tokenizer
+  refine.py   an optional later phase for a pretrained tower: dense targets only, plus each
+              object's shape from its own tokens (python -m fusion_jax.pretrain.refine; the
+              shipped tower is not refined: assets/tiny_bases/README.md says why)
 
   python -m fusion_jax.pretrain --out assets/tiny_bases
 """
