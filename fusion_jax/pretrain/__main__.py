@@ -24,7 +24,8 @@ from absl import flags
 from fusion_jax import cli
 
 
-def _load_config(path: str, arg: str = ""):
+def load_experiment(path: str, arg: str = ""):
+  """(module, get_config(arg)) of the experiment config file at `path`."""
   spec = importlib.util.spec_from_file_location("experiment_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -69,7 +70,7 @@ def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int
     print(f"[fusion_jax.pretrain] {msg}", flush=True)
 
   t_all = time.time()
-  mod, config = _load_config(args.config)
+  mod, config = load_experiment(args.config)
   fcfg = fusion_config_from(config.model)
   if int(config.synth.seed) == pairs.PRETRAIN_SEED:
     raise ValueError(f"{args.config}: synth.seed equals PRETRAIN_SEED; the data would overlap")

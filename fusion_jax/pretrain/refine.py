@@ -143,13 +143,16 @@ def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int
   from fusion_jax.convert.hf_siglip import (siglip_config_from_hf, siglip_params_from_reader,
                                             siglip_prefix)
   from fusion_jax.convert.safetensors_io import SafetensorsReader
-  from fusion_jax.pretrain.__main__ import _load_config
+  from fusion_jax.pretrain.__main__ import load_experiment
 
   def log(msg: str) -> None:
     print(f"[{PROG}] {msg}", flush=True)
 
+  if args.num - HOLD < args.batch:
+    cli.usage_error(PROG, f"--num {args.num} leaves {args.num - HOLD} training scenes after the "
+                    f"{HOLD} held out, fewer than --batch {args.batch}; raise --num")
   t_all = time.time()
-  _, config = _load_config(args.config)
+  _, config = load_experiment(args.config)
   src = os.path.join(args.base, "siglip")
   vision = dataclasses.replace(siglip_config_from_hf(read_config(src)), dtype="float32")
   reader = SafetensorsReader(src)
