@@ -67,6 +67,59 @@ def test_sharded_kernel_matches_xla(impl, kv):
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+# One sample per row, real tokens first (the P = 1 batch contract): lengths instead of a mask.
+SEG1 = np.zeros((B, S), np.int32)
+SEG1[0, :160], SEG1[1, :130] = 1, 1
+LENGTHS = jnp.asarray([160, 130], jnp.int32)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_cudnn_lengths_route_matches_mask_on_real_rows(sharded):
+  q, k, v = _qkv(3, 1 if sharded else KV)
+  seg, real = jnp.asarray(SEG1), jnp.asarray(SEG1 > 0)[:, :, None, None]
+  w = jnp.asarray(np.random.default_rng(4).normal(size=(B, S, H, HD)), jnp.float32) * real
+
+  def loss(q, k, v, lengths):  # only real rows feed the loss, as in the model
+    out = ak.causal_attention(q, k, v, seg, lengths=lengths, impl="cudnn",
+                              cudnn_implementation="xla")
+    return jnp.sum(out * w), out
+
+  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, ref), gref = vg(q, k, v, None)  # the segment-mask route
+  if sharded:
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
+        nn.logical_axis_rules(DEFAULT_RULES):
+      (_, out), got = vg(q, k, v, LENGTHS)
+  else:
+    (_, out), got = vg(q, k, v, LENGTHS)
+  np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()  # padding rows: finite, read by nothing
+  for g, r in zip(got, gref):
+    np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_decoder_passes_lengths_only_for_prefix_rows(monkeypatch):
+  cfg = LLMConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+  seen = []
+
+  def spy(q, k, v, segment_ids, *, lengths=None, impl="auto"):
+    seen.append(lengths)
+    return dot_product_attention(q, k, v, ak.segment_mask(segment_ids))
+
+  monkeypatch.setattr(ak, "causal_attention", spy)
+  dec = Decoder(cfg)
+  tm = jnp.asarray(np.arange(12)[None] < np.array([[12], [7]]))
+  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  params = dec.init(jax.random.key(0), jnp.zeros((2, 12, 32)), pos, tm)
+  for prefix in (False, True):
+    seen.clear()
+    dec.apply(params, jnp.zeros((2, 12, 32)), pos, tm, prefix_rows=prefix)
+    assert seen and all((x is None) != prefix for x in seen)
+    if prefix:
+      np.testing.assert_array_equal(seen[0], [12, 7])
+
+
 def test_decoder_splash_matches_xla():
   # Plumbing: LLMConfig.attention_impl reaches SelfAttention (kernel gradients: above).
   cfg = LLMConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=48,

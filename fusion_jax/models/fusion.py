@@ -272,7 +272,8 @@ class Fusion(nn.Module):
                                  batch["latent_pos"], windows)
 
     hidden, new_cache = self.llm(h, batch["positions"], token_mask, cache=cache, hook=hook,
-                                 hook_ctx=hook_ctx, segment_ids=batch["segment_ids"])
+                                 hook_ctx=hook_ctx, segment_ids=batch["segment_ids"],
+                                 prefix_rows=p == 1)
     logits = self.llm.logits(hidden)
     # Loss inputs per sample slot: (B, P, ...).
     unflat = lambda x: None if x is None else x.reshape((b, p) + x.shape[1:])  # noqa: E731

@@ -118,8 +118,8 @@ def _write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
 class SelfAttention(nn.Module):
   """Rotary grouped-query self-attention with an optional per-layer KV cache.
 
-  Without a cache, `mask` is (B, S) int32 segment ids (causal within a segment, 0 = padding)
-  and the kernel is cfg.attention_impl (fusion_jax.models.attention_kernels); with a cache it
+  Without a cache, `mask` is attention_kernels.Segments ((B, S) int32 segment ids, causal
+  within a segment, 0 = padding; optional (B,) lengths) and the kernel is cfg.attention_impl (fusion_jax.models.attention_kernels); with a cache it
   is the dense (B, 1, S, M) bool mask of `_cache_mask` and the XLA path runs.
   """
   cfg: LLMConfig
@@ -150,7 +150,8 @@ class SelfAttention(nn.Module):
       k, v = k.astype(dt), v.astype(dt)
       out = dot_product_attention(q, k, v, mask)
     else:
-      out = attention_kernels.causal_attention(q, k, v, mask, impl=cfg.attention_impl)
+      out = attention_kernels.causal_attention(q, k, v, mask.ids, lengths=mask.lengths,
+                                               impl=cfg.attention_impl)
     out = checkpoint_name(out, remat_lib.ATTN_OUT)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     y = DenseGeneral(cfg.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False,
@@ -311,11 +312,14 @@ class Decoder(nn.Module):
 
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, token_mask: jax.Array, *,
                cache: dict[str, Any] | None = None, hook: Hook | None = None,
-               hook_ctx: Any = None, segment_ids: jax.Array | None = None):
+               hook_ctx: Any = None, segment_ids: jax.Array | None = None,
+               prefix_rows: bool = False):
     """(B, S, D) embeddings -> (hidden (B, S, D) after the final norm, new cache or None).
 
     segment_ids: (B, S) int32 for packed rows (causal attention within a segment, 0 =
     padding); None = one segment per row. Ignored with a cache.
+    prefix_rows: every row is one sample whose real tokens come first (the batch contract
+    with P = 1): the cuDNN kernel then takes sequence lengths instead of a mask. Static.
 
     hook: unrolled stacks; hook_ctx: scanned stacks built with hook_layers (module docstring).
     """
@@ -331,7 +335,9 @@ class Decoder(nn.Module):
     h = constrain(inputs_embeds.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
     cos, sin = rope_cos_sin(rope_tables(cfg), positions)
     if cache is None:
-      mask = attention_kernels.segment_ids_from(token_mask, segment_ids)
+      lengths = token_mask.sum(axis=-1).astype(jnp.int32) if prefix_rows else None
+      mask = attention_kernels.Segments(
+          attention_kernels.segment_ids_from(token_mask, segment_ids), lengths)
       write_index, new_meta = None, None
     else:
       mask, write_index, new_meta = _cache_mask(cache, token_mask)
