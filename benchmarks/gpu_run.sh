@@ -5,8 +5,9 @@
 #
 #   benchmarks/gpu_run.sh [OUT_DIR] [extra step_mfu.py flags, e.g. --batch 4 --layers 16]
 #
-# Python: $PYTHON (default python3) must import jax with a CUDA backend, flax, optax, torch with
-# CUDA and transformers. When it does not:
+# Python: $PYTHON (default python3) must import jax with a CUDA backend, flax, optax,
+# ml_collections, torch with CUDA and transformers; the repository root goes on PYTHONPATH (the
+# package need not be installed). When it does not:
 #   - WHEELS=DIR installs from a folder of wheels carried to the machine (no network needed):
 #     pip install --no-index --find-links DIR for the packages below;
 #   - otherwise it tries PyPI: jax[cuda12] at the version pinned in requirements.txt, plus torch
@@ -16,11 +17,19 @@
 # limited to tens of MiB cannot carry them, so use an image that has them). The jax version that
 # ran is written into the JSON next to the pinned one; a difference is printed, not hidden.
 #
+# On the workplace's lent H100/H200 machines (jax, flax, optax, torch, transformers in the image,
+# no network), ml_collections is the one package missing: carry its wheel, e.g. in an ignored
+# .whl/ folder, and start with
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   PYTHONPATH=/tmp/site bash benchmarks/gpu_run.sh OUT
+# The whole script took 5.5 minutes on an H200 (two FUSION compiles of about 50 s each).
+#
 # Depth: the full 32 LLM layers need about 16 bytes per parameter (fp32 weights, gradients, two
 # AdamW moments: ~70 GB for FUSION 3B) plus activations; on a GPU under 100 GiB the LLM is cut to
 # 16 layers (the table says so). Override with --layers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 OUT=${1:-bench_out}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -29,7 +38,7 @@ PIN=$(sed -n 's/^jax==//p' requirements.txt)
 
 check() {
   "$PY" - <<'EOF'
-import jax, flax, optax, torch, transformers
+import jax, flax, optax, ml_collections, torch, transformers
 assert jax.default_backend() == "gpu", f"jax backend is {jax.default_backend()}, not gpu"
 assert torch.cuda.is_available(), "torch sees no CUDA device"
 print("jax", jax.__version__, "| torch", torch.__version__, "| transformers",
@@ -38,7 +47,7 @@ EOF
 }
 
 if ! check; then
-  pkgs=("jax[cuda12]==$PIN" "flax" "optax" "torch" "transformers")
+  pkgs=("jax[cuda12]==$PIN" "flax" "optax" "ml_collections" "torch" "transformers")
   if [[ -n "${WHEELS:-}" ]]; then
     "$PY" -m pip install -q --no-index --find-links "$WHEELS" "${pkgs[@]}"
   else
@@ -58,7 +67,10 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 # One decoder layer's compiled temp memory, XLA vs cuDNN attention (compile only, seconds).
 "$PY" benchmarks/attention_memory.py --dtype bfloat16 --impls xla,cudnn 2>&1 \
   | tee "$OUT/attention_memory.log"
-PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" "$@" \
+# The traces (about 10 MB per run) go to a scratch folder; the kernel-class breakdown is printed
+# and written into the JSON.
+PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" \
+  --profile "${PROFILE_DIR:-/tmp/fusion_step_profile}" "$@" \
   --out "$OUT/step_mfu.json" 2>&1 | tee "$OUT/step_mfu.log"
 "$PY" - "$OUT/step_mfu.json" "$JAXV" "$PIN" <<'EOF'
 import json, sys

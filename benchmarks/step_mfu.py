@@ -3,6 +3,7 @@ r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline
   python benchmarks/step_mfu.py [--preset fusion_3b] [--layers 32] [--vision-layers 26]
       [--batch 2] [--seq 4096] [--q 64] [--questions 4] [--packed 4] [--attention auto]
       [--dtype bfloat16] [--noscan] [--steps 10] [--notorch] [--isolate] [--out step_mfu.json]
+      [--profile DIR]
   python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
 
 FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 params, full
@@ -18,7 +19,9 @@ FLOPs are analytical, from fusion_jax.models.flops (the formula the AOT report u
 model FLOPs (fwd + bwd) / step time / peak; HFU adds the remat recompute. Peak per chip from the
 same module (None on CPU: no MFU). With fewer --layers than the preset (one device's memory),
 the table says so. `--isolate` runs each framework in its own process (GPU: JAX and torch would
-otherwise hold each other's memory); benchmarks/gpu_run.sh sets it.
+otherwise hold each other's memory); benchmarks/gpu_run.sh sets it. `--profile DIR` traces two
+more steps of each FUSION run (jax.profiler, perfetto) and prints the accelerator's time per
+step by kernel class: matmuls, attention forward / backward, the rest.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_boolean("tiny", False, "CPU smoke shapes: " + " ".join(TINY_ARGS)
                        + " (flags given with it win)", flag_values=fv)
   flags.DEFINE_string("out", "", "also write the report as JSON here", flag_values=fv)
+  flags.DEFINE_string("profile", "", "trace 2 more steps of each FUSION run under this folder "
+                      "and print the accelerator time by kernel class", flag_values=fv)
 
 
 def with_tiny(argv: list[str]) -> list[str]:
@@ -82,7 +87,7 @@ def flag_argv(a) -> list[str]:
   return [f"--preset={a.preset}", f"--layers={a.layers}", f"--vision-layers={a.vision_layers}",
           f"--batch={a.batch}", f"--seq={a.seq}", f"--q={a.q}", f"--questions={a.questions}",
           f"--packed={a.packed}", f"--attention={a.attention}", f"--dtype={a.dtype}",
-          "--scan" if a.scan else "--noscan", f"--steps={a.steps}"]
+          "--scan" if a.scan else "--noscan", f"--steps={a.steps}", f"--profile={a.profile}"]
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -149,8 +154,9 @@ def _scores_in_hlo(hlo: str, seq: int) -> bool:
   return re.search(rf"f32\[[\d,]*\b{seq},{seq}\]", hlo) is not None
 
 
-def time_jax(cfg, batch: dict[str, np.ndarray], steps: int) -> dict[str, Any]:
-  """Compile + median step time of a FUSION AdamW train step on the default device."""
+def build_step(cfg, batch: dict[str, np.ndarray]):
+  """(compiled AdamW train step, params, opt state, device batch, compile seconds) on the
+  default device; the step maps (params, opt, batch) -> (params, opt, loss), donating both."""
   import flax.linen as nn
   import jax
   import optax
@@ -169,7 +175,15 @@ def time_jax(cfg, batch: dict[str, np.ndarray], steps: int) -> dict[str, Any]:
 
   t = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, dev_batch).compile()
-  compile_s = time.perf_counter() - t
+  return compiled, params, opt, dev_batch, time.perf_counter() - t
+
+
+def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = ""
+             ) -> dict[str, Any]:
+  """Compile + median step time of a FUSION AdamW train step on the default device; with
+  `profile_dir`, two more steps are traced there and summarised by kernel class."""
+  import jax
+  compiled, params, opt, dev_batch, compile_s = build_step(cfg, batch)
   scores = _scores_in_hlo(compiled.as_text(), batch["input_ids"].shape[1])
   params, opt, loss = compiled(params, opt, dev_batch)  # warm-up
   loss.block_until_ready()
@@ -179,9 +193,65 @@ def time_jax(cfg, batch: dict[str, np.ndarray], steps: int) -> dict[str, Any]:
     params, opt, loss = compiled(params, opt, dev_batch)
     loss.block_until_ready()
     times.append(time.perf_counter() - t)
-  return dict(step_s=statistics.median(times), compile_s=compile_s, loss=float(loss),
-              f32_scores_in_hlo=scores, device=jax.devices()[0].device_kind,
-              devices=1, real_tokens=int(np.sum(batch["token_mask"])))
+  out = dict(step_s=statistics.median(times), compile_s=compile_s, loss=float(loss),
+             f32_scores_in_hlo=scores, device=jax.devices()[0].device_kind,
+             devices=1, real_tokens=int(np.sum(batch["token_mask"])))
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(PROFILE_STEPS):
+        params, opt, loss = compiled(params, opt, dev_batch)
+      loss.block_until_ready()
+    out["kernel_ms_per_step"] = kernel_breakdown(profile_dir, PROFILE_STEPS)
+  return out
+
+
+# ------------------------------------------------------------------------------------ profile
+
+PROFILE_STEPS = 2
+# Accelerator kernels by class, first match wins (cuDNN / XLA / cuBLAS kernel names).
+KERNEL_CLASSES = (("attention backward", r"(cudnn|flash|fmha|sdpa).*(bprop|bwd|backward)"),
+                  ("attention forward", r"cudnn|flash|fmha|sdpa"),
+                  ("matmul", r"gemm|nvjet|cublas|cutlass|matmul|wgmma"),
+                  ("other (elementwise, norms, copies)", r""))
+
+
+def kernel_class(name: str) -> str:
+  """KERNEL_CLASSES' class of one kernel name."""
+  return next(c for c, rx in KERNEL_CLASSES if re.search(rx, name, re.I))
+
+
+def kernel_breakdown(profile_dir: str, steps: int) -> dict[str, float] | None:
+  """Milliseconds per step by kernel class on the accelerator's compute streams of the newest
+  perfetto trace under `profile_dir` (plus 'busy' and 'span'); None when the trace holds no
+  accelerator kernels (CPU)."""
+  import glob
+  import gzip
+  paths = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
+                           recursive=True), key=os.path.getmtime)
+  if not paths:
+    return None
+  with gzip.open(paths[-1]) as f:
+    trace = json.load(f)
+  return events_breakdown(trace["traceEvents"] if isinstance(trace, dict) else trace, steps)
+
+
+def events_breakdown(events: list[dict[str, Any]], steps: int) -> dict[str, float] | None:
+  """`kernel_breakdown` of a list of Chrome-trace events."""
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  kernels = [e for e in events if e.get("ph") == "X" and "GPU" in procs.get(e.get("pid"), "")
+             and "Compute" in threads.get((e["pid"], e.get("tid")), "")]
+  if not kernels:
+    return None
+  out = {c: 0.0 for c, _ in KERNEL_CLASSES}
+  for e in kernels:
+    out[kernel_class(e["name"])] += e["dur"] / 1e3 / steps
+  out["busy"] = sum(e["dur"] for e in kernels) / 1e3 / steps
+  out["span"] = (max(e["ts"] + e["dur"] for e in kernels)
+                 - min(e["ts"] for e in kernels)) / 1e3 / steps
+  return out
 
 
 def time_torch(llm_cfg, *, batch: int, seq: int, steps: int) -> dict[str, Any]:
@@ -193,7 +263,8 @@ def time_torch(llm_cfg, *, batch: int, seq: int, steps: int) -> dict[str, Any]:
   hf = llm_cfg.replace(arch="phi3", rope_scaling=None).to_hf()
   hf.update(bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False)
   torch.manual_seed(0)
-  model = Phi3ForCausalLM._from_config(Phi3Config(**hf), attn_implementation="sdpa").to(device)
+  with device:  # initialised on the device: a 3.8B model's CPU init alone takes minutes
+    model = Phi3ForCausalLM._from_config(Phi3Config(**hf), attn_implementation="sdpa")
   if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
     model.activation_checkpointing_enable()
   else:
@@ -257,6 +328,18 @@ def table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def kernels_line(name: str, ms: dict[str, float]) -> str:
+  """One line: a run's accelerator milliseconds per step by kernel class."""
+  parts = sorted(((v, c) for c, v in ms.items() if c not in ("busy", "span")),
+                 key=lambda vc: (-vc[0], vc[1]))
+  return (f"{name}, kernels per step: " + ", ".join(f"{c} {v:.1f} ms" for v, c in parts)
+          + f" (busy {ms['busy']:.1f} of {ms['span']:.1f} ms)")
+
+
+def _trace_dir(a, run: str) -> str:
+  return os.path.join(a.profile, run) if a.profile else ""
+
+
 def _run_part(a, part: str) -> dict[str, Any]:
   """This script's `part` in a fresh process (its own device memory); its runs dict."""
   import tempfile
@@ -293,12 +376,14 @@ def measure(a) -> dict[str, Any]:
   else:
     if a.part in ("all", "jax"):
       b = unpacked_batch(cfg, batch=a.batch, seq=a.seq, lq=a.questions, q=a.q)
-      runs["fusion unpacked"] = figures(time_jax(cfg, b, a.steps), fl["unpacked"], tokens)
+      runs["fusion unpacked"] = figures(time_jax(cfg, b, a.steps, _trace_dir(a, "unpacked")),
+                                        fl["unpacked"], tokens)
       if a.packed:
         try:
           b = packed_batch(cfg, batch=a.batch, seq=a.seq, lq=a.questions, q=a.q,
                            samples=a.packed)
-          runs["fusion packed"] = figures(time_jax(cfg, b, a.steps), fl["packed"], tokens)
+          runs["fusion packed"] = figures(time_jax(cfg, b, a.steps, _trace_dir(a, "packed")),
+                                          fl["packed"], tokens)
         except Exception as e:  # the model may not consume packed batches yet
           msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
           runs["fusion packed"] = {"skipped": f"{type(e).__name__}: {msg[:160]}"}
@@ -327,6 +412,9 @@ def measure(a) -> dict[str, Any]:
     print("FUSION-specific share of the model FLOPs (tower, projectors, interaction): "
           + ", ".join(f"{k} {v['fusion_share']:.1%}" for k, v in fl.items()))
     print(table(report))
+    for name, r in runs.items():
+      if r.get("kernel_ms_per_step"):
+        print(kernels_line(name, r["kernel_ms_per_step"]))
   if a.out:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

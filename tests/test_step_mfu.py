@@ -26,3 +26,29 @@ def test_tiny_run_writes_the_table_json(tmp_path, capsys):
   assert 0 < report["fusion_flops_share"]["unpacked"] < 1
   assert report["llm_layers"] == 1 and report["preset_llm_layers"] == 4
   assert "fusion unpacked | cpu |" in capsys.readouterr().out
+
+
+def test_kernel_breakdown_by_class():
+  mod = _module()
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+           "args": {"name": "Stream #14(Memset,Compute,MemcpyD2D)"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8,
+           "args": {"name": "Stream #67(MemcpyD2D)"}}]
+  kernels = [("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 0, 4000),
+             ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 4000, 2000),
+             ("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 6000, 6000),
+             ("gemm_fusion_dot_251", 12000, 2000), ("loop_add_fusion_21", 16000, 4000)]
+  events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": ts, "dur": d}
+                   for n, ts, d in kernels]
+  events.append({"ph": "X", "pid": 1, "tid": 8, "name": "MemcpyD2D", "ts": 0, "dur": 9000})
+  events.append({"ph": "X", "pid": 2, "tid": 1, "name": "gemm on host", "ts": 0, "dur": 9000})
+  ms = mod.events_breakdown(events, steps=2)
+  assert ms == {"attention backward": 2.0, "attention forward": 1.0, "matmul": 4.0,
+                "other (elementwise, norms, copies)": 2.0, "busy": 9.0, "span": 10.0}
+  assert mod.events_breakdown(meta[1:2], steps=1) is None  # no accelerator: no breakdown
+  line = mod.kernels_line("fusion unpacked", ms)
+  assert line == ("fusion unpacked, kernels per step: matmul 4.0 ms, attention backward 2.0 ms, "
+                  "other (elementwise, norms, copies) 2.0 ms, attention forward 1.0 ms "
+                  "(busy 9.0 of 10.0 ms)")
