@@ -22,7 +22,8 @@
 # .whl/ folder, and start with
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site bash benchmarks/gpu_run.sh OUT
-# The whole script took 5.5 minutes on an H200 (two FUSION compiles of about 50 s each).
+# The table part took 5.5 minutes on an H200 (two FUSION compiles of about 50 s each); the
+# profile and the remat row add about 2.5 minutes (estimated, not yet run as one script).
 #
 # Depth: the full 32 LLM layers need about 16 bytes per parameter (fp32 weights, gradients, two
 # AdamW moments: ~70 GB for FUSION 3B) plus activations; on a GPU under 100 GiB the LLM is cut to
@@ -72,10 +73,19 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" \
   --profile "${PROFILE_DIR:-/tmp/fusion_step_profile}" "$@" \
   --out "$OUT/step_mfu.json" 2>&1 | tee "$OUT/step_mfu.log"
-"$PY" - "$OUT/step_mfu.json" "$JAXV" "$PIN" <<'EOF'
+# Lighter remat than the table's full remat (the HFU - MFU gap is the recompute): one sample per
+# row, FUSION only; REMAT_POLICIES="" skips it.
+for policy in ${REMAT_POLICIES-dots_with_no_batch_dims}; do
+  PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --notorch --packed 0 --steps 5 --remat "$policy" \
+    "${LAYERS[@]}" "$@" --out "$OUT/step_mfu_remat_$policy.json" 2>&1 \
+    | tee "$OUT/step_mfu_remat_$policy.log"
+done
+for json_path in "$OUT"/step_mfu*.json; do
+  "$PY" - "$json_path" "$JAXV" "$PIN" <<'EOF'
 import json, sys
 path, ran, pinned = sys.argv[1:]
 report = json.load(open(path))
 report.update(jax_version=ran, jax_pinned=pinned)
 json.dump(report, open(path, "w"), indent=1)
 EOF
+done

@@ -2,12 +2,12 @@ r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline
 
   python benchmarks/step_mfu.py [--preset fusion_3b] [--layers 32] [--vision-layers 26]
       [--batch 2] [--seq 4096] [--q 64] [--questions 4] [--packed 4] [--attention auto]
-      [--dtype bfloat16] [--noscan] [--steps 10] [--notorch] [--isolate] [--out step_mfu.json]
-      [--profile DIR]
+      [--dtype bfloat16] [--remat full] [--noscan] [--steps 10] [--notorch] [--isolate]
+      [--out step_mfu.json] [--profile DIR]
   python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
 
-FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 params, full
-remat of the decoder and tower layers, scanned stacks, decoder attention by --attention
+FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 params, remat
+of the decoder and tower layers by --remat (default full), scanned stacks, decoder attention by --attention
 (fusion_jax.models.attention_kernels). Rows are filled with real tokens (so tokens/s counts
 real tokens); `--packed P` also times rows of P samples of S/P tokens each (segment ids, P
 images per row), when the model in this tree consumes packed batches (else that row says why
@@ -56,6 +56,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("packed", 4, "samples per packed row (0 = no packed run)", flag_values=fv)
   flags.DEFINE_string("attention", "auto", "LLMConfig.attention_impl", flag_values=fv)
   flags.DEFINE_string("dtype", "bfloat16", "compute dtype", flag_values=fv)
+  from fusion_jax.parallel.remat import POLICY_NAMES
+  flags.DEFINE_enum("remat", "full", POLICY_NAMES,
+                    "named remat policy of the decoder and tower layers (fusion_jax.parallel.remat;"
+                    " HFU is reported for full and none only)", flag_values=fv)
   flags.DEFINE_boolean("scan", True, "scanned layer stacks (--noscan: unrolled)", flag_values=fv)
   flags.DEFINE_integer("steps", 10, "timed steps per run", flag_values=fv)
   flags.DEFINE_boolean("torch", True, "also time the PyTorch baseline (--notorch: FUSION only)",
@@ -87,7 +91,7 @@ def flag_argv(a) -> list[str]:
   return [f"--preset={a.preset}", f"--layers={a.layers}", f"--vision-layers={a.vision_layers}",
           f"--batch={a.batch}", f"--seq={a.seq}", f"--q={a.q}", f"--questions={a.questions}",
           f"--packed={a.packed}", f"--attention={a.attention}", f"--dtype={a.dtype}",
-          "--scan" if a.scan else "--noscan", f"--steps={a.steps}", f"--profile={a.profile}"]
+          f"--remat={a.remat}", "--scan" if a.scan else "--noscan", f"--steps={a.steps}", f"--profile={a.profile}"]
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -97,10 +101,10 @@ def model_config(a):
   from fusion_jax.models.presets import get_preset
   cfg = get_preset(a.preset)
   llm = cfg.llm.replace(num_layers=a.layers or cfg.llm.num_layers, dtype=a.dtype,
-                        remat_policy="full", scan_layers=a.scan,
+                        remat_policy=a.remat, scan_layers=a.scan,
                         attention_impl=a.attention)
   vision = dataclasses.replace(cfg.vision, num_layers=a.vision_layers or cfg.vision.num_layers,
-                               dtype=a.dtype, remat_policy="full", scan_layers=a.scan)
+                               dtype=a.dtype, remat_policy=a.remat, scan_layers=a.scan)
   return cfg.replace(llm=llm, vision=vision)
 
 
@@ -301,12 +305,13 @@ def figures(run: dict[str, Any], fl: dict[str, float], tokens: int) -> dict[str,
   from fusion_jax.models import flops
   s, n = run["step_s"], run["devices"]
   peak = flops.peak_flops(run["device"])
+  hw = None if fl["remat"] is None else fl["model"] + fl["remat"]
   tflops = fl["model"] / s / n / 1e12
   out = dict(run, tokens_per_s=tokens / s, real_tokens_per_s=run["real_tokens"] / s,
-             model_tflop=fl["model"] / 1e12, hardware_tflop=(fl["model"] + fl["remat"]) / 1e12,
+             model_tflop=fl["model"] / 1e12, hardware_tflop=None if hw is None else hw / 1e12,
              tflops_per_device=tflops, peak_tflops=None if peak is None else peak / 1e12,
              mfu=None if peak is None else tflops * 1e12 / peak,
-             hfu=None if peak is None else (fl["model"] + fl["remat"]) / s / n / peak)
+             hfu=None if peak is None or hw is None else hw / s / n / peak)
   return out
 
 
@@ -359,12 +364,15 @@ def measure(a) -> dict[str, Any]:
   from fusion_jax.models.presets import get_preset
   cfg = model_config(a)
   full_depth = get_preset(a.preset).llm.num_layers
-  shapes = dict(batch=a.batch, seq_len=a.seq, q=a.q)
+  shapes = dict(batch=a.batch, seq_len=a.seq, q=a.q, remat=a.remat != "none")
   fl = {"unpacked": flops.train_step_flops(cfg, max_questions=a.questions, **shapes)}
   if a.packed:
     fl["packed"] = flops.train_step_flops(cfg, max_questions=a.packed * a.questions,
                                           images_per_row=a.packed, segments_per_row=a.packed,
                                           **shapes)
+  if a.remat not in ("full", "none"):  # a partial policy recomputes an unknown share
+    for v in fl.values():
+      v["remat"] = None
   torch_fl = flops.llm_train_flops(cfg.llm, batch=a.batch, seq_len=a.seq)
   tokens = a.batch * a.seq
   runs: dict[str, Any] = {}
@@ -400,7 +408,7 @@ def measure(a) -> dict[str, Any]:
       preset=a.preset, llm_layers=cfg.llm.num_layers, preset_llm_layers=full_depth,
       vision_layers=cfg.vision.num_layers, batch=a.batch, seq_len=a.seq, q=a.q,
       questions=a.questions, packed_samples=a.packed, dtype=a.dtype, attention=a.attention,
-      remat="full", scan=a.scan,
+      remat=a.remat, scan=a.scan,
       fusion_flops_share={k: v["fusion_share"] for k, v in fl.items()},
       flops_fwd={k: v["fwd"] for k, v in fl.items()}, runs=runs)
   if a.part == "all":
@@ -408,7 +416,7 @@ def measure(a) -> dict[str, Any]:
           + (" (fewer than the preset, for one device's memory)" if cfg.llm.num_layers < full_depth
              else "")
           + f", tower {cfg.vision.num_layers} layers, {a.batch} x {a.seq} tokens/step, q {a.q}, "
-          f"Lq {a.questions}, {a.dtype}, remat full, attention {a.attention}")
+          f"Lq {a.questions}, {a.dtype}, remat {a.remat}, attention {a.attention}")
     print("FUSION-specific share of the model FLOPs (tower, projectors, interaction): "
           + ", ".join(f"{k} {v['fusion_share']:.1%}" for k, v in fl.items()))
     print(table(report))

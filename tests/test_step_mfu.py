@@ -52,3 +52,12 @@ def test_kernel_breakdown_by_class():
   assert line == ("fusion unpacked, kernels per step: matmul 4.0 ms, attention backward 2.0 ms, "
                   "other (elementwise, norms, copies) 2.0 ms, attention forward 1.0 ms "
                   "(busy 9.0 of 10.0 ms)")
+
+
+def test_partial_remat_policy_reports_no_hfu():
+  mod = _module()
+  a = mod.parse_args(["--tiny", "--layers", "1", "--vision-layers", "2", "--steps", "1",
+                      "--packed", "0", "--notorch", "--remat", "save_qkv_attn_mlp"])
+  assert mod.model_config(a).llm.remat_policy == "save_qkv_attn_mlp"
+  run = mod.measure(a)["runs"]["fusion unpacked"]
+  assert run["step_s"] > 0 and run["hfu"] is None and run["hardware_tflop"] is None
