@@ -125,8 +125,9 @@ def test_pipeline_packs_every_sample_once_with_q_per_batch(ds, tok):
   assert max(per_row) >= 2 and np.mean(eff[:-1]) > 0.5
 
 
-def test_resume_rebuilds_the_buffer_exactly(ds, tok):
-  cfg = _cfg(ds, prefetch=2, packing_buffer=5)  # forever: crosses reshuffled epochs
+@pytest.mark.parametrize("workers", [0, 2])  # grain worker processes feed the packer too
+def test_resume_rebuilds_the_buffer_exactly(ds, tok, workers):
+  cfg = _cfg(ds, prefetch=2, packing_buffer=5, worker_count=workers)  # forever: crosses epochs
   it = pl.make_pipeline(cfg, tok, process_index=0, process_count=1)
   for _ in range(3):
     next(it)
