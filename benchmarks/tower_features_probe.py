@@ -32,11 +32,11 @@ from fusion_jax.convert.hf_siglip import (siglip_config_from_hf,  # noqa: E402
 from fusion_jax.convert.safetensors_io import SafetensorsReader  # noqa: E402
 from fusion_jax.models.vision import VisionTower, fusion_tower  # noqa: E402
 from fusion_jax.pretrain.pairs import PRETRAIN_SEED  # noqa: E402
+from fusion_jax.pretrain.refine import label_codes, object_code, patch_shares  # noqa: E402
 from fusion_jax.pretrain.tower import normalize  # noqa: E402
 from fusion_jax.synth.backends import BackendConfig  # noqa: E402
 from fusion_jax.synth.pipeline import item_rngs  # noqa: E402
 from fusion_jax.synth.render import object_labels  # noqa: E402
-from fusion_jax.synth.scene import COLORS, SHAPES  # noqa: E402
 
 PROG = "python benchmarks/tower_features_probe.py"
 
@@ -54,18 +54,15 @@ def scenes(num: int, size: int, patch: int):
   b = BackendConfig().build()
   cats = ("SynthCount", "SynthScene", "SynthSpatial", "SynthColor")
   imgs, nobj, shape1, pat, left, objects = [], [], [], [], [], []
-  g = size // patch
   for i in range(num):
     r = item_rngs(PRETRAIN_SEED + 1, i)
     desc = b["describer"].describe(cats[i % 4], r["describe"])
     if len(desc.panels) != 1:
       continue
     o = desc.panels[0].objects
-    drawn = object_labels(desc, size)
+    codes = label_codes(object_labels(desc, size))
     for x in o:
-      hit = ((drawn[..., 0] == 1 + SHAPES.index(x.shape))
-             & (drawn[..., 1] == 1 + COLORS.index(x.color)))
-      share = hit[:g * patch, :g * patch].reshape(g, patch, g, patch).mean((1, 3)).ravel()
+      share = patch_shares(codes, object_code(x.shape, x.color), patch)
       if share.sum() > 0:
         objects.append((len(imgs), share, x.shape))
     imgs.append(b["renderer"].render(desc, size, r["render"]))

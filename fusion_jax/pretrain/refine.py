@@ -35,7 +35,7 @@ from absl import flags
 
 from fusion_jax import cli
 from fusion_jax.pretrain import pairs, tower
-from fusion_jax.synth.scene import SHAPES
+from fusion_jax.synth.scene import COLORS, SHAPES
 
 PROG = "python -m fusion_jax.pretrain.refine"
 REFINE_SEED = pairs.PRETRAIN_SEED + 7  # +1 is benchmarks/tower_features_probe.py's
@@ -58,19 +58,37 @@ def define_flags(fv: flags.FlagValues) -> None:
                      flag_values=fv)
 
 
+def label_codes(object_labels: np.ndarray) -> np.ndarray:
+  """(H, W) int64 object code per pixel of synth.render.object_labels' (H, W, 2) classes:
+  16 * shape class + colour class, 0 where no object is drawn (one code per distinct shape and
+  colour; `code // 16` is the shape class)."""
+  return object_labels[..., 0].astype(np.int64) * 16 + object_labels[..., 1]
+
+
+def object_code(shape: str, color: str) -> int:
+  """`label_codes`' code of an object of this shape and colour."""
+  return 16 * (1 + SHAPES.index(shape)) + 1 + COLORS.index(color)
+
+
+def patch_shares(codes: np.ndarray, code: int, patch: int) -> np.ndarray:
+  """(P,) share of each patch's pixels that show object `code` (patches row-major as the
+  tower's tokens; pixels past the last whole patch are ignored)."""
+  g = codes.shape[0] // patch
+  return (codes[:g * patch, :g * patch] == code).reshape(g, patch, g, patch).mean((1, 3)).ravel()
+
+
 def object_targets(items: Sequence[pairs.Item], patch: int
                    ) -> tuple[np.ndarray, np.ndarray]:
   """(N, K, P) float32 weights: per object (a distinct shape and colour drawn in the scene),
   each patch's share of its pixels; (N, K) int32 shape class (1 + index in SHAPES, -1 = no
   object). K = MAX_OBJECTS, patches row-major as the tower's tokens."""
-  h = items[0].image.shape[0]
-  g = h // patch
+  g = items[0].image.shape[0] // patch
   weights = np.zeros((len(items), MAX_OBJECTS, g * g), np.float32)
   shapes = np.full((len(items), MAX_OBJECTS), -1, np.int32)
   for n, it in enumerate(items):
-    code = it.object_labels[..., 0].astype(np.int64) * 16 + it.object_labels[..., 1]
-    for k, c in enumerate([c for c in np.unique(code) if c > 0][:MAX_OBJECTS]):
-      share = (code[:g * patch, :g * patch] == c).reshape(g, patch, g, patch).mean((1, 3)).ravel()
+    codes = label_codes(it.object_labels)
+    for k, c in enumerate([c for c in np.unique(codes) if c > 0][:MAX_OBJECTS]):
+      share = patch_shares(codes, c, patch)
       weights[n, k] = share / share.sum()
       shapes[n, k] = c // 16
   return weights, shapes
