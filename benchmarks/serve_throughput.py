@@ -1,11 +1,13 @@
-"""Server throughput: N chat requests one at a time vs all at once (batched by the server).
+"""Server throughput: N chat requests one at a time vs all at once (batched by the server), and
+streamed one at a time (time to the first text delta).
 
   python benchmarks/serve_throughput.py [--workdir DIR] [--requests 16] [--max_batch 8]
       [--max_tokens 16] [--dtype bfloat16]
 
 Without --workdir a tiny random FUSION model (the tests' preset) is built in a temp dir. The
 server runs in this process on 127.0.0.1; every shape bucket used is compiled by a warm-up pass
-first, so the numbers are steady-state. Prints requests/s and generated tokens/s of both modes.
+first, so the numbers are steady-state. Prints requests/s and generated tokens/s of each mode,
+and the median time to the first content delta of the streamed requests.
 """
 from __future__ import annotations
 
@@ -56,6 +58,24 @@ def _post(url: str, body: dict) -> dict:
     return json.loads(r.read())
 
 
+def _post_stream(url: str, body: dict) -> tuple[float, dict]:
+  """(seconds to the first content delta, the usage chunk) of one streamed request."""
+  req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(
+      {**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+      headers={"Content-Type": "application/json"})
+  t0, first, usage = time.perf_counter(), None, {}
+  with urllib.request.urlopen(req, timeout=600) as r:
+    for line in r:
+      line = line.decode().strip()
+      if not line.startswith("data: {"):
+        continue
+      chunk = json.loads(line[len("data: "):])
+      if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+        first = time.perf_counter() - t0
+      usage = chunk.get("usage") or usage
+  return (time.perf_counter() - t0 if first is None else first), {"usage": usage}
+
+
 def main(a) -> int:
   import jax
 
@@ -91,6 +111,16 @@ def main(a) -> int:
   def sequential() -> list[dict]:
     return [_post(srv.url, b) for b in bodies]
 
+  first_delta: list[float] = []
+
+  def streamed() -> list[dict]:
+    out = []
+    for b in bodies:
+      t, res = _post_stream(srv.url, b)
+      first_delta.append(t)
+      out.append(res)
+    return out
+
   # Compile every batch-size bucket (the server pads a batch of k requests to a power of two).
   from fusion_jax.serve.chat import chat_record, sampling_params
   recs = [chat_record(b, srv.limits) for b in bodies]
@@ -101,14 +131,17 @@ def main(a) -> int:
     k *= 2
   print(f"model {model.name} ({model.cfg.llm.dtype}), {a.requests} requests, max_tokens "
         f"{a.max_tokens}, max_batch {a.max_batch}, device {jax.devices()[0].platform}")
-  for name, fn in (("sequential", sequential), ("concurrent", concurrent)):
+  for name, fn in (("sequential", sequential), ("concurrent", concurrent),
+                   ("streamed", streamed)):
     before = srv.batcher.stats.batches
     t0 = time.perf_counter()
     res = fn()
     dt = time.perf_counter() - t0
     toks = sum(r["usage"]["completion_tokens"] for r in res)
     print(f"{name:>10}: {dt:7.2f} s  {len(res) / dt:7.2f} req/s  {toks / dt:8.1f} tok/s  "
-          f"({srv.batcher.stats.batches - before} device batches)")
+          f"({srv.batcher.stats.batches - before} device batches)"
+          + (f", first delta after {sorted(first_delta)[len(first_delta) // 2] * 1e3:.0f} ms "
+             "(median)" if name == "streamed" else ""))
   srv.shutdown()
   return 0
 

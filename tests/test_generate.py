@@ -196,6 +196,34 @@ def test_stop_strings_cut_the_text(setup, generator):
   assert got.completion_tokens == k and got.token_ids == tuple(ids[:k])
 
 
+def test_text_stream_deltas_join_to_the_final_text():
+  stream = sampling_lib.TextStream(stop=("END", "##"))
+  grown = ["  The", "  The cat #", "  The cat #1 ", "  The cat #1 sat E", "  The cat #1 sat EN",
+           "  The cat #1 sat ENd\ufffd", "  The cat #1 sat ENd\u00e9 and END more"]
+  deltas = [stream.update(t) for t in grown]
+  # Held back: a tail that may begin a stop string, trailing spaces, an incomplete character.
+  assert deltas == ["The", " cat", " #1", " sat", "", " ENd", "\u00e9 and"]
+  final = sampling_lib.answer_text(grown[-1], stream.stop)
+  assert "".join(deltas) + stream.finish(final) == final == "The cat #1 sat ENd\u00e9 and"
+  assert stream.finish(final) == "" and stream.update("The cow") == ""  # never taken back
+
+
+def test_on_text_streams_each_answer_and_changes_nothing(setup, generator):
+  root, _, _, _, records, _ = setup
+  sps = [sampling_lib.SamplingParams(max_new_tokens=NEW),
+         sampling_lib.SamplingParams(max_new_tokens=NEW, temperature=1.0, seed=3),
+         sampling_lib.SamplingParams(max_new_tokens=2)]
+  seen: dict[int, list[str]] = {}
+  streamed = generator.generate(records, sps, image_root=root,
+                                on_text=lambda i, text: seen.setdefault(i, []).append(text))
+  assert streamed == generator.generate(records, sps, image_root=root)
+  assert set(seen) <= {0, 1, 2} and seen  # every 2 tokens (stop_check_every), unfinished rows
+  for i, texts in seen.items():
+    stream = sampling_lib.TextStream()
+    joined = "".join(stream.update(t) for t in texts) + stream.finish(streamed[i].text)
+    assert joined == streamed[i].text
+
+
 def _phi(cfg, switch=96):
   """cfg with Phi-3-style LongRoPE switching to its long factors past `switch` positions."""
   from fusion_jax.models.rope import LongRopeScaling
@@ -248,7 +276,7 @@ def test_long_prompts_are_batched_apart(setup, monkeypatch):
   assert lengths[0] + 1 <= 96 < lengths[1], lengths
   batches = []
 
-  def fake_run(rows, image_root):
+  def fake_run(rows, image_root, on_text=None):
     batches.append([r.index for r in rows])
     return [generator_lib.Completion(str(r.index), (), r.length, 0, "length") for r in rows]
 

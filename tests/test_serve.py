@@ -32,7 +32,7 @@ def server(tmp_path_factory):
   with open(os.path.join(root, "secret.png"), "wb") as f:
     f.write(png_bytes(10))
   model = load_model(model_dir)
-  gen = Generator.for_model(model, max_batch=4, max_new_tokens=8)
+  gen = Generator.for_model(model, max_batch=4, max_new_tokens=8, stop_check_every=2)
   srv = FusionServer(("127.0.0.1", 0), Batcher(gen, window_s=0.3), model_name=model.name,
                      limits=ChatLimits(image_size=model.cfg.vision.image_size, image_root=images,
                                        max_image_bytes=100_000),
@@ -139,6 +139,40 @@ def test_stop_and_max_tokens_are_honoured(server):
   assert short["usage"]["completion_tokens"] == 1
 
 
+def _stream(url, body):
+  """(content type, the events' data strings) of one streamed request."""
+  req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=300) as r:
+    text = r.read().decode()
+    ctype = r.headers["Content-Type"]
+  events = [e for e in text.split("\n\n") if e]
+  assert all(e.startswith("data: ") for e in events), text
+  return ctype, [e[len("data: "):] for e in events]
+
+
+@pytest.mark.parametrize("extra", [{}, {"stop": ["zz"], "temperature": 0.8, "seed": 5}])
+def test_streamed_answer_equals_the_plain_one(server, extra):
+  body = _chat("What color is the ball?", _data_url(), max_tokens=8, **extra)
+  status, plain = _call(server["url"], "/v1/chat/completions", body)
+  assert status == 200, plain
+  ctype, events = _stream(server["url"], {**body, "stream": True,
+                                          "stream_options": {"include_usage": True}})
+  assert ctype == "text/event-stream" and events[-1] == "[DONE]"
+  chunks = [json.loads(e) for e in events[:-1]]
+  assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"]
+             for c in chunks)
+  assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+  text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-2])
+  assert text == plain["choices"][0]["message"]["content"]
+  assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                      "finish_reason": plain["choices"][0]["finish_reason"]}
+  assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+  # Without include_usage: no usage chunk; the connection is reusable (chunked body ended).
+  _, events = _stream(server["url"], {**body, "stream": True})
+  assert events[-1] == "[DONE]" and "usage" not in json.loads(events[-2])
+
+
 @pytest.mark.parametrize("body,raw,match", [
     (None, b"{not json", "not valid JSON"),
     (None, b"[" * 100_000, "nests too deeply"),
@@ -160,7 +194,9 @@ def test_stop_and_max_tokens_are_honoured(server):
     (_chat("hi", temperature=-1), None, "temperature=-1.0 must be >= 0"),
     (_chat("hi", top_p=0), None, "top_p"),
     (_chat("hi", n=2), None, "'n' must be 1"),
-    (_chat("hi", stream=True), None, "stream"),
+    (_chat("hi", stream="yes"), None, "'stream' must be a boolean"),
+    (_chat("hi", stream_options={"include_usage": True}), None, "only allowed with 'stream'"),
+    (_chat("hi", stream=True, stream_options={"include_usage": 1}), None, "include_usage"),
     (_chat("hi", stop=[""]), None, "'stop' must be"),
     (_chat("hi <latent_image>"), None, "reserved_marker_in_text"),
     ({"messages": [{"role": "user", "content": [
@@ -186,10 +222,14 @@ def test_unknown_route_is_404(server):
 def test_cli_serves_a_model_dir(server):
   """python -m fusion_jax.serve --workdir <model dir> --port 0: up, /health, /v1/models."""
   proc = subprocess.Popen(
-      [sys.executable, "-m", "fusion_jax.serve", "--workdir", server["model_dir"], "--port", "0"],
+      [sys.executable, "-m", "fusion_jax.serve", "--workdir", server["model_dir"], "--port", "0",
+       "--max_batch", "2"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
+    warm = proc.stdout.readline()
+    assert warm.startswith("warm-up: batch sizes 1..2 compiled in"), (
+        warm, proc.stderr.read() if proc.poll() is not None else "")
     line = proc.stdout.readline()
     assert line.startswith("serving fusion_tiny (model_dir"), (line, proc.stderr.read()
                                                               if proc.poll() is not None else "")
@@ -199,3 +239,27 @@ def test_cli_serves_a_model_dir(server):
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def test_warm_up_compiles_every_batch_bucket(server):
+  from fusion_jax.serve.server import warm_up
+  gen = server["srv"].batcher.generator
+  seconds = warm_up(gen, server["srv"].limits, MAX_TOKENS)
+  assert len(seconds) == 3 and all(t > 0 for t in seconds)  # batch buckets 1, 2, 4
+  compiled = gen._prefill._cache_size(), gen._decode._cache_size()
+  bodies = [_chat("What color is the ball?", _data_url(v)) for v in (10, 20, 30)]
+  out = [None] * 3
+
+  def worker(i):
+    out[i] = _call(server["url"], "/v1/chat/completions", bodies[i])
+
+  threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert all(st == 200 for st, _ in out)
+  # Streams and stop strings decode in chunks (the host looks between them): no compile either.
+  _stream(server["url"], {**bodies[0], "stream": True})
+  assert _call(server["url"], "/v1/chat/completions", {**bodies[1], "stop": ["zz"]})[0] == 200
+  assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled  # no new compile

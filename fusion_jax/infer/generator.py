@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,7 +51,8 @@ from fusion_jax.data.conversation import EncodedSample, encode_conversation
 from fusion_jax.data.images import record_images
 from fusion_jax.data.layout import layout_sample
 from fusion_jax.data.tokenizer import Tokenizer
-from fusion_jax.infer.sampling import SamplingParams, cut_at_stop, sample_tokens, stop_ids
+from fusion_jax.infer.sampling import (SamplingParams, answer_text, cut_at_stop, sample_tokens,
+                                       stop_ids)
 from fusion_jax.models import batch_spec, fusion
 from fusion_jax.models.llm import init_cache, rope_tables
 from fusion_jax.models.rope import longrope_is_long
@@ -284,9 +285,15 @@ class Generator:
 
   def generate(self, records: Sequence[Mapping[str, Any]],
                sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
-               image_root: str = "", seed: int = 0) -> list[Completion]:
+               image_root: str = "", seed: int = 0,
+               on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
     """Completions for `records` (in order), batched by LongRoPE regime and max_batch; a
-    prompt whose answer may cross the switch runs alone (its re-prefill is its own)."""
+    prompt whose answer may cross the switch runs alone (its re-prefill is its own).
+
+    on_text(index, decoded): streaming; called every `stop_check_every` decoded tokens with
+    each unfinished prompt's answer so far (decoded, not yet cut or stripped: see
+    sampling.TextStream). The completions are the same with or without it.
+    """
     if isinstance(sampling, SamplingParams):
       sampling = [sampling] * len(records)
     if len(sampling) != len(records):
@@ -303,11 +310,12 @@ class Generator:
                and longrope_is_long(self._rope, r.length - 1) == long] for long in (False, True)]
     batches = [g[i:i + self.max_batch] for g in groups for i in range(0, len(g), self.max_batch)]
     for chunk in batches + [[r] for r in crossing]:
-      for r, c in zip(chunk, self._run(chunk, image_root)):
+      for r, c in zip(chunk, self._run(chunk, image_root, on_text)):
         out[r.index] = c
     return out  # type: ignore[return-value]
 
-  def _run(self, rows: Sequence[_Row], image_root: str) -> list[Completion]:
+  def _run(self, rows: Sequence[_Row], image_root: str,
+           on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
     n = len(rows)
     b = _bucket(n, 1, self.max_batch)
     s = _bucket(max(r.length for r in rows), MIN_SEQ_BUCKET, self.max_seq_len)
@@ -325,7 +333,8 @@ class Generator:
     keys = _row_keys([r.seed for r in rows] + [0] * (b - n))
     state = self._prefill(self.params, batch, max_new_tokens=t, sampling=sampling, keys=keys)
     stops = [r.sampling.stop for r in rows]
-    step = self.stop_check_every if any(stops) else t
+    check = any(stops) or on_text is not None  # the host looks at the text between calls
+    step = self.stop_check_every if check else t
     cross = self.crossing(rows[0].length, rows[0].sampling.max_new_tokens) if n == 1 else None
     t_done = 0
     while True:
@@ -337,18 +346,22 @@ class Generator:
       if cross is not None and t_done == cross and not bool(state["done"][0]):
         state = self._cross(rows[0], state, image_root, s + t)
         t_done += 1
-      elif not any(stops) and t_done >= t:
+      elif not check and t_done >= t:
         break
       tokens, lengths, done = jax.device_get((state["tokens"], state["lengths"], state["done"]))
       done = np.array(done)
       for i in range(n):
-        if stops[i] and not done[i]:
-          text = self.tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
-          if cut_at_stop(text, stops[i])[1]:
-            done[i] = True
+        if done[i] or not (stops[i] or on_text):
+          continue
+        text = self.tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
+        if stops[i] and cut_at_stop(text, stops[i])[1]:
+          done[i] = True
+        if on_text is not None:
+          on_text(rows[i].index, text)
       if done.all() or t_done >= t:
         break
-      state = {**state, "done": jnp.asarray(done)}
+      # Put back where the decode left it: an uncommitted array would compile the decode again.
+      state = {**state, "done": jax.device_put(done, state["done"].sharding)}
     tokens, lengths, stopped = jax.device_get((state["tokens"], state["lengths"],
                                                state["stopped"]))
     return [self._completion(rows[i], tokens[i, :lengths[i]].tolist(), bool(stopped[i]))
@@ -373,12 +386,13 @@ class Generator:
 
   def _completion(self, row: _Row, ids: list[int], stopped: bool) -> Completion:
     decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
-    text, hit = cut_at_stop(decode(ids), row.sampling.stop)
+    full = decode(ids)
+    hit = cut_at_stop(full, row.sampling.stop)[1]
     used = len(ids) + int(stopped)
     if hit:  # the tokens up to the one that completes the stop string
       used = next(k for k in range(1, len(ids) + 1)
                   if cut_at_stop(decode(ids[:k]), row.sampling.stop)[1])
       ids = ids[:used]
-    return Completion(text=text.strip(), token_ids=tuple(ids), prompt_tokens=row.length,
-                      completion_tokens=used,
+    return Completion(text=answer_text(full, row.sampling.stop), token_ids=tuple(ids),
+                      prompt_tokens=row.length, completion_tokens=used,
                       finish_reason="stop" if (stopped or hit) else "length")

@@ -3,7 +3,8 @@
 Per row: temperature (0 = greedy), top_k (0 = off), top_p (1 = off) and a seed
 (`SamplingParams`, `sample_tokens`, traceable); an answer ends at a stop token (the template's
 end token or EOS, `stop_ids`) or at the first of its stop strings (`cut_at_stop`, checked on
-the host). The batched decode loop that uses them: fusion_jax/infer/generator.py.
+the host); `TextStream` turns a growing answer into deltas for streaming. The batched decode
+loop that uses them: fusion_jax/infer/generator.py.
 """
 from __future__ import annotations
 
@@ -83,3 +84,45 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
   """(text before the first occurrence of any stop string, whether one occurred)."""
   hits = [i for i in (text.find(s) for s in stop) if i >= 0]
   return (text[:min(hits)], True) if hits else (text, False)
+
+
+def answer_text(decoded: str, stop: Sequence[str]) -> str:
+  """An answer's final text from its decoded tokens: cut at the first stop string, stripped."""
+  return cut_at_stop(decoded, stop)[0].strip()
+
+
+class TextStream:
+  """Text deltas of an answer being generated, whose concatenation is its final text.
+
+  `update(decoded)` takes the answer decoded so far and returns the part that is now safe to
+  send. The final text is cut at a stop string and stripped (`answer_text`), so a delta holds
+  back the tail that could still begin a stop string, trailing whitespace and a trailing U+FFFD
+  (a multi-byte character whose remaining bytes are not decoded yet). `finish(final_text)`
+  returns the rest. Text sent is never taken back: should a tokenizer re-spell earlier text as
+  tokens arrive, the stream waits until the text again extends what was sent (`finish` sends
+  nothing if the final text does not).
+  """
+
+  def __init__(self, stop: Sequence[str] = ()):
+    self.stop = tuple(stop)
+    self.sent = ""
+
+  def update(self, decoded: str) -> str:
+    text, hit = cut_at_stop(decoded, self.stop)
+    text = text.lstrip()
+    if not hit:
+      hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                 default=0)
+      text = text[:len(text) - hold]
+    while text and (text[-1].isspace() or text[-1] == "\ufffd"):
+      text = text[:-1]
+    return self._advance(text)
+
+  def finish(self, final_text: str) -> str:
+    return self._advance(final_text)
+
+  def _advance(self, text: str) -> str:
+    if len(text) <= len(self.sent) or not text.startswith(self.sent):
+      return ""
+    delta, self.sent = text[len(self.sent):], text
+    return delta

@@ -2,7 +2,7 @@ r"""Serve a FUSION model over an OpenAI-compatible HTTP API (fusion_jax/serve/se
 
   python -m fusion_jax.serve --workdir DIR [--port 8000] [--host 127.0.0.1] [--step N]
       [--dtype bfloat16] [--image_root DIR] [--max_batch 8] [--max_tokens 512]
-      [--batch_window_ms 5]
+      [--batch_window_ms 5] [--stream_every 8] [--nowarmup]
 
 DIR is a training workdir (newest checkpoint, or --step) or a model dir written by
 import_torch / import_hf (fusion_jax/infer/load.py). Then, e.g.:
@@ -12,7 +12,10 @@ import_torch / import_hf (fusion_jax/infer/load.py). Then, e.g.:
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}],
          "max_tokens": 64}'
 
-Local image files (a path or file:// URL) are served only from under --image_root.
+Local image files (a path or file:// URL) are served only from under --image_root. Before it
+listens, the server compiles a typical request (an image and a short question) at every batch
+size (--nowarmup: compile on first use instead). Add "stream": true to a request for
+server-sent events as the answer is decoded, every --stream_every tokens.
 """
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request names
 flags.DEFINE_float("batch_window_ms", 5.0, "how long the first request waits for others")
 flags.DEFINE_integer("max_body_mb", 32, "request body limit (MiB)")
 flags.DEFINE_integer("max_image_mb", 20, "encoded image limit (MiB)")
+flags.DEFINE_integer("stream_every", 8, "tokens decoded between the host's looks at the answers "
+                     "(streamed deltas, stop strings); fewer: smoother streams, more host syncs")
+flags.DEFINE_boolean("warmup", True, "compile a typical request at every batch size before "
+                     "listening")
 
 
 def main(argv) -> None:
@@ -42,17 +49,21 @@ def main(argv) -> None:
   from fusion_jax.infer.load import load_model
   from fusion_jax.serve.batcher import Batcher
   from fusion_jax.serve.chat import ChatLimits
-  from fusion_jax.serve.server import FusionServer
+  from fusion_jax.serve.server import FusionServer, warm_up
   try:
     model = load_model(FLAGS.workdir, step=FLAGS.step, dtype=FLAGS.dtype)
     tokenizer = model.tokenizer
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   del tokenizer  # loaded above so a missing tokenizer fails before the server starts
-  gen = Generator.for_model(model, max_batch=FLAGS.max_batch, max_new_tokens=FLAGS.max_tokens)
+  gen = Generator.for_model(model, max_batch=FLAGS.max_batch, max_new_tokens=FLAGS.max_tokens,
+                            stop_check_every=max(FLAGS.stream_every, 1))
   limits = ChatLimits(image_size=model.cfg.vision.image_size, image_root=FLAGS.image_root,
                       max_image_bytes=FLAGS.max_image_mb * 2**20,
                       default_max_tokens=min(FLAGS.default_max_tokens, FLAGS.max_tokens))
+  if FLAGS.warmup:
+    secs = warm_up(gen, limits, limits.default_max_tokens)
+    print(f"warm-up: batch sizes 1..{gen.max_batch} compiled in {sum(secs):.1f} s", flush=True)
   batcher = Batcher(gen, window_s=FLAGS.batch_window_ms / 1000.0)
   server = FusionServer((FLAGS.host, FLAGS.port), batcher,
                         model_name=FLAGS.served_model_name or model.name, limits=limits,

@@ -3,7 +3,9 @@
 The worker thread takes the first waiting request, keeps collecting for `window_s` (or until
 `max_batch` are waiting), and runs them as one `Generator.generate` call (which pads them to
 its shape buckets). Each request gets its own Completion or its own error; a failing batch is
-retried one request at a time so one bad request cannot fail its neighbours.
+retried one request at a time so one bad request cannot fail its neighbours. A streamed request
+(`submit_stream`) gets its answer's text deltas as they are decoded (sampling.TextStream),
+then its Completion; it shares batches with the others like any request.
 """
 from __future__ import annotations
 
@@ -11,13 +13,13 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from absl import logging
 
 from fusion_jax.infer.generator import Completion, Generator
-from fusion_jax.infer.sampling import SamplingParams
+from fusion_jax.infer.sampling import SamplingParams, TextStream
 
 
 class QueueFull(RuntimeError):
@@ -31,6 +33,9 @@ class _Pending:
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Completion | None = None
   error: BaseException | None = None
+  # Streamed requests: text deltas, then the Completion or the error, in this queue.
+  events: queue.Queue[str | Completion | BaseException] | None = None
+  stream: TextStream | None = None
 
 
 @dataclasses.dataclass
@@ -72,6 +77,35 @@ class Batcher:
     assert item.result is not None
     return item.result
 
+  def submit_stream(self, record: Mapping[str, Any], sampling: SamplingParams,
+                    timeout_s: float | None = None) -> Iterator[str | Completion]:
+    """Yields the answer's text deltas as they are decoded, then its Completion (whose text is
+    the deltas joined); re-raises its error.
+
+    Raises QueueFull at once when the queue is full, TimeoutError when nothing arrives for
+    timeout_s.
+    """
+    item = _Pending(record, sampling, events=queue.Queue(), stream=TextStream(sampling.stop))
+    try:
+      self._queue.put_nowait(item)
+    except queue.Full:
+      raise QueueFull(f"{self._queue.maxsize} requests already waiting; retry later") from None
+    return self._events(item, timeout_s)
+
+  @staticmethod
+  def _events(item: _Pending, timeout_s: float | None) -> Iterator[str | Completion]:
+    assert item.events is not None
+    while True:
+      try:
+        ev = item.events.get(timeout=timeout_s)
+      except queue.Empty:
+        raise TimeoutError(f"no progress within {timeout_s} s") from None
+      if isinstance(ev, BaseException):
+        raise ev
+      yield ev
+      if isinstance(ev, Completion):
+        return
+
   def _collect(self) -> list[_Pending]:
     items = [self._queue.get()]
     deadline = time.monotonic() + self.window_s
@@ -86,7 +120,14 @@ class Batcher:
     return items
 
   def _run(self, items: list[_Pending]) -> None:
-    completions = self.generator.generate([i.record for i in items], [i.sampling for i in items])
+    def on_text(index: int, decoded: str) -> None:
+      item = items[index]
+      if item.stream is not None and (delta := item.stream.update(decoded)):
+        item.events.put(delta)
+
+    streamed = any(i.stream is not None for i in items)
+    completions = self.generator.generate([i.record for i in items], [i.sampling for i in items],
+                                          on_text=on_text if streamed else None)
     for item, c in zip(items, completions):
       item.result = c
 
@@ -111,4 +152,8 @@ class Batcher:
       for item in items:
         if item.result is None and item.error is None:
           item.error = RuntimeError("generation failed; see the server log")
+        if item.events is not None:
+          if item.result is not None and (rest := item.stream.finish(item.result.text)):
+            item.events.put(rest)
+          item.events.put(item.result if item.error is None else item.error)
         item.done.set()

@@ -10,7 +10,9 @@ Accepted request fields (anything else is ignored, as OpenAI-compatible servers 
   U            data:image/<fmt>;base64,<data>, or with an image root configured a file path /
                file:// URL inside it; nothing is fetched from the network
   max_tokens / max_completion_tokens, temperature, top_p, top_k (extension), stop (str or up
-  to 4 strings), seed, n (1 only), stream (false only), model (echoed; any name is accepted)
+  to 4 strings), seed, n (1 only), stream (server-sent events of chat.completion.chunk
+  objects, then "data: [DONE]"), stream_options.include_usage (a last chunk with the usage),
+  model (echoed; any name is accepted)
 
 Every problem raises RequestError (HTTP 400) with a message naming the field.
 """
@@ -72,8 +74,6 @@ def sampling_params(req: Mapping[str, Any], limits: ChatLimits) -> SamplingParam
   """The request's SamplingParams (RequestError on a bad field)."""
   if req.get("n", 1) != 1:
     raise RequestError("'n' must be 1 (one choice per request)")
-  if req.get("stream"):
-    raise RequestError("'stream': true is not supported; send stream false")
   max_tokens = _number(req, "max_completion_tokens", int, None)
   max_tokens = _number(req, "max_tokens", int, max_tokens)
   stop = req.get("stop")
@@ -94,6 +94,25 @@ def sampling_params(req: Mapping[str, Any], limits: ChatLimits) -> SamplingParam
         stop=tuple(stop), seed=None if seed is None else seed % 2**32)
   except ValueError as e:
     raise RequestError(f"bad sampling setting: {e}") from None
+
+
+def stream_settings(req: Mapping[str, Any]) -> tuple[bool, bool]:
+  """(stream, include_usage) of a request (RequestError on a bad field)."""
+  stream = req.get("stream", False)
+  if not isinstance(stream, bool) and stream is not None:
+    raise RequestError(f"'stream' must be a boolean, got {json_type(stream)}")
+  opts = req.get("stream_options")
+  if opts is None:
+    return bool(stream), False
+  if not isinstance(opts, dict):
+    raise RequestError(f"'stream_options' must be an object, got {json_type(opts)}")
+  if not stream:
+    raise RequestError("'stream_options' is only allowed with 'stream': true")
+  usage = opts.get("include_usage", False)
+  if not isinstance(usage, bool):
+    raise RequestError(f"'stream_options.include_usage' must be a boolean, got "
+                       f"{json_type(usage)}")
+  return True, usage
 
 
 def load_request_image(url: str, limits: ChatLimits) -> np.ndarray:
