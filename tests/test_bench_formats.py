@@ -68,6 +68,10 @@ def test_prompts_follow_lmms_eval():
       "Answer with the option's letter from the given choices directly.")
   assert bench_prompts.mmvp(Row("1", "Open?", "(a)", extra={"options": "(a) Open (b) Closed"})) == (
       "Open?\nA. Open\nB. Closed\nAnswer with the option's letter from the given choices directly.")
+  ai2d = Row("1", "Which stage comes first?", "0", extra={"options": "['egg', 'larva']"})
+  assert bench_prompts.ai2d(ai2d) == (  # lmms-eval ai2d_doc_to_text, prompt_format mcq
+      "Which stage comes first?\nA. egg\nB. larva\n"
+      "Answer with the option's letter from the given choices directly.")
   assert bench_prompts.cv_bench(q) == (
       "Note: You only need to respond with A, B without providing any additional information.\n"
       "\nWhich way? Select from the following choices.\n(A) left\n(B) right")

@@ -143,6 +143,17 @@ def test_mmvp_pair_accuracy():
   assert rep["metrics"]["pairs"] == 2 and rep["metrics"]["pair_accuracy"] == 0.5
 
 
+def test_ai2d_exact_letter_like_lmms_eval():
+  # lmms-lab's answer is the option index, VLMEvalKit's the letter; both mean the same row.
+  rows = [_mc(0, "0"), _mc(1, "C"), _mc(2, "3", "Y"), _mc(3, "B", "Y")]
+  preds = ["a.", "C", "The answer is D.", "dog"]
+  rep = bm.score_ai2d(rows, preds)
+  assert [r["answer"] for r in rep["rows"]] == ["A", "C", "D", "B"]
+  assert rep["metrics"]["accuracy"] == 0.5  # only a bare letter counts, as exact_match
+  assert rep["metrics"]["accuracy_extracted"] == 1.0
+  assert rep["categories"]["Y"]["accuracy"] == 0.0
+
+
 def test_cv_bench_accuracy_and_official_overall():
   two = {"A": "left", "B": "right"}
   spec = [("ADE20K", "Count", "(A)", "A"), ("ADE20K", "Count", "(A)", "B"),

@@ -7,12 +7,12 @@ r"""Evaluate a FUSION model on a benchmark file, with the benchmark's official m
 
 DIR is a training workdir or a model dir (import_torch / import_hf). --data is a VLMEvalKit TSV
 (base64 images inside) or a LLaVA question jsonl with --answers (fusion_jax/eval/bench_formats.py).
-Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench (names match
-case-insensitively by prefix: MMBench_DEV_EN, CV-Bench-2D, ...). Prompts follow the lmms-eval
-tasks (bench_prompts.py), answers are greedy and batched (bench_model.py), metrics are the
-official ones (bench_metrics.py). Writes --out (JSON: metrics, per-category metrics, `count` =
-rows scored, skipped rows with their index and reason, every prediction) and a bar chart next
-to it (.png), and prints the per-category table.
+Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench, AI2D (names
+match case-insensitively by prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ...). Prompts follow
+the lmms-eval tasks (bench_prompts.py), answers are greedy and batched (bench_model.py), metrics
+are the official ones (bench_metrics.py). Writes --out (JSON: metrics, per-category metrics,
+`count` = rows scored, skipped rows with their index and reason, every prediction) and a bar
+chart next to it (.png), and prints the per-category table.
 
 --circular (multiple-choice benchmarks): accuracy per question, right only if every rotation of
 its options is answered right (MMBench's CircularEval); the rotations are the file's circular
@@ -64,6 +64,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("MMVP", bench_prompts.mmvp, bench_metrics.score_mmvp, "accuracy", 16,
               multiple_choice=True),
     Benchmark("CV-Bench", bench_prompts.cv_bench, bench_metrics.score_cv_bench, "accuracy", 64,
+              multiple_choice=True),
+    Benchmark("AI2D", bench_prompts.ai2d, bench_metrics.score_ai2d, "accuracy", 16,
               multiple_choice=True),
 )}
 

@@ -314,6 +314,30 @@ def score_exact(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   return _accuracy_report(rows, right, per_row)
 
 
+def ai2d_letter(row: Row) -> str:
+  """AI2D's reference letter: lmms-lab's `answer` is the option's index ('0'..), VLMEvalKit's
+  TSV has the letter."""
+  ans = str(row.answer).strip()
+  opts = options_of(row)
+  if ans.isdigit() and int(ans) < len(opts):
+    return list(opts)[int(ans)]
+  return answer_letter(row)
+
+
+def score_ai2d(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
+  """AI2D as lmms-eval scores it: the answer must be the option letter (exact_match, case and
+  punctuation ignored); `accuracy_extracted` also credits an answer that names the letter or
+  the option in more words (as MMBench's extraction)."""
+  letters = [ai2d_letter(r) for r in rows]
+  right = [exact_match(p, k) for p, k in zip(preds, letters)]
+  extracted = [extract_choice(p, options_of(r)) for r, p in zip(rows, preds)]
+  per_row = [{"index": r.index, "prediction": p, "extracted": e, "answer": k, "correct": bool(c)}
+             for r, p, e, k, c in zip(rows, preds, extracted, letters, right)]
+  rep = _accuracy_report(rows, right, per_row)
+  rep["metrics"]["accuracy_extracted"] = _mean([float(e == k) for e, k in zip(extracted, letters)])
+  return rep
+
+
 def score_mmvp(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   """MMVP accuracy and pair accuracy (file rows 2i, 2i+1 both right; incomplete pairs left
   out)."""

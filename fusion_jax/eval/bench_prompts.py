@@ -8,6 +8,7 @@ Strings copied from lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval, lmms_eval/
   * ScienceQA_IMG (scienceqa/scienceqa_img.yaml, utils.sqa_doc_to_text):
     "Context: {hint}\n{question}\nA. ..\nB. .." + MC_POST  (no Context line without a hint)
   * MMVP (mmvp/_default_template_yaml, utils.mmvp_doc_to_text): "{question}\nA. ..\nB. .." + MC_POST
+  * AI2D (ai2d/ai2d.yaml, utils.ai2d_doc_to_text, prompt_format mcq): the same layout as MMVP
   * CV-Bench (cv_bench/_default_template_yaml, utils.cv_bench_doc_to_text): CV_BENCH_PRE with the
     letters, "\n", then the dataset's `prompt` ("{question} Select from the following
     choices.\n(A) ..\n(B) ..", rebuilt from the option columns when the file has no prompt)
@@ -75,6 +76,9 @@ def scienceqa(row: Row) -> str:
 def mmvp(row: Row) -> str:
   opts = options_of(row)
   return _with_post(row.question + (f"\n{_lettered(opts)}" if opts else ""), MC_POST)
+
+
+ai2d = mmvp  # lmms-eval builds both as "{question}\nA. ..\nB. .." + MC_POST
 
 
 def cv_bench(row: Row) -> str:
