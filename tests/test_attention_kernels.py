@@ -166,3 +166,31 @@ def test_resolve_and_errors():
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
     ak.causal_attention(q, k, v, jnp.asarray(SEG), impl="cudnn")
+
+
+@pytest.mark.parametrize("samples,latents,prefix", [(1, True, True), (1, False, False),
+                                                    (2, True, False)])
+def test_fusion_passes_lengths_only_for_one_sample_prefix_rows(monkeypatch, samples, latents,
+                                                               prefix):
+  """P = 1 rows keep real tokens first; packed rows, and the latents ablation (latent slots
+  masked out of the row's middle), take the segment mask."""
+  import dataclasses
+
+  from fusion_jax.models import fusion
+  from fusion_jax.models.presets import TINY
+  cfg = dataclasses.replace(TINY, latents=latents)
+  batch = fusion.example_batch(cfg, batch_size=2, seq_len=64, max_questions=2, q=4,
+                               samples_per_row=samples)
+  seen = []
+
+  def spy(q, k, v, segment_ids, *, lengths=None, impl="auto"):
+    seen.append(lengths)
+    return dot_product_attention(q, k, v, ak.segment_mask(segment_ids))
+
+  monkeypatch.setattr(ak, "causal_attention", spy)
+  params = fusion.init(jax.random.key(0), cfg, batch)["params"]
+  seen.clear()
+  fusion.loss_fn(params, batch, cfg)
+  assert seen and all((x is not None) == prefix for x in seen)
+  if prefix:
+    np.testing.assert_array_equal(seen[0], np.asarray(batch["token_mask"]).sum(-1))

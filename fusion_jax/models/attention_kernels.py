@@ -15,8 +15,9 @@
           per row, not the 2 GiB of scores) and which costs time: on an H200 at FUSION 3B
           width, 2 x 4096 tokens, the lengths route cut attention from 172 to 90 ms and the
           train step from 0.809 to 0.738 s (README, "Speed on accelerators"). cuDNN runs
-          bf16/fp16 only: other dtypes are cast to bfloat16 and the output cast back. (jax exposes cuDNN's packed-segment layout only through a
-          private module; the mask route is public API.)
+          bf16/fp16 only: other dtypes are cast to bfloat16 and the output cast back. (jax
+          exposes cuDNN's packed-segment layout only through a private module; the mask
+          route is public API.)
   auto    splash on TPU, cudnn on GPU when the compute dtype is bf16/fp16, else xla.
 
 Segment ids (B, S) int32: tokens attend causally to earlier tokens of the same segment; 0 marks
