@@ -358,21 +358,29 @@ def _run_part(a, part: str) -> dict[str, Any]:
       return json.load(f)["runs"]
 
 
-def measure(a) -> dict[str, Any]:
-  """Times the runs `a` asks for; prints the table (part 'all') and returns the report."""
+def step_flops(a, cfg) -> dict[str, dict[str, Any]]:
+  """fusion_jax.models.flops.train_step_flops of the unpacked (and packed) runs; 'remat' is
+  None under a partial remat policy (it recomputes an unknown share)."""
   from fusion_jax.models import flops
-  from fusion_jax.models.presets import get_preset
-  cfg = model_config(a)
-  full_depth = get_preset(a.preset).llm.num_layers
   shapes = dict(batch=a.batch, seq_len=a.seq, q=a.q, remat=a.remat != "none")
   fl = {"unpacked": flops.train_step_flops(cfg, max_questions=a.questions, **shapes)}
   if a.packed:
     fl["packed"] = flops.train_step_flops(cfg, max_questions=a.packed * a.questions,
                                           images_per_row=a.packed, segments_per_row=a.packed,
                                           **shapes)
-  if a.remat not in ("full", "none"):  # a partial policy recomputes an unknown share
+  if a.remat not in ("full", "none"):
     for v in fl.values():
       v["remat"] = None
+  return fl
+
+
+def measure(a) -> dict[str, Any]:
+  """Times the runs `a` asks for; prints the table (part 'all') and returns the report."""
+  from fusion_jax.models import flops
+  from fusion_jax.models.presets import get_preset
+  cfg = model_config(a)
+  full_depth = get_preset(a.preset).llm.num_layers
+  fl = step_flops(a, cfg)
   torch_fl = flops.llm_train_flops(cfg.llm, batch=a.batch, seq_len=a.seq)
   tokens = a.batch * a.seq
   runs: dict[str, Any] = {}

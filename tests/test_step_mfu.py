@@ -56,8 +56,14 @@ def test_kernel_breakdown_by_class():
 
 def test_partial_remat_policy_reports_no_hfu():
   mod = _module()
-  a = mod.parse_args(["--tiny", "--layers", "1", "--vision-layers", "2", "--steps", "1",
-                      "--packed", "0", "--notorch", "--remat", "save_qkv_attn_mlp"])
-  assert mod.model_config(a).llm.remat_policy == "save_qkv_attn_mlp"
-  run = mod.measure(a)["runs"]["fusion unpacked"]
-  assert run["step_s"] > 0 and run["hfu"] is None and run["hardware_tflop"] is None
+  a = mod.parse_args(["--tiny", "--remat", "save_qkv_attn_mlp"])
+  cfg = mod.model_config(a)
+  assert cfg.llm.remat_policy == cfg.vision.remat_policy == "save_qkv_attn_mlp"
+  assert all(v["remat"] is None and v["model"] > 0 for v in mod.step_flops(a, cfg).values())
+  full = mod.parse_args(["--tiny"])
+  assert all(v["remat"] > 0 for v in mod.step_flops(full, mod.model_config(full)).values())
+  run = dict(step_s=0.5, devices=1, device="NVIDIA H200", real_tokens=100)
+  fig = mod.figures(run, {"model": 2e14, "remat": None}, tokens=100)  # recompute unknown
+  assert fig["mfu"] == 2e14 / 0.5 / 989e12 and fig["hfu"] is None
+  assert fig["hardware_tflop"] is None
+  assert mod.figures(run, {"model": 2e14, "remat": 1e14}, tokens=100)["hfu"] == 3e14 / 0.5 / 989e12
