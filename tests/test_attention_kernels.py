@@ -194,3 +194,17 @@ def test_fusion_passes_lengths_only_for_one_sample_prefix_rows(monkeypatch, samp
   assert seen and all((x is not None) == prefix for x in seen)
   if prefix:
     np.testing.assert_array_equal(seen[0], np.asarray(batch["token_mask"]).sum(-1))
+
+
+def test_parity_benchmark_runs_every_route():
+  """benchmarks/attention_parity.py (gpu_run.sh's first check on a GPU), emulated here in fp32."""
+  from experiment_helpers import load_benchmark
+  mod = load_benchmark("attention_parity")
+  args = mod.cli.parse(mod.define_flags, ["--seq", "128", "--heads", "4", "--kv_heads", "2",
+                                          "--head_dim", "16", "--dtype", "float32",
+                                          "--impls", "cudnn"], mod.PROG)
+  got = mod.check(args)
+  assert [(i, r) for i, r, _ in got] == [("cudnn", "mask"), ("cudnn", "lengths")]
+  assert all(e < 1e-5 for _, _, e in got)
+  packed, single = mod.segments(2, 128)
+  assert set(np.unique(packed[0])) == {0, 1, 2} and set(np.unique(single)) == {0, 1}
