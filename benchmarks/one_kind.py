@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from fusion_jax import run as run_lib  # noqa: E402
+from fusion_jax.eval import closed_qa  # noqa: E402
 from fusion_jax.eval.evaluate import run_eval  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -39,11 +40,11 @@ flags.DEFINE_integer("steps", 400, "training steps (batch: the config's global_b
 
 def select(records: list[dict], kind: str, category: str = "") -> list[dict]:
   """The records whose first closed question has answer kind `kind` (and category)."""
-  def first_kind(r: dict) -> str | None:
-    qa = next((q for q in r.get("qa") or () if q and q.get("candidates")), None)
-    return qa.get("answer_type") if qa else None
-  return [r for r in records
-          if first_kind(r) == kind and (not category or r.get("category") == category)]
+  first: dict[int, closed_qa.Question] = {}
+  for q in closed_qa.closed_questions(records):
+    first.setdefault(q.record_index, q)
+  return [records[i] for i, q in sorted(first.items())
+          if q.answer_type == kind and (not category or q.category == category)]
 
 
 def main(argv) -> None:

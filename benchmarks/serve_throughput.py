@@ -83,7 +83,7 @@ def main(a) -> int:
   from fusion_jax.infer.load import load_model
   from fusion_jax.serve.batcher import Batcher
   from fusion_jax.serve.chat import ChatLimits
-  from fusion_jax.serve.server import FusionServer
+  from fusion_jax.serve.server import FusionServer, warm_up
 
   workdir = a.workdir or _tiny_model_dir(tempfile.mkdtemp())
   model = load_model(workdir, dtype=a.dtype)
@@ -121,14 +121,10 @@ def main(a) -> int:
       out.append(res)
     return out
 
-  # Compile every batch-size bucket (the server pads a batch of k requests to a power of two).
-  from fusion_jax.serve.chat import chat_record, sampling_params
-  recs = [chat_record(b, srv.limits) for b in bodies]
-  sp = sampling_params(bodies[0], srv.limits)
-  k = 1
-  while k <= a.max_batch:
-    gen.generate([recs[i % len(recs)] for i in range(k)], sp)
-    k *= 2
+  # Compile every batch-size bucket (the server pads a batch of k requests to a power of two)
+  # with this benchmark's own prompt, so its length bucket is the one timed.
+  from fusion_jax.serve.chat import chat_record
+  warm_up(gen, srv.limits, a.max_tokens, chat_record(bodies[0], srv.limits))
   print(f"model {model.name} ({model.cfg.llm.dtype}), {a.requests} requests, max_tokens "
         f"{a.max_tokens}, max_batch {a.max_batch}, device {jax.devices()[0].platform}")
   for name, fn in (("sequential", sequential), ("concurrent", concurrent),

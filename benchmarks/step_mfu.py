@@ -7,8 +7,8 @@ r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline
   python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
 
 FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 params, remat
-of the decoder and tower layers by --remat (default full), scanned stacks, decoder attention by --attention
-(fusion_jax.models.attention_kernels). Rows are filled with real tokens (so tokens/s counts
+of the decoder and tower layers by --remat (default full), scanned stacks, decoder attention
+by --attention (fusion_jax.models.attention_kernels). Rows are filled with real tokens (so tokens/s counts
 real tokens); `--packed P` also times rows of P samples of S/P tokens each (segment ids, P
 images per row), when the model in this tree consumes packed batches (else that row says why
 not). Baseline: transformers' Phi3ForCausalLM, randomly initialised at the same width and depth
@@ -91,7 +91,8 @@ def flag_argv(a) -> list[str]:
   return [f"--preset={a.preset}", f"--layers={a.layers}", f"--vision-layers={a.vision_layers}",
           f"--batch={a.batch}", f"--seq={a.seq}", f"--q={a.q}", f"--questions={a.questions}",
           f"--packed={a.packed}", f"--attention={a.attention}", f"--dtype={a.dtype}",
-          f"--remat={a.remat}", "--scan" if a.scan else "--noscan", f"--steps={a.steps}", f"--profile={a.profile}"]
+          f"--remat={a.remat}", "--scan" if a.scan else "--noscan", f"--steps={a.steps}",
+          f"--profile={a.profile}"]
 
 
 # ------------------------------------------------------------------------------------ configs

@@ -32,8 +32,8 @@ from fusion_jax.convert.hf_siglip import (siglip_config_from_hf,  # noqa: E402
 from fusion_jax.convert.safetensors_io import SafetensorsReader  # noqa: E402
 from fusion_jax.models.vision import VisionTower, fusion_tower  # noqa: E402
 from fusion_jax.pretrain.pairs import PRETRAIN_SEED  # noqa: E402
-from fusion_jax.pretrain.refine import label_codes, object_code, patch_shares  # noqa: E402
-from fusion_jax.pretrain.tower import normalize  # noqa: E402
+from fusion_jax.pretrain.refine import patch_shares  # noqa: E402
+from fusion_jax.pretrain.tower import label_codes, normalize, object_code  # noqa: E402
 from fusion_jax.synth.backends import BackendConfig  # noqa: E402
 from fusion_jax.synth.pipeline import item_rngs  # noqa: E402
 from fusion_jax.synth.render import object_labels  # noqa: E402

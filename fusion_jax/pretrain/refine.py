@@ -35,7 +35,7 @@ from absl import flags
 
 from fusion_jax import cli
 from fusion_jax.pretrain import pairs, tower
-from fusion_jax.synth.scene import COLORS, SHAPES
+from fusion_jax.synth.scene import SHAPES
 
 PROG = "python -m fusion_jax.pretrain.refine"
 REFINE_SEED = pairs.PRETRAIN_SEED + 7  # +1 is benchmarks/tower_features_probe.py's
@@ -58,18 +58,6 @@ def define_flags(fv: flags.FlagValues) -> None:
                      flag_values=fv)
 
 
-def label_codes(object_labels: np.ndarray) -> np.ndarray:
-  """(H, W) int64 object code per pixel of synth.render.object_labels' (H, W, 2) classes:
-  16 * shape class + colour class, 0 where no object is drawn (one code per distinct shape and
-  colour; `code // 16` is the shape class)."""
-  return object_labels[..., 0].astype(np.int64) * 16 + object_labels[..., 1]
-
-
-def object_code(shape: str, color: str) -> int:
-  """`label_codes`' code of an object of this shape and colour."""
-  return 16 * (1 + SHAPES.index(shape)) + 1 + COLORS.index(color)
-
-
 def patch_shares(codes: np.ndarray, code: int, patch: int) -> np.ndarray:
   """(P,) share of each patch's pixels that show object `code` (patches row-major as the
   tower's tokens; pixels past the last whole patch are ignored)."""
@@ -86,11 +74,11 @@ def object_targets(items: Sequence[pairs.Item], patch: int
   weights = np.zeros((len(items), MAX_OBJECTS, g * g), np.float32)
   shapes = np.full((len(items), MAX_OBJECTS), -1, np.int32)
   for n, it in enumerate(items):
-    codes = label_codes(it.object_labels)
+    codes = tower.label_codes(it.object_labels)
     for k, c in enumerate([c for c in np.unique(codes) if c > 0][:MAX_OBJECTS]):
       share = patch_shares(codes, c, patch)
       weights[n, k] = share / share.sum()
-      shapes[n, k] = c // 16
+      shapes[n, k] = c // tower.DENSE_CLASSES[1]
   return weights, shapes
 
 

@@ -184,6 +184,18 @@ def qa_facts(items: Sequence[Item], encode: Callable[[str], list[int]], pad_id: 
               start=np.searchsorted(item, np.arange(len(items) + 1)))
 
 
+def label_codes(object_labels: np.ndarray) -> np.ndarray:
+  """(..., H, W) int64 object code per pixel of synth.render.object_labels' (..., H, W, 2)
+  classes: shape class * DENSE_CLASSES[1] + colour class, 0 where no object is drawn (one code
+  per distinct shape and colour; `code // DENSE_CLASSES[1]` is the shape class)."""
+  return object_labels[..., 0].astype(np.int64) * DENSE_CLASSES[1] + object_labels[..., 1]
+
+
+def object_code(shape: str, color: str) -> int:
+  """`label_codes`' code of an object of this shape and colour."""
+  return (1 + SHAPES.index(shape)) * DENSE_CLASSES[1] + 1 + COLORS.index(color)
+
+
 def patch_labels(items: Sequence[Item], patch: int) -> np.ndarray:
   """(N, P, 3) int32 dense targets, patches row-major as the tower's tokens: the shape and
   colour class (DENSE_CLASSES) of the object covering most of the patch (0 when none covers
@@ -193,7 +205,7 @@ def patch_labels(items: Sequence[Item], patch: int) -> np.ndarray:
   gh, gw = h // patch, w // patch
   labels = np.stack([it.object_labels if it.object_labels is not None
                      else np.zeros((h, w, 2), np.uint8) for it in items])
-  code = labels[..., 0].astype(np.int64) * DENSE_CLASSES[1] + labels[..., 1]  # 0 = none
+  code = label_codes(labels)  # 0 = none
   code = (code[:, :gh * patch, :gw * patch].reshape(n, gh, patch, gw, patch)
           .transpose(0, 1, 3, 2, 4).reshape(n * gh * gw, patch * patch))
   k = DENSE_CLASSES[0] * DENSE_CLASSES[1]

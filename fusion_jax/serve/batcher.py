@@ -65,11 +65,7 @@ class Batcher:
 
     Raises QueueFull when the queue is full, TimeoutError after timeout_s.
     """
-    item = _Pending(record, sampling)
-    try:
-      self._queue.put_nowait(item)
-    except queue.Full:
-      raise QueueFull(f"{self._queue.maxsize} requests already waiting; retry later") from None
+    item = self._enqueue(_Pending(record, sampling))
     if not item.done.wait(timeout_s):
       raise TimeoutError(f"no completion within {timeout_s} s")
     if item.error is not None:
@@ -85,12 +81,16 @@ class Batcher:
     Raises QueueFull at once when the queue is full, TimeoutError when nothing arrives for
     timeout_s.
     """
-    item = _Pending(record, sampling, events=queue.Queue(), stream=TextStream(sampling.stop))
+    item = self._enqueue(_Pending(record, sampling, events=queue.Queue(),
+                                  stream=TextStream(sampling.stop)))
+    return self._events(item, timeout_s)
+
+  def _enqueue(self, item: _Pending) -> _Pending:
     try:
       self._queue.put_nowait(item)
     except queue.Full:
       raise QueueFull(f"{self._queue.maxsize} requests already waiting; retry later") from None
-    return self._events(item, timeout_s)
+    return item
 
   @staticmethod
   def _events(item: _Pending, timeout_s: float | None) -> Iterator[str | Completion]:

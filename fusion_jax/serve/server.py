@@ -24,17 +24,17 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
 from PIL import Image
 
 from fusion_jax.data.errors import BadSample
-from fusion_jax.serve.batcher import Batcher, QueueFull
 from fusion_jax.infer.generator import Completion, Generator
 from fusion_jax.infer.sampling import SamplingParams
+from fusion_jax.serve.batcher import Batcher, QueueFull
 from fusion_jax.serve.chat import (ChatLimits, RequestError, chat_record, sampling_params,
                                    stream_settings)
 
@@ -232,17 +232,19 @@ class _Handler(BaseHTTPRequestHandler):
     self.wfile.flush()
 
 
-def warm_up(generator: Generator, limits: ChatLimits, max_tokens: int) -> list[float]:
-  """Compiles a typical request (one image, a short question, `max_tokens` new tokens) at every
-  batch-size bucket (1, 2, 4, ... max_batch), so the first requests find them compiled; a
-  prompt or answer of another length bucket still compiles on first use. Returns the seconds
-  per bucket."""
-  buf = io.BytesIO()
-  Image.new("RGB", (limits.image_size,) * 2, (128, 128, 128)).save(buf, "PNG")
-  url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-  record = chat_record({"messages": [{"role": "user", "content": [
-      {"type": "text", "text": "Describe the image."},
-      {"type": "image_url", "image_url": {"url": url}}]}]}, limits, "warm-up")
+def warm_up(generator: Generator, limits: ChatLimits, max_tokens: int,
+            record: Mapping[str, Any] | None = None) -> list[float]:
+  """Compiles a request at every batch-size bucket (1, 2, 4, ... max_batch), so the first
+  requests find them compiled; a prompt or answer of another length bucket still compiles on
+  first use. record: the prompt (default: a typical one, an image and a short question);
+  `max_tokens` new tokens. Returns the seconds per bucket."""
+  if record is None:
+    buf = io.BytesIO()
+    Image.new("RGB", (limits.image_size,) * 2, (128, 128, 128)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    record = chat_record({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Describe the image."},
+        {"type": "image_url", "image_url": {"url": url}}]}]}, limits, "warm-up")
   sampling = SamplingParams(max_new_tokens=max_tokens)
   seconds, b = [], 1
   while True:
