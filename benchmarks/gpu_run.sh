@@ -5,6 +5,11 @@
 #
 #   benchmarks/gpu_run.sh [OUT_DIR] [extra step_mfu.py flags, e.g. --batch 4 --layers 16]
 #
+# Environment: PARITY=0 / MEMORY=0 skip the attention checks, PACKED=N samples per packed row
+# (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH ..." the lighter-remat rows (default
+# dots_with_no_batch_dims:2), DEADLINE_S a time limit that rows are fitted under. Output in
+# OUT_DIR: gpu_run.log (everything printed), step_mfu*.json, hlo/*.hlo.txt.gz.
+#
 # Python: $PYTHON (default python3) must import jax with a CUDA backend, flax, optax,
 # ml_collections, torch with CUDA and transformers; the repository root goes on PYTHONPATH (the
 # package need not be installed). When it does not:
@@ -22,13 +27,14 @@
 # .whl/ folder, and start with
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site bash benchmarks/gpu_run.sh OUT
-# The table part took 5.5 minutes on an H200 (two FUSION compiles of about 50 s each); the
-# profile and the remat row add about 2.5 minutes (estimated, not yet run as one script).
+# The table part took 5.5 minutes on an H200 (two FUSION compiles of about 50 s each); each
+# remat row adds about 2 minutes (estimated).
 #
 # Depth: the full 32 LLM layers need about 16 bytes per parameter (fp32 weights, gradients, two
 # AdamW moments: ~70 GB for FUSION 3B) plus activations; on a GPU under 100 GiB the LLM is cut to
 # 16 layers (the table says so). Override with --layers.
 set -euo pipefail
+SECONDS=0  # DEADLINE_S counts from here
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -65,26 +71,52 @@ LAYERS=()
 if (( MEM_MIB < 100 * 1024 )); then LAYERS=(--layers 16); fi
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export PYTHONUNBUFFERED=1
+# One log for everything below (the lent machines bring back a handful of files).
+exec > >(tee -a "$OUT/gpu_run.log") 2>&1
+
+# A row starts only if its estimated cost fits before DEADLINE_S (seconds since this script
+# started; 0: no deadline), so a run under a hard time limit ends with whole rows.
+DEADLINE_S=${DEADLINE_S:-0}
+fits() {  # fits SECONDS NAME
+  if (( DEADLINE_S > 0 && SECONDS + $1 > DEADLINE_S )); then
+    echo "SKIPPED $2: ~$1 s would pass the ${DEADLINE_S} s deadline (at ${SECONDS} s)"
+    return 1
+  fi
+}
+
 # cuDNN's attention (both routes: packed rows' mask, one-sample rows' lengths) against the fp32
 # XLA path at Phi-3's head shape, bf16; reported, not fatal, so the timings still come back.
-"$PY" benchmarks/attention_parity.py --seq 2048 2>&1 | tee "$OUT/attention_parity.log" \
-  || echo "ATTENTION PARITY FAILED: see $OUT/attention_parity.log" | tee -a "$OUT/attention_parity.log"
+if [[ "${PARITY:-1}" == 1 ]] && fits 40 "attention parity"; then
+  "$PY" benchmarks/attention_parity.py --seq 2048 || echo "ATTENTION PARITY FAILED (above)"
+fi
 # One decoder layer's compiled temp memory, XLA vs cuDNN attention (compile only, seconds).
-"$PY" benchmarks/attention_memory.py --dtype bfloat16 --impls xla,cudnn 2>&1 \
-  | tee "$OUT/attention_memory.log"
-# The traces (about 10 MB per run) go to a scratch folder; the kernel-class breakdown is printed
-# and written into the JSON.
-PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" \
-  --profile "${PROFILE_DIR:-/tmp/fusion_step_profile}" "$@" \
-  --out "$OUT/step_mfu.json" 2>&1 | tee "$OUT/step_mfu.log"
-# Lighter remat than the table's full remat (the HFU - MFU gap is the recompute): one sample per
-# row, FUSION only; REMAT_POLICIES="" skips it.
-for policy in ${REMAT_POLICIES-dots_with_no_batch_dims}; do
-  PYTHONUNBUFFERED=1 "$PY" benchmarks/step_mfu.py --notorch --packed 0 --steps 5 --remat "$policy" \
-    "${LAYERS[@]}" "$@" --out "$OUT/step_mfu_remat_$policy.json" 2>&1 \
-    | tee "$OUT/step_mfu_remat_$policy.log"
+if [[ "${MEMORY:-1}" == 1 ]] && fits 40 "attention memory"; then
+  "$PY" benchmarks/attention_memory.py --dtype bfloat16 --impls xla,cudnn || true
+fi
+# The table: full remat, unpacked and packed (PACKED samples per row; 0: unpacked only), and the
+# PyTorch baseline. The traces (about 10 MB per run) go to a scratch folder; the kernel-class
+# breakdown and the slowest kernels are printed and written into the JSON, and each run's
+# compiled HLO (which names those kernels' fusions) into OUT_DIR/hlo.
+PACKED=${PACKED:-4}
+PROFILE_DIR=${PROFILE_DIR:-/tmp/fusion_step_profile}
+if fits $(( PACKED ? 300 : 190 )) "the table"; then
+  "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" --packed "$PACKED" \
+    --profile "$PROFILE_DIR" --hlo "$OUT/hlo" "$@" --out "$OUT/step_mfu.json" \
+    || echo "TABLE RUN FAILED (above)"
+fi
+# Lighter remat than the table's full remat (the HFU - MFU gap is the recompute): FUSION only,
+# one sample per row. REMAT_ROWS lists POLICY:BATCH pairs ("" skips them); a row that does not
+# fit the device's memory fails alone.
+for row in ${REMAT_ROWS-dots_with_no_batch_dims:2}; do
+  policy=${row%%:*} batch=${row##*:}
+  fits 110 "remat $policy batch $batch" || continue
+  "$PY" benchmarks/step_mfu.py --notorch --packed 0 --steps 5 --remat "$policy" \
+    --batch "$batch" --profile "$PROFILE_DIR/$row" "${LAYERS[@]}" "$@" \
+    --out "$OUT/step_mfu_remat_${policy}_b$batch.json" || echo "REMAT ROW $row FAILED (above)"
 done
 for json_path in "$OUT"/step_mfu*.json; do
+  [[ -e "$json_path" ]] || continue
   "$PY" - "$json_path" "$JAXV" "$PIN" <<'EOF'
 import json, sys
 path, ran, pinned = sys.argv[1:]
@@ -93,3 +125,4 @@ report.update(jax_version=ran, jax_pinned=pinned)
 json.dump(report, open(path, "w"), indent=1)
 EOF
 done
+echo "gpu_run.sh done in ${SECONDS} s"

@@ -3,7 +3,7 @@ r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline
   python benchmarks/step_mfu.py [--preset fusion_3b] [--layers 32] [--vision-layers 26]
       [--batch 2] [--seq 4096] [--q 64] [--questions 4] [--packed 4] [--attention auto]
       [--dtype bfloat16] [--remat full] [--noscan] [--steps 10] [--notorch] [--isolate]
-      [--out step_mfu.json] [--profile DIR]
+      [--out step_mfu.json] [--profile DIR] [--hlo DIR]
   python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
 
 FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 params, remat
@@ -21,7 +21,8 @@ same module (None on CPU: no MFU). With fewer --layers than the preset (one devi
 the table says so. `--isolate` runs each framework in its own process (GPU: JAX and torch would
 otherwise hold each other's memory); benchmarks/gpu_run.sh sets it. `--profile DIR` traces two
 more steps of each FUSION run (jax.profiler, perfetto) and prints the accelerator's time per
-step by kernel class: matmuls, attention forward / backward, the rest.
+step by kernel class: matmuls, attention forward / backward, the rest, and the slowest kernels
+by name; `--hlo DIR` writes each run's compiled HLO, which names those kernels' fusions.
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("out", "", "also write the report as JSON here", flag_values=fv)
   flags.DEFINE_string("profile", "", "trace 2 more steps of each FUSION run under this folder "
                       "and print the accelerator time by kernel class", flag_values=fv)
+  flags.DEFINE_string("hlo", "", "write each FUSION run's compiled HLO here (RUN.hlo.txt.gz)",
+                      flag_values=fv)
 
 
 def with_tiny(argv: list[str]) -> list[str]:
@@ -92,7 +95,7 @@ def flag_argv(a) -> list[str]:
           f"--batch={a.batch}", f"--seq={a.seq}", f"--q={a.q}", f"--questions={a.questions}",
           f"--packed={a.packed}", f"--attention={a.attention}", f"--dtype={a.dtype}",
           f"--remat={a.remat}", "--scan" if a.scan else "--noscan", f"--steps={a.steps}",
-          f"--profile={a.profile}"]
+          f"--profile={a.profile}", f"--hlo={a.hlo}"]
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -183,10 +186,11 @@ def build_step(cfg, batch: dict[str, np.ndarray]):
   return compiled, params, opt, dev_batch, time.perf_counter() - t
 
 
-def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = ""
-             ) -> dict[str, Any]:
+def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = "",
+             hlo_path: str = "") -> dict[str, Any]:
   """Compile + median step time of a FUSION AdamW train step on the default device; with
-  `profile_dir`, two more steps are traced there and summarised by kernel class."""
+  `profile_dir`, two more steps are traced there and summarised by kernel class (and the
+  slowest kernels by name); with `hlo_path`, the compiled HLO text is written there (gzip)."""
   import jax
   compiled, params, opt, dev_batch, compile_s = build_step(cfg, batch)
   scores = _scores_in_hlo(compiled.as_text(), batch["input_ids"].shape[1])
@@ -206,7 +210,14 @@ def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = "
       for _ in range(PROFILE_STEPS):
         params, opt, loss = compiled(params, opt, dev_batch)
       loss.block_until_ready()
-    out["kernel_ms_per_step"] = kernel_breakdown(profile_dir, PROFILE_STEPS)
+    events = trace_events(profile_dir)
+    out["kernel_ms_per_step"] = events_breakdown(events, PROFILE_STEPS)
+    out["top_kernels"] = top_kernels(events, PROFILE_STEPS) if out["kernel_ms_per_step"] else []
+  if hlo_path:  # the optimized module, to map the profile's fusion names to their HLO
+    import gzip
+    os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
+    with gzip.open(hlo_path, "wt") as f:
+      f.write(compiled.as_text())
   return out
 
 
@@ -225,29 +236,33 @@ def kernel_class(name: str) -> str:
   return next(c for c, rx in KERNEL_CLASSES if re.search(rx, name, re.I))
 
 
-def kernel_breakdown(profile_dir: str, steps: int) -> dict[str, float] | None:
-  """Milliseconds per step by kernel class on the accelerator's compute streams of the newest
-  perfetto trace under `profile_dir` (plus 'busy' and 'span'); None when the trace holds no
-  accelerator kernels (CPU)."""
+def trace_events(profile_dir: str) -> list[dict[str, Any]]:
+  """The Chrome-trace events of the newest perfetto trace under `profile_dir` ([] if none)."""
   import glob
   import gzip
   paths = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
                            recursive=True), key=os.path.getmtime)
   if not paths:
-    return None
+    return []
   with gzip.open(paths[-1]) as f:
     trace = json.load(f)
-  return events_breakdown(trace["traceEvents"] if isinstance(trace, dict) else trace, steps)
+  return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def events_breakdown(events: list[dict[str, Any]], steps: int) -> dict[str, float] | None:
-  """`kernel_breakdown` of a list of Chrome-trace events."""
+def device_kernels(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The kernel events on the accelerator's compute streams."""
   procs = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  kernels = [e for e in events if e.get("ph") == "X" and "GPU" in procs.get(e.get("pid"), "")
-             and "Compute" in threads.get((e["pid"], e.get("tid")), "")]
+  return [e for e in events if e.get("ph") == "X" and "GPU" in procs.get(e.get("pid"), "")
+          and "Compute" in threads.get((e["pid"], e.get("tid")), "")]
+
+
+def events_breakdown(events: list[dict[str, Any]], steps: int) -> dict[str, float] | None:
+  """Milliseconds per step by kernel class on the accelerator's compute streams (plus 'busy'
+  and 'span'); None when the events hold no accelerator kernels (CPU)."""
+  kernels = device_kernels(events)
   if not kernels:
     return None
   out = {c: 0.0 for c, _ in KERNEL_CLASSES}
@@ -257,6 +272,19 @@ def events_breakdown(events: list[dict[str, Any]], steps: int) -> dict[str, floa
   out["span"] = (max(e["ts"] + e["dur"] for e in kernels)
                  - min(e["ts"] for e in kernels)) / 1e3 / steps
   return out
+
+
+def top_kernels(events: list[dict[str, Any]], steps: int, n: int = 25) -> list[dict[str, Any]]:
+  """The `n` kernels (by name: one XLA fusion, e.g. of a scanned layer body, sums its calls)
+  with the most accelerator time: name, class, ms and calls per step, slowest first."""
+  by_name: dict[str, list[float]] = {}
+  for e in device_kernels(events):
+    t = by_name.setdefault(e["name"], [0.0, 0])
+    t[0] += e["dur"] / 1e3 / steps
+    t[1] += 1 / steps
+  rows = sorted(by_name.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
+  return [dict(name=k, kernel_class=kernel_class(k), ms=round(ms, 3), calls=round(c, 2))
+          for k, (ms, c) in rows]
 
 
 def time_torch(llm_cfg, *, batch: int, seq: int, steps: int) -> dict[str, Any]:
@@ -346,6 +374,10 @@ def _trace_dir(a, run: str) -> str:
   return os.path.join(a.profile, run) if a.profile else ""
 
 
+def _hlo_path(a, run: str) -> str:
+  return os.path.join(a.hlo, f"{run}.hlo.txt.gz") if a.hlo else ""
+
+
 def _run_part(a, part: str) -> dict[str, Any]:
   """This script's `part` in a fresh process (its own device memory); its runs dict."""
   import tempfile
@@ -393,13 +425,15 @@ def measure(a) -> dict[str, Any]:
   else:
     if a.part in ("all", "jax"):
       b = unpacked_batch(cfg, batch=a.batch, seq=a.seq, lq=a.questions, q=a.q)
-      runs["fusion unpacked"] = figures(time_jax(cfg, b, a.steps, _trace_dir(a, "unpacked")),
+      runs["fusion unpacked"] = figures(time_jax(cfg, b, a.steps, _trace_dir(a, "unpacked"),
+                                                 _hlo_path(a, "unpacked")),
                                         fl["unpacked"], tokens)
       if a.packed:
         try:
           b = packed_batch(cfg, batch=a.batch, seq=a.seq, lq=a.questions, q=a.q,
                            samples=a.packed)
-          runs["fusion packed"] = figures(time_jax(cfg, b, a.steps, _trace_dir(a, "packed")),
+          runs["fusion packed"] = figures(time_jax(cfg, b, a.steps, _trace_dir(a, "packed"),
+                                                   _hlo_path(a, "packed")),
                                           fl["packed"], tokens)
         except Exception as e:  # the model may not consume packed batches yet
           msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -432,6 +466,8 @@ def measure(a) -> dict[str, Any]:
     for name, r in runs.items():
       if r.get("kernel_ms_per_step"):
         print(kernels_line(name, r["kernel_ms_per_step"]))
+        print("\n".join(f"  {k['ms']:8.2f} ms {k['calls']:7.1f}x  {k['kernel_class'][:5]:5}  "
+                         f"{k['name'][:90]}" for k in r["top_kernels"][:15]))
   if a.out:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

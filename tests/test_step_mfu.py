@@ -1,4 +1,5 @@
 """benchmarks/step_mfu.py runs end to end on CPU at tiny shapes (FUSION step + torch baseline)."""
+import gzip
 import json
 
 from experiment_helpers import load_benchmark
@@ -12,7 +13,8 @@ def test_tiny_run_writes_the_table_json(tmp_path, capsys):
   out = tmp_path / "mfu.json"
   mod = _module()
   report = mod.measure(mod.parse_args(["--tiny", "--layers", "1", "--vision-layers", "2",
-                                       "--steps", "1", "--dtype", "float32", "--out", str(out)]))
+                                       "--steps", "1", "--dtype", "float32", "--out", str(out),
+                                       "--hlo", str(tmp_path / "hlo")]))
   assert json.loads(out.read_text())["runs"].keys() == report["runs"].keys()
   fusion, torch = report["runs"]["fusion unpacked"], report["runs"]["torch Phi3 baseline"]
   for run in (fusion, torch):
@@ -26,6 +28,8 @@ def test_tiny_run_writes_the_table_json(tmp_path, capsys):
   assert 0 < report["fusion_flops_share"]["unpacked"] < 1
   assert report["llm_layers"] == 1 and report["preset_llm_layers"] == 4
   assert "fusion unpacked | cpu |" in capsys.readouterr().out
+  with gzip.open(tmp_path / "hlo" / "unpacked.hlo.txt.gz", "rt") as f:
+    assert f.read().startswith("HloModule")
 
 
 def test_kernel_breakdown_by_class():
@@ -48,6 +52,13 @@ def test_kernel_breakdown_by_class():
   assert ms == {"attention backward": 2.0, "attention forward": 1.0, "matmul": 4.0,
                 "other (elementwise, norms, copies)": 2.0, "busy": 9.0, "span": 10.0}
   assert mod.events_breakdown(meta[1:2], steps=1) is None  # no accelerator: no breakdown
+  events.append({"ph": "X", "pid": 1, "tid": 7, "name": "loop_add_fusion_21", "ts": 20000,
+                 "dur": 1000})
+  top = mod.top_kernels(events, steps=2, n=2)
+  assert top == [{"name": "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "kernel_class": "matmul",
+                  "ms": 3.0, "calls": 0.5},
+                 {"name": "loop_add_fusion_21", "kernel_class": "other (elementwise, norms, "
+                  "copies)", "ms": 2.5, "calls": 1.0}]
   line = mod.kernels_line("fusion unpacked", ms)
   assert line == ("fusion unpacked, kernels per step: matmul 4.0 ms, attention backward 2.0 ms, "
                   "other (elementwise, norms, copies) 2.0 ms, attention forward 1.0 ms "
