@@ -6,8 +6,9 @@ r"""The decoder's attention kernels against the float32 XLA path, on the device 
 Random q, k, v in --dtype; row 0 holds two packed samples and padding, row 1 one sample and
 padding. Each kernel runs both routes it has: `mask` (segment ids: packed rows) and, for cudnn,
 `lengths` (one sample per row, real tokens first: the segment ids with every sample id set to 1
-and the row's real-token count). Prints, per kernel and route, the largest error of the output
-and of the q / k / v gradients of sum(out * w) on real rows, relative to the largest reference
+and the row's real-token count), and `full`: the vision tower's unmasked bidirectional
+attention (attention_kernels.full_attention, cudnn only). Prints, per kernel and route, the
+largest error of the output and of the q / k / v gradients of sum(out * w) on real rows, relative to the largest reference
 value, against --tolerance. Exit status 1 when one exceeds it. On a machine without the
 kernel's hardware, cudnn runs its wrapper on jax's XLA path and splash in Pallas interpret mode
 (tests/test_attention_kernels.py checks those at 1e-5 in fp32); on a GPU this is the check that
@@ -61,24 +62,29 @@ def check(a) -> list[tuple[str, str, float]]:
   on_device = {"cudnn": jax.default_backend() == "gpu", "splash": jax.default_backend() == "tpu"}
   out = []
   packed, single = segments(b, s)
-  for route, seg in (("mask", packed), ("lengths", single)):
+  every = np.ones((b, s), np.int32)
+  for route, seg in (("mask", packed), ("lengths", single), ("full", every)):
     seg = jnp.asarray(seg)
     real = (seg > 0)[:, :, None, None]
     lengths = jnp.sum(seg > 0, axis=1).astype(jnp.int32) if route == "lengths" else None
 
-    def loss(q, k, v, impl, seg=seg, real=real, lengths=lengths):
-      kw = {} if impl == "xla" else {"lengths": lengths}
+    def loss(q, k, v, impl, seg=seg, real=real, lengths=lengths, route=route):
+      kw = {}
       if impl == "cudnn" and not on_device["cudnn"]:
         kw["cudnn_implementation"] = "xla"
-      o = ak.causal_attention(q, k, v, seg, impl=impl, **kw).astype(jnp.float32)
+      if route == "full":  # the vision tower's unmasked bidirectional attention
+        o = ak.full_attention(q, k, v, impl=impl, **kw).astype(jnp.float32)
+      else:
+        kw.update({} if impl == "xla" else {"lengths": lengths})
+        o = ak.causal_attention(q, k, v, seg, impl=impl, **kw).astype(jnp.float32)
       o = jnp.where(real, o, 0.0)  # padding rows are read by nothing
       return jnp.sum(o * w), o
 
     vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
     (_, ref), gref = vg(*(x.astype(jnp.float32) for x in (q, k, v)), "xla")
     for impl in a.impls:
-      if route == "lengths" and impl != "cudnn":
-        continue  # only cuDNN has a lengths route
+      if route in ("lengths", "full") and impl != "cudnn":
+        continue  # only cuDNN has a lengths route and a tower kernel
       (_, got), g = vg(q, k, v, impl)
       errs = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / (jnp.max(jnp.abs(r)) + 1e-12))
               for x, r in zip((got, *g), (ref, *gref))]

@@ -5,9 +5,9 @@
 #
 #   benchmarks/gpu_run.sh [OUT_DIR] [extra step_mfu.py flags, e.g. --batch 4 --layers 16]
 #
-# Environment: PARITY=0 / MEMORY=0 skip the attention checks, PACKED=N samples per packed row
-# (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH ..." the lighter-remat rows (default
-# dots_with_no_batch_dims:2), DEADLINE_S a time limit that rows are fitted under. Output in
+# Environment: PARITY=0 / MEMORY=0 skip the attention checks, TABLE=0 the table run, PACKED=N samples per packed row
+# (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH[:TOWER] ..." the lighter-remat rows
+# (default dots_with_no_batch_dims:2), DEADLINE_S a time limit that rows are fitted under. Output in
 # OUT_DIR: gpu_run.log (everything printed), step_mfu*.json, hlo/*.hlo.txt.gz.
 #
 # Python: $PYTHON (default python3) must import jax with a CUDA backend, flax, optax,
@@ -100,20 +100,23 @@ fi
 # compiled HLO (which names those kernels' fusions) into OUT_DIR/hlo.
 PACKED=${PACKED:-4}
 PROFILE_DIR=${PROFILE_DIR:-/tmp/fusion_step_profile}
-if fits $(( PACKED ? 300 : 190 )) "the table"; then
+if [[ "${TABLE:-1}" == 1 ]] && fits $(( PACKED ? 300 : 190 )) "the table"; then
   "$PY" benchmarks/step_mfu.py --isolate --steps 5 "${LAYERS[@]}" --packed "$PACKED" \
     --profile "$PROFILE_DIR" --hlo "$OUT/hlo" "$@" --out "$OUT/step_mfu.json" \
     || echo "TABLE RUN FAILED (above)"
 fi
 # Lighter remat than the table's full remat (the HFU - MFU gap is the recompute): FUSION only,
-# one sample per row. REMAT_ROWS lists POLICY:BATCH pairs ("" skips them); a row that does not
-# fit the device's memory fails alone.
+# one sample per row. REMAT_ROWS lists POLICY:BATCH[:TOWER_ATTENTION] rows ("" skips them;
+# TOWER_ATTENTION is step_mfu's --vision-attention, default auto); a row that does not fit the
+# device's memory fails alone.
 for row in ${REMAT_ROWS-dots_with_no_batch_dims:2}; do
-  policy=${row%%:*} batch=${row##*:}
-  fits 110 "remat $policy batch $batch" || continue
+  IFS=: read -r policy batch tower <<< "$row"
+  tower=${tower:-auto}
+  fits 110 "remat $policy batch $batch tower $tower" || continue
   "$PY" benchmarks/step_mfu.py --notorch --packed 0 --steps 5 --remat "$policy" \
-    --batch "$batch" --profile "$PROFILE_DIR/$row" "${LAYERS[@]}" "$@" \
-    --out "$OUT/step_mfu_remat_${policy}_b$batch.json" || echo "REMAT ROW $row FAILED (above)"
+    --batch "$batch" --vision-attention "$tower" --profile "$PROFILE_DIR/$row" "${LAYERS[@]}" \
+    "$@" --out "$OUT/step_mfu_remat_${policy}_b${batch}_tower_$tower.json" \
+    || echo "REMAT ROW $row FAILED (above)"
 done
 for json_path in "$OUT"/step_mfu*.json; do
   [[ -e "$json_path" ]] || continue

@@ -2,6 +2,7 @@ r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline
 
   python benchmarks/step_mfu.py [--preset fusion_3b] [--layers 32] [--vision-layers 26]
       [--batch 2] [--seq 4096] [--q 64] [--questions 4] [--packed 4] [--attention auto]
+      [--vision-attention auto]
       [--dtype bfloat16] [--remat full] [--noscan] [--steps 10] [--notorch] [--isolate]
       [--out step_mfu.json] [--profile DIR] [--hlo DIR]
   python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
@@ -56,6 +57,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("questions", 4, "question slots per sample (Lq)", flag_values=fv)
   flags.DEFINE_integer("packed", 4, "samples per packed row (0 = no packed run)", flag_values=fv)
   flags.DEFINE_string("attention", "auto", "LLMConfig.attention_impl", flag_values=fv)
+  flags.DEFINE_string("vision-attention", "auto", "VisionConfig.attention_impl (the tower's "
+                      "unmasked attention: tiles)", flag_values=fv)
   flags.DEFINE_string("dtype", "bfloat16", "compute dtype", flag_values=fv)
   from fusion_jax.parallel.remat import POLICY_NAMES
   flags.DEFINE_enum("remat", "full", POLICY_NAMES,
@@ -93,7 +96,8 @@ def flag_argv(a) -> list[str]:
   """The shape and model flags of `a` as arguments (what an --isolate subprocess gets)."""
   return [f"--preset={a.preset}", f"--layers={a.layers}", f"--vision-layers={a.vision_layers}",
           f"--batch={a.batch}", f"--seq={a.seq}", f"--q={a.q}", f"--questions={a.questions}",
-          f"--packed={a.packed}", f"--attention={a.attention}", f"--dtype={a.dtype}",
+          f"--packed={a.packed}", f"--attention={a.attention}",
+          f"--vision-attention={a.vision_attention}", f"--dtype={a.dtype}",
           f"--remat={a.remat}", "--scan" if a.scan else "--noscan", f"--steps={a.steps}",
           f"--profile={a.profile}", f"--hlo={a.hlo}"]
 
@@ -108,7 +112,8 @@ def model_config(a):
                         remat_policy=a.remat, scan_layers=a.scan,
                         attention_impl=a.attention)
   vision = dataclasses.replace(cfg.vision, num_layers=a.vision_layers or cfg.vision.num_layers,
-                               dtype=a.dtype, remat_policy=a.remat, scan_layers=a.scan)
+                               dtype=a.dtype, remat_policy=a.remat, scan_layers=a.scan,
+                               attention_impl=a.vision_attention)
   return cfg.replace(llm=llm, vision=vision)
 
 
@@ -212,7 +217,8 @@ def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = "
       loss.block_until_ready()
     events = trace_events(profile_dir)
     out["kernel_ms_per_step"] = events_breakdown(events, PROFILE_STEPS)
-    out["top_kernels"] = top_kernels(events, PROFILE_STEPS) if out["kernel_ms_per_step"] else []
+    out["top_kernels"] = (top_kernels(events, PROFILE_STEPS, n=300)
+                          if out["kernel_ms_per_step"] else [])
   if hlo_path:  # the optimized module, to map the profile's fusion names to their HLO
     import gzip
     os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
@@ -451,7 +457,7 @@ def measure(a) -> dict[str, Any]:
       preset=a.preset, llm_layers=cfg.llm.num_layers, preset_llm_layers=full_depth,
       vision_layers=cfg.vision.num_layers, batch=a.batch, seq_len=a.seq, q=a.q,
       questions=a.questions, packed_samples=a.packed, dtype=a.dtype, attention=a.attention,
-      remat=a.remat, scan=a.scan,
+      vision_attention=a.vision_attention, remat=a.remat, scan=a.scan,
       fusion_flops_share={k: v["fusion_share"] for k, v in fl.items()},
       flops_fwd={k: v["fwd"] for k, v in fl.items()}, runs=runs)
   if a.part == "all":
@@ -459,7 +465,8 @@ def measure(a) -> dict[str, Any]:
           + (" (fewer than the preset, for one device's memory)" if cfg.llm.num_layers < full_depth
              else "")
           + f", tower {cfg.vision.num_layers} layers, {a.batch} x {a.seq} tokens/step, q {a.q}, "
-          f"Lq {a.questions}, {a.dtype}, remat {a.remat}, attention {a.attention}")
+          f"Lq {a.questions}, {a.dtype}, remat {a.remat}, attention {a.attention} "
+          f"(tower {a.vision_attention})")
     print("FUSION-specific share of the model FLOPs (tower, projectors, interaction): "
           + ", ".join(f"{k} {v['fusion_share']:.1%}" for k, v in fl.items()))
     print(table(report))

@@ -204,7 +204,66 @@ def test_parity_benchmark_runs_every_route():
                                           "--head_dim", "16", "--dtype", "float32",
                                           "--impls", "cudnn"], mod.PROG)
   got = mod.check(args)
-  assert [(i, r) for i, r, _ in got] == [("cudnn", "mask"), ("cudnn", "lengths")]
+  assert [(i, r) for i, r, _ in got] == [("cudnn", "mask"), ("cudnn", "lengths"),
+                                         ("cudnn", "full")]
   assert all(e < 1e-5 for _, _, e in got)
   packed, single = mod.segments(2, 128)
   assert set(np.unique(packed[0])) == {0, 1, 2} and set(np.unique(single)) == {0, 1}
+
+
+# The vision tower's unmasked attention (tiles, plain images): bidirectional, every key.
+@pytest.mark.parametrize("sharded", [False, True])
+def test_full_attention_cudnn_wrapper_matches_xla(sharded):
+  q, k, v = _qkv(5, H)  # the tower: as many kv heads as q heads
+  w = jnp.asarray(np.random.default_rng(6).normal(size=(B, S, H, HD)), jnp.float32)
+
+  def loss(q, k, v, impl):
+    out = ak.full_attention(q, k, v, impl=impl, cudnn_implementation="xla")
+    return jnp.sum(out * w), out
+
+  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+  (_, ref), gref = vg(q, k, v, "xla")
+  np.testing.assert_allclose(ref, dot_product_attention(q, k, v), atol=1e-6)
+  if sharded:
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
+        nn.logical_axis_rules(DEFAULT_RULES):
+      (_, out), got = vg(q, k, v, "cudnn")
+  else:
+    (_, out), got = vg(q, k, v, "cudnn")
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  for g, r in zip(got, gref):
+    np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_tower_sends_only_unmasked_attention_to_the_kernel(monkeypatch):
+  from fusion_jax.models.text_guided import text_guided_features
+  from fusion_jax.models.vision import VisionConfig, VisionTower
+  cfg = VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
+                     num_layers=4, num_heads=4, dtype="float32", attention_impl="cudnn",
+                     scan_layers=True)
+  calls = []
+  real = ak.full_attention
+
+  def spy(q, k, v, *, impl="auto"):
+    calls.append(impl)
+    return real(q, k, v, impl=impl, cudnn_implementation="xla")
+
+  monkeypatch.setattr(ak, "full_attention", spy)
+  tower = VisionTower(cfg)
+  pix = jnp.asarray(np.random.default_rng(7).normal(size=(2, 16, 16, 3)), jnp.float32)
+  plain_features = lambda m, p: m.features(m.embed(p))  # noqa: E731
+  params = tower.init(jax.random.key(0), pix, method=plain_features)
+  calls.clear()
+  plain = tower.apply(params, pix, method=plain_features)
+  assert calls and set(calls) == {"cudnn"}
+  ref = VisionTower(VisionConfig(**{**cfg.to_dict(), "attention_impl": "xla"})).apply(
+      params, pix, method=plain_features)
+  np.testing.assert_allclose(plain, ref, atol=1e-5)
+  calls.clear()  # the text-guided image has masks and uniform rows: the XLA path, no kernel
+  text = jnp.asarray(np.random.default_rng(8).normal(size=(2, 5, 32)), jnp.float32)
+  tmask = jnp.asarray(np.arange(5)[None] < np.array([[5], [3]]))
+  tower.apply(params, pix, text, tmask, method=lambda m, p, t, tm: text_guided_features(
+      m, m.embed(p), t, tm))
+  assert not calls
+  with pytest.raises(ValueError, match="attention_impl"):
+    VisionConfig(**{**cfg.to_dict(), "attention_impl": "splash"})

@@ -1,5 +1,6 @@
 """Causal self-attention of the LLM decoder (training, cache-less forward) by kernel, chosen by
-`LLMConfig.attention_impl`:
+`LLMConfig.attention_impl` (and, in `full_attention`, the vision tower's unmasked attention by
+`VisionConfig.attention_impl`):
 
   xla     fusion_jax.models.attention.dot_product_attention with a (B, 1, S, S) segment mask:
           float32 scores (B, H, S, S) are materialised (2 GiB per 4k row per layer at 32 heads).
@@ -201,13 +202,12 @@ def _axis_size(mesh, axes) -> int:
 
 
 def _sharded(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
-             segment_ids: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
-  """fn per shard of a shard_map over the batch and heads mesh axes (no mesh: fn directly);
-  `lengths` is passed on only when given."""
-  extra = () if lengths is None else (lengths,)
+             *per_row: jax.Array) -> jax.Array:
+  """fn(q, k, v, *per_row) per shard of a shard_map over the batch and heads mesh axes (no
+  mesh: fn directly); `per_row` arrays (segment ids, lengths) are split by batch only."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return fn(q, k, v, segment_ids, *extra)
+    return fn(q, k, v, *per_row)
   batch_ax, _, heads_ax, _ = _mesh_axes(("batch", "length", "heads", "head_dim"))
   h, kv = q.shape[2], k.shape[2]
   if q.shape[0] % _axis_size(mesh, batch_ax):
@@ -219,9 +219,9 @@ def _sharded(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Ar
     # Whole kv groups per shard need KV divisible too; else give every q head its own kv head.
     k, v = (jnp.repeat(x, h // kv, axis=2) for x in (k, v))
   qs = P(batch_ax, None, heads_ax, None)
-  in_specs = (qs, qs, qs, P(batch_ax, None)) + ((P(batch_ax),) if extra else ())
+  in_specs = (qs, qs, qs) + tuple(P(batch_ax, *(None,) * (x.ndim - 1)) for x in per_row)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=qs,
-                       check_vma=False)(q, k, v, segment_ids, *extra)
+                       check_vma=False)(q, k, v, *per_row)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
@@ -251,5 +251,29 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
       raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
                        f"{_backend()!r}); use 'auto' or 'xla'")
     fn = functools.partial(cudnn_attention, implementation=cudnn_implementation)
-    return _sharded(fn, q, k, v, segment_ids, lengths)
+    return _sharded(fn, q, k, v, segment_ids, *(() if lengths is None else (lengths,)))
   return _sharded(fn, q, k, v, segment_ids)
+
+
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
+                   cudnn_implementation: str = "cudnn") -> jax.Array:
+  """Bidirectional attention with no mask (the vision tower's tiles and plain images).
+
+  q, k, v: (B, M, H, hd). impl: VisionConfig.attention_impl; 'cudnn' (what 'auto' resolves to
+  on a GPU in bf16/fp16) runs jax.nn.dot_product_attention's cuDNN kernel, anything else the XLA
+  path (float32 scores (B, H, M, M)). Returns (B, M, H, hd) in q's dtype.
+  """
+  if resolve_impl(impl, q.dtype) != "cudnn":
+    return dot_product_attention(q, k, v)
+  if cudnn_implementation == "cudnn" and _backend() not in ("gpu", "cuda"):
+    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
+                     f"{_backend()!r}); use 'auto' or 'xla'")
+
+  def fn(q, k, v):
+    dt = q.dtype
+    if cudnn_implementation == "cudnn" and jnp.dtype(dt) not in _HALF:
+      q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, implementation=cudnn_implementation
+                                        ).astype(dt)
+
+  return _sharded(fn, q, k, v)

@@ -28,11 +28,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from fusion_jax import config_util
 from fusion_jax.parallel import remat as remat_lib
+from fusion_jax.models import attention_kernels
 from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.connector import connector_k, feature_connector
 from fusion_jax.models.layers import DenseGeneral
 from fusion_jax.parallel.remat import policy_from_name, remat
 from fusion_jax.parallel.sharding import constrain
+
+
+VISION_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +53,19 @@ class VisionConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False        # one nn.scan over the layers (stacked `layers` params)
+  # Kernel of the unmasked attention (tiles, plain images): auto | xla | cudnn
+  # (attention_kernels.full_attention; auto = cudnn on a GPU in bf16). Masked attention (the
+  # text-guided image) always takes the XLA path.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     # image_size need not be a multiple of patch_size: the VALID conv drops the remainder
     # (SigLIP so400m: 384 // 14 = 27 patches per side, the last 6 pixels unused).
     if self.patch_size > self.image_size:
       raise ValueError(f"VisionConfig: patch_size {self.patch_size} > image_size {self.image_size}")
+    if self.attention_impl not in VISION_ATTENTION_IMPLS:
+      raise ValueError(f"VisionConfig.attention_impl={self.attention_impl!r}; choose one of "
+                       f"{VISION_ATTENTION_IMPLS}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"VisionConfig: hidden_size {self.hidden_size} is not divisible by "
                        f"num_heads {self.num_heads}")
@@ -204,7 +215,10 @@ class VisionAttention(nn.Module):
     q = checkpoint_name(constrain(in_proj("q_proj"), names), remat_lib.QUERY_PROJ)
     k = checkpoint_name(constrain(in_proj("k_proj"), names), remat_lib.KEY_PROJ)
     v = checkpoint_name(constrain(in_proj("v_proj"), names), remat_lib.VALUE_PROJ)
-    out = dot_product_attention(q, k, v, mask, uniform_rows=uniform_rows)
+    if mask is None and uniform_rows is None:
+      out = attention_kernels.full_attention(q, k, v, impl=cfg.attention_impl)
+    else:
+      out = dot_product_attention(q, k, v, mask, uniform_rows=uniform_rows)
     out = checkpoint_name(out, remat_lib.ATTN_OUT)
     out = DenseGeneral(
         cfg.hidden_size, kernel_axes=("heads", "head_dim", "embed"), axis=(-2, -1),
