@@ -49,6 +49,7 @@ from fusion_jax.parallel.sharding import DEFAULT_RULES, mesh_axes_of
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _TARGET: list[str] = []  # target_backend's stack; empty = jax's default backend
 _LANES = 128  # splash needs sequence blocks that are multiples of the TPU lane width
+_CUDNN_ROWS = 64  # full_attention pads the tower's rows to a multiple of this for cuDNN
 
 
 @contextlib.contextmanager
@@ -270,10 +271,17 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "aut
                      f"{_backend()!r}); use 'auto' or 'xla'")
 
   def fn(q, k, v):
-    dt = q.dtype
+    dt, (b, m) = q.dtype, q.shape[:2]
     if cudnn_implementation == "cudnn" and jnp.dtype(dt) not in _HALF:
       q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    return jax.nn.dot_product_attention(q, k, v, implementation=cudnn_implementation
-                                        ).astype(dt)
+    # cuDNN's training kernels refuse some lengths (jax 0.11 on an H200: 729, SigLIP's 27 x 27
+    # patches): pad the rows to a multiple of 64; the padded keys are cut off by the key
+    # lengths and the padded query rows dropped.
+    pad = -m % _CUDNN_ROWS
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=jnp.full((b,), m, jnp.int32) if pad else None,
+        implementation=cudnn_implementation)
+    return out[:, :m].astype(dt)
 
   return _sharded(fn, q, k, v)
