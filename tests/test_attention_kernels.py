@@ -267,3 +267,11 @@ def test_tower_sends_only_unmasked_attention_to_the_kernel(monkeypatch):
   assert not calls
   with pytest.raises(ValueError, match="attention_impl"):
     VisionConfig(**{**cfg.to_dict(), "attention_impl": "splash"})
+
+
+def test_full_attention_keeps_xla_for_head_widths_cudnn_refuses():
+  rng = np.random.default_rng(9)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 8, 2, 12)), jnp.float32) for _ in range(3))
+  # cudnn_implementation='cudnn' off a GPU raises, so reaching the XLA path proves the guard.
+  out = ak.full_attention(q, k, v, impl="cudnn")
+  np.testing.assert_allclose(out, dot_product_attention(q, k, v), atol=1e-6)

@@ -261,10 +261,15 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "aut
   """Bidirectional attention with no mask (the vision tower's tiles and plain images).
 
   q, k, v: (B, M, H, hd). impl: VisionConfig.attention_impl; 'cudnn' (what 'auto' resolves to
-  on a GPU in bf16/fp16) runs jax.nn.dot_product_attention's cuDNN kernel, anything else the XLA
-  path (float32 scores (B, H, M, M)). Returns (B, M, H, hd) in q's dtype.
+  on a GPU in bf16/fp16) runs jax.nn.dot_product_attention's cuDNN kernel when hd is a multiple
+  of 8 up to 128 (SigLIP: 72), anything else the XLA path (float32 scores (B, H, M, M)).
+  Returns (B, M, H, hd) in q's dtype.
   """
-  if resolve_impl(impl, q.dtype) != "cudnn":
+  # cuDNN's flash kernels take head widths that are multiples of 8 up to 128 on every GPU
+  # generation (jax checks it while differentiating, deep inside the tower's scan): others
+  # stay on the XLA path.
+  hd = q.shape[-1]
+  if resolve_impl(impl, q.dtype) != "cudnn" or hd % 8 or hd > 128:
     return dot_product_attention(q, k, v)
   if cudnn_implementation == "cudnn" and _backend() not in ("gpu", "cuda"):
     raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
