@@ -44,6 +44,24 @@ def test_tsv_end_to_end(model_dir, tmp_path, capsys):
   assert "skipped 9:" in printed and "overall" in printed
 
 
+def test_mmstar_tsv_end_to_end(model_dir, tmp_path):
+  cols = ["index", "question", "A", "B", "answer", "category", "l2-category", "image"]
+  rows = [{"index": i, "question": "Which colour? Options: A: red, B: blue", "A": "red",
+           "B": "blue", "answer": "AB"[i % 2], "category": ["math", "coarse perception"][i // 2],
+           "l2-category": ["geometry", "image emotion"][i // 2],
+           "image": png_b64((60 * i, 20, 200))} for i in range(4)]
+  data = write_tsv(tmp_path / "MMStar.tsv", rows, cols)
+  out = str(tmp_path / "mmstar.json")
+  bench.main(["--workdir", model_dir, "--benchmark", "MMStar", "--data", str(data),
+              "--out", out, "--batch_size", "2", "--max_new_tokens", "3"])
+  rep = json.load(open(out))
+  assert rep["count"] == 4 and set(rep["categories"]) == {"math", "coarse perception"}
+  right = {p["l2_category"]: [] for p in rep["predictions"]}
+  for p in rep["predictions"]:
+    right[p["l2_category"]].append(p["correct"])
+  assert rep["metrics"]["average"] == sum(sum(v) / len(v) for v in right.values()) / 2
+
+
 def test_jsonl_end_to_end_answers_match_generate(model_dir, tmp_path):
   os.makedirs(tmp_path / "img")
   for i, color in enumerate([(250, 0, 0), (0, 0, 250)]):

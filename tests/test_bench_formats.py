@@ -72,6 +72,18 @@ def test_prompts_follow_lmms_eval():
   assert bench_prompts.ai2d(ai2d) == (  # lmms-eval ai2d_doc_to_text, prompt_format mcq
       "Which stage comes first?\nA. egg\nB. larva\n"
       "Answer with the option's letter from the given choices directly.")
+  star = Row("1", "Which animal is it?\nOptions: A: cat, B: dog", "A",
+             options={"A": "cat", "B": "dog"})
+  assert bench_prompts.mmstar(star) == (  # lmms-eval mmstar_doc_to_text: no full stop
+      "Which animal is it?\nOptions: A: cat, B: dog\n"
+      "Answer with the option's letter from the given choices directly")
+  bare = Row("1", " Which animal is it? ", "A", options={"A": "cat", "B": "dog"})
+  assert bench_prompts.mmstar(bare) == bench_prompts.mmstar(star)  # options appended likewise
+  seed = Row("1", "How many cats?", "B", extra={f"choice_{c}": str(i) for i, c in
+                                                 enumerate("abcd")})
+  assert bench_prompts.seedbench(seed) == (  # lmms-eval seed_doc_to_text
+      "How many cats?\nA. 0\nB. 1\nC. 2\nD. 3\n"
+      "Answer with the option's letter from the given choices directly.")
   assert bench_prompts.cv_bench(q) == (
       "Note: You only need to respond with A, B without providing any additional information.\n"
       "\nWhich way? Select from the following choices.\n(A) left\n(B) right")

@@ -154,6 +154,29 @@ def test_ai2d_exact_letter_like_lmms_eval():
   assert rep["categories"]["Y"]["accuracy"] == 0.0
 
 
+def test_mmstar_match_and_l2_average_like_lmms_eval():
+  assert [bm.mmstar_match(p, "B") for p in
+          ("B", "b) dog", "(B)", "Option B", "The answer is B.", "A", "", "answer: B")] == \
+      [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+  spec = [("math", "geometry", "A", "A"), ("math", "geometry", "B", "A"),
+          ("math", "statistical reasoning", "C", "C"),
+          ("coarse perception", "image emotion", "D", "(D)")]
+  rows = [_mc(i, ans, cat, extra={"l2-category": l2}) for i, (cat, l2, ans, _) in enumerate(spec)]
+  rep = bm.score_mmstar(rows, [p for *_, p in spec])
+  m = rep["metrics"]
+  assert m["accuracy"] == 0.75
+  assert m["average"] == (0.5 + 1.0 + 1.0) / 3  # the mean over l2-categories
+  assert rep["categories"]["math"]["average"] == 0.75
+  assert rep["categories"]["coarse perception"]["average"] == 1.0
+
+
+def test_seedbench_first_character_like_lmms_eval():
+  rows = [_mc(i, ans) for i, ans in enumerate("ABCD")]
+  rep = bm.score_seedbench(rows, ["A", " B. dog", "c", "The answer is D"])
+  assert [r["correct"] for r in rep["rows"]] == [True, True, False, False]
+  assert rep["metrics"]["accuracy"] == 0.5
+
+
 def test_cv_bench_accuracy_and_official_overall():
   two = {"A": "left", "B": "right"}
   spec = [("ADE20K", "Count", "(A)", "A"), ("ADE20K", "Count", "(A)", "B"),

@@ -7,8 +7,9 @@ r"""Evaluate a FUSION model on a benchmark file, with the benchmark's official m
 
 DIR is a training workdir or a model dir (import_torch / import_hf). --data is a VLMEvalKit TSV
 (base64 images inside) or a LLaVA question jsonl with --answers (fusion_jax/eval/bench_formats.py).
-Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench, AI2D (names
-match case-insensitively by prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ...). Prompts follow
+Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench, AI2D, MMStar,
+SEEDBench_IMG (names match case-insensitively by prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST,
+SEEDBench_IMG, ...). Prompts follow
 the lmms-eval tasks (bench_prompts.py), answers are greedy and batched (bench_model.py), metrics
 are the official ones (bench_metrics.py). Writes --out (JSON: metrics, per-category metrics,
 `count` = rows scored, skipped rows with their index and reason, every prediction) and a bar
@@ -42,7 +43,8 @@ class Benchmark:
   """How one benchmark is asked and scored.
 
   max_new_tokens: lmms-eval's generation limit for the task (MMBench and CV-Bench, 1024 there,
-  are capped at 64: their answers are one letter; TextVQA's task names none: 32).
+  are capped at 64: their answers are one letter; the TextVQA, MMStar and SEED-Bench tasks name
+  none: 32).
   """
   name: str
   prompt: Callable[[Row], str]
@@ -67,6 +69,10 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               multiple_choice=True),
     Benchmark("AI2D", bench_prompts.ai2d, bench_metrics.score_ai2d, "accuracy", 16,
               multiple_choice=True),
+    Benchmark("MMStar", bench_prompts.mmstar, bench_metrics.score_mmstar, "average", 32,
+              multiple_choice=True),
+    Benchmark("SEEDBench_IMG", bench_prompts.seedbench, bench_metrics.score_seedbench,
+              "accuracy", 32, multiple_choice=True),
 )}
 
 

@@ -338,6 +338,59 @@ def score_ai2d(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   return rep
 
 
+def mmstar_match(prediction: str, letter: str) -> float:
+  """MMStar's exact_match (lmms-eval mmstar/utils.py, from MMStar): the answer's first
+  character is the letter, or follows '(', 'option ' or 'the answer is ' (case ignored)."""
+  ans, pred = letter.lower().strip(), prediction.lower().strip().replace("\n", " ")
+  for prefix in ("", "(", "option ", "the answer is "):
+    if pred.startswith(prefix) and len(pred) > len(prefix) and pred[len(prefix)] == ans:
+      return 1.0
+  return 0.0
+
+
+def score_mmstar(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
+  """MMStar as lmms-eval aggregates it: `average` (the headline) is the mean over the 18
+  l2-categories of their accuracy; each of the 6 categories reports the mean over its own
+  l2-categories; `accuracy` is the plain mean over questions."""
+  letters = [answer_letter(r) for r in rows]
+  right = [mmstar_match(p, k) for p, k in zip(preds, letters)]
+  l2 = [r.extra.get("l2-category") or r.extra.get("l2_category") or r.category or "all"
+        for r in rows]
+  per_row = [{"index": r.index, "prediction": p, "answer": k, "l2_category": c,
+              "correct": bool(v)} for r, p, k, c, v in zip(rows, preds, letters, l2, right)]
+  rep = _accuracy_report(rows, right, per_row)
+
+  def l2_mean(members: Sequence[int]) -> float:
+    groups: dict[str, list[float]] = collections.defaultdict(list)
+    for i in members:
+      groups[l2[i]].append(right[i])
+    return _mean([_mean(v) for v in groups.values()])
+
+  rep["metrics"]["average"] = l2_mean(range(len(rows)))
+  by_cat: dict[str, list[int]] = collections.defaultdict(list)
+  for i, r in enumerate(rows):
+    by_cat[r.category or "all"].append(i)
+  for cat, members in by_cat.items():
+    rep["categories"][cat]["average"] = l2_mean(members)
+  return rep
+
+
+def seed_letter(prediction: str) -> str:
+  """SEED-Bench's reading of an answer (lmms-eval seed_process_result): its first character
+  after stripping, compared as is (case counts)."""
+  return prediction.strip()[:1]
+
+
+def score_seedbench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
+  """SEED-Bench accuracy as lmms-eval scores it: the answer's first character must be the
+  option letter; per category (the question type) too."""
+  letters = [answer_letter(r) for r in rows]
+  right = [float(seed_letter(p) == k) for p, k in zip(preds, letters)]
+  per_row = [{"index": r.index, "prediction": p, "answer": k, "correct": bool(v)}
+             for r, p, k, v in zip(rows, preds, letters, right)]
+  return _accuracy_report(rows, right, per_row)
+
+
 def score_mmvp(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   """MMVP accuracy and pair accuracy (file rows 2i, 2i+1 both right; incomplete pairs left
   out)."""

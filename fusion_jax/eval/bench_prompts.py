@@ -16,6 +16,12 @@ Strings copied from lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval, lmms_eval/
   * TextVQA (textvqa/_default_template_textvqa_yaml, utils.textvqa_doc_to_text):
     "{question.capitalize()}" + SHORT_POST
   * MME (mme/mme.yaml, utils.mme_doc_to_text): the question with MME_REPLACED removed, + SHORT_POST
+  * MMStar (mmstar/_default_template_yaml, utils.mmstar_doc_to_text): the stripped question,
+    which carries its options ("Options: A: .., B: .."), with MME_REPLACED removed, + MMSTAR_POST
+    (MC_POST without its full stop); a file whose question lacks the options gets them appended
+    in that style from its option columns
+  * SEED-Bench (seedbench/utils.seed_doc_to_text): the MMVP layout over choices A-D (the
+    dataset's choice_a .. choice_d columns, or option columns)
 LLaVA question jsonl `text` often already ends in the instruction; it is then not added twice.
 """
 from __future__ import annotations
@@ -30,6 +36,8 @@ MC_POST = "\nAnswer with the option's letter from the given choices directly."
 SHORT_POST = "\nAnswer the question using a single word or phrase."
 MMBENCH_OPTIONS_HEADER = "There are several options:"
 MME_REPLACED = " Please answer yes or no."
+MMSTAR_POST = "\nAnswer with the option's letter from the given choices directly"
+MMSTAR_OPTIONS_HEADER = "Options:"
 CV_BENCH_PRE = ("Note: You only need to respond with {} without providing any additional "
                 "information.\n")
 
@@ -43,6 +51,9 @@ def options_of(row: Row) -> dict[str, str]:
   ("(a) x (b) y" as MMVP's, or a list as CV-Bench's)."""
   if row.options:
     return dict(row.options)
+  named = {c.upper(): row.extra[f"choice_{c}"] for c in "abcdefgh" if f"choice_{c}" in row.extra}
+  if named:  # SEED-Bench's choice_a .. choice_d
+    return named
   raw = row.extra.get("options") or row.extra.get("choices") or ""
   if raw.startswith("["):
     try:
@@ -79,6 +90,15 @@ def mmvp(row: Row) -> str:
 
 
 ai2d = mmvp  # lmms-eval builds both as "{question}\nA. ..\nB. .." + MC_POST
+seedbench = mmvp  # and SEED-Bench too (its choices are A-D)
+
+
+def mmstar(row: Row) -> str:
+  q = row.question.strip().replace(MME_REPLACED, "")
+  opts = options_of(row)
+  if opts and MMSTAR_OPTIONS_HEADER not in q:
+    q += f"\n{MMSTAR_OPTIONS_HEADER} " + ", ".join(f"{k}: {v}" for k, v in opts.items())
+  return _with_post(q, MMSTAR_POST)
 
 
 def cv_bench(row: Row) -> str:
