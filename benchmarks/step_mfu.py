@@ -22,8 +22,11 @@ same module (None on CPU: no MFU). With fewer --layers than the preset (one devi
 the table says so. `--isolate` runs each framework in its own process (GPU: JAX and torch would
 otherwise hold each other's memory); benchmarks/gpu_run.sh sets it. `--profile DIR` traces two
 more steps of each FUSION run (jax.profiler, perfetto) and prints the accelerator's time per
-step by kernel class: matmuls, attention forward / backward, the rest, and the slowest kernels
-by name; `--hlo DIR` writes each run's compiled HLO, which names those kernels' fusions.
+step by kernel class (matmuls, attention forward / backward, the rest), by part of the model
+(tower, LLM, interaction layers, projectors, loss and optimizer: each kernel's HLO instruction's
+op_name; cuBLAS / cuDNN kernels count only where the trace names their instruction) and the
+slowest kernels by name; `--hlo DIR` writes each run's compiled HLO, which names those kernels'
+fusions.
 """
 from __future__ import annotations
 
@@ -219,6 +222,9 @@ def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = "
     out["kernel_ms_per_step"] = events_breakdown(events, PROFILE_STEPS)
     out["top_kernels"] = (top_kernels(events, PROFILE_STEPS, n=300)
                           if out["kernel_ms_per_step"] else [])
+    if out["top_kernels"]:
+      out["kernel_ms_by_part"] = stack_breakdown(out["top_kernels"],
+                                                 hlo_op_names(compiled.as_text()))
   if hlo_path:  # the optimized module, to map the profile's fusion names to their HLO
     import gzip
     os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
@@ -288,9 +294,42 @@ def top_kernels(events: list[dict[str, Any]], steps: int, n: int = 25) -> list[d
     t = by_name.setdefault(e["name"], [0.0, 0])
     t[0] += e["dur"] / 1e3 / steps
     t[1] += 1 / steps
+  hlo_op = {}  # the profiler's annotation of a kernel with its HLO instruction, where present
+  for e in device_kernels(events):
+    hlo_op.setdefault(e["name"], (e.get("args") or {}).get("hlo_op"))
   rows = sorted(by_name.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
-  return [dict(name=k, kernel_class=kernel_class(k), ms=round(ms, 3), calls=round(c, 2))
-          for k, (ms, c) in rows]
+  return [dict(name=k, kernel_class=kernel_class(k), ms=round(ms, 3), calls=round(c, 2),
+               hlo_op=hlo_op.get(k)) for k, (ms, c) in rows]
+
+
+# Parts of the step by the op_name metadata of a kernel's HLO instruction; first match wins.
+STACKS = (("interaction layers", r"/block/"), ("tower", r"vision_tower"),
+          ("projectors", r"projector"), ("llm", r"(^|/)llm[./]"),
+          ("loss, optimizer, glue", r""))
+
+
+def hlo_op_names(hlo: str) -> dict[str, str]:
+  """{instruction name: op_name metadata} of a compiled module's HLO text."""
+  out = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo, re.M):
+    out.setdefault(m.group(1), m.group(2))
+  return out
+
+
+def stack_breakdown(kernels: list[dict[str, Any]], op_names: dict[str, str]
+                    ) -> dict[str, float]:
+  """ms per step by part of the model (STACKS) of `top_kernels` rows: a kernel's HLO
+  instruction is its `hlo_op`, else its name read as a fusion's ('loop_add_fusion_3' ->
+  'loop_add_fusion.3'); kernels with neither in `op_names` (cuBLAS / cuDNN kernels without an
+  annotation, copies) are 'unattributed'."""
+  out: dict[str, float] = {}
+  for k in kernels:
+    instr = k.get("hlo_op") or re.sub(r"_(\d+)$", r".\1", k["name"])
+    op = op_names.get(instr, op_names.get(k["name"]))
+    part = ("unattributed" if op is None else
+            next(name for name, rx in STACKS if re.search(rx, op)))
+    out[part] = round(out.get(part, 0.0) + k["ms"], 3)
+  return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def time_torch(llm_cfg, *, batch: int, seq: int, steps: int) -> dict[str, Any]:
@@ -473,6 +512,9 @@ def measure(a) -> dict[str, Any]:
     for name, r in runs.items():
       if r.get("kernel_ms_per_step"):
         print(kernels_line(name, r["kernel_ms_per_step"]))
+        if r.get("kernel_ms_by_part"):
+          print(f"{name}, kernels per step by part: " + ", ".join(
+              f"{k} {v:.1f} ms" for k, v in r["kernel_ms_by_part"].items()))
         print("\n".join(f"  {k['ms']:8.2f} ms {k['calls']:7.1f}x  {k['kernel_class'][:5]:5}  "
                          f"{k['name'][:90]}" for k in r["top_kernels"][:15]))
   if a.out:

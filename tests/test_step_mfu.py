@@ -54,11 +54,21 @@ def test_kernel_breakdown_by_class():
   assert mod.events_breakdown(meta[1:2], steps=1) is None  # no accelerator: no breakdown
   events.append({"ph": "X", "pid": 1, "tid": 7, "name": "loop_add_fusion_21", "ts": 20000,
                  "dur": 1000})
+  events[len(meta) + 2]["args"] = {"hlo_op": "custom-call.7"}  # the profiler's annotation
   top = mod.top_kernels(events, steps=2, n=2)
   assert top == [{"name": "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "kernel_class": "matmul",
-                  "ms": 3.0, "calls": 0.5},
+                  "ms": 3.0, "calls": 0.5, "hlo_op": "custom-call.7"},
                  {"name": "loop_add_fusion_21", "kernel_class": "other (elementwise, norms, "
-                  "copies)", "ms": 2.5, "calls": 1.0}]
+                  "copies)", "ms": 2.5, "calls": 1.0, "hlo_op": None}]
+  hlo = ("HloModule jit_step\n"
+         '  %custom-call.7 = bf16[8]{0} custom-call(%p), metadata={op_name="jit(step)/jvp(Fusion)'
+         '/Fusion._forward/Fusion.encode_images/vision_tower.features/while/body/mlp/dot"}\n'
+         '  %loop_add_fusion.21 = f32[8]{0} fusion(%a, %b), kind=kLoop, metadata={op_name='
+         '"jit(step)/transpose(jvp(Fusion))/Fusion._forward/llm/llm._segments/while/body/'
+         'groups/block/cross_attn/add"}\n')
+  ops = mod.hlo_op_names(hlo)
+  assert mod.stack_breakdown(mod.top_kernels(events, steps=2), ops) == {
+      "tower": 3.0, "interaction layers": 2.5, "unattributed": 4.0}
   line = mod.kernels_line("fusion unpacked", ms)
   assert line == ("fusion unpacked, kernels per step: matmul 4.0 ms, attention backward 2.0 ms, "
                   "other (elementwise, norms, copies) 2.0 ms, attention forward 1.0 ms "
