@@ -227,7 +227,8 @@ def compile_report(config: Any, topology: str, *, q: int = 0,
       temporaries_gib=temp / GIB, generated_code_gib=code / GIB,
       per_chip_peak_gib=peak / GIB, hbm_gib=hbm_per_device, fits=bool(peak <= hbm_per_device * GIB),
       flops_per_step=float(cost.get("flops", 0.0)) * len(devices),
-      model_flops_per_step=float(model["model"]), hardware_flops_per_step=float(model["hardware"]),
+      model_flops_per_step=float(model["model"]),
+      hardware_flops_per_step=None if model["hardware"] is None else float(model["hardware"]),
       peak_flops_per_chip=flops_lib.peak_flops(devices[0].device_kind), **stats)
 
 
@@ -251,7 +252,9 @@ def format_report(r: dict[str, Any]) -> str:
       f"  peak                 {r['per_chip_peak_gib']:10.2f}   of {r['hbm_gib']:.1f} HBM -> "
       + ("fits" if r["fits"] else "DOES NOT FIT"),
       f"FLOPs per step: model {r['model_flops_per_step']:.3e} (hardware, with remat "
-      f"{r['hardware_flops_per_step']:.3e}); XLA count {r['flops_per_step']:.3e} "
+      + ("n/a under a partial remat policy" if r["hardware_flops_per_step"] is None
+         else f"{r['hardware_flops_per_step']:.3e}")
+      + f"); XLA count {r['flops_per_step']:.3e} "
       "(a scanned stack's body counted once)",
   ]
   return "\n".join(lines)

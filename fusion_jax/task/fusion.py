@@ -248,12 +248,16 @@ class FusionTask:
             for k in self.batch_axes}
 
   def step_flops(self, rows: int, q: int | None = None) -> dict[str, Any]:
-    """Analytical FLOPs of one train step of `rows` rows (fusion_jax.models.flops)."""
+    """Analytical FLOPs of one train step of `rows` rows (fusion_jax.models.flops); 'hardware'
+    is None under a partial remat policy (it recomputes a share the formula does not know)."""
     s, lq, q, p = self._step_shape(q)
-    remat = (self.remat_policy or self.cfg.llm.remat_policy) != "none"
-    return flops_lib.train_step_flops(self.cfg, batch=rows, seq_len=s, q=q,
-                                      max_questions=lq * p, remat=remat, images_per_row=p,
-                                      segments_per_row=p)
+    policy = self.remat_policy or self.cfg.llm.remat_policy
+    out = flops_lib.train_step_flops(self.cfg, batch=rows, seq_len=s, q=q,
+                                     max_questions=lq * p, remat=policy != "none",
+                                     images_per_row=p, segments_per_row=p)
+    if policy not in ("full", "none"):
+      out["hardware"] = None
+    return out
 
   def adapt_params(self, params: Any) -> Any:
     """A stored tree (init_from: model dirs, other runs) in this model's layer layout."""
