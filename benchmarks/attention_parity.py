@@ -6,8 +6,9 @@ r"""The decoder's attention kernels against the float32 XLA path, on the device 
 Random q, k, v in --dtype; row 0 holds two packed samples and padding, row 1 one sample and
 padding. Each kernel runs both routes it has: `mask` (segment ids: packed rows) and, for cudnn,
 `lengths` (one sample per row, real tokens first: the segment ids with every sample id set to 1
-and the row's real-token count), and `full`: the vision tower's unmasked bidirectional
-attention (attention_kernels.full_attention, cudnn only). Prints, per kernel and route, the
+and the row's real-token count); for the vision tower (cudnn only), `full`: unmasked
+bidirectional attention (attention_kernels.full_attention), and `keys`: the text-guided image's
+rule, valid keys first and uniform rows (key_padding_attention). Prints, per kernel and route, the
 largest error of the output and of the q / k / v gradients of sum(out * w) on real rows, relative to the largest reference
 value, against --tolerance. Exit status 1 when one exceeds it. On a machine without the
 kernel's hardware, cudnn runs its wrapper on jax's XLA path and splash in Pallas interpret mode
@@ -63,7 +64,8 @@ def check(a) -> list[tuple[str, str, float]]:
   out = []
   packed, single = segments(b, s)
   every = np.ones((b, s), np.int32)
-  for route, seg in (("mask", packed), ("lengths", single), ("full", every)):
+  uniform = jnp.asarray(np.arange(s)[None] >= s - s // 8).repeat(b, axis=0)
+  for route, seg in (("mask", packed), ("lengths", single), ("full", every), ("keys", single)):
     seg = jnp.asarray(seg)
     real = (seg > 0)[:, :, None, None]
     lengths = jnp.sum(seg > 0, axis=1).astype(jnp.int32) if route == "lengths" else None
@@ -74,6 +76,9 @@ def check(a) -> list[tuple[str, str, float]]:
         kw["cudnn_implementation"] = "xla"
       if route == "full":  # the vision tower's unmasked bidirectional attention
         o = ak.full_attention(q, k, v, impl=impl, **kw).astype(jnp.float32)
+      elif route == "keys":  # the text-guided image: valid keys first, uniform text rows
+        o = ak.key_padding_attention(q, k, v, seg > 0, uniform_rows=uniform, impl=impl,
+                                     **kw).astype(jnp.float32)
       else:
         kw.update({} if impl == "xla" else {"lengths": lengths})
         o = ak.causal_attention(q, k, v, seg, impl=impl, **kw).astype(jnp.float32)
@@ -83,7 +88,7 @@ def check(a) -> list[tuple[str, str, float]]:
     vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
     (_, ref), gref = vg(*(x.astype(jnp.float32) for x in (q, k, v)), "xla")
     for impl in a.impls:
-      if route in ("lengths", "full") and impl != "cudnn":
+      if route in ("lengths", "full", "keys") and impl != "cudnn":
         continue  # only cuDNN has a lengths route and a tower kernel
       (_, got), g = vg(q, k, v, impl)
       errs = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / (jnp.max(jnp.abs(r)) + 1e-12))

@@ -205,7 +205,7 @@ def test_parity_benchmark_runs_every_route():
                                           "--impls", "cudnn"], mod.PROG)
   got = mod.check(args)
   assert [(i, r) for i, r, _ in got] == [("cudnn", "mask"), ("cudnn", "lengths"),
-                                         ("cudnn", "full")]
+                                         ("cudnn", "full"), ("cudnn", "keys")]
   assert all(e < 1e-5 for _, _, e in got)
   packed, single = mod.segments(2, 128)
   assert set(np.unique(packed[0])) == {0, 1, 2} and set(np.unique(single)) == {0, 1}
@@ -235,7 +235,43 @@ def test_full_attention_cudnn_wrapper_matches_xla(sharded):
     np.testing.assert_allclose(g, r, atol=1e-5)
 
 
-def test_tower_sends_only_unmasked_attention_to_the_kernel(monkeypatch):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_key_padding_attention_matches_xla(sharded):
+  """The text-guided image's rule: valid keys first (lengths route) or not (the cond's XLA
+  branch), with uniform rows, against the XLA path's mask + uniform rows, forward and grad."""
+  q, k, v = _qkv(10, H)
+  valid = np.zeros((B, S), bool)
+  valid[0, :150], valid[1, :S - 7] = True, True
+  ragged = valid.copy()
+  ragged[1, 20] = False  # a hole: not a prefix
+  uniform = jnp.asarray(np.arange(S)[None] >= np.array([[140], [180]]))
+  assert ak.valid_keys_first(jnp.asarray(valid)) and not ak.valid_keys_first(jnp.asarray(ragged))
+  w = jnp.asarray(np.random.default_rng(11).normal(size=(B, S, H, HD)), jnp.float32)
+  for key_valid in (valid, ragged):
+    kv = jnp.asarray(key_valid)
+
+    def loss(q, k, v, impl, kv=kv):
+      if impl == "xla":
+        out = dot_product_attention(q, k, v, kv[:, None, None, :], uniform_rows=uniform)
+      else:
+        out = ak.key_padding_attention(q, k, v, kv, uniform_rows=uniform, impl=impl,
+                                       cudnn_implementation="xla")
+      return jnp.sum(out * w), out
+
+    vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (_, ref), gref = vg(q, k, v, "xla")
+    if sharded:
+      with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
+          nn.logical_axis_rules(DEFAULT_RULES):
+        (_, out), got = vg(q, k, v, "cudnn")
+    else:
+      (_, out), got = vg(q, k, v, "cudnn")
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    for g, r in zip(got, gref):
+      np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_tower_routes_attention_to_the_kernels(monkeypatch):
   from fusion_jax.models.text_guided import text_guided_features
   from fusion_jax.models.vision import VisionConfig, VisionTower
   cfg = VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
@@ -244,27 +280,33 @@ def test_tower_sends_only_unmasked_attention_to_the_kernel(monkeypatch):
   calls = []
   real = ak.full_attention
 
-  def spy(q, k, v, *, impl="auto"):
-    calls.append(impl)
-    return real(q, k, v, impl=impl, cudnn_implementation="xla")
+  def spy(q, k, v, **kw):  # the cuDNN wrapper on jax's XLA path (no GPU here)
+    calls.append(kw.get("key_lengths") is not None)
+    return real(q, k, v, **{**kw, "cudnn_implementation": "xla"})
 
   monkeypatch.setattr(ak, "full_attention", spy)
   tower = VisionTower(cfg)
+  xla_tower = VisionTower(VisionConfig(**{**cfg.to_dict(), "attention_impl": "xla"}))
   pix = jnp.asarray(np.random.default_rng(7).normal(size=(2, 16, 16, 3)), jnp.float32)
   plain_features = lambda m, p: m.features(m.embed(p))  # noqa: E731
   params = tower.init(jax.random.key(0), pix, method=plain_features)
   calls.clear()
   plain = tower.apply(params, pix, method=plain_features)
-  assert calls and set(calls) == {"cudnn"}
-  ref = VisionTower(VisionConfig(**{**cfg.to_dict(), "attention_impl": "xla"})).apply(
-      params, pix, method=plain_features)
-  np.testing.assert_allclose(plain, ref, atol=1e-5)
-  calls.clear()  # the text-guided image has masks and uniform rows: the XLA path, no kernel
+  assert calls and not any(calls)  # tiles / plain images: every key
+  np.testing.assert_allclose(plain, xla_tower.apply(params, pix, method=plain_features),
+                             atol=1e-5)
   text = jnp.asarray(np.random.default_rng(8).normal(size=(2, 5, 32)), jnp.float32)
   tmask = jnp.asarray(np.arange(5)[None] < np.array([[5], [3]]))
-  tower.apply(params, pix, text, tmask, method=lambda m, p, t, tm: text_guided_features(
-      m, m.embed(p), t, tm))
-  assert not calls
+  for mode, kernel in (("faithful", True), ("block_vision_to_text", False)):
+    guided = lambda m, p, t, tm, mode=mode: text_guided_features(  # noqa: E731
+        m, m.embed(p), t, tm, mode=mode)
+    calls.clear()
+    out = tower.apply(params, pix, text, tmask, method=guided)
+    # faithful: key lengths (+ uniform early text rows); block mode's query-dependent early
+    # mask keeps the XLA path in every scanned layer.
+    assert bool(calls) == kernel and all(calls)
+    np.testing.assert_allclose(out, xla_tower.apply(params, pix, text, tmask, method=guided),
+                               atol=1e-5)
   with pytest.raises(ValueError, match="attention_impl"):
     VisionConfig(**{**cfg.to_dict(), "attention_impl": "splash"})
 

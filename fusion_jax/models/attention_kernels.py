@@ -1,6 +1,7 @@
-"""Causal self-attention of the LLM decoder (training, cache-less forward) by kernel, chosen by
-`LLMConfig.attention_impl` (and, in `full_attention`, the vision tower's unmasked attention by
-`VisionConfig.attention_impl`):
+"""Attention kernels. The vision tower's (`full_attention`: unmasked or key lengths;
+`key_padding_attention`: the text-guided image's rule) follow `VisionConfig.attention_impl`
+(auto | xla | cudnn) and are described there. The LLM decoder's causal self-attention (training,
+cache-less forward) is chosen by `LLMConfig.attention_impl`:
 
   xla     fusion_jax.models.attention.dot_product_attention with a (B, 1, S, S) segment mask:
           float32 scores (B, H, S, S) are materialised (2 GiB per 4k row per layer at 32 heads).
@@ -256,27 +257,32 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   return _sharded(fn, q, k, v, segment_ids)
 
 
-def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                   key_lengths: jax.Array | None = None, impl: str = "auto",
                    cudnn_implementation: str = "cudnn") -> jax.Array:
-  """Bidirectional attention with no mask (the vision tower's tiles and plain images).
+  """Bidirectional attention over every key, or over each row's first `key_lengths` keys (the
+  vision tower: tiles and plain images; the text-guided image's padded text keys).
 
-  q, k, v: (B, M, H, hd). impl: VisionConfig.attention_impl; 'cudnn' (what 'auto' resolves to
-  on a GPU in bf16/fp16) runs jax.nn.dot_product_attention's cuDNN kernel when hd is a multiple
-  of 8 up to 128 (SigLIP: 72), anything else the XLA path (float32 scores (B, H, M, M)).
-  Returns (B, M, H, hd) in q's dtype.
+  q, k, v: (B, M, H, hd). key_lengths: (B,) int32 or None. impl: VisionConfig.attention_impl;
+  'cudnn' (what 'auto' resolves to on a GPU in bf16/fp16) runs jax.nn.dot_product_attention's
+  cuDNN kernel when hd is a multiple of 8 up to 128 (SigLIP: 72), anything else the XLA path
+  (float32 scores (B, H, M, M)). Returns (B, M, H, hd) in q's dtype.
   """
+  m = q.shape[1]
   # cuDNN's flash kernels take head widths that are multiples of 8 up to 128 on every GPU
   # generation (jax checks it while differentiating, deep inside the tower's scan): others
   # stay on the XLA path.
   hd = q.shape[-1]
   if resolve_impl(impl, q.dtype) != "cudnn" or hd % 8 or hd > 128:
-    return dot_product_attention(q, k, v)
+    mask = None if key_lengths is None else (
+        jnp.arange(m)[None, None, None, :] < key_lengths[:, None, None, None])
+    return dot_product_attention(q, k, v, mask)
   if cudnn_implementation == "cudnn" and _backend() not in ("gpu", "cuda"):
     raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
                      f"{_backend()!r}); use 'auto' or 'xla'")
 
-  def fn(q, k, v):
-    dt, (b, m) = q.dtype, q.shape[:2]
+  def fn(q, k, v, *lengths):
+    dt, b = q.dtype, q.shape[0]
     if cudnn_implementation == "cudnn" and jnp.dtype(dt) not in _HALF:
       q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     # cuDNN's training kernels refuse some lengths (jax 0.11 on an H200: 729, SigLIP's 27 x 27
@@ -284,9 +290,44 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "aut
     # lengths and the padded query rows dropped.
     pad = -m % _CUDNN_ROWS
     q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(
-        q, k, v, key_value_seq_lengths=jnp.full((b,), m, jnp.int32) if pad else None,
-        implementation=cudnn_implementation)
+    kv_len = lengths[0].astype(jnp.int32) if lengths else (
+        jnp.full((b,), m, jnp.int32) if pad else None)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
+                                       implementation=cudnn_implementation)
     return out[:, :m].astype(dt)
 
-  return _sharded(fn, q, k, v)
+  return _sharded(fn, q, k, v, *(() if key_lengths is None else (key_lengths,)))
+
+
+def valid_keys_first(key_valid: jax.Array) -> jax.Array:
+  """() bool: in every row of key_valid (B, M) the valid keys form a prefix."""
+  lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
+  return jnp.all(key_valid == (jnp.arange(key_valid.shape[1])[None] < lengths[:, None]))
+
+
+def key_padding_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, *,
+                          uniform_rows: jax.Array | None = None, impl: str = "auto",
+                          cudnn_implementation: str = "cudnn") -> jax.Array:
+  """The text-guided image's attention rule (fusion_jax.models.text_guided, faithful mode):
+  every query sees the valid keys; `uniform_rows` ignore scores and mask and attend uniformly
+  to all M keys. Same result as attention.dot_product_attention(q, k, v, key_valid[:, None,
+  None, :], uniform_rows=uniform_rows).
+
+  key_valid: (B, M) bool. On the cuDNN route the valid keys must come first in each row (image
+  patches, then the instruction's tokens, then padding): they become key lengths. A row where
+  they do not takes the XLA path instead (a lax.cond on the device, decided per batch).
+  """
+  mask = key_valid[:, None, None, :]
+  if resolve_impl(impl, q.dtype) != "cudnn":
+    return dot_product_attention(q, k, v, mask, uniform_rows=uniform_rows)
+  lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
+  out = jax.lax.cond(
+      valid_keys_first(key_valid),
+      lambda: full_attention(q, k, v, key_lengths=lengths, impl=impl,
+                             cudnn_implementation=cudnn_implementation),
+      lambda: dot_product_attention(q, k, v, mask))
+  if uniform_rows is None:
+    return out
+  g = q.shape[2] // k.shape[2]
+  mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), g, axis=1)  # (B, H, hd)
+  return jnp.where(uniform_rows[:, :, None, None], mean_v[:, None].astype(out.dtype), out)

@@ -53,9 +53,10 @@ class VisionConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False        # one nn.scan over the layers (stacked `layers` params)
-  # Kernel of the unmasked attention (tiles, plain images): auto | xla | cudnn
-  # (attention_kernels.full_attention; auto = cudnn on a GPU in bf16). Masked attention (the
-  # text-guided image) always takes the XLA path.
+  # Attention kernel: auto | xla | cudnn (attention_kernels.full_attention and
+  # key_padding_attention; auto = cudnn on a GPU in bf16) for the unmasked attention (tiles,
+  # plain images) and the text-guided image's key padding (+ uniform rows); a query-dependent
+  # mask (block_vision_to_text's early layers) takes the XLA path.
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -217,6 +218,12 @@ class VisionAttention(nn.Module):
     v = checkpoint_name(constrain(in_proj("v_proj"), names), remat_lib.VALUE_PROJ)
     if mask is None and uniform_rows is None:
       out = attention_kernels.full_attention(q, k, v, impl=cfg.attention_impl)
+    elif mask is not None and mask.ndim == 4 and mask.shape[1:3] == (1, 1):
+      # Key padding (+ uniform rows): the text-guided image's late layers, and its early ones
+      # in the faithful mode.
+      out = attention_kernels.key_padding_attention(
+          q, k, v, jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1])),
+          uniform_rows=uniform_rows, impl=cfg.attention_impl)
     else:
       out = dot_product_attention(q, k, v, mask, uniform_rows=uniform_rows)
     out = checkpoint_name(out, remat_lib.ATTN_OUT)
