@@ -61,7 +61,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("packed", 4, "samples per packed row (0 = no packed run)", flag_values=fv)
   flags.DEFINE_string("attention", "auto", "LLMConfig.attention_impl", flag_values=fv)
   flags.DEFINE_string("vision-attention", "auto", "VisionConfig.attention_impl (the tower's "
-                      "unmasked attention: tiles)", flag_values=fv)
+                      "attention: tiles and the text-guided image)", flag_values=fv)
   flags.DEFINE_string("dtype", "bfloat16", "compute dtype", flag_values=fv)
   from fusion_jax.parallel.remat import POLICY_NAMES
   flags.DEFINE_enum("remat", "full", POLICY_NAMES,
@@ -201,7 +201,8 @@ def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = "
   slowest kernels by name); with `hlo_path`, the compiled HLO text is written there (gzip)."""
   import jax
   compiled, params, opt, dev_batch, compile_s = build_step(cfg, batch)
-  scores = _scores_in_hlo(compiled.as_text(), batch["input_ids"].shape[1])
+  hlo = compiled.as_text()
+  scores = _scores_in_hlo(hlo, batch["input_ids"].shape[1])
   params, opt, loss = compiled(params, opt, dev_batch)  # warm-up
   loss.block_until_ready()
   times = []
@@ -223,13 +224,12 @@ def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = "
     out["top_kernels"] = (top_kernels(events, PROFILE_STEPS, n=300)
                           if out["kernel_ms_per_step"] else [])
     if out["top_kernels"]:
-      out["kernel_ms_by_part"] = stack_breakdown(out["top_kernels"],
-                                                 hlo_op_names(compiled.as_text()))
+      out["kernel_ms_by_part"] = part_breakdown(out["top_kernels"], hlo_op_names(hlo))
   if hlo_path:  # the optimized module, to map the profile's fusion names to their HLO
     import gzip
     os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
     with gzip.open(hlo_path, "wt") as f:
-      f.write(compiled.as_text())
+      f.write(hlo)
   return out
 
 
@@ -290,12 +290,11 @@ def top_kernels(events: list[dict[str, Any]], steps: int, n: int = 25) -> list[d
   """The `n` kernels (by name: one XLA fusion, e.g. of a scanned layer body, sums its calls)
   with the most accelerator time: name, class, ms and calls per step, slowest first."""
   by_name: dict[str, list[float]] = {}
+  hlo_op = {}  # the profiler's annotation of a kernel with its HLO instruction, where present
   for e in device_kernels(events):
     t = by_name.setdefault(e["name"], [0.0, 0])
     t[0] += e["dur"] / 1e3 / steps
     t[1] += 1 / steps
-  hlo_op = {}  # the profiler's annotation of a kernel with its HLO instruction, where present
-  for e in device_kernels(events):
     hlo_op.setdefault(e["name"], (e.get("args") or {}).get("hlo_op"))
   rows = sorted(by_name.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
   return [dict(name=k, kernel_class=kernel_class(k), ms=round(ms, 3), calls=round(c, 2),
@@ -303,7 +302,7 @@ def top_kernels(events: list[dict[str, Any]], steps: int, n: int = 25) -> list[d
 
 
 # Parts of the step by the op_name metadata of a kernel's HLO instruction; first match wins.
-STACKS = (("interaction layers", r"/block/"), ("tower", r"vision_tower"),
+PARTS = (("interaction layers", r"/block/"), ("tower", r"vision_tower"),
           ("projectors", r"projector"), ("llm", r"(^|/)llm[./]"),
           ("loss, optimizer, glue", r""))
 
@@ -316,9 +315,9 @@ def hlo_op_names(hlo: str) -> dict[str, str]:
   return out
 
 
-def stack_breakdown(kernels: list[dict[str, Any]], op_names: dict[str, str]
+def part_breakdown(kernels: list[dict[str, Any]], op_names: dict[str, str]
                     ) -> dict[str, float]:
-  """ms per step by part of the model (STACKS) of `top_kernels` rows: a kernel's HLO
+  """ms per step by part of the model (PARTS) of `top_kernels` rows: a kernel's HLO
   instruction is its `hlo_op`, else its name read as a fusion's ('loop_add_fusion_3' ->
   'loop_add_fusion.3'); kernels with neither in `op_names` (cuBLAS / cuDNN kernels without an
   annotation, copies) are 'unattributed'."""
@@ -327,7 +326,7 @@ def stack_breakdown(kernels: list[dict[str, Any]], op_names: dict[str, str]
     instr = k.get("hlo_op") or re.sub(r"_(\d+)$", r".\1", k["name"])
     op = op_names.get(instr, op_names.get(k["name"]))
     part = ("unattributed" if op is None else
-            next(name for name, rx in STACKS if re.search(rx, op)))
+            next(name for name, rx in PARTS if re.search(rx, op)))
     out[part] = round(out.get(part, 0.0) + k["ms"], 3)
   return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 

@@ -67,7 +67,7 @@ def test_kernel_breakdown_by_class():
          '"jit(step)/transpose(jvp(Fusion))/Fusion._forward/llm/llm._segments/while/body/'
          'groups/block/cross_attn/add"}\n')
   ops = mod.hlo_op_names(hlo)
-  assert mod.stack_breakdown(mod.top_kernels(events, steps=2), ops) == {
+  assert mod.part_breakdown(mod.top_kernels(events, steps=2), ops) == {
       "tower": 3.0, "interaction layers": 2.5, "unattributed": 4.0}
   line = mod.kernels_line("fusion unpacked", ms)
   assert line == ("fusion unpacked, kernels per step: matmul 4.0 ms, attention backward 2.0 ms, "
