@@ -60,6 +60,8 @@ def test_mmstar_tsv_end_to_end(model_dir, tmp_path):
   for p in rep["predictions"]:
     right[p["l2_category"]].append(p["correct"])
   assert rep["metrics"]["average"] == sum(sum(v) / len(v) for v in right.values()) / 2
+  with pytest.raises(ValueError, match="--circular applies to multiple-choice"):
+    bench.evaluate_rows(bench.get_benchmark("MMStar"), [], lambda prompts: [], circular=True)
 
 
 def test_jsonl_end_to_end_answers_match_generate(model_dir, tmp_path):

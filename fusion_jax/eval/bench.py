@@ -15,7 +15,7 @@ are the official ones (bench_metrics.py). Writes --out (JSON: metrics, per-categ
 `count` = rows scored, skipped rows with their index and reason, every prediction) and a bar
 chart next to it (.png), and prints the per-category table.
 
---circular (multiple-choice benchmarks): accuracy per question, right only if every rotation of
+--circular (multiple-choice benchmarks except MMStar): accuracy per question, right only if every rotation of
 its options is answered right (MMBench's CircularEval); the rotations are the file's circular
 copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none, made
 here. Without it, circular copies in the file are not asked.
@@ -69,8 +69,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               multiple_choice=True),
     Benchmark("AI2D", bench_prompts.ai2d, bench_metrics.score_ai2d, "accuracy", 16,
               multiple_choice=True),
-    Benchmark("MMStar", bench_prompts.mmstar, bench_metrics.score_mmstar, "average", 32,
-              multiple_choice=True),
+    # Not `multiple_choice` (no --circular): MMStar's options are part of its question text.
+    Benchmark("MMStar", bench_prompts.mmstar, bench_metrics.score_mmstar, "average", 32),
     Benchmark("SEEDBench_IMG", bench_prompts.seedbench, bench_metrics.score_seedbench,
               "accuracy", 32, multiple_choice=True),
 )}
