@@ -172,8 +172,14 @@ def test_fusion_task_model_side_needs_no_files():
   assert not os.path.exists(config.data.tokenizer)
   task = FusionTask(config)
   assert task.cfg.llm.vocab_size == 32013 and task.cfg.llm.dtype == "bfloat16"
-  # fusion_3b's configs pick the lighter remat that AOT showed fits v5p-128 (the file's comment)
+  # The 3B configs pick the lighter remat that AOT showed fits v5p-128 (the files' comments);
+  # the 8B ones keep full remat.
   assert task.cfg.vision.remat_policy == task.cfg.llm.remat_policy == "dots_with_no_batch_dims"
+  for name, policy in (("fusion_x_3b", "dots_with_no_batch_dims"), ("fusion_8b", "full"),
+                       ("fusion_x_8b", "full")):
+    for stage in ("stage1", "stage1_5", "stage2"):
+      assert get_config(os.path.join(ROOT, "experiments", f"{name}.py"), stage).remat_policy == \
+          policy
   with pytest.raises(FileNotFoundError):
     task.tokenizer  # noqa: B018  (loaded on first use, i.e. by the data side)
   with pytest.raises(ValueError, match="unknown stage"):
