@@ -52,6 +52,7 @@ class Benchmark:
   primary: str
   max_new_tokens: int
   multiple_choice: bool = False
+  circular: bool = True  # multiple choice: --circular may rotate the option columns
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
@@ -69,8 +70,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               multiple_choice=True),
     Benchmark("AI2D", bench_prompts.ai2d, bench_metrics.score_ai2d, "accuracy", 16,
               multiple_choice=True),
-    # Not `multiple_choice` (no --circular): MMStar's options are part of its question text.
-    Benchmark("MMStar", bench_prompts.mmstar, bench_metrics.score_mmstar, "average", 32),
+    # No --circular: MMStar's options are part of its question text.
+    Benchmark("MMStar", bench_prompts.mmstar, bench_metrics.score_mmstar, "average", 32,
+              multiple_choice=True, circular=False),
     Benchmark("SEEDBench_IMG", bench_prompts.seedbench, bench_metrics.score_seedbench,
               "accuracy", 32, multiple_choice=True),
 )}
@@ -124,11 +126,12 @@ def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list
   """
   from fusion_jax.eval.bench_model import Refused
   rows = list(rows)
+  if circular and not (bench.multiple_choice and bench.circular):
+    raise ValueError(f"--circular applies to multiple-choice benchmarks whose options are "
+                     f"columns (not {bench.name})")
   if bench.multiple_choice:
     rows = (bench_metrics.circular_rows(rows) if circular
             else [r for r in rows if not _is_copy(r)])
-  elif circular:
-    raise ValueError(f"--circular applies to multiple-choice benchmarks, not {bench.name}")
   preds = predict([(bench.prompt(r), r.image) for r in rows])
   refused = [isinstance(p, Refused) for p in preds]
   skipped = [(r.index, p.reason) for r, p, no in zip(rows, preds, refused) if no]
