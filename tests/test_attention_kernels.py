@@ -211,6 +211,23 @@ def test_parity_benchmark_runs_every_route():
   assert set(np.unique(packed[0])) == {0, 1, 2} and set(np.unique(single)) == {0, 1}
 
 
+def _assert_cudnn_matches_xla(loss, qkv, sharded: bool) -> jax.Array:
+  """loss(q, k, v, impl) -> (scalar, out): the cudnn wrapper (on a mesh if `sharded`) gives the
+  XLA path's output and q / k / v gradients to 1e-5; returns the XLA output."""
+  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+  (_, ref), gref = vg(*qkv, "xla")
+  if sharded:
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
+        nn.logical_axis_rules(DEFAULT_RULES):
+      (_, out), got = vg(*qkv, "cudnn")
+  else:
+    (_, out), got = vg(*qkv, "cudnn")
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  for g, r in zip(got, gref):
+    np.testing.assert_allclose(g, r, atol=1e-5)
+  return ref
+
+
 # The vision tower's unmasked attention (tiles, plain images): bidirectional, every key.
 @pytest.mark.parametrize("sharded", [False, True])
 def test_full_attention_cudnn_wrapper_matches_xla(sharded):
@@ -221,18 +238,8 @@ def test_full_attention_cudnn_wrapper_matches_xla(sharded):
     out = ak.full_attention(q, k, v, impl=impl, cudnn_implementation="xla")
     return jnp.sum(out * w), out
 
-  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
-  (_, ref), gref = vg(q, k, v, "xla")
+  ref = _assert_cudnn_matches_xla(loss, (q, k, v), sharded)
   np.testing.assert_allclose(ref, dot_product_attention(q, k, v), atol=1e-6)
-  if sharded:
-    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
-        nn.logical_axis_rules(DEFAULT_RULES):
-      (_, out), got = vg(q, k, v, "cudnn")
-  else:
-    (_, out), got = vg(q, k, v, "cudnn")
-  np.testing.assert_allclose(out, ref, atol=1e-5)
-  for g, r in zip(got, gref):
-    np.testing.assert_allclose(g, r, atol=1e-5)
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -258,17 +265,7 @@ def test_key_padding_attention_matches_xla(sharded):
                                        cudnn_implementation="xla")
       return jnp.sum(out * w), out
 
-    vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
-    (_, ref), gref = vg(q, k, v, "xla")
-    if sharded:
-      with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
-          nn.logical_axis_rules(DEFAULT_RULES):
-        (_, out), got = vg(q, k, v, "cudnn")
-    else:
-      (_, out), got = vg(q, k, v, "cudnn")
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-    for g, r in zip(got, gref):
-      np.testing.assert_allclose(g, r, atol=1e-5)
+    _assert_cudnn_matches_xla(loss, (q, k, v), sharded)
 
 
 def test_tower_routes_attention_to_the_kernels(monkeypatch):

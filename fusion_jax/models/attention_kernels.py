@@ -167,6 +167,20 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   return out.transpose(0, 2, 1, 3)[:, :s].astype(q.dtype)
 
 
+def _require_gpu(cudnn_implementation: str) -> None:
+  """The cuDNN kernels (not their emulation on jax's XLA path, 'xla') need an NVIDIA GPU."""
+  if cudnn_implementation == "cudnn" and _backend() not in ("gpu", "cuda"):
+    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
+                     f"{_backend()!r}); use 'auto' or 'xla'")
+
+
+def _cudnn_dtype(implementation: str, *xs: jax.Array) -> tuple[jax.Array, ...]:
+  """xs cast to bfloat16 for cuDNN, which runs bf16/fp16 only (as they are otherwise)."""
+  if implementation == "cudnn" and jnp.dtype(xs[0].dtype) not in _HALF:
+    return tuple(x.astype(jnp.bfloat16) for x in xs)
+  return xs
+
+
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                     lengths: jax.Array | None = None, *,
                     implementation: str = "cudnn") -> jax.Array:
@@ -177,8 +191,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   implementation='xla' runs the same wrapper through jax's XLA path (CPU tests).
   """
   dt = q.dtype
-  if implementation == "cudnn" and jnp.dtype(dt) not in _HALF:
-    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))  # cuDNN: bf16/fp16 only
+  q, k, v = _cudnn_dtype(implementation, q, k, v)
   if lengths is not None:
     lengths = lengths.astype(jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
@@ -249,9 +262,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   if impl == "splash":
     fn = functools.partial(splash_attention, interpret=_backend() != "tpu")
   else:
-    if cudnn_implementation == "cudnn" and _backend() not in ("gpu", "cuda"):
-      raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
-                       f"{_backend()!r}); use 'auto' or 'xla'")
+    _require_gpu(cudnn_implementation)
     fn = functools.partial(cudnn_attention, implementation=cudnn_implementation)
     return _sharded(fn, q, k, v, segment_ids, *(() if lengths is None else (lengths,)))
   return _sharded(fn, q, k, v, segment_ids)
@@ -277,14 +288,11 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask = None if key_lengths is None else (
         jnp.arange(m)[None, None, None, :] < key_lengths[:, None, None, None])
     return dot_product_attention(q, k, v, mask)
-  if cudnn_implementation == "cudnn" and _backend() not in ("gpu", "cuda"):
-    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU (jax backend is "
-                     f"{_backend()!r}); use 'auto' or 'xla'")
+  _require_gpu(cudnn_implementation)
 
   def fn(q, k, v, *lengths):
     dt, b = q.dtype, q.shape[0]
-    if cudnn_implementation == "cudnn" and jnp.dtype(dt) not in _HALF:
-      q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    q, k, v = _cudnn_dtype(cudnn_implementation, q, k, v)
     # cuDNN's training kernels refuse some lengths (jax 0.11 on an H200: 729, SigLIP's 27 x 27
     # patches): pad the rows to a multiple of 64; the padded keys are cut off by the key
     # lengths and the padded query rows dropped.
