@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from fusion_jax.models.attention import dot_product_attention
 from fusion_jax.models.llm_config import ATTENTION_IMPLS as IMPLS
+from fusion_jax.parallel import remat as remat_lib
 from fusion_jax.parallel.sharding import DEFAULT_RULES, mesh_axes_of
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -128,8 +129,10 @@ def _make_splash_kernel(heads: int, seq: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   mask = sm.MultiHeadMask([sm.CausalMask((seq, seq)) for _ in range(heads)])
+  # The tag lets a remat policy keep the output and logsumexp instead of rerunning the forward.
   return sk.make_splash_mha(mask, block_sizes=_splash_blocks(seq), head_shards=1,
-                            q_seq_shards=1, interpret=interpret)
+                            q_seq_shards=1, residual_checkpoint_name=remat_lib.ATTN_RESIDUALS,
+                            interpret=interpret)
 
 
 @functools.lru_cache(maxsize=16)

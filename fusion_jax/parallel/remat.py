@@ -9,6 +9,12 @@ Config files name a policy; `remat(BlockCls, name)` returns the block class wrap
   dots                     save every matmul output
   dots_with_no_batch_dims  save matmul outputs whose dot has no batch dimension (weight matmuls,
                            not attention score/value einsums)
+  dots_with_no_batch_dims_and_attention
+                           the above plus the fused attention kernel's residuals (its output
+                           and softmax statistics: cuDNN's, or splash's under the
+                           ATTN_RESIDUALS tag), so the backward pass does not run the
+                           attention forward again (MaxText's minimal_with_context); on the
+                           XLA path it equals dots_with_no_batch_dims
   save_qkv_proj            save the q/k/v projections only (tagged with checkpoint_name)
   save_attn_out            save q/k/v projections and the attention output (before o_proj)
   save_qkv_attn_mlp        save the above and the MLP hidden activation (before down_proj)
@@ -30,14 +36,29 @@ VALUE_PROJ = "value_proj"
 ATTN_OUT = "attention_out"
 MLP_HIDDEN = "mlp_hidden"
 CHECKPOINT_NAMES = (QUERY_PROJ, KEY_PROJ, VALUE_PROJ, ATTN_OUT, MLP_HIDDEN)
+# The splash kernel's own tag for its residuals (make_splash_mha's residual_checkpoint_name).
+ATTN_RESIDUALS = "attention_residuals"
 
 _cp = jax.checkpoint_policies
+
+# jax primitives whose outputs are a fused attention's residuals (jax.nn.dot_product_attention's
+# cuDNN forward, outside and inside its custom_vjp); splash tags its own (ATTN_RESIDUALS).
+FUSED_ATTENTION_PRIMITIVES = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
+_splash_residuals_saveable = _cp.save_only_these_names(ATTN_RESIDUALS)
+
+
+def _fused_attention_saveable(prim, *args, **params) -> bool:
+  return (prim.name in FUSED_ATTENTION_PRIMITIVES
+          or _splash_residuals_saveable(prim, *args, **params))
+
 
 _POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,
     "full": _cp.nothing_saveable,
     "dots": _cp.dots_saveable,
     "dots_with_no_batch_dims": _cp.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims_and_attention": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable, _fused_attention_saveable),
     "save_qkv_proj": _cp.save_only_these_names(QUERY_PROJ, KEY_PROJ, VALUE_PROJ),
     "save_attn_out": _cp.save_only_these_names(QUERY_PROJ, KEY_PROJ, VALUE_PROJ, ATTN_OUT),
     "save_qkv_attn_mlp": _cp.save_only_these_names(*CHECKPOINT_NAMES),
