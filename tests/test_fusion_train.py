@@ -112,3 +112,44 @@ def test_train_frozen_tower_checkpoint_metrics_and_model_dir_init(data_dir, tmp_
   assert len(report["restored"]) == len(jax.tree.leaves(trained)) and not report["fresh"]
   for a, b in zip(leaves(again), leaves(trained)):
     np.testing.assert_array_equal(a, b)
+
+
+class _FirstBatchBroken:
+  """A data iterator whose first batch breaks the batch contract (a padding token marked real)."""
+
+  def __init__(self, it):
+    self.it, self.first = it, True
+
+  def __next__(self):
+    batch = dict(next(self.it))
+    if self.first:
+      self.first = False
+      mask = batch["token_mask"].copy()
+      mask[0, -1] = True
+      batch["token_mask"] = mask
+    return batch
+
+  def __getattr__(self, name):  # get_state, set_state, counters, close
+    return getattr(self.it, name)
+
+
+def test_first_batch_is_checked_against_the_contract(data_dir, tmp_path, monkeypatch):
+  """train() stops on the first host batch, in one line naming the key, before any step."""
+  make = FusionTask.make_data_iterator
+  monkeypatch.setattr(FusionTask, "make_data_iterator",
+                      lambda self, *a: _FirstBatchBroken(make(self, *a)))
+  cfg = tiny_config(data_dir)
+  with pytest.raises(ValueError, match="first batch: token_mask differs from segment_ids > 0"):
+    train(cfg, str(tmp_path / "run"))
+  assert not ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(str(tmp_path / "run"))).all_steps()
+
+
+def test_check_batch_names_a_size_the_config_disagrees_with(data_dir):
+  task = FusionTask(tiny_config(data_dir))
+  it = task.make_data_iterator(0, 1)
+  batch = next(it)
+  it.close()
+  task.check_batch(batch)  # the pipeline's own batch passes
+  short = FusionTask(tiny_config(data_dir, **{"data.seq_len": task.data_config(1).seq_len // 2}))
+  with pytest.raises(ValueError, match=r"first batch: seq_len is \d+, the config's \d+"):
+    short.check_batch(batch)

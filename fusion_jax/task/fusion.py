@@ -301,6 +301,19 @@ class FusionTask:
                                        process_index=process_index,
                                        process_count=process_count, train=True)
 
+  def check_batch(self, batch: Mapping[str, Any]) -> None:
+    """ValueError unless a host batch follows the batch contract (models/batch_spec.py) with
+    this config's sizes: seq_len, question slots, samples per row, image size."""
+    where = "the data pipeline's first batch"
+    dims = batch_spec.check_batch(batch, where=where)
+    s, lq, _, p = self._step_shape(None)
+    want = dict(seq_len=s, max_questions=lq, samples_per_row=p,
+                image_size=self.cfg.vision.image_size)
+    for name, size in want.items():
+      if getattr(dims, name) != size:
+        raise ValueError(f"{where}: {name} is {getattr(dims, name)}, the config's {size} "
+                         "(config.data and config.model disagree)")
+
   def flops_per_token(self) -> float:
     """Model FLOPs (forward + backward) per sequence position of one row: step_flops (the
     formula of fusion_jax.models.flops) over seq_len; the trainer's MFU numerator."""

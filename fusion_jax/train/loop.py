@@ -247,6 +247,8 @@ class _Run:
       except StopIteration:
         self.stop_data_ran_dry(pending)
         return
+      if s == self.start:
+        self.check_first_batch(host)
       self.state, metrics = self.train_step(self.state, self.su.global_batch(host))
       self.done = s + 1
       self.write_trace(host)
@@ -261,6 +263,13 @@ class _Run:
         return
     if pending is not None:
       self.process(*pending)
+
+  def check_first_batch(self, host: Mapping[str, np.ndarray]) -> None:
+    """The task's batch contract on the run's first host batch (NumPy, before the step
+    compiles): a pipeline or config mismatch fails here in one line, not deep in jit."""
+    check = getattr(self.su.task, "check_batch", None)
+    if check is not None:
+      check(host)
 
   def stop_data_ran_dry(self, pending: tuple[int, Any, dict[str, int]] | None) -> None:
     """The data iterator ended before num_steps: the last step is recorded and saved."""

@@ -26,6 +26,9 @@ The trainer (fusion_jax.train.loop) knows nothing about FUSION. A task supplies:
   flops_per_token()     training FLOPs per token (forward + backward) for MFU, or None
   adapt_params(tree)    optional: a stored params tree (init_from) in this task's parameter
                         layout (FUSION: unrolled <-> scanned layers)
+  check_batch(batch)    optional: raises ValueError (one line naming the key and the fix) when
+                        a host batch breaks the task's batch contract; the trainer calls it on
+                        the first batch of every run, before the step compiles
   num_examples          dataset size for config.num_epochs, or None
 
 The factory may carry `preflight(checks, config, data)`: the task's own startup checks (files
