@@ -29,8 +29,10 @@
 #   PYTHONPATH=/tmp/site bash benchmarks/gpu_run.sh OUT
 # Times measured on an H200: the attention parity check 40 s; the table 100 s unpacked only
 # (PACKED=0, with the PyTorch run and the profile), 5.5 minutes with the packed run and the
-# memory check; each remat row 80-85 s (a FUSION compile is 40-65 s of it). A machine's start
-# adds about 35 s.
+# memory check; each remat row 75-90 s at 2 or 4 rows (a FUSION compile is 40-65 s of it; one
+# that runs out of memory fails in about 75 s); the parity check at the tower's shape
+# (attention_parity.py --seq 730 --heads 16 --kv_heads 16 --head_dim 72) 40 s. A machine's
+# start adds about 35 s.
 #
 # Depth: the full 32 LLM layers need about 16 bytes per parameter (fp32 weights, gradients, two
 # AdamW moments: ~70 GB for FUSION 3B) plus activations; on a GPU under 100 GiB the LLM is cut to
