@@ -4,16 +4,17 @@ r"""The decoder's attention kernels against the float32 XLA path, on the device 
       [--head_dim 96] [--dtype bfloat16] [--impls cudnn] [--tolerance 0.02]
 
 Random q, k, v in --dtype; row 0 holds two packed samples and padding, row 1 one sample and
-padding. Each kernel runs both routes it has: `mask` (segment ids: packed rows) and, for cudnn,
-`lengths` (one sample per row, real tokens first: the segment ids with every sample id set to 1
-and the row's real-token count); for the vision tower (cudnn only), `full`: unmasked
+padding. Each kernel runs every route it has: `mask` (segment ids: packed rows) and, for cudnn,
+`lengths` (one sample per row, real tokens first: the segment ids with every sample id set to 1 and
+the row's real-token count) and `packed` (the packed rows as cuDNN's packed-segment layout: tokens
+per sample slot, row 1's second slot empty); for the vision tower (cudnn only), `full`: unmasked
 bidirectional attention (attention_kernels.full_attention), and `keys`: the text-guided image's
 rule, valid keys first and uniform rows (key_padding_attention). Prints, per kernel and route, the
-largest error of the output and of the q / k / v gradients of sum(out * w) on real rows, relative to the largest reference
-value, against --tolerance. Exit status 1 when one exceeds it. On a machine without the
-kernel's hardware, cudnn runs its wrapper on jax's XLA path and splash in Pallas interpret mode
-(tests/test_attention_kernels.py checks those at 1e-5 in fp32); on a GPU this is the check that
-cuDNN itself computes the same attention (benchmarks/gpu_run.sh runs it first).
+largest error of the output and of the q / k / v gradients of sum(out * w) on real rows, relative
+to the largest reference value, against --tolerance. Exit status 1 when one exceeds it. On a
+machine without the kernel's hardware, cudnn runs its wrapper on jax's XLA path and splash in
+Pallas interpret mode (tests/test_attention_kernels.py checks those at 1e-5 in fp32); on a GPU this
+is the check that cuDNN itself computes the same attention (benchmarks/gpu_run.sh runs it first).
 """
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ def check(a) -> list[tuple[str, str, float]]:
   packed, single = segments(b, s)
   every = np.ones((b, s), np.int32)
   uniform = jnp.asarray(np.arange(s)[None] >= s - s // 8).repeat(b, axis=0)
-  for route, seg in (("mask", packed), ("lengths", single), ("full", every), ("keys", single)):
+  for route, seg in (("mask", packed), ("lengths", single), ("packed", packed),
+                     ("full", every), ("keys", single)):
     seg = jnp.asarray(seg)
     real = (seg > 0)[:, :, None, None]
-    lengths = jnp.sum(seg > 0, axis=1).astype(jnp.int32) if route == "lengths" else None
+    lengths = {"lengths": jnp.sum(seg > 0, axis=1).astype(jnp.int32),
+               "packed": ak.slot_lengths(seg, 2)}.get(route)
 
     def loss(q, k, v, impl, seg=seg, real=real, lengths=lengths, route=route):
       kw = {}
@@ -88,8 +91,8 @@ def check(a) -> list[tuple[str, str, float]]:
     vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
     (_, ref), gref = vg(*(x.astype(jnp.float32) for x in (q, k, v)), "xla")
     for impl in a.impls:
-      if route in ("lengths", "full", "keys") and impl != "cudnn":
-        continue  # only cuDNN has a lengths route and a tower kernel
+      if route != "mask" and impl != "cudnn":
+        continue  # only cuDNN has length routes and a tower kernel
       (_, got), g = vg(q, k, v, impl)
       errs = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - r)) / (jnp.max(jnp.abs(r)) + 1e-12))
               for x, r in zip((got, *g), (ref, *gref))]

@@ -98,6 +98,40 @@ def test_cudnn_lengths_route_matches_mask_on_real_rows(sharded):
     np.testing.assert_allclose(g, r, atol=1e-5)
 
 
+# Packed rows under the batch contract: row 0 two samples (90 + 70) then padding, row 1 one
+# sample (130) and an empty second slot: cuDNN's packed-segment layout, -1 for the empty slot.
+SLOT_LENGTHS = jnp.asarray([[90, 70], [130, 0]], jnp.int32)
+
+
+def test_slot_lengths():
+  np.testing.assert_array_equal(ak.slot_lengths(jnp.asarray(SEG), 2), SLOT_LENGTHS)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_cudnn_packed_route_matches_mask_on_real_rows(sharded):
+  q, k, v = _qkv(5, 1 if sharded else KV)
+  seg, real = jnp.asarray(SEG), jnp.asarray(SEG > 0)[:, :, None, None]
+  w = jnp.asarray(np.random.default_rng(6).normal(size=(B, S, H, HD)), jnp.float32) * real
+
+  def loss(q, k, v, lengths):
+    out = ak.causal_attention(q, k, v, seg, lengths=lengths, impl="cudnn",
+                              cudnn_implementation="xla")
+    return jnp.sum(out * w), out
+
+  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, ref), gref = vg(q, k, v, None)  # the segment-mask route
+  if sharded:
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
+        nn.logical_axis_rules(DEFAULT_RULES):
+      (_, out), got = vg(q, k, v, SLOT_LENGTHS)
+  else:
+    (_, out), got = vg(q, k, v, SLOT_LENGTHS)
+  np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5)
+  assert not np.asarray(out)[~np.asarray(SEG > 0)].any()  # padding rows: zero
+  for g, r in zip(got, gref):
+    np.testing.assert_allclose(g, r, atol=1e-5)
+
+
 def test_decoder_passes_lengths_only_for_prefix_rows(monkeypatch):
   cfg = LLMConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
@@ -169,11 +203,11 @@ def test_resolve_and_errors():
 
 
 @pytest.mark.parametrize("samples,latents,prefix", [(1, True, True), (1, False, False),
-                                                    (2, True, False)])
-def test_fusion_passes_lengths_only_for_one_sample_prefix_rows(monkeypatch, samples, latents,
-                                                               prefix):
-  """P = 1 rows keep real tokens first; packed rows, and the latents ablation (latent slots
-  masked out of the row's middle), take the segment mask."""
+                                                    (2, True, True), (2, False, False)])
+def test_fusion_passes_lengths_only_for_contract_rows(monkeypatch, samples, latents, prefix):
+  """Rows keep each sample's tokens contiguous from the row start: lengths per row (P = 1) or
+  per sample slot (packed rows); the latents ablation (latent slots masked out of the row's
+  middle) takes the segment mask."""
   import dataclasses
 
   from fusion_jax.models import fusion
@@ -192,8 +226,37 @@ def test_fusion_passes_lengths_only_for_one_sample_prefix_rows(monkeypatch, samp
   seen.clear()
   fusion.loss_fn(params, batch, cfg)
   assert seen and all((x is not None) == prefix for x in seen)
-  if prefix:
+  if prefix and samples == 1:
     np.testing.assert_array_equal(seen[0], np.asarray(batch["token_mask"]).sum(-1))
+  elif prefix:
+    seg = np.asarray(batch["segment_ids"])
+    np.testing.assert_array_equal(seen[0], [[(r == j).sum() for j in (1, 2)] for r in seg])
+
+
+def test_fusion_packed_rows_through_the_cudnn_packed_route(monkeypatch):
+  """A packed FUSION batch (P = 3, rows with empty slots) gives the XLA path's loss and
+  gradients through the cuDNN wrapper's packed-segment route (emulated)."""
+  from fusion_jax.models import batch_spec, fusion
+  from fusion_jax.models.presets import TINY
+  exs = fusion.example_samples(TINY, 4, seq_len=32, max_questions=2, q=4, seed=0)
+  batch = batch_spec.pack_examples([exs[:3], exs[3:]], seq_len=96, samples_per_row=3, pad_id=0)
+  np.testing.assert_array_equal(ak.slot_lengths(jnp.asarray(batch["segment_ids"]), 3)[1, 1:],
+                                [0, 0])  # row 1: one sample, two empty slots
+  params = fusion.init(jax.random.key(0), TINY, batch)["params"]
+  grad = lambda: jax.jit(jax.value_and_grad(lambda p: fusion.loss_fn(p, batch, TINY)[0]))  # noqa: E731
+  ref, gref = grad()(params)
+  real, seen = ak.causal_attention, []
+
+  def packed(q, k, v, segment_ids, *, lengths=None, impl="auto"):
+    seen.append(lengths.shape)
+    return real(q, k, v, segment_ids, lengths=lengths, impl="cudnn", cudnn_implementation="xla")
+
+  monkeypatch.setattr(ak, "causal_attention", packed)
+  got, g = grad()(params)  # traced again, through the patched kernel
+  assert seen and all(shape == (2, 3) for shape in seen)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_parity_benchmark_runs_every_route():
@@ -205,7 +268,8 @@ def test_parity_benchmark_runs_every_route():
                                           "--impls", "cudnn"], mod.PROG)
   got = mod.check(args)
   assert [(i, r) for i, r, _ in got] == [("cudnn", "mask"), ("cudnn", "lengths"),
-                                         ("cudnn", "full"), ("cudnn", "keys")]
+                                         ("cudnn", "packed"), ("cudnn", "full"),
+                                         ("cudnn", "keys")]
   assert all(e < 1e-5 for _, _, e in got)
   packed, single = mod.segments(2, 128)
   assert set(np.unique(packed[0])) == {0, 1, 2} and set(np.unique(single)) == {0, 1}

@@ -9,24 +9,30 @@ cache-less forward) is chosen by `LLMConfig.attention_impl`:
           causal mask + segment ids, block-sparse (fully masked blocks are skipped), grouped
           kv heads handled by the kernel; vmapped over the batch. Off TPU it runs in Pallas
           interpret mode (slow: numerics tests only).
-  cudnn   GPU cuDNN flash attention through jax.nn.dot_product_attention(implementation=
-          'cudnn', is_causal=True). Rows of one sample (`lengths` given: real tokens are a
+  cudnn   GPU cuDNN flash attention through jax.nn.dot_product_attention(implementation='cudnn',
+          is_causal=True). Rows of one sample (`lengths` (B,) given: real tokens are a
           prefix of the row, the batch contract with P = 1) pass their lengths as cuDNN's
-          sequence lengths and need no mask. Packed rows pass the segment mask as its
-          (B, 1, S, S) mask, which cuDNN takes as a bias shared by all heads (2 bytes x S^2
-          per row, not the 2 GiB of scores) and which costs time: on an H200 at FUSION 3B
-          width, 2 x 4096 tokens, the lengths route cut attention from 172 to 90 ms and the
-          train step from 0.809 to 0.738 s (README, "Speed on accelerators"). cuDNN runs
-          bf16/fp16 only: other dtypes are cast to bfloat16 and the output cast back. (jax
-          exposes cuDNN's packed-segment layout only through a private module; the mask
-          route is public API.)
+          sequence lengths and need no mask. Packed rows that follow the batch contract
+          (`lengths` (B, P): each sample slot's tokens, contiguous from the row start)
+          take cuDNN's packed-segment layout: segment offsets and lengths, each segment
+          causal on its own, no mask and no work on other segments' blocks. jax exposes
+          that layout only through its private module
+          jax._src.cudnn.fused_attention_stablehlo (the signature is the same in jax 0.10
+          and 0.11), and cuDNN only from 9.6 on Hopper or later GPUs; elsewhere packed
+          rows take the mask. Other packed rows pass the segment mask as the (B, 1, S, S)
+          mask, which cuDNN takes as a bias shared by all heads (2 bytes x S^2 per row,
+          not the 2 GiB of scores) and which costs time: on an H200 at FUSION 3B width, 2
+          x 4096 tokens, the lengths route cut attention from 172 to 90 ms and the train
+          step from 0.809 to 0.738 s (README, "Speed on accelerators"). cuDNN runs
+          bf16/fp16 only: other dtypes are cast to bfloat16 and the output cast back.
   auto    splash on TPU, cudnn on GPU when the compute dtype is bf16/fp16, else xla.
 
 Segment ids (B, S) int32: tokens attend causally to earlier tokens of the same segment; 0 marks
 padding (padding tokens attend among themselves, and no real token sees them). One unpacked
 sample per row is `token_mask.astype(int32)`. Every implementation gives the same output at
 every row, padding rows included (tests/test_attention_kernels.py), except cuDNN's lengths
-route, whose padding rows are only finite: no real token reads them and the loss masks them.
+route, whose padding rows are only finite, and its packed-segment route, whose padding rows
+are zero: no real token reads them and the loss masks them.
 
 Under a mesh (jax.set_mesh + flax logical axis rules) the kernels run in a shard_map over the
 'batch' and 'heads' mesh axes of the rules; the sequence is gathered (kernels need whole rows).
@@ -99,11 +105,19 @@ class Segments(NamedTuple):
   """The decoder's attention mask without a cache (a pytree the layer scan broadcasts).
 
   ids: (B, S) int32 segment ids, 0 = padding (`segment_ids_from`).
-  lengths: (B,) int32 real tokens per row when every row is one sample whose real tokens are a
-    prefix (then cuDNN needs no mask); None for packed rows or when that is not known.
+  lengths: when the rows follow the batch contract (each sample's tokens contiguous from the
+    row start, padding after; then cuDNN needs no mask): (B,) int32 real tokens per row of one
+    sample, or (B, P) int32 tokens per sample slot of packed rows (`slot_lengths`); None when
+    that is not known.
   """
   ids: jax.Array
   lengths: jax.Array | None = None
+
+
+def slot_lengths(segment_ids: jax.Array, samples_per_row: int) -> jax.Array:
+  """(B, S) segment ids -> (B, P) int32 tokens of each sample slot 1..P (0: an empty slot)."""
+  slots = jnp.arange(1, samples_per_row + 1, dtype=segment_ids.dtype)
+  return jnp.sum(segment_ids[:, :, None] == slots, axis=1).astype(jnp.int32)
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -190,11 +204,16 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   """jax.nn.dot_product_attention, causal within segments. Shapes as `splash_attention`.
 
   lengths: (B,) int32 real tokens of one-sample prefix rows (`Segments`): sequence lengths, no
-    mask; None: the (B, 1, S, S) segment mask.
+    mask; (B, P) int32 tokens per sample slot of packed contract rows: the packed-segment
+    layout (`_cudnn_packed`); None: the (B, 1, S, S) segment mask.
   implementation='xla' runs the same wrapper through jax's XLA path (CPU tests).
   """
   dt = q.dtype
   q, k, v = _cudnn_dtype(implementation, q, k, v)
+  if lengths is not None and lengths.ndim == 2:
+    if implementation != "cudnn" or _packed_layout_supported():
+      return _cudnn_packed(q, k, v, lengths.astype(jnp.int32), implementation).astype(dt)
+    lengths = None  # the mask route
   if lengths is not None:
     lengths = lengths.astype(jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
@@ -205,6 +224,51 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   out = jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
                                      implementation=implementation)
   return out.astype(dt)
+
+
+@functools.cache
+def _packed_layout_supported() -> bool:
+  """cuDNN's packed-segment layout needs a Hopper or later GPU and cuDNN 9.6 (jax checks
+  that only while differentiating, inside the layer scan): checked here, on the host."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+    major = int(jax.devices("gpu")[0].compute_capability.split(".")[0])
+    return major >= 9 and cudnn_fa.check_cudnn_version() >= 90600
+  except Exception:  # no GPU, no cuDNN, or a jax without these helpers: the mask route
+    return False
+
+
+def _cudnn_packed(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                  implementation: str) -> jax.Array:
+  """cuDNN's packed-segment layout: slot j of row b holds tokens [start, start + lengths[b, j])
+  with start the sum of the slots before it; each slot is causal on its own. q (B, S, H, hd),
+  k / v (B, S, KV, hd), lengths (B, P). Padding rows (after the last slot) come back zero.
+
+  cuDNN takes (B, P) lengths and (B, P + 1) start offsets, -1 for slots a row does not use.
+  implementation='xla' emulates that layout with the mask it stands for (CPU tests).
+  """
+  b, s = q.shape[:2]
+  starts = jnp.cumsum(lengths, axis=1) - lengths
+  used = lengths > 0
+  if implementation == "cudnn":
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+    seqlen = jnp.where(used, lengths, -1)
+    offsets = jnp.concatenate([jnp.where(used, starts, -1), jnp.full((b, 1), -1, jnp.int32)],
+                              axis=1)
+    out = cudnn_fa.dot_product_attention(
+        q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+        scale=q.shape[-1] ** -0.5, mask_type=cudnn_fa.MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH")
+  else:
+    t = jnp.arange(s)
+    inside = (t[None, None, :] >= starts[:, :, None]) & (
+        t[None, None, :] < (starts + lengths)[:, :, None])  # (B, P, S)
+    slot = jnp.where(inside.any(axis=1), jnp.argmax(inside, axis=1), -1)  # (B, S)
+    same = (slot[:, :, None] == slot[:, None, :]) & (slot[:, :, None] >= 0)
+    out = jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True,
+                                       implementation="xla")
+  real = jnp.arange(s)[None, :] < jnp.sum(lengths, axis=1, keepdims=True)  # (B, S)
+  return jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 def _mesh_axes(names: tuple[str, ...]) -> tuple:

@@ -271,11 +271,11 @@ class Fusion(nn.Module):
         return apply_interaction(self.interaction[layer_of[i]], x, batch["question_pos"],
                                  batch["latent_pos"], windows)
 
-    # One sample per row keeps its real tokens first, unless the latents ablation masked its
-    # latent slots out of the middle of the row.
+    # The batch contract keeps each sample's tokens contiguous from the row start, unless the
+    # latents ablation masked its latent slots out of the middle of the row.
     hidden, new_cache = self.llm(h, batch["positions"], token_mask, cache=cache, hook=hook,
                                  hook_ctx=hook_ctx, segment_ids=batch["segment_ids"],
-                                 prefix_rows=p == 1 and cfg.latents)
+                                 prefix_rows=cfg.latents, samples_per_row=p)
     logits = self.llm.logits(hidden)
     # Loss inputs per sample slot: (B, P, ...).
     unflat = lambda x: None if x is None else x.reshape((b, p) + x.shape[1:])  # noqa: E731

@@ -313,13 +313,15 @@ class Decoder(nn.Module):
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, token_mask: jax.Array, *,
                cache: dict[str, Any] | None = None, hook: Hook | None = None,
                hook_ctx: Any = None, segment_ids: jax.Array | None = None,
-               prefix_rows: bool = False):
+               prefix_rows: bool = False, samples_per_row: int = 1):
     """(B, S, D) embeddings -> (hidden (B, S, D) after the final norm, new cache or None).
 
     segment_ids: (B, S) int32 for packed rows (causal attention within a segment, 0 =
     padding); None = one segment per row. Ignored with a cache.
-    prefix_rows: every row is one sample whose real tokens come first (the batch contract
-    with P = 1): the cuDNN kernel then takes sequence lengths instead of a mask. Static.
+    prefix_rows: the rows follow the batch contract (each of a row's `samples_per_row` sample
+    slots holds its tokens contiguously from the row start, segment ids 1, 2, ..., padding
+    after): the cuDNN kernel then takes sequence lengths (one sample per row) or per-slot
+    lengths (packed rows) instead of a mask. Static, as is samples_per_row.
 
     hook: unrolled stacks; hook_ctx: scanned stacks built with hook_layers (module docstring).
     """
@@ -335,9 +337,13 @@ class Decoder(nn.Module):
     h = constrain(inputs_embeds.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
     cos, sin = rope_cos_sin(rope_tables(cfg), positions)
     if cache is None:
-      lengths = token_mask.sum(axis=-1).astype(jnp.int32) if prefix_rows else None
-      mask = attention_kernels.Segments(
-          attention_kernels.segment_ids_from(token_mask, segment_ids), lengths)
+      ids = attention_kernels.segment_ids_from(token_mask, segment_ids)
+      lengths = None
+      if prefix_rows and samples_per_row == 1:
+        lengths = token_mask.sum(axis=-1).astype(jnp.int32)
+      elif prefix_rows:
+        lengths = attention_kernels.slot_lengths(ids, samples_per_row)
+      mask = attention_kernels.Segments(ids, lengths)
       write_index, new_meta = None, None
     else:
       mask, write_index, new_meta = _cache_mask(cache, token_mask)
