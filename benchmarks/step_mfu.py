@@ -319,12 +319,13 @@ def part_breakdown(kernels: list[dict[str, Any]], op_names: dict[str, str]
                     ) -> dict[str, float]:
   """ms per step by part of the model (PARTS) of `top_kernels` rows: a kernel's HLO
   instruction is its `hlo_op`, else its name read as a fusion's ('loop_add_fusion_3' ->
-  'loop_add_fusion.3'); kernels with neither in `op_names` (cuBLAS / cuDNN kernels without an
-  annotation, copies) are 'unattributed'."""
+  'loop_add_fusion.3'; what attributes kernels that run inside a CUDA command buffer, whose
+  `hlo_op` is the buffer's); kernels with none of them in `op_names` (cuBLAS / cuDNN kernels
+  without an annotation, copies) are 'unattributed'."""
   out: dict[str, float] = {}
   for k in kernels:
-    instr = k.get("hlo_op") or re.sub(r"_(\d+)$", r".\1", k["name"])
-    op = op_names.get(instr, op_names.get(k["name"]))
+    names = (k.get("hlo_op"), re.sub(r"_(\d+)$", r".\1", k["name"]), k["name"])
+    op = next((op_names[n] for n in names if n in op_names), None)
     part = ("unattributed" if op is None else
             next(name for name, rx in PARTS if re.search(rx, op)))
     out[part] = round(out.get(part, 0.0) + k["ms"], 3)

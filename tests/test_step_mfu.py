@@ -69,6 +69,10 @@ def test_kernel_breakdown_by_class():
   ops = mod.hlo_op_names(hlo)
   assert mod.part_breakdown(mod.top_kernels(events, steps=2), ops) == {
       "tower": 3.0, "interaction layers": 2.5, "unattributed": 4.0}
+  # Inside a CUDA command buffer the profiler names the buffer; the kernel's own name is the
+  # fusion's.
+  in_buffer = [{"name": "loop_add_fusion_21", "ms": 1.5, "hlo_op": "command_buffer_3"}]
+  assert mod.part_breakdown(in_buffer, ops) == {"interaction layers": 1.5}
   line = mod.kernels_line("fusion unpacked", ms)
   assert line == ("fusion unpacked, kernels per step: matmul 4.0 ms, attention backward 2.0 ms, "
                   "other (elementwise, norms, copies) 2.0 ms, attention forward 1.0 ms "
