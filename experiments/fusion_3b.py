@@ -33,12 +33,13 @@ BASE_MODEL = "/path/to/fusion_3b_base"       # import_hf output (stage 1 start +
 RUN_ROOT = "gs://YOUR_BUCKET/fusion_3b"      # stage workdirs: <RUN_ROOT>/<stage>
 
 
-# Remat: keep the weight matmuls' outputs, recompute the rest (fusion_jax.parallel.remat). On the
-# documented v5p-128 it fits every stage (python -m fusion_jax.aot, per-chip peak of 95 GiB:
-# stage1 59.0, stage1_5 and stage2 42.8; 30.1 / 20.7 with full remat) and skips recomputing
-# the weight matmuls; on an H200 it ran 8 % faster than full remat (README, "Speed on
+# Remat: keep the weight matmuls' outputs and the attention kernel's output and softmax
+# statistics, recompute the rest (fusion_jax.parallel.remat). On the documented v5p-128 it fits
+# every stage (python -m fusion_jax.aot, per-chip peak of 95 GiB: stage1 61.4, stage2 45.0 and
+# stage1_5 has stage2's shapes; 59.0 / 42.8 without the attention residuals, 30.1 / 20.7 with
+# full remat). On an H200 it ran about 8 % faster per step than full remat (README, "Speed on
 # accelerators"). On fewer chips (under v5p-64) use --config.remat_policy=full.
-REMAT_POLICY = "dots_with_no_batch_dims"
+REMAT_POLICY = "dots_with_no_batch_dims_and_attention"
 
 
 def get_config(arg: str = "stage1"):
