@@ -234,8 +234,8 @@ def test_fusion_passes_lengths_only_for_contract_rows(monkeypatch, samples, late
 
 
 def test_fusion_packed_rows_through_the_cudnn_packed_route(monkeypatch):
-  """A packed FUSION batch (P = 3, rows with empty slots) gives the XLA path's loss and
-  gradients through the cuDNN wrapper's packed-segment route (emulated)."""
+  """A packed FUSION batch (P = 3, a row with empty slots) gives the XLA path's loss through
+  the cuDNN wrapper's packed-segment route (emulated; its gradients: the kernel tests above)."""
   from fusion_jax.models import batch_spec, fusion
   from fusion_jax.models.presets import TINY
   exs = fusion.example_samples(TINY, 4, seq_len=32, max_questions=2, q=4, seed=0)
@@ -243,8 +243,8 @@ def test_fusion_packed_rows_through_the_cudnn_packed_route(monkeypatch):
   np.testing.assert_array_equal(ak.slot_lengths(jnp.asarray(batch["segment_ids"]), 3)[1, 1:],
                                 [0, 0])  # row 1: one sample, two empty slots
   params = fusion.init(jax.random.key(0), TINY, batch)["params"]
-  grad = lambda: jax.jit(jax.value_and_grad(lambda p: fusion.loss_fn(p, batch, TINY)[0]))  # noqa: E731
-  ref, gref = grad()(params)
+  loss = lambda: jax.jit(lambda p: fusion.loss_fn(p, batch, TINY)[0])  # noqa: E731
+  ref = loss()(params)
   real, seen = ak.causal_attention, []
 
   def packed(q, k, v, segment_ids, *, lengths=None, impl="auto"):
@@ -252,11 +252,9 @@ def test_fusion_packed_rows_through_the_cudnn_packed_route(monkeypatch):
     return real(q, k, v, segment_ids, lengths=lengths, impl="cudnn", cudnn_implementation="xla")
 
   monkeypatch.setattr(ak, "causal_attention", packed)
-  got, g = grad()(params)  # traced again, through the patched kernel
+  got = loss()(params)  # traced again, through the patched kernel
   assert seen and all(shape == (2, 3) for shape in seen)
-  np.testing.assert_allclose(got, ref, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
 def test_parity_benchmark_runs_every_route():
