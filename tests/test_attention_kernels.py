@@ -154,17 +154,21 @@ def test_decoder_passes_lengths_only_for_prefix_rows(monkeypatch):
       np.testing.assert_array_equal(seen[0], [12, 7])
 
 
-def test_decoder_splash_matches_xla():
-  # Plumbing: LLMConfig.attention_impl reaches SelfAttention (kernel gradients: above).
+@pytest.mark.parametrize("scan", [True, False])  # scanned first: a fresh process
+def test_decoder_splash_matches_xla(scan):
+  # Plumbing: LLMConfig.attention_impl reaches SelfAttention (kernel gradients: above). Scanned,
+  # the splash kernel is first built inside Flax's scan during init (a kernel cached across
+  # traces once leaked that trace's tracers there).
   cfg = LLMConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
-                  num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32",
-                  rope_theta=10000.0, max_position_embeddings=256, attention_impl="xla")
+                  num_layers=2 if scan else 1, num_heads=4, num_kv_heads=2, head_dim=8,
+                  dtype="float32", rope_theta=10000.0, max_position_embeddings=256,
+                  attention_impl="xla", scan_layers=scan)
   seg = SEG[:, :128]
   ids = jnp.asarray(np.random.default_rng(3).integers(0, 64, seg.shape), jnp.int32)
   mask = jnp.asarray(seg > 0)
   pos = jnp.asarray(np.where(seg > 0, np.arange(128)[None], 0), jnp.int32)
-  params = jax.jit(lambda key: Decoder(cfg).init(key, ids, pos, mask, method=Decoder.forward)
-                   )(jax.random.key(0))["params"]
+  params = Decoder(cfg.replace(attention_impl="splash")).init(
+      jax.random.key(0), ids, pos, mask, method=Decoder.forward)["params"]
   fwd = jax.jit(lambda p, cfg: Decoder(cfg).apply({"params": p}, ids, pos, mask,
                                                   method=Decoder.forward)[0], static_argnums=1)
   ref = fwd(params, cfg)

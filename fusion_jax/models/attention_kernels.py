@@ -149,13 +149,6 @@ def _make_splash_kernel(heads: int, seq: int, interpret: bool):
                             interpret=interpret)
 
 
-@functools.lru_cache(maxsize=16)
-def _splash_kernel(heads: int, seq: int, interpret: bool):
-  # Concrete block tables even when first built inside a trace (they are cached across traces).
-  with jax.ensure_compile_time_eval():
-    return _make_splash_kernel(heads, seq, interpret)
-
-
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
                      interpret: bool = False) -> jax.Array:
   """Splash attention, causal within segments. q (B, S, H, hd), k/v (B, S, KV, hd) -> (B, S, H, hd).
@@ -169,10 +162,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
-  # Compiling for TPU on a CPU host (fusion_jax.aot), concrete tables cannot be placed while
-  # the target's mesh is in context: they are built in this trace instead, uncached.
-  kernel = (_splash_kernel(h, s + pad, interpret) if _backend() == jax.default_backend()
-            else _make_splash_kernel(h, s + pad, interpret))
+  # Built in every trace, its block tables constants of that trace: a kernel cached across
+  # traces carries tracers out of the one that built it (Flax's scan traces its body with
+  # partial evaluation, where ensure_compile_time_eval does not apply: a scanned stack's init
+  # failed), and concrete tables cannot be placed while an AOT target's mesh is in context.
+  kernel = _make_splash_kernel(h, s + pad, interpret)
   # The kernel applies no softmax scale; (H, S, hd) per example.
   qh = (q * jnp.asarray(hd**-0.5, q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
