@@ -277,39 +277,49 @@ def test_parity_benchmark_runs_every_route():
   assert set(np.unique(packed[0])) == {0, 1, 2} and set(np.unique(single)) == {0, 1}
 
 
-def _assert_cudnn_matches_xla(loss, qkv, sharded: bool) -> jax.Array:
-  """loss(q, k, v, impl) -> (scalar, out): the cudnn wrapper (on a mesh if `sharded`) gives the
-  XLA path's output and q / k / v gradients to 1e-5; returns the XLA output."""
+def _assert_kernel_matches_xla(loss, qkv, sharded: bool, impl: str) -> jax.Array:
+  """loss(q, k, v, impl) -> (scalar, out): the kernel `impl` (the cudnn wrapper on jax's XLA
+  path, splash in interpret mode; on a mesh if `sharded`) gives the XLA path's output and
+  q / k / v gradients to 1e-5; returns the XLA output."""
   vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
   (_, ref), gref = vg(*qkv, "xla")
   if sharded:
     with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
         nn.logical_axis_rules(DEFAULT_RULES):
-      (_, out), got = vg(*qkv, "cudnn")
+      (_, out), got = vg(*qkv, impl)
   else:
-    (_, out), got = vg(*qkv, "cudnn")
+    (_, out), got = vg(*qkv, impl)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   for g, r in zip(got, gref):
     np.testing.assert_allclose(g, r, atol=1e-5)
   return ref
 
 
-# The vision tower's unmasked attention (tiles, plain images): bidirectional, every key.
-@pytest.mark.parametrize("sharded", [False, True])
-def test_full_attention_cudnn_wrapper_matches_xla(sharded):
+# The vision tower's unmasked attention (tiles, plain images): bidirectional, every key, or
+# each row's first key_lengths keys.
+TOWER_ROUTES = [("cudnn", False), ("cudnn", True), ("splash", False), ("splash", True)]
+
+
+@pytest.mark.parametrize("impl,sharded", TOWER_ROUTES)
+def test_full_attention_kernels_match_xla(impl, sharded):
   q, k, v = _qkv(5, H)  # the tower: as many kv heads as q heads
   w = jnp.asarray(np.random.default_rng(6).normal(size=(B, S, H, HD)), jnp.float32)
+  key_lengths = jnp.asarray([S, 150], jnp.int32)
 
   def loss(q, k, v, impl):
     out = ak.full_attention(q, k, v, impl=impl, cudnn_implementation="xla")
-    return jnp.sum(out * w), out
+    short = ak.full_attention(q, k, v, key_lengths=key_lengths, impl=impl,
+                              cudnn_implementation="xla")
+    return jnp.sum((out + 2 * short) * w), jnp.stack([out, short])
 
-  ref = _assert_cudnn_matches_xla(loss, (q, k, v), sharded)
-  np.testing.assert_allclose(ref, dot_product_attention(q, k, v), atol=1e-6)
+  ref = _assert_kernel_matches_xla(loss, (q, k, v), sharded, impl)
+  np.testing.assert_allclose(ref[0], dot_product_attention(q, k, v), atol=1e-6)
+  keys = jnp.arange(S)[None, None, None, :] < key_lengths[:, None, None, None]
+  np.testing.assert_allclose(ref[1], dot_product_attention(q, k, v, keys), atol=1e-6)
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_key_padding_attention_matches_xla(sharded):
+@pytest.mark.parametrize("impl,sharded", TOWER_ROUTES)
+def test_key_padding_attention_matches_xla(impl, sharded):
   """The text-guided image's rule: valid keys first (lengths route) or not (the cond's XLA
   branch), with uniform rows, against the XLA path's mask + uniform rows, forward and grad."""
   q, k, v = _qkv(10, H)
@@ -331,20 +341,21 @@ def test_key_padding_attention_matches_xla(sharded):
                                        cudnn_implementation="xla")
       return jnp.sum(out * w), out
 
-    _assert_cudnn_matches_xla(loss, (q, k, v), sharded)
+    _assert_kernel_matches_xla(loss, (q, k, v), sharded, impl)
 
 
-def test_tower_routes_attention_to_the_kernels(monkeypatch):
+@pytest.mark.parametrize("impl", ["cudnn", "splash"])
+def test_tower_routes_attention_to_the_kernels(monkeypatch, impl):
   from fusion_jax.models.text_guided import text_guided_features
   from fusion_jax.models.vision import VisionConfig, VisionTower
   cfg = VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
-                     num_layers=4, num_heads=4, dtype="float32", attention_impl="cudnn",
+                     num_layers=4, num_heads=4, dtype="float32", attention_impl=impl,
                      scan_layers=True)
   calls = []
   real = ak.full_attention
 
-  def spy(q, k, v, **kw):  # the cuDNN wrapper on jax's XLA path (no GPU here)
-    calls.append(kw.get("key_lengths") is not None)
+  def spy(q, k, v, **kw):  # the cuDNN wrapper on jax's XLA path (no GPU here), splash
+    calls.append(kw.get("key_lengths") is not None)  # in interpret mode
     return real(q, k, v, **{**kw, "cudnn_implementation": "xla"})
 
   monkeypatch.setattr(ak, "full_attention", spy)
@@ -371,7 +382,7 @@ def test_tower_routes_attention_to_the_kernels(monkeypatch):
     np.testing.assert_allclose(out, xla_tower.apply(params, pix, text, tmask, method=guided),
                                atol=1e-5)
   with pytest.raises(ValueError, match="attention_impl"):
-    VisionConfig(**{**cfg.to_dict(), "attention_impl": "splash"})
+    VisionConfig(**{**cfg.to_dict(), "attention_impl": "flash"})
 
 
 def test_full_attention_keeps_xla_for_head_widths_cudnn_refuses():

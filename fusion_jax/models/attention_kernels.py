@@ -1,6 +1,6 @@
 """Attention kernels. The vision tower's (`full_attention`: unmasked or key lengths;
 `key_padding_attention`: the text-guided image's rule) follow `VisionConfig.attention_impl`
-(auto | xla | cudnn) and are described there. The LLM decoder's causal self-attention (training,
+(auto | xla | cudnn | splash) and are described there. The LLM decoder's causal self-attention (training,
 cache-less forward) is chosen by `LLMConfig.attention_impl`:
 
   xla     fusion_jax.models.attention.dot_product_attention with a (B, 1, S, S) segment mask:
@@ -139,10 +139,11 @@ def _splash_blocks(s: int):
                        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
 
-def _make_splash_kernel(heads: int, seq: int, interpret: bool):
+def _make_splash_kernel(heads: int, seq: int, interpret: bool, causal: bool = True):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  mask = sm.MultiHeadMask([sm.CausalMask((seq, seq)) for _ in range(heads)])
+  one = sm.CausalMask((seq, seq)) if causal else sm.FullMask((seq, seq))
+  mask = sm.MultiHeadMask([one for _ in range(heads)])
   # The tag lets a remat policy keep the output and logsumexp instead of rerunning the forward.
   return sk.make_splash_mha(mask, block_sizes=_splash_blocks(seq), head_shards=1,
                             q_seq_shards=1, residual_checkpoint_name=remat_lib.ATTN_RESIDUALS,
@@ -150,31 +151,35 @@ def _make_splash_kernel(heads: int, seq: int, interpret: bool):
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                     kv_segment_ids: jax.Array | None = None, causal: bool = True,
                      interpret: bool = False) -> jax.Array:
-  """Splash attention, causal within segments. q (B, S, H, hd), k/v (B, S, KV, hd) -> (B, S, H, hd).
+  """Splash attention within segments. q (B, S, H, hd), k/v (B, S, KV, hd) -> (B, S, H, hd).
 
-  Rows are padded to a multiple of 128 with segment 0 (only padding attends to it).
+  segment_ids (B, S): the queries' (and, without kv_segment_ids, the keys') segments; a query
+  sees the keys of its segment, the earlier ones only when `causal`. Rows are padded to a
+  multiple of 128 with segment 0 (only padding attends to it).
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   b, s, h, hd = q.shape
+  kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
   pad = -s % _LANES
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+    segment_ids, kv_seg = (jnp.pad(x, ((0, 0), (0, pad))) for x in (segment_ids, kv_seg))
   # Built in every trace, its block tables constants of that trace: a kernel cached across
   # traces carries tracers out of the one that built it (Flax's scan traces its body with
   # partial evaluation, where ensure_compile_time_eval does not apply: a scanned stack's init
   # failed), and concrete tables cannot be placed while an AOT target's mesh is in context.
-  kernel = _make_splash_kernel(h, s + pad, interpret)
+  kernel = _make_splash_kernel(h, s + pad, interpret, causal)
   # The kernel applies no softmax scale; (H, S, hd) per example.
   qh = (q * jnp.asarray(hd**-0.5, q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-  def one(q1, k1, v1, seg):
-    return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+  def one(q1, k1, v1, seg, kv):
+    return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=seg, kv=kv))
 
-  out = jax.vmap(one)(qh, kh, vh, segment_ids.astype(jnp.int32))
+  out = jax.vmap(one)(qh, kh, vh, segment_ids.astype(jnp.int32), kv_seg.astype(jnp.int32))
   return out.transpose(0, 2, 1, 3)[:, :s].astype(q.dtype)
 
 
@@ -337,15 +342,27 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
   q, k, v: (B, M, H, hd). key_lengths: (B,) int32 or None. impl: VisionConfig.attention_impl;
   'cudnn' (what 'auto' resolves to on a GPU in bf16/fp16) runs jax.nn.dot_product_attention's
-  cuDNN kernel when hd is a multiple of 8 up to 128 (SigLIP: 72), anything else the XLA path
+  cuDNN kernel when hd is a multiple of 8 up to 128 (SigLIP: 72); 'splash' (what 'auto'
+  resolves to on TPU) the splash kernel with a full mask, the queries in segment 1 and the
+  valid keys in segment 1 (Pallas interpret mode off TPU); anything else the XLA path
   (float32 scores (B, H, M, M)). Returns (B, M, H, hd) in q's dtype.
   """
   m = q.shape[1]
+  resolved = resolve_impl(impl, q.dtype)
+  if resolved == "splash":
+    def splash(q, k, v, *lengths):
+      b = q.shape[0]
+      valid = (jnp.arange(m)[None] < lengths[0][:, None]) if lengths else jnp.ones((b, m), bool)
+      return splash_attention(q, k, v, jnp.ones((b, m), jnp.int32), causal=False,
+                              kv_segment_ids=valid.astype(jnp.int32),
+                              interpret=_backend() != "tpu")
+
+    return _sharded(splash, q, k, v, *(() if key_lengths is None else (key_lengths,)))
   # cuDNN's flash kernels take head widths that are multiples of 8 up to 128 on every GPU
   # generation (jax checks it while differentiating, deep inside the tower's scan): others
   # stay on the XLA path.
   hd = q.shape[-1]
-  if resolve_impl(impl, q.dtype) != "cudnn" or hd % 8 or hd > 128:
+  if resolved != "cudnn" or hd % 8 or hd > 128:
     mask = None if key_lengths is None else (
         jnp.arange(m)[None, None, None, :] < key_lengths[:, None, None, None])
     return dot_product_attention(q, k, v, mask)
@@ -382,12 +399,13 @@ def key_padding_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: j
   to all M keys. Same result as attention.dot_product_attention(q, k, v, key_valid[:, None,
   None, :], uniform_rows=uniform_rows).
 
-  key_valid: (B, M) bool. On the cuDNN route the valid keys must come first in each row (image
-  patches, then the instruction's tokens, then padding): they become key lengths. A row where
-  they do not takes the XLA path instead (a lax.cond on the device, decided per batch).
+  key_valid: (B, M) bool. On the cuDNN and splash routes the valid keys must come first in each
+  row (image patches, then the instruction's tokens, then padding): they become key lengths. A
+  row where they do not takes the XLA path instead (a lax.cond on the device, decided per
+  batch; on an H200 it cost no measurable time).
   """
   mask = key_valid[:, None, None, :]
-  if resolve_impl(impl, q.dtype) != "cudnn":
+  if resolve_impl(impl, q.dtype) not in ("cudnn", "splash"):
     return dot_product_attention(q, k, v, mask, uniform_rows=uniform_rows)
   lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
   out = jax.lax.cond(

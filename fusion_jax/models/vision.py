@@ -36,7 +36,7 @@ from fusion_jax.parallel.remat import policy_from_name, remat
 from fusion_jax.parallel.sharding import constrain
 
 
-VISION_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+VISION_ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +53,10 @@ class VisionConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False        # one nn.scan over the layers (stacked `layers` params)
-  # Attention kernel: auto | xla | cudnn (attention_kernels.full_attention and
-  # key_padding_attention; auto = cudnn on a GPU in bf16) for the unmasked attention (tiles,
-  # plain images) and the text-guided image's key padding (+ uniform rows); a query-dependent
-  # mask (block_vision_to_text's early layers) takes the XLA path.
+  # Attention kernel: auto | xla | cudnn | splash (attention_kernels.full_attention and
+  # key_padding_attention; auto = cudnn on a GPU in bf16, splash on TPU) for the unmasked
+  # attention (tiles, plain images) and the text-guided image's key padding (+ uniform rows); a
+  # query-dependent mask (block_vision_to_text's early layers) takes the XLA path.
   attention_impl: str = "auto"
 
   def __post_init__(self):
