@@ -36,10 +36,9 @@ RUN_ROOT = "gs://YOUR_BUCKET/fusion_8b"      # stage workdirs: <RUN_ROOT>/<stage
 # Remat per stage (fusion_jax.parallel.remat; python -m fusion_jax.aot on the documented v5p-128,
 # per-chip peak of 95 GiB). Stage 1 (256 x 2048 tokens) recomputes everything: keeping the
 # weight matmuls' outputs would need 81.5 (46.6 with full remat). Stages 1.5 and 2 (128 x 4096,
-# the same shapes) keep them and the attention kernel's residuals: 65.3 at stage 2 (62.9
-# without the attention residuals, 35.0 with full remat), about 8 % faster per step on an H200
-# at FUSION 3B width (README, "Speed on accelerators"). On fewer chips use
-# --config.remat_policy=full.
+# the same shapes) keep them and the attention kernel's residuals: 68.6 at stage 2 (35.0 with
+# full remat), about 8 % faster per step on an H200 at FUSION 3B width (README, "Speed on
+# accelerators"). On fewer chips use --config.remat_policy=full.
 REMAT_POLICY = {"stage1": "full", "stage1_5": "dots_with_no_batch_dims_and_attention",
                 "stage2": "dots_with_no_batch_dims_and_attention"}
 

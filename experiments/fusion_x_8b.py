@@ -36,7 +36,7 @@ RUN_ROOT = "gs://YOUR_BUCKET/fusion_x_8b"    # stage workdirs: <RUN_ROOT>/<stage
 # Remat per stage (fusion_jax.parallel.remat; python -m fusion_jax.aot on the documented v5p-128,
 # per-chip peak of 95 GiB). Stage 1 (256 x 2048 tokens) recomputes everything, as FUSION 8B's
 # does (its lighter policy would need 81.5 there). Stages 1.5 and 2 keep the weight matmuls'
-# outputs and the attention kernel's residuals: 70.8 at stage 1.5 and 60.8 at stage 2 (3072
+# outputs and the attention kernel's residuals: 73.4 at stage 1.5 and 63.6 at stage 2 (3072
 # tokens), against 35.1 / 31.4 with full remat. On fewer chips use --config.remat_policy=full.
 REMAT_POLICY = {"stage1": "full", "stage1_5": "dots_with_no_batch_dims_and_attention",
                 "stage2": "dots_with_no_batch_dims_and_attention"}
