@@ -5,9 +5,10 @@
 #
 #   benchmarks/gpu_run.sh [OUT_DIR] [extra step_mfu.py flags, e.g. --batch 4 --layers 16]
 #
-# Environment: PARITY=0 / MEMORY=0 skip the attention checks, TABLE=0 the table run, PACKED=N samples per packed row
-# (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH[:TOWER] ..." the lighter-remat rows
-# (default dots_with_no_batch_dims:2), DEADLINE_S a time limit that rows are fitted under. Output in
+# Environment: PARITY=0 / MEMORY=0 skip the attention checks, TABLE=0 the table run, PACKED=N
+# samples per packed row (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH[:TOWER] ..." the
+# lighter-remat rows (default dots_with_no_batch_dims_and_attention:4, the best row so far),
+# DEADLINE_S a time limit that rows are fitted under. Output in
 # OUT_DIR: gpu_run.log (everything printed), step_mfu*.json, hlo/*.hlo.txt.gz.
 #
 # Python: $PYTHON (default python3) must import jax with a CUDA backend, flax, optax,
@@ -113,7 +114,7 @@ fi
 # one sample per row. REMAT_ROWS lists POLICY:BATCH[:TOWER_ATTENTION] rows ("" skips them;
 # TOWER_ATTENTION is step_mfu's --vision-attention, default auto); a row that does not fit the
 # device's memory fails alone.
-for row in ${REMAT_ROWS-dots_with_no_batch_dims:2}; do
+for row in ${REMAT_ROWS-dots_with_no_batch_dims_and_attention:4}; do
   IFS=: read -r policy batch tower <<< "$row"
   tower=${tower:-auto}
   fits 110 "remat $policy batch $batch tower $tower" || continue
