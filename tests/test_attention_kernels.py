@@ -73,13 +73,15 @@ SEG1[0, :160], SEG1[1, :130] = 1, 1
 LENGTHS = jnp.asarray([160, 130], jnp.int32)
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_cudnn_lengths_route_matches_mask_on_real_rows(sharded):
-  q, k, v = _qkv(3, 1 if sharded else KV)
-  seg, real = jnp.asarray(SEG1), jnp.asarray(SEG1 > 0)[:, :, None, None]
-  w = jnp.asarray(np.random.default_rng(4).normal(size=(B, S, H, HD)), jnp.float32) * real
+def _lengths_route_matches_mask(seg_np, lengths, seed: int, sharded: bool) -> np.ndarray:
+  """The cuDNN wrapper (jax's XLA path) with `lengths` gives the segment-mask route's output on
+  real rows and its q / k / v gradients to 1e-5 when only real rows feed the loss, as in the
+  model; returns the lengths route's output (padding rows included)."""
+  q, k, v = _qkv(seed, 1 if sharded else KV)
+  seg, real = jnp.asarray(seg_np), jnp.asarray(seg_np > 0)[:, :, None, None]
+  w = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(B, S, H, HD)), jnp.float32) * real
 
-  def loss(q, k, v, lengths):  # only real rows feed the loss, as in the model
+  def loss(q, k, v, lengths):
     out = ak.causal_attention(q, k, v, seg, lengths=lengths, impl="cudnn",
                               cudnn_implementation="xla")
     return jnp.sum(out * w), out
@@ -89,13 +91,19 @@ def test_cudnn_lengths_route_matches_mask_on_real_rows(sharded):
   if sharded:
     with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
         nn.logical_axis_rules(DEFAULT_RULES):
-      (_, out), got = vg(q, k, v, LENGTHS)
+      (_, out), got = vg(q, k, v, lengths)
   else:
-    (_, out), got = vg(q, k, v, LENGTHS)
+    (_, out), got = vg(q, k, v, lengths)
   np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5)
-  assert np.isfinite(np.asarray(out)).all()  # padding rows: finite, read by nothing
   for g, r in zip(got, gref):
     np.testing.assert_allclose(g, r, atol=1e-5)
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_cudnn_lengths_route_matches_mask_on_real_rows(sharded):
+  out = _lengths_route_matches_mask(SEG1, LENGTHS, 3, sharded)
+  assert np.isfinite(out).all()  # padding rows: finite, read by nothing
 
 
 # Packed rows under the batch contract: row 0 two samples (90 + 70) then padding, row 1 one
@@ -109,27 +117,8 @@ def test_slot_lengths():
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_cudnn_packed_route_matches_mask_on_real_rows(sharded):
-  q, k, v = _qkv(5, 1 if sharded else KV)
-  seg, real = jnp.asarray(SEG), jnp.asarray(SEG > 0)[:, :, None, None]
-  w = jnp.asarray(np.random.default_rng(6).normal(size=(B, S, H, HD)), jnp.float32) * real
-
-  def loss(q, k, v, lengths):
-    out = ak.causal_attention(q, k, v, seg, lengths=lengths, impl="cudnn",
-                              cudnn_implementation="xla")
-    return jnp.sum(out * w), out
-
-  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-  (_, ref), gref = vg(q, k, v, None)  # the segment-mask route
-  if sharded:
-    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})), \
-        nn.logical_axis_rules(DEFAULT_RULES):
-      (_, out), got = vg(q, k, v, SLOT_LENGTHS)
-  else:
-    (_, out), got = vg(q, k, v, SLOT_LENGTHS)
-  np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5)
-  assert not np.asarray(out)[~np.asarray(SEG > 0)].any()  # padding rows: zero
-  for g, r in zip(got, gref):
-    np.testing.assert_allclose(g, r, atol=1e-5)
+  out = _lengths_route_matches_mask(SEG, SLOT_LENGTHS, 5, sharded)
+  assert not out[~(SEG > 0)].any()  # padding rows: zero
 
 
 def test_decoder_passes_lengths_only_for_prefix_rows(monkeypatch):
