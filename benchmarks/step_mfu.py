@@ -303,8 +303,8 @@ def top_kernels(events: list[dict[str, Any]], steps: int, n: int = 25) -> list[d
 
 # Parts of the step by the op_name metadata of a kernel's HLO instruction; first match wins.
 PARTS = (("interaction layers", r"/block/"), ("tower", r"vision_tower"),
-          ("projectors", r"projector"), ("llm", r"(^|/)llm[./]"),
-          ("loss, optimizer, glue", r""))
+         ("projectors", r"projector"), ("llm", r"(^|/)llm[./]"),
+         ("loss, optimizer, glue", r""))
 
 
 def hlo_op_names(hlo: str) -> dict[str, str]:
@@ -316,7 +316,7 @@ def hlo_op_names(hlo: str) -> dict[str, str]:
 
 
 def part_breakdown(kernels: list[dict[str, Any]], op_names: dict[str, str]
-                    ) -> dict[str, float]:
+                   ) -> dict[str, float]:
   """ms per step by part of the model (PARTS) of `top_kernels` rows: a kernel's HLO
   instruction is its `hlo_op`, else its name read as a fusion's ('loop_add_fusion_3' ->
   'loop_add_fusion.3'; what attributes kernels that run inside a CUDA command buffer, whose

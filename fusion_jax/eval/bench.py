@@ -15,10 +15,10 @@ are the official ones (bench_metrics.py). Writes --out (JSON: metrics, per-categ
 `count` = rows scored, skipped rows with their index and reason, every prediction) and a bar
 chart next to it (.png), and prints the per-category table.
 
---circular (multiple-choice benchmarks except MMStar): accuracy per question, right only if every rotation of
-its options is answered right (MMBench's CircularEval); the rotations are the file's circular
-copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none, made
-here. Without it, circular copies in the file are not asked.
+--circular (multiple-choice benchmarks except MMStar): accuracy per question, right only if every
+rotation of its options is answered right (MMBench's CircularEval); the rotations are the file's
+circular copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none,
+made here. Without it, circular copies in the file are not asked.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Attention kernels. The vision tower's (`full_attention`: unmasked or key lengths;
 `key_padding_attention`: the text-guided image's rule) follow `VisionConfig.attention_impl`
-(auto | xla | cudnn | splash) and are described there. The LLM decoder's causal self-attention (training,
-cache-less forward) is chosen by `LLMConfig.attention_impl`:
+(auto | xla | cudnn | splash) and are described there. The LLM decoder's causal
+self-attention (training, cache-less forward) is chosen by `LLMConfig.attention_impl`:
 
   xla     fusion_jax.models.attention.dot_product_attention with a (B, 1, S, S) segment mask:
           float32 scores (B, H, S, S) are materialised (2 GiB per 4k row per layer at 32 heads).
@@ -247,26 +247,24 @@ def _cudnn_packed(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
   implementation='xla' emulates that layout with the mask it stands for (CPU tests).
   """
   b, s = q.shape[:2]
-  starts = jnp.cumsum(lengths, axis=1) - lengths
-  used = lengths > 0
+  ends = jnp.cumsum(lengths, axis=1)  # (B, P)
+  t = jnp.arange(s)
+  real = t[None, :] < ends[:, -1:]  # (B, S)
   if implementation == "cudnn":
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+    used = lengths > 0
     seqlen = jnp.where(used, lengths, -1)
-    offsets = jnp.concatenate([jnp.where(used, starts, -1), jnp.full((b, 1), -1, jnp.int32)],
-                              axis=1)
+    offsets = jnp.concatenate([jnp.where(used, ends - lengths, -1),
+                               jnp.full((b, 1), -1, jnp.int32)], axis=1)
     out = cudnn_fa.dot_product_attention(
         q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
         scale=q.shape[-1] ** -0.5, mask_type=cudnn_fa.MaskType.PADDING_CAUSAL,
         qkv_layout="BTNH")
   else:
-    t = jnp.arange(s)
-    inside = (t[None, None, :] >= starts[:, :, None]) & (
-        t[None, None, :] < (starts + lengths)[:, :, None])  # (B, P, S)
-    slot = jnp.where(inside.any(axis=1), jnp.argmax(inside, axis=1), -1)  # (B, S)
-    same = (slot[:, :, None] == slot[:, None, :]) & (slot[:, :, None] >= 0)
+    slot = jnp.sum(t[None, None, :] >= ends[:, :, None], axis=1)  # (B, S): P after the last
+    same = (slot[:, :, None] == slot[:, None, :]) & real[:, :, None]
     out = jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True,
                                        implementation="xla")
-  real = jnp.arange(s)[None, :] < jnp.sum(lengths, axis=1, keepdims=True)  # (B, S)
   return jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
@@ -351,11 +349,9 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   resolved = resolve_impl(impl, q.dtype)
   if resolved == "splash":
     def splash(q, k, v, *lengths):
-      b = q.shape[0]
-      valid = (jnp.arange(m)[None] < lengths[0][:, None]) if lengths else jnp.ones((b, m), bool)
-      return splash_attention(q, k, v, jnp.ones((b, m), jnp.int32), causal=False,
-                              kv_segment_ids=valid.astype(jnp.int32),
-                              interpret=_backend() != "tpu")
+      keys = (jnp.arange(m)[None] < lengths[0][:, None]).astype(jnp.int32) if lengths else None
+      return splash_attention(q, k, v, jnp.ones(q.shape[:2], jnp.int32), causal=False,
+                              kv_segment_ids=keys, interpret=_backend() != "tpu")
 
     return _sharded(splash, q, k, v, *(() if key_lengths is None else (key_lengths,)))
   # cuDNN's flash kernels take head widths that are multiples of 8 up to 128 on every GPU
