@@ -6,8 +6,9 @@
 #   benchmarks/gpu_run.sh [OUT_DIR] [extra step_mfu.py flags, e.g. --batch 4 --layers 16]
 #
 # Environment: PARITY=0 / MEMORY=0 skip the attention checks, TABLE=0 the table run, PACKED=N
-# samples per packed row (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH[:TOWER] ..." the
-# lighter-remat rows (default dots_with_no_batch_dims_and_attention:4, the best row so far),
+# samples per packed row (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH[:TOWER[:CHUNKS]]
+# ..." the lighter-remat rows (default dots_with_no_batch_dims_and_attention:4, the best row so
+# far; CHUNKS: step_mfu's --loss-chunks, default 1),
 # DEADLINE_S a time limit that rows are fitted under. Output in
 # OUT_DIR: gpu_run.log (everything printed), step_mfu*.json, hlo/*.hlo.txt.gz.
 #
@@ -111,16 +112,19 @@ if [[ "${TABLE:-1}" == 1 ]] && fits $(( PACKED ? 300 : 190 )) "the table"; then
     || echo "TABLE RUN FAILED (above)"
 fi
 # Lighter remat than the table's full remat (the HFU - MFU gap is the recompute): FUSION only,
-# one sample per row. REMAT_ROWS lists POLICY:BATCH[:TOWER_ATTENTION] rows ("" skips them;
-# TOWER_ATTENTION is step_mfu's --vision-attention, default auto); a row that does not fit the
-# device's memory fails alone.
+# one sample per row. REMAT_ROWS lists POLICY:BATCH[:TOWER_ATTENTION[:LOSS_CHUNKS]] rows (""
+# skips them; TOWER_ATTENTION is step_mfu's --vision-attention, default auto; LOSS_CHUNKS its
+# --loss-chunks, default 1); a row that does not fit the device's memory fails alone.
 for row in ${REMAT_ROWS-dots_with_no_batch_dims_and_attention:4}; do
-  IFS=: read -r policy batch tower <<< "$row"
+  IFS=: read -r policy batch tower chunks <<< "$row"
   tower=${tower:-auto}
-  fits 110 "remat $policy batch $batch tower $tower" || continue
+  chunks=${chunks:-1}
+  fits 110 "remat $policy batch $batch tower $tower loss chunks $chunks" || continue
+  name="${policy}_b${batch}_tower_$tower"
+  if (( chunks > 1 )); then name="${name}_chunks$chunks"; fi
   "$PY" benchmarks/step_mfu.py --notorch --packed 0 --steps 5 --remat "$policy" \
-    --batch "$batch" --vision-attention "$tower" --profile "$PROFILE_DIR/$row" "${LAYERS[@]}" \
-    "$@" --out "$OUT/step_mfu_remat_${policy}_b${batch}_tower_$tower.json" \
+    --batch "$batch" --vision-attention "$tower" --loss-chunks "$chunks" \
+    --profile "$PROFILE_DIR/$row" "${LAYERS[@]}" "$@" --out "$OUT/step_mfu_remat_$name.json" \
     || echo "REMAT ROW $row FAILED (above)"
 done
 for json_path in "$OUT"/step_mfu*.json; do

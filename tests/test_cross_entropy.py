@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusion_jax.parallel.cross_entropy import cross_entropy, shift_labels
+from fusion_jax.parallel.cross_entropy import chunked_cross_entropy, cross_entropy, shift_labels
 from fusion_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 B, S, V = 8, 12, 96
@@ -112,3 +112,74 @@ def test_vocab_not_divisible_is_a_clear_error(mesh):
   labels = jnp.zeros((4, 4), jnp.int32)
   with jax.set_mesh(mesh), pytest.raises(ValueError, match="not divisible"):
     cross_entropy(logits, labels)
+
+
+# -- chunked: the LM head and the cross entropy per token chunk (no (B, S, V) logits) --
+D = 16
+
+
+@pytest.fixture(scope="module")
+def head(data):
+  _, labels = data
+  hidden = jax.random.normal(jax.random.key(2), (B, S, D), jnp.float32)
+  kernel = jax.random.normal(jax.random.key(3), (D, V), jnp.float32)
+  return hidden, kernel, labels
+
+
+def _mean_ce_unchunked(hidden, kernel, labels, dtype=jnp.float32):
+  s, c = cross_entropy(jnp.dot(hidden.astype(dtype), kernel.astype(dtype)).astype(jnp.float32),
+                       labels)
+  return s / c
+
+
+def _mean_ce_chunked(hidden, kernel, labels, chunks, dtype=jnp.float32):
+  s, c = chunked_cross_entropy(hidden, kernel, labels, chunks=chunks, dtype=dtype)
+  return s / c
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 4])
+def test_chunked_equals_unchunked_value_and_grads(head, mesh, chunks):
+  hidden, kernel, labels = head
+  want, (gh_ref, gk_ref) = jax.value_and_grad(_mean_ce_unchunked, argnums=(0, 1))(
+      hidden, kernel, labels)
+  fn = jax.jit(jax.value_and_grad(_mean_ce_chunked, argnums=(0, 1)), static_argnums=3)
+  got, (gh, gk) = fn(hidden, kernel, labels, chunks)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(gh), np.asarray(gh_ref), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gk), np.asarray(gk_ref), atol=1e-6)
+  # Sharded: batch over data x fsdp, the kernel's vocab over tensor and its embed over fsdp.
+  with jax.set_mesh(mesh):
+    h = jax.device_put(hidden, jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None, None)))
+    k = jax.device_put(kernel, jax.NamedSharding(mesh, jax.P("fsdp", "tensor")))
+    got, (gh, gk) = fn(h, k, labels, chunks)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(gh), np.asarray(gh_ref), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gk), np.asarray(gk_ref), atol=1e-6)
+
+
+def test_chunked_bf16_head_matches_unchunked(head):
+  """In bf16 both compute the logits in bf16 and upcast: the same numbers, chunk by chunk."""
+  hidden, kernel, labels = head
+  want = _mean_ce_unchunked(hidden, kernel, labels, jnp.bfloat16)
+  got = jax.jit(_mean_ce_chunked, static_argnums=(3, 4))(hidden, kernel, labels, 4, jnp.bfloat16)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_chunked_never_holds_the_whole_logits():
+  """The compiled gradient has no (B, S, V) buffer, only (B, S / chunks, V) chunks."""
+  b, s, d, v, chunks = 2, 64, 8, 512, 8
+  hidden = jnp.ones((b, s, d), jnp.float32)
+  kernel = jnp.ones((d, v), jnp.float32)
+  labels = jnp.zeros((b, s), jnp.int32)
+  grad = jax.jit(jax.grad(_mean_ce_chunked, argnums=(0, 1)), static_argnums=3)
+  hlo = grad.lower(hidden, kernel, labels, chunks).compile().as_text()
+  assert f"f32[{b},{s // chunks},{v}]" in hlo
+  assert f"f32[{b},{s},{v}]" not in hlo
+  ref = jax.jit(jax.grad(_mean_ce_unchunked, argnums=(0, 1))).lower(hidden, kernel, labels)
+  assert f"f32[{b},{s},{v}]" in ref.compile().as_text()
+
+
+def test_chunks_must_divide_the_sequence(head):
+  hidden, kernel, labels = head
+  with pytest.raises(ValueError, match="loss_chunks=5 must divide the sequence length 12"):
+    chunked_cross_entropy(hidden, kernel, labels, chunks=5, dtype=jnp.float32)

@@ -13,7 +13,8 @@ def test_tiny_run_writes_the_table_json(tmp_path, capsys):
   out = tmp_path / "mfu.json"
   mod = _module()
   report = mod.measure(mod.parse_args(["--tiny", "--layers", "1", "--vision-layers", "2",
-                                       "--steps", "1", "--dtype", "float32", "--out", str(out),
+                                       "--steps", "1", "--dtype", "float32", "--loss-chunks", "2",
+                                       "--out", str(out),
                                        "--hlo", str(tmp_path / "hlo")]))
   assert json.loads(out.read_text())["runs"].keys() == report["runs"].keys()
   fusion, torch = report["runs"]["fusion unpacked"], report["runs"]["torch Phi3 baseline"]
@@ -27,6 +28,7 @@ def test_tiny_run_writes_the_table_json(tmp_path, capsys):
   assert "step_s" in packed or packed["skipped"]
   assert 0 < report["fusion_flops_share"]["unpacked"] < 1
   assert report["llm_layers"] == 1 and report["preset_llm_layers"] == 4
+  assert report["loss_chunks"] == 2
   assert "fusion unpacked | cpu |" in capsys.readouterr().out
   with gzip.open(tmp_path / "hlo" / "unpacked.hlo.txt.gz", "rt") as f:
     assert f.read().startswith("HloModule")

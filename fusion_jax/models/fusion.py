@@ -31,7 +31,7 @@ from fusion_jax.models import batch_spec, global_context
 from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
-from fusion_jax.models.llm import Decoder
+from fusion_jax.models.llm import Decoder, lm_head_kernel
 from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.models.mapping_loss import fusion_loss
 from fusion_jax.models.text_guided import text_guided_features
@@ -194,11 +194,13 @@ class Fusion(nn.Module):
                 patch_embeds=patch_embeds, instruct_embeds=instruct_embeds,
                 instruct_feats=instruct_feats)
 
-  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Full-sequence forward (training, scoring). Returns (logits (B, S, V), aux)."""
-    logits, aux, _ = self._forward(batch, train=train, cache=None)
-    return logits, aux
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True,
+               logits: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Full-sequence forward (training, scoring). Returns (logits (B, S, V), aux), or with
+    logits=False the decoder's final hidden states (B, S, D) in the logits' place (a loss that
+    projects them in chunks: fusion_jax.parallel.cross_entropy.chunked_cross_entropy)."""
+    out, aux, _ = self._forward(batch, train=train, cache=None, head=logits)
+    return out, aux
 
   def prefill(self, batch: Mapping[str, jax.Array], cache: dict[str, Any]
               ) -> tuple[jax.Array, dict[str, Any]]:
@@ -216,7 +218,7 @@ class Fusion(nn.Module):
                             cache=cache)
 
   def _forward(self, batch: Mapping[str, jax.Array], *, train: bool,
-               cache: dict[str, Any] | None
+               cache: dict[str, Any] | None, head: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any] | None]:
     cfg = self.config
     b, p, lq = batch["question_pos"].shape
@@ -276,7 +278,7 @@ class Fusion(nn.Module):
     hidden, new_cache = self.llm(h, batch["positions"], token_mask, cache=cache, hook=hook,
                                  hook_ctx=hook_ctx, segment_ids=batch["segment_ids"],
                                  prefix_rows=cfg.latents, samples_per_row=p)
-    logits = self.llm.logits(hidden)
+    logits = self.llm.logits(hidden) if head else hidden
     # Loss inputs per sample slot: (B, P, ...).
     unflat = lambda x: None if x is None else x.reshape((b, p) + x.shape[1:])  # noqa: E731
     aux = dict(patch_embeds=unflat(vis["patch_embeds"]),
@@ -292,15 +294,15 @@ def init(rng: jax.Array, cfg: FusionConfig, batch: Mapping[str, Any]) -> Any:
 
 
 def apply(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, q: int | None = None,
-          train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+          train: bool = True, logits: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """logits (B, S, V) and aux (per-sample loss inputs, (B, P, ...)) for a batch; q checked
-  against the batch shapes."""
+  against the batch shapes. logits=False: the final hidden states (B, S, D) in their place."""
   lq = batch["question_pos"].shape[2]
   implied = batch["latent_pos"].shape[2] // max(lq, 1)
   if q is not None and q != implied:
     raise ValueError(f"fusion.apply: q={q} but latent_pos {batch['latent_pos'].shape} with "
                      f"{lq} questions implies q={implied}; lay the batch out with the same q")
-  return Fusion(cfg).apply({"params": params}, batch, train=train)
+  return Fusion(cfg).apply({"params": params}, batch, train=train, logits=logits)
 
 
 def prefill(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig,
@@ -323,17 +325,30 @@ def vision_map_samples(batch: Mapping[str, jax.Array], cfg: FusionConfig) -> jax
   return filled if cfg.vision_map_text_only else filled & batch["has_image"]
 
 
-def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """docs/model.md §8: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars)."""
-  logits, out = apply(params, batch, cfg, train=train)
+def lm_head(params: Any, cfg: FusionConfig, loss_chunks: int
+            ) -> tuple[jax.Array, int, Any] | None:
+  """The `head` argument of mapping_loss.loss_terms: None (the model's logits), or with
+  loss_chunks > 1 (LM head kernel (D, V), loss_chunks, compute dtype) for the chunked cross
+  entropy over the hidden states that apply(..., logits=False) returns."""
+  if loss_chunks <= 1:
+    return None
+  return (lm_head_kernel(params["llm"], cfg.llm), loss_chunks, jnp.dtype(cfg.llm.dtype))
+
+
+def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True,
+            loss_chunks: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """docs/model.md §8: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars).
+  loss_chunks > 1 takes the LM head and cross entropy per token chunk (config.loss_chunks)."""
+  head = lm_head(params, cfg, loss_chunks)
+  logits, out = apply(params, batch, cfg, train=train, logits=head is None)
   t_embeds, t_feats, t_mask = out["instruct_embeds"], out["instruct_feats"], batch["instructs_mask"]
   if t_feats is None:  # text guidance off: no instruction features, no text mapping term
     t_feats, t_mask = t_embeds, jnp.zeros_like(t_mask)
   weight = cfg.mapping_weight if cfg.mapping_loss else 0.0
   sample_mask = vision_map_samples(batch, cfg)
   return fusion_loss(logits, batch["labels"], t_embeds, t_feats, t_mask, out["patch_embeds"],
-                     out["projected_back"], sample_mask=sample_mask, mapping_weight=weight)
+                     out["projected_back"], sample_mask=sample_mask, mapping_weight=weight,
+                     head=head)
 
 
 def example_samples(cfg: FusionConfig, count: int, *, seq_len: int, max_questions: int, q: int,

@@ -25,6 +25,8 @@ Calling convention (pure functional, `apply(..., method=...)`):
   Decoder.__call__(inputs_embeds (B, S, D), positions (B, S), token_mask (B, S), *,
                    cache=None, hook=None) -> (hidden (B, S, D) after the final norm, new_cache)
   Decoder.logits(hidden (B, S, D)) -> (B, S, V) float32
+  lm_head_kernel(params, cfg) -> (D, V): the same projection's weight, for a loss that projects
+    the hidden states itself (fusion_jax.parallel.cross_entropy.chunked_cross_entropy)
   Decoder.forward(input_ids, positions, token_mask, *, cache=None) -> (logits, new_cache)
 
 Blocks between layers (FUSION's interaction layers) come in two forms:
@@ -414,6 +416,14 @@ def _cache_mask(cache: Mapping[str, Any], token_mask: jax.Array):
   mask = (allowed & valid[:, None, :])[:, None]
   new_index = index + token_mask.sum(axis=-1).astype(jnp.int32)
   return mask, index, {"valid": valid, "index": new_index}
+
+
+def lm_head_kernel(params: Mapping[str, Any], cfg: LLMConfig) -> jax.Array:
+  """The (D, V) weight `Decoder.logits` multiplies by (in the compute dtype): lm_head's kernel,
+  or the embedding table transposed when the two are tied. `params` is the decoder's tree."""
+  if cfg.tie_word_embeddings:
+    return jnp.transpose(params["embed_tokens"]["embedding"])
+  return params["lm_head"]["kernel"]
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fusion_jax.parallel.cross_entropy import chunked_cross_entropy
 from fusion_jax.parallel.cross_entropy import cross_entropy as vocab_parallel_ce
 COS_EPS = 1e-12  # ATen Loss.cpp EPSILON, added to each squared norm
 
@@ -107,6 +108,7 @@ def loss_terms(
     text_map: bool = True,
     vision_map: bool = True,
     rules: Any = None,
+    head: tuple[jax.Array, int, Any] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
   """docs/model.md §8's terms as (sum, count): the one place the FUSION loss is assembled
   (`fusion_loss` takes their means; the trainer's FusionTask normalises the sums over the global
@@ -115,12 +117,20 @@ def loss_terms(
   Args: as `fusion_loss`, plus
     text_map, vision_map: include that term (off: the model has no such term to train).
     rules: logical axis rules of the vocab-sharded cross entropy (None: its defaults).
+    head: (kernel (D, V), chunks, compute dtype): `logits` are then the decoder's final hidden
+      states (B, S, D), projected by the LM head in `chunks` token chunks so that the (B, S, V)
+      logits never exist (fusion_jax.parallel.cross_entropy.chunked_cross_entropy).
 
   Returns:
     {"ce": (sum, count), "text_map": ..., "vision_map": ...} (the terms asked for).
   """
   ce_kw = {} if rules is None else {"rules": rules}
-  terms = {"ce": vocab_parallel_ce(logits, labels, **ce_kw)}
+  if head is None:
+    terms = {"ce": vocab_parallel_ce(logits, labels, **ce_kw)}
+  else:
+    kernel, chunks, dtype = head
+    terms = {"ce": chunked_cross_entropy(logits, kernel, labels, chunks=chunks, dtype=dtype,
+                                         **ce_kw)}
   if text_map:
     terms["text_map"] = text_mapping_loss(instruct_embeds, instruct_feats, instructs_mask)
   if vision_map:
@@ -139,6 +149,7 @@ def fusion_loss(
     *,
     sample_mask: jax.Array | None = None,
     mapping_weight: float = 0.1,
+    head: tuple[jax.Array, int, Any] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total FUSION loss: CE + mapping_weight * (text_map + vision_map), each term a mean.
 
@@ -149,6 +160,7 @@ def fusion_loss(
     sample_mask: (...) bool keeping samples in vision_map (packed empty slots out; text-only
       samples out in the corrected option); None keeps every patch (faithful, unpacked).
     mapping_weight: lambda (0.1 in FUSION).
+    head: as `loss_terms` (`logits` are then the hidden states, projected per token chunk).
 
   Returns:
     (loss scalar fp32, aux) where aux holds the means `ce`, `text_map`, `vision_map`, and the
@@ -156,7 +168,7 @@ def fusion_loss(
     `vision_map_sum`, `num_patches` for accumulation across micro-batches or devices.
   """
   terms = loss_terms(logits, labels, instruct_embeds, instruct_feats, instructs_mask,
-                     patch_embeds, projected_back, sample_mask=sample_mask)
+                     patch_embeds, projected_back, sample_mask=sample_mask, head=head)
   (ce_sum, ce_n), (t_sum, t_n), (v_sum, v_n) = (
       terms["ce"], terms["text_map"], terms["vision_map"])
   ce, text_map, vision_map = _mean(ce_sum, ce_n), _mean(t_sum, t_n), _mean(v_sum, v_n)

@@ -75,26 +75,10 @@ def _context_mesh(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None):
   return None if abstract.empty else abstract
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, *,
-                  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-                  rules: Rules = DEFAULT_RULES,
-                  ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
-  """Next-token cross entropy (sum, count) computed shard-locally over the vocabulary.
-
-  Args:
-    logits: (B, S, V) any float dtype, laid out with logical axes (batch, length, vocab).
-    labels: (B, S) int, HF-style unshifted, `ignore_index` where unsupervised.
-    mesh: the device mesh; default the context mesh (`jax.set_mesh`). Without any mesh the
-      same math runs unsharded.
-    rules: logical axis rules mapping batch / length / vocab to mesh axes.
-    ignore_index: label value that is not supervised.
-
-  Returns:
-    (sum of token NLLs, number of supervised tokens), fp32 scalars.
-  """
-  targets = shift_labels(labels, ignore_index)
+def _nll_sum(logits: jax.Array, targets: jax.Array, mesh, rules: Rules, ignore_index: int
+             ) -> tuple[jax.Array, jax.Array]:
+  """(sum of token NLLs, supervised tokens) of (b, s, V) logits against (b, s) shifted targets."""
   mask = targets != ignore_index
-  mesh = _context_mesh(mesh)
   spec = nn.logical_to_mesh_axes(("batch", "length", "vocab"), list(rules))
   vocab_axes = _axes_tuple(spec[2])
   if mesh is None:
@@ -114,3 +98,73 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *,
         in_specs=(P(spec[0], spec[1], spec[2]), tok), out_specs=tok)(logits, targets)
   total = jnp.sum(jnp.where(mask, nll, 0.0))
   return total, jnp.sum(mask).astype(jnp.float32)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                  rules: Rules = DEFAULT_RULES,
+                  ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross entropy (sum, count) computed shard-locally over the vocabulary.
+
+  Args:
+    logits: (B, S, V) any float dtype, laid out with logical axes (batch, length, vocab).
+    labels: (B, S) int, HF-style unshifted, `ignore_index` where unsupervised.
+    mesh: the device mesh; default the context mesh (`jax.set_mesh`). Without any mesh the
+      same math runs unsharded.
+    rules: logical axis rules mapping batch / length / vocab to mesh axes.
+    ignore_index: label value that is not supervised.
+
+  Returns:
+    (sum of token NLLs, number of supervised tokens), fp32 scalars.
+  """
+  return _nll_sum(logits, shift_labels(labels, ignore_index), _context_mesh(mesh), rules,
+                  ignore_index)
+
+
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, *,
+                          chunks: int, dtype: Any,
+                          mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                          rules: Rules = DEFAULT_RULES, ignore_index: int = IGNORE_INDEX
+                          ) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy(hidden @ kernel, labels)` without the (B, S, V) logits (MaxText's vocab
+  tiling): the tokens are scanned in `chunks` chunks and each chunk's logits are recomputed in
+  the backward pass, so the step holds one (B, S / chunks, V) fp32 chunk instead of the whole
+  logits and their gradient. Costs one more LM-head matmul forward.
+
+  Chunk c holds tokens c, c + chunks, c + 2 chunks, ...: a strided split keeps the batch and
+  length axes' shardings on every chunk (a sharded sequence axis is not resliced).
+
+  Args:
+    hidden: (B, S, D) final hidden states (after the decoder's last norm).
+    kernel: (D, V) LM head (the embedding table transposed when tied), any float dtype; its
+      fsdp shards are gathered once, in its own dtype, so its gradient sums the chunks there.
+    labels: (B, S) int, HF-style unshifted, `ignore_index` where unsupervised.
+    chunks: number of token chunks; must divide S.
+    dtype: the LM head's compute dtype (logits are computed in it, then upcast, as unchunked).
+    mesh, rules, ignore_index: as `cross_entropy`.
+
+  Returns:
+    (sum of token NLLs, number of supervised tokens), fp32 scalars.
+  """
+  b, s, d = hidden.shape
+  if chunks < 1 or s % chunks:
+    raise ValueError(f"chunked_cross_entropy: loss_chunks={chunks} must divide the sequence "
+                     f"length {s}; set --config.loss_chunks to a divisor of it (1 = unchunked)")
+  mesh = _context_mesh(mesh)
+  targets = shift_labels(labels, ignore_index).reshape(b, s // chunks, chunks)
+  hs = hidden.reshape(b, s // chunks, chunks, d)
+  w = nn.with_logical_constraint(kernel, (None, "vocab"), rules=list(rules))
+
+  @jax.checkpoint
+  def chunk(carry, xs):
+    h, t = xs
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"), rules=list(rules))
+    logits = jnp.dot(h.astype(dtype), w.astype(dtype)).astype(jnp.float32)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"), rules=list(rules))
+    total, count = _nll_sum(logits, t, mesh, rules, ignore_index)
+    return (carry[0] + total, carry[1] + count), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (total, count), _ = jax.lax.scan(chunk, (zero, zero),
+                                   (jnp.moveaxis(hs, 2, 0), jnp.moveaxis(targets, 2, 0)))
+  return total, count

@@ -194,6 +194,7 @@ class FusionTask:
     self.config = config
     self.remat_policy = config.get("remat_policy")
     self.microbatches = max(int(config.get("microbatches", 1) or 1), 1)
+    self.loss_chunks = int(config.get("loss_chunks", 1) or 1)
     self.tokenizer_path = str(config.data.get("tokenizer", "") or "")
     self.cfg = fusion_config_from(config.model, config.get("compute_dtype"), self.remat_policy)
     # Mesh-axis lists (a config read back from JSON) become tuples, as Linen expects.
@@ -266,13 +267,15 @@ class FusionTask:
   def loss_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     del rng  # FUSION trains without dropout
-    logits, out = fusion.apply(params, batch, self.cfg, train=True)
+    head = fusion.lm_head(params, self.cfg, self.loss_chunks)
+    # With a chunked head, `logits` are the hidden states: the loss projects them per chunk.
+    logits, out = fusion.apply(params, batch, self.cfg, train=True, logits=head is None)
     terms = mapping_loss.loss_terms(
         logits, batch["labels"], out["instruct_embeds"], out["instruct_feats"],
         batch["instructs_mask"], out["patch_embeds"], out["projected_back"],
         sample_mask=fusion.vision_map_samples(batch, self.cfg),
         text_map="text_map" in self.loss_weights, vision_map="vision_map" in self.loss_weights,
-        rules=self.rules)
+        rules=self.rules, head=head)
     sums = {k: total for k, (total, _) in terms.items()}
     tokens = jnp.sum(batch["token_mask"]).astype(jnp.float32)
     # Per-step metrics (aux values add up over microbatches): samples in the batch, and the

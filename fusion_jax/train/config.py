@@ -23,6 +23,10 @@ Every experiments/*.py starts from `base_config()` and overrides what it needs. 
   max_nonfinite   abort after this many consecutive non-finite steps (0 = never)
   compute_dtype   'bfloat16' | 'float32' activations and matmuls (params stay float32)
   remat_policy    fusion_jax.parallel.remat policy name ('none', 'full', 'dots', ...)
+  loss_chunks     1, or project the LM head and take the cross entropy in this many token
+                  chunks, recomputed in the backward pass: the (B, S, V) fp32 logits never
+                  exist (fusion_jax.parallel.cross_entropy.chunked_cross_entropy); must
+                  divide the sequence length
   peak_tflops_per_device  for the MFU estimate; 0 = from the device kind (unknown: no MFU)
   trace_batch_key '' or a batch key (e.g. sample ids) logged per step to
                   <workdir>/trace/process_<i>.jsonl for data-order audits
@@ -65,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_nonfinite = 20
   c.compute_dtype = "bfloat16"
   c.remat_policy = "none"
+  c.loss_chunks = 1
   c.peak_tflops_per_device = 0.0
   c.trace_batch_key = ""
   return c
@@ -156,6 +161,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     remat_lib.policy_from_name(config.remat_policy)
   except ValueError as e:
     raise _err("remat_policy", str(e)) from None
+  if int(config.get("loss_chunks", 1)) < 1:
+    raise _err("loss_chunks", f"{config.loss_chunks} must be >= 1 (1 = unchunked)")
   o = config.optim
   if float(o.lr) < 0:
     raise _err("optim.lr", f"{o.lr} must be >= 0")

@@ -1,0 +1,64 @@
+"""config.loss_chunks: the FUSION loss with the LM head and cross entropy taken per token chunk
+equals the unchunked loss, value and gradients: the trainer's route with an untied LM head,
+fusion.loss_fn (the benchmarks' route) with a tied one."""
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fusion_jax.models import batch_spec, fusion
+from fusion_jax.task.fusion import FusionTask
+from fusion_jax.train.config import base_config
+
+
+def _task(chunks: int, tied: bool) -> FusionTask:
+  c = base_config()
+  c.task = "fusion"
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=ml_collections.ConfigDict(
+      dict(llm=dict(tie_word_embeddings=tied)))))
+  c.compute_dtype = "float32"
+  c.global_batch = 2
+  c.loss_chunks = chunks
+  return FusionTask(c)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_unchunked(tied):
+  plain, chunked = _task(1, tied), _task(4, tied)
+  cfg = plain.cfg
+  assert cfg.llm.tie_word_embeddings == tied
+  exs = fusion.example_samples(cfg, 5, seq_len=32, max_questions=2, q=4, seed=1)
+  batch = batch_spec.pack_examples([exs[:2], exs[2:]], seq_len=96, samples_per_row=3, pad_id=0)
+  init_batch = fusion.example_batch(cfg, batch_size=1, seq_len=8, max_questions=1, q=1, seed=None)
+  params = nn.meta.unbox(fusion.init(jax.random.key(0), cfg, init_batch)["params"])
+  assert ("lm_head" in params["llm"]) != tied
+
+  def loss(task):
+    def trainer(p):
+      sums, _ = task.loss_fn(p, batch, None)
+      dens = task.loss_denominators(batch)
+      return sum(w * sums[k] / dens[k] for k, w in task.loss_weights.items())
+
+    def model(p):
+      return fusion.loss_fn(p, batch, cfg, loss_chunks=task.loss_chunks)[0]
+    return jax.jit(jax.value_and_grad(model if tied else trainer))(params)
+
+  (want, g_want), (got, g_got) = loss(plain), loss(chunked)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for path, a in jax.tree_util.tree_leaves_with_path(g_want):
+    b = g_got
+    for k in path:
+      b = b[k.key]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_chunks_that_do_not_divide_the_row_name_the_setting():
+  task = _task(5, False)
+  cfg = task.cfg
+  batch = batch_spec.stack_examples(
+      fusion.example_samples(cfg, 2, seq_len=32, max_questions=2, q=4, seed=1))
+  params = jax.eval_shape(lambda: nn.meta.unbox(fusion.init(jax.random.key(0), cfg, batch)))
+  with pytest.raises(ValueError, match="--config.loss_chunks"):  # when the step is traced
+    jax.eval_shape(lambda p: task.loss_fn(p, batch, None), params["params"])
