@@ -9,8 +9,9 @@
 # samples per packed row (default 4; 0: no packed run), REMAT_ROWS="POLICY:BATCH[:TOWER[:CHUNKS]]
 # ..." the lighter-remat rows (default dots_with_no_batch_dims_and_attention:4, the best row so
 # far; CHUNKS: step_mfu's --loss-chunks, default 1),
-# DEADLINE_S a time limit that rows are fitted under. Output in
-# OUT_DIR: gpu_run.log (everything printed), step_mfu*.json, hlo/*.hlo.txt.gz.
+# DEADLINE_S a time limit that rows are fitted under, ROW_HLO=0 no compiled HLO of the remat rows.
+# Output in OUT_DIR: gpu_run.log (everything printed), step_mfu*.json, hlo/*.hlo.txt.gz (the
+# table's runs, and hlo/ROW/unpacked.hlo.txt.gz per remat row: it names the profile's fusions).
 #
 # Python: $PYTHON (default python3) must import jax with a CUDA backend, flax, optax,
 # ml_collections, torch with CUDA and transformers; the repository root goes on PYTHONPATH (the
@@ -124,7 +125,8 @@ for row in ${REMAT_ROWS-dots_with_no_batch_dims_and_attention:4}; do
   if (( chunks > 1 )); then name="${name}_chunks$chunks"; fi
   "$PY" benchmarks/step_mfu.py --notorch --packed 0 --steps 5 --remat "$policy" \
     --batch "$batch" --vision-attention "$tower" --loss-chunks "$chunks" \
-    --profile "$PROFILE_DIR/$row" "${LAYERS[@]}" "$@" --out "$OUT/step_mfu_remat_$name.json" \
+    --profile "$PROFILE_DIR/$row" --hlo "$([[ "${ROW_HLO:-1}" == 1 ]] && echo "$OUT/hlo/$name")" \
+    "${LAYERS[@]}" "$@" --out "$OUT/step_mfu_remat_$name.json" \
     || echo "REMAT ROW $row FAILED (above)"
 done
 for json_path in "$OUT"/step_mfu*.json; do

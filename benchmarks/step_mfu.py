@@ -446,7 +446,8 @@ def step_flops(a, cfg) -> dict[str, dict[str, Any]]:
   """fusion_jax.models.flops.train_step_flops of the unpacked (and packed) runs; 'remat' is
   None under a partial remat policy (it recomputes an unknown share)."""
   from fusion_jax.models import flops
-  shapes = dict(batch=a.batch, seq_len=a.seq, q=a.q, remat=a.remat != "none")
+  shapes = dict(batch=a.batch, seq_len=a.seq, q=a.q, remat=a.remat != "none",
+                loss_chunks=a.loss_chunks)
   fl = {"unpacked": flops.train_step_flops(cfg, max_questions=a.questions, **shapes)}
   if a.packed:
     fl["packed"] = flops.train_step_flops(cfg, max_questions=a.packed * a.questions,

@@ -47,6 +47,11 @@ def test_remat_and_shares():
   packed = flops.train_step_flops(FUSION_3B, batch=1, seq_len=4096, q=64, max_questions=8,
                                   segments_per_row=2)
   assert packed["fwd"]["llm_attn"] == pytest.approx(r["fwd"]["llm_attn"] / 2)
+  chunked = flops.train_step_flops(FUSION_3B, batch=1, seq_len=4096, q=64, max_questions=8,
+                                   loss_chunks=8)  # the LM head's forward again, per chunk
+  head = 2.0 * 4096 * FUSION_3B.llm.hidden_size * FUSION_3B.llm.vocab_size
+  assert chunked["model"] == r["model"]
+  assert chunked["remat"] == pytest.approx(r["remat"] + head)
 
 
 def test_peak_table():

@@ -19,7 +19,8 @@ Counted, per train step of `batch` rows of `seq_len` tokens (padding included: i
 
 Training = forward + backward (2x forward) = 3x forward ("model" FLOPs, the MFU numerator).
 With remat, the rematerialised blocks (decoder layers, tower layers) run their forward once
-more in the backward pass: "hardware" FLOPs = model + that recompute (HFU numerator).
+more in the backward pass: "hardware" FLOPs = model + that recompute (HFU numerator). A chunked
+loss (config.loss_chunks > 1) recomputes the LM head's forward too.
 
 Peak table (fusion_jax/parallel/devices.py): dense bf16 FLOP/s per chip from the vendors' data
 sheets (no sparsity).
@@ -68,7 +69,8 @@ def llm_train_flops(cfg: LLMConfig, *, batch: int, seq_len: int, remat: bool = T
 
 def train_step_flops(cfg: FusionConfig, *, batch: int, seq_len: int, q: int, max_questions: int,
                      remat: bool = True, instruct_len: int | None = None,
-                     images_per_row: int = 1, segments_per_row: int = 1) -> dict[str, float]:
+                     images_per_row: int = 1, segments_per_row: int = 1,
+                     loss_chunks: int = 1) -> dict[str, float]:
   """FLOPs of one FUSION train step (forward + backward), by module.
 
   Args:
@@ -82,6 +84,8 @@ def train_step_flops(cfg: FusionConfig, *, batch: int, seq_len: int, q: int, max
     images_per_row: tower passes (5 crops each) per row; > 1 for packed rows.
     segments_per_row: packed rows: decoder attention within this many equal segments (the
       causal half of each segment's square; splash skips the blocks between segments).
+    loss_chunks: > 1 adds the LM head's forward to the recompute (the chunked cross entropy
+      projects each chunk again in the backward pass).
 
   Returns:
     {'fwd': {module: forward FLOPs}, 'model': 3 x forward (the MFU numerator), 'remat':
@@ -127,6 +131,8 @@ def train_step_flops(cfg: FusionConfig, *, batch: int, seq_len: int, q: int, max
   fwd_total = sum(fwd.values())
   model = 3.0 * fwd_total
   recompute = dec["remat"] + (tower_layers if remat else 0.0)
+  if loss_chunks > 1:
+    recompute += 2.0 * tokens * d * llm.vocab_size
   n_llm = llm.num_layers * llm_layer_flops(llm, 1) / 2.0 + d * llm.vocab_size
   fusion = 3.0 * (fwd["tower"] + fwd["projectors"] + fwd["interaction"])
   return {"fwd": fwd, "fwd_total": fwd_total, "model": model, "remat": recompute,

@@ -255,7 +255,8 @@ class FusionTask:
     policy = self.remat_policy or self.cfg.llm.remat_policy
     out = flops_lib.train_step_flops(self.cfg, batch=rows, seq_len=s, q=q,
                                      max_questions=lq * p, remat=policy != "none",
-                                     images_per_row=p, segments_per_row=p)
+                                     images_per_row=p, segments_per_row=p,
+                                     loss_chunks=self.loss_chunks)
     if policy not in ("full", "none"):
       out["hardware"] = None
     return out
