@@ -55,7 +55,11 @@ def test_chunked_loss_equals_unchunked(tied):
 
 
 def test_chunks_that_do_not_divide_the_row_name_the_setting():
-  task = _task(5, False)
+  with pytest.raises(ValueError, match="loss_chunks=5 must divide data.seq_len 64"):
+    c = _task(1, False).config
+    c.data.seq_len, c.loss_chunks = 64, 5
+    FusionTask(c)
+  task = _task(5, False)  # no data.seq_len: the rows' length is checked when traced
   cfg = task.cfg
   batch = batch_spec.stack_examples(
       fusion.example_samples(cfg, 2, seq_len=32, max_questions=2, q=4, seed=1))

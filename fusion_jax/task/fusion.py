@@ -195,6 +195,10 @@ class FusionTask:
     self.remat_policy = config.get("remat_policy")
     self.microbatches = max(int(config.get("microbatches", 1) or 1), 1)
     self.loss_chunks = int(config.get("loss_chunks", 1) or 1)
+    seq_len = int(config.data.get("seq_len", 0) or 0)
+    if self.loss_chunks > 1 and seq_len % self.loss_chunks:
+      raise ValueError(f"config.loss_chunks={self.loss_chunks} must divide data.seq_len "
+                       f"{seq_len} (the chunks split each row's tokens); pick a divisor of it")
     self.tokenizer_path = str(config.data.get("tokenizer", "") or "")
     self.cfg = fusion_config_from(config.model, config.get("compute_dtype"), self.remat_policy)
     # Mesh-axis lists (a config read back from JSON) become tuples, as Linen expects.
