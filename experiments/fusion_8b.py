@@ -34,17 +34,23 @@ RUN_ROOT = "gs://YOUR_BUCKET/fusion_8b"      # stage workdirs: <RUN_ROOT>/<stage
 
 
 # Remat per stage (fusion_jax.parallel.remat; python -m fusion_jax.aot on the documented v5p-128,
-# per-chip peak of 95 GiB). Stage 1 (256 x 2048 tokens) recomputes everything: keeping the
-# weight matmuls' outputs would need 81.5 (46.6 with full remat). Stages 1.5 and 2 (128 x 4096,
-# the same shapes) keep them and the attention kernel's residuals: 68.6 at stage 2 (35.0 with
-# full remat), about 8 % faster per step on an H200 at FUSION 3B width (README, "Speed on
+# per-chip peak of 95 GiB), with the loss in 8 token chunks (config.loss_chunks): Llama-3's
+# 128k-token vocabulary makes the whole (B, S, V) fp32 logits and their gradient cost 6-7 GiB
+# per chip. Stage 1 (256 x 2048 tokens) keeps the weight matmuls' outputs: 78.8 (81.5 without
+# the chunks; keeping the attention residuals too would need 84.2; 46.6 with full remat).
+# Stages 1.5 and 2 (128 x 4096, the same shapes) also keep the attention kernel's residuals:
+# 61.7 at stage 2 (68.6 without the chunks, 35.0 with full remat). Lighter remat ran about 8 %
+# faster per step than full remat on an H200 at FUSION 3B width (README, "Speed on
 # accelerators"). On fewer chips use --config.remat_policy=full.
-REMAT_POLICY = {"stage1": "full", "stage1_5": "dots_with_no_batch_dims_and_attention",
+REMAT_POLICY = {"stage1": "dots_with_no_batch_dims",
+                "stage1_5": "dots_with_no_batch_dims_and_attention",
                 "stage2": "dots_with_no_batch_dims_and_attention"}
+LOSS_CHUNKS = 8
 
 
 def get_config(arg: str = "stage1"):
   c = stage_config("fusion_8b", arg, data_root=DATA_ROOT, image_root=IMAGE_ROOT,
                    base_model=BASE_MODEL, run_root=RUN_ROOT)
   c.remat_policy = REMAT_POLICY[arg]
+  c.loss_chunks = LOSS_CHUNKS
   return c

@@ -34,12 +34,16 @@ RUN_ROOT = "gs://YOUR_BUCKET/fusion_x_8b"    # stage workdirs: <RUN_ROOT>/<stage
 
 
 # Remat per stage (fusion_jax.parallel.remat; python -m fusion_jax.aot on the documented v5p-128,
-# per-chip peak of 95 GiB). Stage 1 (256 x 2048 tokens) recomputes everything, as FUSION 8B's
-# does (its lighter policy would need 81.5 there). Stages 1.5 and 2 keep the weight matmuls'
-# outputs and the attention kernel's residuals: 73.4 at stage 1.5 and 63.6 at stage 2 (3072
-# tokens), against 35.1 / 31.4 with full remat. On fewer chips use --config.remat_policy=full.
+# per-chip peak of 95 GiB), with the loss in 8 token chunks (config.loss_chunks): Llama-3's
+# 128k-token vocabulary makes the whole (B, S, V) fp32 logits and their gradient cost 6-7 GiB
+# per chip. Stage 1 (256 x 2048 tokens) recomputes everything: keeping only the weight
+# matmuls' outputs would need 87.9 even with the chunks (55.2 with full remat). Stages 1.5 and
+# 2 keep the weight matmuls' outputs and the attention kernel's residuals: 66.8 at stage 1.5
+# (73.4 without the chunks) and 63.6 at stage 2's 3072 tokens without them, against 35.1 / 31.4
+# with full remat. On fewer chips use --config.remat_policy=full.
 REMAT_POLICY = {"stage1": "full", "stage1_5": "dots_with_no_batch_dims_and_attention",
                 "stage2": "dots_with_no_batch_dims_and_attention"}
+LOSS_CHUNKS = 8
 
 
 def get_config(arg: str = "stage1"):
@@ -47,4 +51,5 @@ def get_config(arg: str = "stage1"):
                    base_model=BASE_MODEL, run_root=RUN_ROOT,
                    seq_len={"stage2": 3072})  # the paper: FUSION-X 8B stage 2
   c.remat_policy = REMAT_POLICY[arg]
+  c.loss_chunks = LOSS_CHUNKS
   return c

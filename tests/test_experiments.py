@@ -173,14 +173,17 @@ def test_fusion_task_model_side_needs_no_files():
   task = FusionTask(config)
   assert task.cfg.llm.vocab_size == 32013 and task.cfg.llm.dtype == "bfloat16"
   # The paper configs pick, per stage, the lightest remat that AOT showed fits v5p-128 with room
-  # (the files' comments); the 8B ones recompute everything at stage 1.
+  # (the files' comments); the 8B ones (Llama-3's 128k vocabulary) take the loss in 8 chunks.
   lighter = "dots_with_no_batch_dims_and_attention"
   assert task.cfg.vision.remat_policy == task.cfg.llm.remat_policy == lighter
-  for name, stage1 in (("fusion_3b", lighter), ("fusion_x_3b", lighter), ("fusion_8b", "full"),
-                       ("fusion_x_8b", "full")):
+  for name, stage1, chunks in (("fusion_3b", lighter, 1), ("fusion_x_3b", lighter, 1),
+                               ("fusion_8b", "dots_with_no_batch_dims", 8),
+                               ("fusion_x_8b", "full", 8)):
     for stage in ("stage1", "stage1_5", "stage2"):
-      assert get_config(os.path.join(ROOT, "experiments", f"{name}.py"), stage).remat_policy == \
-          (stage1 if stage == "stage1" else lighter), (name, stage)
+      c = get_config(os.path.join(ROOT, "experiments", f"{name}.py"), stage)
+      assert c.remat_policy == (stage1 if stage == "stage1" else lighter), (name, stage)
+      assert c.loss_chunks == chunks, (name, stage)
+      assert c.data.seq_len % c.loss_chunks == 0, (name, stage)
   with pytest.raises(FileNotFoundError):
     task.tokenizer  # noqa: B018  (loaded on first use, i.e. by the data side)
   with pytest.raises(ValueError, match="unknown stage"):
