@@ -183,3 +183,29 @@ def test_chunks_must_divide_the_sequence(head):
   hidden, kernel, labels = head
   with pytest.raises(ValueError, match="loss_chunks=5 must divide the sequence length 12"):
     chunked_cross_entropy(hidden, kernel, labels, chunks=5, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_padded_head_equals_unpadded_with_an_odd_vocabulary(mesh, chunks):
+  """An odd vocabulary (95) padded to 128 columns: the same loss and gradients, and the
+  vocab-sharded loss runs on it (95 columns do not split over the tensor axis, 128 do)."""
+  v = 95
+  hidden = jax.random.normal(jax.random.key(4), (B, S, D), jnp.float32)
+  kernel = jax.random.normal(jax.random.key(5), (D, v), jnp.float32)
+  labels = jax.random.randint(jax.random.key(6), (B, S), 0, v).at[:, :2].set(-100)
+  labels = labels.at[0, 5].set(v - 1)
+  want, g_want = jax.value_and_grad(_mean_ce_unchunked, argnums=(0, 1))(hidden, kernel, labels)
+
+  def padded(h, k):
+    s, c = chunked_cross_entropy(h, k, labels, chunks=chunks, dtype=jnp.float32, pad_to=128)
+    return s / c
+
+  fn = jax.jit(jax.value_and_grad(padded, argnums=(0, 1)))
+  got, g_got = fn(hidden, kernel)
+  with jax.set_mesh(mesh):
+    got_sharded, g_sharded = fn(hidden, kernel)
+  for value, grads in ((got, g_got), (got_sharded, g_sharded)):
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+    for a, b in zip(grads, g_want):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -1,57 +1,74 @@
-"""config.loss_chunks: the FUSION loss with the LM head and cross entropy taken per token chunk
-equals the unchunked loss, value and gradients: the trainer's route with an untied LM head,
-fusion.loss_fn (the benchmarks' route) with a tied one."""
+"""The training loss projects the decoder's hidden states itself (fusion.lm_head): in
+config.loss_chunks token chunks, with the LM head's width padded to a multiple of 128. The loss
+and gradients equal those of the model's own (B, S, V) logits: the trainer's route with an
+untied LM head, fusion.loss_fn (the benchmarks' route) with a tied one; an odd vocabulary, so
+that the padding is exercised."""
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from fusion_jax.models import batch_spec, fusion
+from fusion_jax.models import batch_spec, fusion, mapping_loss
 from fusion_jax.task.fusion import FusionTask
 from fusion_jax.train.config import base_config
+
+VOCAB = 250  # padded to 256 by the loss
 
 
 def _task(chunks: int, tied: bool) -> FusionTask:
   c = base_config()
   c.task = "fusion"
   c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=ml_collections.ConfigDict(
-      dict(llm=dict(tie_word_embeddings=tied)))))
+      dict(llm=dict(tie_word_embeddings=tied, vocab_size=VOCAB)))))
   c.compute_dtype = "float32"
   c.global_batch = 2
   c.loss_chunks = chunks
   return FusionTask(c)
 
 
+def _logits_loss(params, batch, cfg):
+  """The reference: the model's (B, S, V) logits into the FUSION loss."""
+  logits, out = fusion.apply(params, batch, cfg, train=True)
+  assert logits.shape[-1] == VOCAB
+  loss, _ = mapping_loss.fusion_loss(
+      logits, batch["labels"], out["instruct_embeds"], out["instruct_feats"],
+      batch["instructs_mask"], out["patch_embeds"], out["projected_back"],
+      sample_mask=fusion.vision_map_samples(batch, cfg), mapping_weight=cfg.mapping_weight)
+  return loss
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_chunked_loss_equals_unchunked(tied):
-  plain, chunked = _task(1, tied), _task(4, tied)
-  cfg = plain.cfg
-  assert cfg.llm.tie_word_embeddings == tied
+def test_projected_loss_equals_the_logits_loss(tied):
+  tasks = {chunks: _task(chunks, tied) for chunks in (1, 4)}
+  cfg = tasks[1].cfg
+  assert cfg.llm.tie_word_embeddings == tied and cfg.llm.vocab_size == VOCAB
   exs = fusion.example_samples(cfg, 5, seq_len=32, max_questions=2, q=4, seed=1)
   batch = batch_spec.pack_examples([exs[:2], exs[2:]], seq_len=96, samples_per_row=3, pad_id=0)
   init_batch = fusion.example_batch(cfg, batch_size=1, seq_len=8, max_questions=1, q=1, seed=None)
   params = nn.meta.unbox(fusion.init(jax.random.key(0), cfg, init_batch)["params"])
   assert ("lm_head" in params["llm"]) != tied
 
-  def loss(task):
-    def trainer(p):
+  def trainer(task):
+    def f(p):
       sums, _ = task.loss_fn(p, batch, None)
       dens = task.loss_denominators(batch)
       return sum(w * sums[k] / dens[k] for k, w in task.loss_weights.items())
+    return f
 
-    def model(p):
-      return fusion.loss_fn(p, batch, cfg, loss_chunks=task.loss_chunks)[0]
-    return jax.jit(jax.value_and_grad(model if tied else trainer))(params)
+  def model(chunks):
+    return lambda p: fusion.loss_fn(p, batch, cfg, loss_chunks=chunks)[0]
 
-  (want, g_want), (got, g_got) = loss(plain), loss(chunked)
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
-  for path, a in jax.tree_util.tree_leaves_with_path(g_want):
-    b = g_got
-    for k in path:
-      b = b[k.key]
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  want, g_want = jax.jit(jax.value_and_grad(lambda p: _logits_loss(p, batch, cfg)))(params)
+  for chunks, task in tasks.items():
+    got, g_got = jax.jit(jax.value_and_grad(model(chunks) if tied else trainer(task)))(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6, err_msg=f"chunks {chunks}")
+    for path, a in jax.tree_util.tree_leaves_with_path(g_want):
+      b = g_got
+      for k in path:
+        b = b[k.key]
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6,
+                                 err_msg=f"chunks {chunks} {jax.tree_util.keystr(path)}")
 
 
 def test_chunks_that_do_not_divide_the_row_name_the_setting():

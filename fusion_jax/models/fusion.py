@@ -31,9 +31,9 @@ from fusion_jax.models import batch_spec, global_context
 from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
-from fusion_jax.models.llm import Decoder, lm_head_kernel
+from fusion_jax.models.llm import LOSS_VOCAB_PAD, Decoder, lm_head_kernel
 from fusion_jax.models.llm_config import LLMConfig
-from fusion_jax.models.mapping_loss import fusion_loss
+from fusion_jax.models.mapping_loss import LMHead, fusion_loss
 from fusion_jax.models.text_guided import text_guided_features
 from fusion_jax.models.vision import VisionConfig, VisionTower
 from fusion_jax.parallel.sharding import constrain
@@ -197,8 +197,8 @@ class Fusion(nn.Module):
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = True,
                logits: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Full-sequence forward (training, scoring). Returns (logits (B, S, V), aux), or with
-    logits=False the decoder's final hidden states (B, S, D) in the logits' place (a loss that
-    projects them in chunks: fusion_jax.parallel.cross_entropy.chunked_cross_entropy)."""
+    logits=False the decoder's final hidden states (B, S, D) in the logits' place (the training
+    loss projects them itself: `lm_head`, fusion_jax.parallel.cross_entropy)."""
     out, aux, _ = self._forward(batch, train=train, cache=None, head=logits)
     return out, aux
 
@@ -325,28 +325,28 @@ def vision_map_samples(batch: Mapping[str, jax.Array], cfg: FusionConfig) -> jax
   return filled if cfg.vision_map_text_only else filled & batch["has_image"]
 
 
-def lm_head(params: Any, cfg: FusionConfig, loss_chunks: int
-            ) -> tuple[jax.Array, int, Any] | None:
-  """The `head` argument of mapping_loss.loss_terms: None (the model's logits), or with
-  loss_chunks > 1 (LM head kernel (D, V), loss_chunks, compute dtype) for the chunked cross
-  entropy over the hidden states that apply(..., logits=False) returns."""
-  if loss_chunks <= 1:
-    return None
-  return (lm_head_kernel(params["llm"], cfg.llm), loss_chunks, jnp.dtype(cfg.llm.dtype))
+def lm_head(params: Any, cfg: FusionConfig, loss_chunks: int = 1,
+            pad_to: int = LOSS_VOCAB_PAD) -> LMHead:
+  """The training loss's LM head (mapping_loss.loss_terms' `head`): the loss projects the
+  hidden states that apply(..., logits=False) returns, in `loss_chunks` token chunks
+  (config.loss_chunks), its width padded to a multiple of `pad_to`."""
+  return LMHead(lm_head_kernel(params["llm"], cfg.llm), jnp.dtype(cfg.llm.dtype),
+                max(int(loss_chunks), 1), pad_to)
 
 
 def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True,
-            loss_chunks: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+            loss_chunks: int = 1, vocab_pad: int = LOSS_VOCAB_PAD
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """docs/model.md §8: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars).
-  loss_chunks > 1 takes the LM head and cross entropy per token chunk (config.loss_chunks)."""
-  head = lm_head(params, cfg, loss_chunks)
-  logits, out = apply(params, batch, cfg, train=train, logits=head is None)
+  The loss projects the hidden states itself (`lm_head`: loss_chunks, vocab_pad)."""
+  head = lm_head(params, cfg, loss_chunks, vocab_pad)
+  hidden, out = apply(params, batch, cfg, train=train, logits=False)
   t_embeds, t_feats, t_mask = out["instruct_embeds"], out["instruct_feats"], batch["instructs_mask"]
   if t_feats is None:  # text guidance off: no instruction features, no text mapping term
     t_feats, t_mask = t_embeds, jnp.zeros_like(t_mask)
   weight = cfg.mapping_weight if cfg.mapping_loss else 0.0
   sample_mask = vision_map_samples(batch, cfg)
-  return fusion_loss(logits, batch["labels"], t_embeds, t_feats, t_mask, out["patch_embeds"],
+  return fusion_loss(hidden, batch["labels"], t_embeds, t_feats, t_mask, out["patch_embeds"],
                      out["projected_back"], sample_mask=sample_mask, mapping_weight=weight,
                      head=head)
 

@@ -418,6 +418,12 @@ def _cache_mask(cache: Mapping[str, Any], token_mask: jax.Array):
   return mask, index, {"valid": valid, "index": new_index}
 
 
+# The training loss pads the LM head's width to a multiple of this (FUSION's vocabularies, 32013
+# and 128258, are odd; matrix units run aligned widths at full rate). The padded columns are
+# left out of the softmax (fusion_jax.parallel.cross_entropy.chunked_cross_entropy).
+LOSS_VOCAB_PAD = 128
+
+
 def lm_head_kernel(params: Mapping[str, Any], cfg: LLMConfig) -> jax.Array:
   """The (D, V) weight `Decoder.logits` multiplies by (in the compute dtype): lm_head's kernel,
   or the embedding table transposed when the two are tied. `params` is the decoder's tree."""

@@ -19,7 +19,7 @@ CosineEmbeddingLoss exactly: cos = <a,b> / sqrt((|a|^2 + 1e-12) * (|b|^2 + 1e-12
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,15 @@ import jax.numpy as jnp
 from fusion_jax.parallel.cross_entropy import chunked_cross_entropy
 from fusion_jax.parallel.cross_entropy import cross_entropy as vocab_parallel_ce
 COS_EPS = 1e-12  # ATen Loss.cpp EPSILON, added to each squared norm
+
+
+class LMHead(NamedTuple):
+  """The LM head, for a loss that projects the decoder's final hidden states itself
+  (fusion_jax.parallel.cross_entropy.chunked_cross_entropy)."""
+  kernel: jax.Array  # (D, V): lm_head's kernel, or the tied embedding table transposed
+  dtype: Any         # compute dtype of the projection (logits upcast to fp32 after it)
+  chunks: int = 1    # token chunks, each recomputed in the backward pass (config.loss_chunks)
+  pad_to: int = 1    # the projection's width padded to a multiple of this (masked in the loss)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -108,7 +117,7 @@ def loss_terms(
     text_map: bool = True,
     vision_map: bool = True,
     rules: Any = None,
-    head: tuple[jax.Array, int, Any] | None = None,
+    head: LMHead | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
   """docs/model.md §8's terms as (sum, count): the one place the FUSION loss is assembled
   (`fusion_loss` takes their means; the trainer's FusionTask normalises the sums over the global
@@ -117,9 +126,9 @@ def loss_terms(
   Args: as `fusion_loss`, plus
     text_map, vision_map: include that term (off: the model has no such term to train).
     rules: logical axis rules of the vocab-sharded cross entropy (None: its defaults).
-    head: (kernel (D, V), chunks, compute dtype): `logits` are then the decoder's final hidden
-      states (B, S, D), projected by the LM head in `chunks` token chunks so that the (B, S, V)
-      logits never exist (fusion_jax.parallel.cross_entropy.chunked_cross_entropy).
+    head: an LMHead: `logits` are then the decoder's final hidden states (B, S, D), which the
+      loss projects itself (in head.chunks token chunks, the (B, S, V) logits never exist;
+      fusion_jax.parallel.cross_entropy.chunked_cross_entropy).
 
   Returns:
     {"ce": (sum, count), "text_map": ..., "vision_map": ...} (the terms asked for).
@@ -128,9 +137,8 @@ def loss_terms(
   if head is None:
     terms = {"ce": vocab_parallel_ce(logits, labels, **ce_kw)}
   else:
-    kernel, chunks, dtype = head
-    terms = {"ce": chunked_cross_entropy(logits, kernel, labels, chunks=chunks, dtype=dtype,
-                                         **ce_kw)}
+    terms = {"ce": chunked_cross_entropy(logits, head.kernel, labels, chunks=head.chunks,
+                                         dtype=head.dtype, pad_to=head.pad_to, **ce_kw)}
   if text_map:
     terms["text_map"] = text_mapping_loss(instruct_embeds, instruct_feats, instructs_mask)
   if vision_map:
@@ -149,7 +157,7 @@ def fusion_loss(
     *,
     sample_mask: jax.Array | None = None,
     mapping_weight: float = 0.1,
-    head: tuple[jax.Array, int, Any] | None = None,
+    head: LMHead | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total FUSION loss: CE + mapping_weight * (text_map + vision_map), each term a mean.
 
@@ -160,7 +168,7 @@ def fusion_loss(
     sample_mask: (...) bool keeping samples in vision_map (packed empty slots out; text-only
       samples out in the corrected option); None keeps every patch (faithful, unpacked).
     mapping_weight: lambda (0.1 in FUSION).
-    head: as `loss_terms` (`logits` are then the hidden states, projected per token chunk).
+    head: as `loss_terms` (`logits` are then the hidden states, which the loss projects).
 
   Returns:
     (loss scalar fp32, aux) where aux holds the means `ce`, `text_map`, `vision_map`, and the

@@ -272,15 +272,14 @@ class FusionTask:
   def loss_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     del rng  # FUSION trains without dropout
-    head = fusion.lm_head(params, self.cfg, self.loss_chunks)
-    # With a chunked head, `logits` are the hidden states: the loss projects them per chunk.
-    logits, out = fusion.apply(params, batch, self.cfg, train=True, logits=head is None)
+    # The loss projects the final hidden states itself (chunks, the head's padded width).
+    hidden, out = fusion.apply(params, batch, self.cfg, train=True, logits=False)
     terms = mapping_loss.loss_terms(
-        logits, batch["labels"], out["instruct_embeds"], out["instruct_feats"],
+        hidden, batch["labels"], out["instruct_embeds"], out["instruct_feats"],
         batch["instructs_mask"], out["patch_embeds"], out["projected_back"],
         sample_mask=fusion.vision_map_samples(batch, self.cfg),
         text_map="text_map" in self.loss_weights, vision_map="vision_map" in self.loss_weights,
-        rules=self.rules, head=head)
+        rules=self.rules, head=fusion.lm_head(params, self.cfg, self.loss_chunks))
     sums = {k: total for k, (total, _) in terms.items()}
     tokens = jnp.sum(batch["token_mask"]).astype(jnp.float32)
     # Per-step metrics (aux values add up over microbatches): samples in the batch, and the
