@@ -405,8 +405,9 @@ def paper_config(preset: str, *, image_root: str, base_model: str) -> ml_collect
   # and the projector input (3 x that) limit fsdp to 128, as does the global batch of stages
   # 1.5 / 2 (128 examples over data x fsdp shards). Larger slices: tensor 2 or a larger batch.
   # tensor must stay 1 for FUSION 3B / X-3B: their vocabulary (Phi-3.5's 32011 + 2 vision
-  # tokens = 32013) is odd and the vocab-sharded cross entropy needs vocab % tensor == 0
-  # (Llama-3's 128258 allows tensor 2); more needs a vocabulary padded at import.
+  # tokens = 32013) is odd and the embedding and LM head split it over tensor (the loss pads
+  # its width, the parameters cannot; Llama-3's 128258 allows tensor 2); more needs a
+  # vocabulary padded at import.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.optim.schedule = "cosine"
   c.optim.warmup_frac = 0.03
