@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusion_jax.parallel.cross_entropy import chunked_cross_entropy, cross_entropy, shift_labels
+from fusion_jax.parallel.cross_entropy import cross_entropy, lm_head_cross_entropy, shift_labels
 from fusion_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 B, S, V = 8, 12, 96
@@ -114,7 +114,7 @@ def test_vocab_not_divisible_is_a_clear_error(mesh):
     cross_entropy(logits, labels)
 
 
-# -- chunked: the LM head and the cross entropy per token chunk (no (B, S, V) logits) --
+# -- lm_head_cross_entropy: the LM head inside the loss, per token chunk (no (B, S, V) logits) --
 D = 16
 
 
@@ -133,7 +133,7 @@ def _mean_ce_unchunked(hidden, kernel, labels, dtype=jnp.float32):
 
 
 def _mean_ce_chunked(hidden, kernel, labels, chunks, dtype=jnp.float32):
-  s, c = chunked_cross_entropy(hidden, kernel, labels, chunks=chunks, dtype=dtype)
+  s, c = lm_head_cross_entropy(hidden, kernel, labels, chunks=chunks, dtype=dtype)
   return s / c
 
 
@@ -182,7 +182,7 @@ def test_chunked_never_holds_the_whole_logits():
 def test_chunks_must_divide_the_sequence(head):
   hidden, kernel, labels = head
   with pytest.raises(ValueError, match="loss_chunks=5 must divide the sequence length 12"):
-    chunked_cross_entropy(hidden, kernel, labels, chunks=5, dtype=jnp.float32)
+    lm_head_cross_entropy(hidden, kernel, labels, chunks=5, dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("chunks", [1, 4])
@@ -197,7 +197,7 @@ def test_padded_head_equals_unpadded_with_an_odd_vocabulary(mesh, chunks):
   want, g_want = jax.value_and_grad(_mean_ce_unchunked, argnums=(0, 1))(hidden, kernel, labels)
 
   def padded(h, k):
-    s, c = chunked_cross_entropy(h, k, labels, chunks=chunks, dtype=jnp.float32, pad_to=128)
+    s, c = lm_head_cross_entropy(h, k, labels, chunks=chunks, dtype=jnp.float32, pad_to=128)
     return s / c
 
   fn = jax.jit(jax.value_and_grad(padded, argnums=(0, 1)))

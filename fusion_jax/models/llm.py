@@ -26,7 +26,7 @@ Calling convention (pure functional, `apply(..., method=...)`):
                    cache=None, hook=None) -> (hidden (B, S, D) after the final norm, new_cache)
   Decoder.logits(hidden (B, S, D)) -> (B, S, V) float32
   lm_head_kernel(params, cfg) -> (D, V): the same projection's weight, for a loss that projects
-    the hidden states itself (fusion_jax.parallel.cross_entropy.chunked_cross_entropy)
+    the hidden states itself (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy)
   Decoder.forward(input_ids, positions, token_mask, *, cache=None) -> (logits, new_cache)
 
 Blocks between layers (FUSION's interaction layers) come in two forms:
@@ -419,8 +419,8 @@ def _cache_mask(cache: Mapping[str, Any], token_mask: jax.Array):
 
 
 # The training loss pads the LM head's width to a multiple of this (FUSION's vocabularies, 32013
-# and 128258, are odd; matrix units run aligned widths at full rate). The padded columns are
-# left out of the softmax (fusion_jax.parallel.cross_entropy.chunked_cross_entropy).
+# and 128258, are not multiples of 8; matrix units run aligned widths at full rate). The padded
+# columns are left out of the softmax (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy).
 LOSS_VOCAB_PAD = 128
 
 

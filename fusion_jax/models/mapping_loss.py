@@ -24,14 +24,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fusion_jax.parallel.cross_entropy import chunked_cross_entropy
+from fusion_jax.parallel.cross_entropy import lm_head_cross_entropy
 from fusion_jax.parallel.cross_entropy import cross_entropy as vocab_parallel_ce
 COS_EPS = 1e-12  # ATen Loss.cpp EPSILON, added to each squared norm
 
 
 class LMHead(NamedTuple):
   """The LM head, for a loss that projects the decoder's final hidden states itself
-  (fusion_jax.parallel.cross_entropy.chunked_cross_entropy)."""
+  (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy)."""
   kernel: jax.Array  # (D, V): lm_head's kernel, or the tied embedding table transposed
   dtype: Any         # compute dtype of the projection (logits upcast to fp32 after it)
   chunks: int = 1    # token chunks, each recomputed in the backward pass (config.loss_chunks)
@@ -128,7 +128,7 @@ def loss_terms(
     rules: logical axis rules of the vocab-sharded cross entropy (None: its defaults).
     head: an LMHead: `logits` are then the decoder's final hidden states (B, S, D), which the
       loss projects itself (in head.chunks token chunks, the (B, S, V) logits never exist;
-      fusion_jax.parallel.cross_entropy.chunked_cross_entropy).
+      fusion_jax.parallel.cross_entropy.lm_head_cross_entropy).
 
   Returns:
     {"ce": (sum, count), "text_map": ..., "vision_map": ...} (the terms asked for).
@@ -137,7 +137,7 @@ def loss_terms(
   if head is None:
     terms = {"ce": vocab_parallel_ce(logits, labels, **ce_kw)}
   else:
-    terms = {"ce": chunked_cross_entropy(logits, head.kernel, labels, chunks=head.chunks,
+    terms = {"ce": lm_head_cross_entropy(logits, head.kernel, labels, chunks=head.chunks,
                                          dtype=head.dtype, pad_to=head.pad_to, **ce_kw)}
   if text_map:
     terms["text_map"] = text_mapping_loss(instruct_embeds, instruct_feats, instructs_mask)

@@ -124,7 +124,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *,
                   ignore_index)
 
 
-def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, *,
+def lm_head_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, *,
                           chunks: int, dtype: Any, pad_to: int = 1,
                           mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
                           rules: Rules = DEFAULT_RULES, ignore_index: int = IGNORE_INDEX
@@ -139,9 +139,9 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Arra
   axis is not resliced).
 
   pad_to > 1 widens the kernel with zero columns to a multiple of it (FUSION's vocabularies,
-  32013 and 128258, are odd; matrix units run aligned widths at full rate, as nanoGPT's and
-  Megatron's padded vocabularies do): the padded columns are left out of the softmax, so the
-  loss and gradients are those of the V real columns.
+  32013 and 128258, are not multiples of 8; matrix units run aligned widths at full rate, as
+  nanoGPT's and Megatron's padded vocabularies do): the padded columns are left out of the
+  softmax, so the loss and gradients are those of the V real columns.
 
   Args:
     hidden: (B, S, D) final hidden states (after the decoder's last norm).
@@ -158,7 +158,7 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Arra
   """
   b, s, d = hidden.shape
   if chunks < 1 or s % chunks:
-    raise ValueError(f"chunked_cross_entropy: loss_chunks={chunks} must divide the sequence "
+    raise ValueError(f"lm_head_cross_entropy: loss_chunks={chunks} must divide the sequence "
                      f"length {s}; set --config.loss_chunks to a divisor of it (1 = unchunked)")
   mesh = _context_mesh(mesh)
   vocab = kernel.shape[1]

@@ -25,7 +25,7 @@ Every experiments/*.py starts from `base_config()` and overrides what it needs. 
   remat_policy    fusion_jax.parallel.remat policy name ('none', 'full', 'dots', ...)
   loss_chunks     1, or project the LM head and take the cross entropy in this many token
                   chunks, recomputed in the backward pass: the (B, S, V) fp32 logits never
-                  exist (fusion_jax.parallel.cross_entropy.chunked_cross_entropy); must
+                  exist (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy); must
                   divide the sequence length
   peak_tflops_per_device  for the MFU estimate; 0 = from the device kind (unknown: no MFU)
   trace_batch_key '' or a batch key (e.g. sample ids) logged per step to
