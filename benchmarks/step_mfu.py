@@ -3,7 +3,7 @@ r"""FUSION train-step speed and MFU at paper width, next to the PyTorch baseline
   python benchmarks/step_mfu.py [--preset fusion_3b] [--layers 32] [--vision-layers 26]
       [--batch 2] [--seq 4096] [--q 64] [--questions 4] [--packed 4] [--attention auto]
       [--vision-attention auto]
-      [--dtype bfloat16] [--remat full] [--loss-chunks 1] [--vocab-pad 128] [--noscan]
+      [--dtype bfloat16] [--remat full] [--loss-chunks 1] [--vocab-pad 0] [--noscan]
       [--steps 10] [--notorch] [--isolate]
       [--out step_mfu.json] [--profile DIR] [--hlo DIR]
   python benchmarks/step_mfu.py --tiny      # CPU smoke at tiny shapes (tests/test_step_mfu.py)
@@ -12,7 +12,7 @@ FUSION: one jitted train step (fusion.loss_fn, AdamW) in bf16 compute with fp32 
 of the decoder and tower layers by --remat (default full), scanned stacks, decoder attention
 by --attention (fusion_jax.models.attention_kernels), the LM head and cross entropy in
 --loss-chunks token chunks (config.loss_chunks; 1 = whole logits) with the head's width padded
-to a multiple of --vocab-pad (the trainer's 128; 1 = the vocabulary as it is). Rows are
+to a multiple of --vocab-pad (0: the trainer's, 128 on GPU and TPU; 1 = unpadded). Rows are
 filled with real tokens (so tokens/s counts real tokens); `--packed P` also times rows of P
 samples of S/P tokens each (segment ids, P images per row), when the model in this tree
 consumes packed batches (else that row says why not). Baseline: transformers'
@@ -73,8 +73,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                     " HFU is reported for full and none only)", flag_values=fv)
   flags.DEFINE_integer("loss-chunks", 1, "token chunks of the LM head + cross entropy "
                        "(config.loss_chunks; 1 = the whole (B, S, V) logits)", flag_values=fv)
-  flags.DEFINE_integer("vocab-pad", 128, "the loss's LM head width padded to a multiple of this "
-                       "(fusion_jax.models.llm.LOSS_VOCAB_PAD; 1 = unpadded)", flag_values=fv)
+  flags.DEFINE_integer("vocab-pad", 0, "the loss's LM head width padded to a multiple of this "
+                       "(0: the trainer's, fusion_jax.models.llm.loss_vocab_pad; 1 = unpadded)",
+                       flag_values=fv)
   flags.DEFINE_boolean("scan", True, "scanned layer stacks (--noscan: unrolled)", flag_values=fv)
   flags.DEFINE_integer("steps", 10, "timed steps per run", flag_values=fv)
   flags.DEFINE_boolean("torch", True, "also time the PyTorch baseline (--notorch: FUSION only)",
@@ -179,7 +180,7 @@ def _scores_in_hlo(hlo: str, seq: int) -> bool:
   return re.search(rf"f32\[[\d,]*\b{seq},{seq}\]", hlo) is not None
 
 
-def build_step(cfg, batch: dict[str, np.ndarray], loss_chunks: int = 1, vocab_pad: int = 128):
+def build_step(cfg, batch: dict[str, np.ndarray], loss_chunks: int = 1, vocab_pad: int = 0):
   """(compiled AdamW train step, params, opt state, device batch, compile seconds) on the
   default device; the step maps (params, opt, batch) -> (params, opt, loss), donating both."""
   import flax.linen as nn
@@ -195,7 +196,7 @@ def build_step(cfg, batch: dict[str, np.ndarray], loss_chunks: int = 1, vocab_pa
 
   def step(p, o, b):
     (loss, _), g = jax.value_and_grad(
-        lambda p: fusion.loss_fn(p, b, cfg, loss_chunks=loss_chunks, vocab_pad=vocab_pad),
+        lambda p: fusion.loss_fn(p, b, cfg, loss_chunks=loss_chunks, vocab_pad=vocab_pad or None),
         has_aux=True)(p)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
@@ -206,7 +207,7 @@ def build_step(cfg, batch: dict[str, np.ndarray], loss_chunks: int = 1, vocab_pa
 
 
 def time_jax(cfg, batch: dict[str, np.ndarray], steps: int, profile_dir: str = "",
-             hlo_path: str = "", loss_chunks: int = 1, vocab_pad: int = 128) -> dict[str, Any]:
+             hlo_path: str = "", loss_chunks: int = 1, vocab_pad: int = 0) -> dict[str, Any]:
   """Compile + median step time of a FUSION AdamW train step on the default device; with
   `profile_dir`, two more steps are traced there and summarised by kernel class (and the
   slowest kernels by name); with `hlo_path`, the compiled HLO text is written there (gzip)."""
@@ -467,6 +468,7 @@ def step_flops(a, cfg) -> dict[str, dict[str, Any]]:
 def measure(a) -> dict[str, Any]:
   """Times the runs `a` asks for; prints the table (part 'all') and returns the report."""
   from fusion_jax.models import flops
+  from fusion_jax.models.llm import loss_vocab_pad
   from fusion_jax.models.presets import get_preset
   cfg = model_config(a)
   full_depth = get_preset(a.preset).llm.num_layers
@@ -511,7 +513,7 @@ def measure(a) -> dict[str, Any]:
       vision_layers=cfg.vision.num_layers, batch=a.batch, seq_len=a.seq, q=a.q,
       questions=a.questions, packed_samples=a.packed, dtype=a.dtype, attention=a.attention,
       vision_attention=a.vision_attention, remat=a.remat, loss_chunks=a.loss_chunks,
-      vocab_pad=a.vocab_pad,
+      vocab_pad=a.vocab_pad or loss_vocab_pad(),
       scan=a.scan,
       fusion_flops_share={k: v["fusion_share"] for k, v in fl.items()},
       flops_fwd={k: v["fwd"] for k, v in fl.items()}, runs=runs)
@@ -521,7 +523,7 @@ def measure(a) -> dict[str, Any]:
              else "")
           + f", tower {cfg.vision.num_layers} layers, {a.batch} x {a.seq} tokens/step, q {a.q}, "
           f"Lq {a.questions}, {a.dtype}, remat {a.remat}, loss chunks {a.loss_chunks}, "
-          f"vocab padded to a multiple of {a.vocab_pad}, "
+          f"vocab padded to a multiple of {a.vocab_pad or loss_vocab_pad()}, "
           f"attention {a.attention} "
           f"(tower {a.vision_attention})")
     print("FUSION-specific share of the model FLOPs (tower, projectors, interaction): "

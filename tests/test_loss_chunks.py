@@ -1,15 +1,15 @@
 """The training loss projects the decoder's hidden states itself (fusion.lm_head): in
-config.loss_chunks token chunks, with the LM head's width padded to a multiple of 128. The loss
-and gradients equal those of the model's own (B, S, V) logits: the trainer's route with an
-untied LM head, fusion.loss_fn (the benchmarks' route) with a tied one; an odd vocabulary, so
-that the padding is exercised."""
+config.loss_chunks token chunks, with the LM head's width padded to a multiple of 128 on GPU and
+TPU. The loss and gradients equal those of the model's own (B, S, V) logits: the trainer's route
+with an untied LM head (traced as for a GPU, so that it pads), fusion.loss_fn (the benchmarks'
+route) with a tied one, padded and not; an odd vocabulary, so that the padding is exercised."""
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from fusion_jax.models import batch_spec, fusion, mapping_loss
+from fusion_jax.models import attention_kernels, batch_spec, fusion, llm, mapping_loss
 from fusion_jax.task.fusion import FusionTask
 from fusion_jax.train.config import base_config
 
@@ -38,8 +38,15 @@ def _logits_loss(params, batch, cfg):
   return loss
 
 
+def test_the_head_is_padded_on_accelerators_only():
+  assert llm.loss_vocab_pad("cpu") == 1
+  assert llm.loss_vocab_pad("gpu") == llm.loss_vocab_pad("tpu") == llm.LOSS_VOCAB_PAD == 128
+  with attention_kernels.target_backend("tpu"):  # an AOT compile for a TPU slice
+    assert llm.loss_vocab_pad() == 128
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_projected_loss_equals_the_logits_loss(tied):
+def test_projected_loss_equals_the_logits_loss(tied, monkeypatch):
   tasks = {chunks: _task(chunks, tied) for chunks in (1, 4)}
   cfg = tasks[1].cfg
   assert cfg.llm.tie_word_embeddings == tied and cfg.llm.vocab_size == VOCAB
@@ -56,19 +63,25 @@ def test_projected_loss_equals_the_logits_loss(tied):
       return sum(w * sums[k] / dens[k] for k, w in task.loss_weights.items())
     return f
 
-  def model(chunks):
-    return lambda p: fusion.loss_fn(p, batch, cfg, loss_chunks=chunks)[0]
+  def model(chunks, pad):
+    return lambda p: fusion.loss_fn(p, batch, cfg, loss_chunks=chunks, vocab_pad=pad)[0]
 
   want, g_want = jax.jit(jax.value_and_grad(lambda p: _logits_loss(p, batch, cfg)))(params)
-  for chunks, task in tasks.items():
-    got, g_got = jax.jit(jax.value_and_grad(model(chunks) if tied else trainer(task)))(params)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6, err_msg=f"chunks {chunks}")
+  if tied:
+    routes = {f"chunks {c}, pad {pad}": model(c, pad) for c in tasks for pad in (None, 128)}
+  else:  # the trainer pads as it would on a GPU
+    monkeypatch.setattr(attention_kernels, "traced_backend", lambda: "gpu")
+    assert fusion.lm_head(params, cfg).pad_to == 128
+    routes = {f"trainer, chunks {c}": trainer(task) for c, task in tasks.items()}
+  for name, route in routes.items():
+    got, g_got = jax.jit(jax.value_and_grad(route))(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6, err_msg=name)
     for path, a in jax.tree_util.tree_leaves_with_path(g_want):
       b = g_got
       for k in path:
         b = b[k.key]
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6,
-                                 err_msg=f"chunks {chunks} {jax.tree_util.keystr(path)}")
+                                 err_msg=f"{name} {jax.tree_util.keystr(path)}")
 
 
 def test_chunks_that_do_not_divide_the_row_name_the_setting():

@@ -75,6 +75,11 @@ def _backend() -> str:
   return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
+def traced_backend() -> str:
+  """The backend being traced for: `target_backend`'s while it is active, else jax's default."""
+  return _backend()
+
+
 def resolve_impl(impl: str, dtype, backend: str | None = None) -> str:
   """The implementation `impl` runs as on `backend` (default: jax's) for compute `dtype`."""
   if impl not in IMPLS:

@@ -31,7 +31,7 @@ from fusion_jax.models import batch_spec, global_context
 from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
-from fusion_jax.models.llm import LOSS_VOCAB_PAD, Decoder, lm_head_kernel
+from fusion_jax.models.llm import Decoder, lm_head_kernel, loss_vocab_pad
 from fusion_jax.models.llm_config import LLMConfig
 from fusion_jax.models.mapping_loss import LMHead, fusion_loss
 from fusion_jax.models.text_guided import text_guided_features
@@ -326,16 +326,17 @@ def vision_map_samples(batch: Mapping[str, jax.Array], cfg: FusionConfig) -> jax
 
 
 def lm_head(params: Any, cfg: FusionConfig, loss_chunks: int = 1,
-            pad_to: int = LOSS_VOCAB_PAD) -> LMHead:
+            pad_to: int | None = None) -> LMHead:
   """The training loss's LM head (mapping_loss.loss_terms' `head`): the loss projects the
   hidden states that apply(..., logits=False) returns, in `loss_chunks` token chunks
-  (config.loss_chunks), its width padded to a multiple of `pad_to`."""
+  (config.loss_chunks), its width padded to a multiple of `pad_to` (None: llm.loss_vocab_pad,
+  128 on GPU and TPU, 1 on CPU)."""
   return LMHead(lm_head_kernel(params["llm"], cfg.llm), jnp.dtype(cfg.llm.dtype),
-                max(int(loss_chunks), 1), pad_to)
+                max(int(loss_chunks), 1), loss_vocab_pad() if pad_to is None else pad_to)
 
 
 def loss_fn(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, train: bool = True,
-            loss_chunks: int = 1, vocab_pad: int = LOSS_VOCAB_PAD
+            loss_chunks: int = 1, vocab_pad: int | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """docs/model.md §8: CE + lambda * (text_map + vision_map). Returns (loss, aux of scalars).
   The loss projects the hidden states itself (`lm_head`: loss_chunks, vocab_pad)."""

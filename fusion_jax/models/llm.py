@@ -418,10 +418,19 @@ def _cache_mask(cache: Mapping[str, Any], token_mask: jax.Array):
   return mask, index, {"valid": valid, "index": new_index}
 
 
-# The training loss pads the LM head's width to a multiple of this (FUSION's vocabularies, 32013
-# and 128258, are not multiples of 8; matrix units run aligned widths at full rate). The padded
-# columns are left out of the softmax (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy).
+# On GPU and TPU the training loss pads the LM head's width to a multiple of this (FUSION's
+# vocabularies, 32013 and 128258, are not multiples of 8; matrix units run aligned widths at full
+# rate). The padded columns are left out of the softmax
+# (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy).
 LOSS_VOCAB_PAD = 128
+
+
+def loss_vocab_pad(backend: str | None = None) -> int:
+  """The multiple the training loss pads the LM head's width to: LOSS_VOCAB_PAD on GPU and TPU
+  (default: the backend being traced for, AOT targets included), 1 on CPU, where it would only
+  add work."""
+  backend = backend or attention_kernels.traced_backend()
+  return LOSS_VOCAB_PAD if backend in ("gpu", "cuda", "rocm", "tpu") else 1
 
 
 def lm_head_kernel(params: Mapping[str, Any], cfg: LLMConfig) -> jax.Array:
