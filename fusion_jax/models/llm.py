@@ -435,10 +435,11 @@ def loss_vocab_pad(backend: str | None = None) -> int:
 
 def lm_head_kernel(params: Mapping[str, Any], cfg: LLMConfig) -> jax.Array:
   """The (D, V) weight `Decoder.logits` multiplies by (in the compute dtype): lm_head's kernel,
-  or the embedding table transposed when the two are tied. `params` is the decoder's tree."""
+  or the embedding table transposed when the two are tied. `params` is the decoder's tree,
+  boxed (nn.Partitioned, as init returns it) or not, as apply accepts it."""
   if cfg.tie_word_embeddings:
-    return jnp.transpose(params["embed_tokens"]["embedding"])
-  return params["lm_head"]["kernel"]
+    return jnp.transpose(nn.meta.unbox(params["embed_tokens"]["embedding"]))
+  return nn.meta.unbox(params["lm_head"]["kernel"])
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, Any]:
