@@ -2,7 +2,7 @@
 config.loss_chunks token chunks, with the LM head's width padded to a multiple of 128 on GPU and
 TPU. The loss and gradients equal those of the model's own (B, S, V) logits: the trainer's route
 with an untied LM head (traced as for a GPU, so that it pads), fusion.loss_fn (the benchmarks'
-route) with a tied one, padded and not; an odd vocabulary, so that the padding is exercised."""
+route) with a tied one; an odd vocabulary, so that the padding is exercised."""
 import flax.linen as nn
 import jax
 import ml_collections
@@ -47,8 +47,10 @@ def test_the_head_is_padded_on_accelerators_only():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_projected_loss_equals_the_logits_loss(tied, monkeypatch):
-  tasks = {chunks: _task(chunks, tied) for chunks in (1, 4)}
-  cfg = tasks[1].cfg
+  """Untied: the trainer's route, 4 chunks, padded as on a GPU. Tied: fusion.loss_fn, one chunk,
+  padded explicitly. (Chunks and padding alone: tests/test_cross_entropy.py.)"""
+  task = _task(1 if tied else 4, tied)
+  cfg = task.cfg
   assert cfg.llm.tie_word_embeddings == tied and cfg.llm.vocab_size == VOCAB
   exs = fusion.example_samples(cfg, 5, seq_len=32, max_questions=2, q=4, seed=1)
   batch = batch_spec.pack_examples([exs[:2], exs[2:]], seq_len=96, samples_per_row=3, pad_id=0)
@@ -56,32 +58,26 @@ def test_projected_loss_equals_the_logits_loss(tied, monkeypatch):
   params = nn.meta.unbox(fusion.init(jax.random.key(0), cfg, init_batch)["params"])
   assert ("lm_head" in params["llm"]) != tied
 
-  def trainer(task):
-    def f(p):
-      sums, _ = task.loss_fn(p, batch, None)
-      dens = task.loss_denominators(batch)
-      return sum(w * sums[k] / dens[k] for k, w in task.loss_weights.items())
-    return f
+  def trainer(p):
+    sums, _ = task.loss_fn(p, batch, None)
+    dens = task.loss_denominators(batch)
+    return sum(w * sums[k] / dens[k] for k, w in task.loss_weights.items())
 
-  def model(chunks, pad):
-    return lambda p: fusion.loss_fn(p, batch, cfg, loss_chunks=chunks, vocab_pad=pad)[0]
+  def model(p):
+    return fusion.loss_fn(p, batch, cfg, vocab_pad=128)[0]
 
   want, g_want = jax.jit(jax.value_and_grad(lambda p: _logits_loss(p, batch, cfg)))(params)
-  if tied:
-    routes = {f"chunks {c}, pad {pad}": model(c, pad) for c in tasks for pad in (None, 128)}
-  else:  # the trainer pads as it would on a GPU
+  if not tied:  # the trainer pads as it would on a GPU
     monkeypatch.setattr(attention_kernels, "traced_backend", lambda: "gpu")
     assert fusion.lm_head(params, cfg).pad_to == 128
-    routes = {f"trainer, chunks {c}": trainer(task) for c, task in tasks.items()}
-  for name, route in routes.items():
-    got, g_got = jax.jit(jax.value_and_grad(route))(params)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6, err_msg=name)
-    for path, a in jax.tree_util.tree_leaves_with_path(g_want):
-      b = g_got
-      for k in path:
-        b = b[k.key]
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6,
-                                 err_msg=f"{name} {jax.tree_util.keystr(path)}")
+  got, g_got = jax.jit(jax.value_and_grad(model if tied else trainer))(params)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for path, a in jax.tree_util.tree_leaves_with_path(g_want):
+    b = g_got
+    for k in path:
+      b = b[k.key]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_chunks_that_do_not_divide_the_row_name_the_setting():
