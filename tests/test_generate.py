@@ -4,6 +4,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -91,6 +92,20 @@ def test_prefill_logits_match_full_forward(setup):
   mask = np.asarray(prompts["token_mask"])
   np.testing.assert_allclose(np.asarray(logits)[mask], np.asarray(ref)[mask], atol=1e-5)
   assert np.asarray(cache["index"]).tolist() == mask.sum(-1).tolist()
+  # What the generator asks for: each row's last prompt token only, the head on B tokens.
+  last_pos = jnp.asarray(mask.sum(-1) - 1)
+  fn = jax.jit(lambda p, b, c: fusion.prefill(p, b, cfg, c, logits_at=last_pos))
+  last, _ = fn(params, prompts, init_cache(cfg.llm, 3, SEQ + NEW))
+  assert last.shape == (3, cfg.llm.vocab_size)
+  want = np.asarray(logits)[np.arange(3), last_pos]
+  # The head's matmul on 3 rows sums in another order than on 3 x 128 (logits up to ~13 here).
+  np.testing.assert_allclose(np.asarray(last), want, atol=1e-5 * np.abs(want).max())
+  v = cfg.llm.vocab_size
+  hlo = fn.lower(params, prompts, init_cache(cfg.llm, 3, SEQ + NEW)).compile().as_text()
+  assert f"f32[3,{SEQ},{v}]" not in hlo  # no (B, S, V) logits in the compiled prefill
+  whole = jax.jit(lambda p, b, c: fusion.prefill(p, b, cfg, c))
+  assert f"f32[3,{SEQ},{v}]" in whole.lower(params, prompts, init_cache(cfg.llm, 3, SEQ + NEW)
+                                            ).compile().as_text()
 
 
 def test_stop_token_ends_each_answer(setup):

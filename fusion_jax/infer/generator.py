@@ -126,8 +126,7 @@ def init_state(params: Any, batch: Mapping[str, jax.Array], cfg: fusion.FusionCo
   b, s = batch["input_ids"].shape
   prompt_len = jnp.sum(batch["token_mask"], axis=-1).astype(jnp.int32)  # (B,)
   cache = init_cache(cfg.llm, b, s + max_new_tokens)
-  logits, cache = fusion.prefill(params, batch, cfg, cache)
-  last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+  last, cache = fusion.prefill(params, batch, cfg, cache, logits_at=prompt_len - 1)  # (B, V)
   return dict(t=jnp.int32(0), tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
               lengths=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), jnp.bool_),
               stopped=jnp.zeros((b,), jnp.bool_), last=last.astype(jnp.float32), cache=cache,
@@ -184,8 +183,7 @@ def reprefill(params: Any, batch: Mapping[str, jax.Array], state: dict[str, Any]
   long factors. Returns state with the new cache and next-token logits."""
   b, s = batch["input_ids"].shape
   n = jnp.sum(batch["token_mask"], axis=-1).astype(jnp.int32)
-  logits, cache = fusion.prefill(params, batch, cfg, init_cache(cfg.llm, b, s))
-  last = jnp.take_along_axis(logits, (n - 1)[:, None, None], axis=1)[:, 0]
+  last, cache = fusion.prefill(params, batch, cfg, init_cache(cfg.llm, b, s), logits_at=n - 1)
   return {**state, "cache": cache, "last": last.astype(jnp.float32)}
 
 

@@ -202,12 +202,17 @@ class Fusion(nn.Module):
     out, aux, _ = self._forward(batch, train=train, cache=None, head=logits)
     return out, aux
 
-  def prefill(self, batch: Mapping[str, jax.Array], cache: dict[str, Any]
-              ) -> tuple[jax.Array, dict[str, Any]]:
+  def prefill(self, batch: Mapping[str, jax.Array], cache: dict[str, Any],
+              logits_at: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """Generation, step 1: the whole prompt batch (interaction layers included) into an empty
-    KV cache (fusion_jax.models.llm.init_cache). Returns (logits (B, S, V), cache)."""
-    logits, _, new_cache = self._forward(batch, train=False, cache=cache)
-    return logits, new_cache
+    KV cache (fusion_jax.models.llm.init_cache). Returns (logits (B, S, V), cache), or with
+    logits_at ((B,) int: each row's position) only those positions' logits (B, V): the LM
+    head runs on B tokens, not B x S (a generator needs the last prompt token's only)."""
+    out, _, new_cache = self._forward(batch, train=False, cache=cache, head=logits_at is None)
+    if logits_at is not None:
+      hidden = jnp.take_along_axis(out, logits_at[:, None, None].astype(jnp.int32), axis=1)
+      out = self.llm.logits(hidden)[:, 0]
+    return out, new_cache
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: dict[str, Any]
              ) -> tuple[jax.Array, dict[str, Any]]:
@@ -306,9 +311,11 @@ def apply(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig, *, q: 
 
 
 def prefill(params: Any, batch: Mapping[str, jax.Array], cfg: FusionConfig,
-            cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
-  """Fusion.prefill as a pure function: (logits (B, S, V), filled cache)."""
-  return Fusion(cfg).apply({"params": params}, batch, cache, method=Fusion.prefill)
+            cache: dict[str, Any], logits_at: jax.Array | None = None
+            ) -> tuple[jax.Array, dict[str, Any]]:
+  """Fusion.prefill as a pure function: (logits (B, S, V), filled cache); with logits_at (B,)
+  only those positions' logits (B, V)."""
+  return Fusion(cfg).apply({"params": params}, batch, cache, logits_at, method=Fusion.prefill)
 
 
 def decode(params: Any, input_ids: jax.Array, positions: jax.Array, cfg: FusionConfig,
