@@ -74,7 +74,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("loss-chunks", 1, "token chunks of the LM head + cross entropy "
                        "(config.loss_chunks; 1 = the whole (B, S, V) logits)", flag_values=fv)
   flags.DEFINE_integer("vocab-pad", 0, "the loss's LM head width padded to a multiple of this "
-                       "(0: the trainer's, fusion_jax.models.llm.loss_vocab_pad; 1 = unpadded)",
+                       "(0: the trainer's, fusion_jax.models.lm_head.loss_vocab_pad; 1 = unpadded)",
                        flag_values=fv)
   flags.DEFINE_boolean("scan", True, "scanned layer stacks (--noscan: unrolled)", flag_values=fv)
   flags.DEFINE_integer("steps", 10, "timed steps per run", flag_values=fv)
@@ -468,7 +468,7 @@ def step_flops(a, cfg) -> dict[str, dict[str, Any]]:
 def measure(a) -> dict[str, Any]:
   """Times the runs `a` asks for; prints the table (part 'all') and returns the report."""
   from fusion_jax.models import flops
-  from fusion_jax.models.llm import loss_vocab_pad
+  from fusion_jax.models.lm_head import loss_vocab_pad
   from fusion_jax.models.presets import get_preset
   cfg = model_config(a)
   full_depth = get_preset(a.preset).llm.num_layers

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fusion_jax.models import attention_kernels, batch_spec, fusion, llm, mapping_loss
+from fusion_jax.models import attention_kernels, batch_spec, fusion, lm_head, mapping_loss
 from fusion_jax.task.fusion import FusionTask
 from fusion_jax.train.config import base_config
 
@@ -39,10 +39,10 @@ def _logits_loss(params, batch, cfg):
 
 
 def test_the_head_is_padded_on_accelerators_only():
-  assert llm.loss_vocab_pad("cpu") == 1
-  assert llm.loss_vocab_pad("gpu") == llm.loss_vocab_pad("tpu") == llm.LOSS_VOCAB_PAD == 128
+  assert lm_head.loss_vocab_pad("cpu") == 1
+  assert lm_head.loss_vocab_pad("gpu") == lm_head.loss_vocab_pad("tpu") == lm_head.LOSS_VOCAB_PAD == 128
   with attention_kernels.target_backend("tpu"):  # an AOT compile for a TPU slice
-    assert llm.loss_vocab_pad() == 128
+    assert lm_head.loss_vocab_pad() == 128
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -31,9 +31,10 @@ from fusion_jax.models import batch_spec, global_context
 from fusion_jax.models import query_len as query_len_lib
 from fusion_jax.models.connector import AuxProjector, MMProjector
 from fusion_jax.models.interaction import InteractionLayer, apply_interaction
-from fusion_jax.models.llm import Decoder, lm_head_kernel, loss_vocab_pad
+from fusion_jax.models.llm import Decoder
 from fusion_jax.models.llm_config import LLMConfig
-from fusion_jax.models.mapping_loss import LMHead, fusion_loss
+from fusion_jax.models.lm_head import LMHead, lm_head_kernel, loss_vocab_pad
+from fusion_jax.models.mapping_loss import fusion_loss
 from fusion_jax.models.text_guided import text_guided_features
 from fusion_jax.models.vision import VisionConfig, VisionTower
 from fusion_jax.parallel.sharding import constrain
@@ -336,7 +337,7 @@ def lm_head(params: Any, cfg: FusionConfig, loss_chunks: int = 1,
             pad_to: int | None = None) -> LMHead:
   """The training loss's LM head (mapping_loss.loss_terms' `head`): the loss projects the
   hidden states that apply(..., logits=False) returns, in `loss_chunks` token chunks
-  (config.loss_chunks), its width padded to a multiple of `pad_to` (None: llm.loss_vocab_pad,
+  (config.loss_chunks), its width padded to a multiple of `pad_to` (None: lm_head.loss_vocab_pad,
   128 on GPU and TPU, 1 on CPU)."""
   return LMHead(lm_head_kernel(params["llm"], cfg.llm), jnp.dtype(cfg.llm.dtype),
                 max(int(loss_chunks), 1), loss_vocab_pad() if pad_to is None else pad_to)

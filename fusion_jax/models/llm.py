@@ -25,8 +25,7 @@ Calling convention (pure functional, `apply(..., method=...)`):
   Decoder.__call__(inputs_embeds (B, S, D), positions (B, S), token_mask (B, S), *,
                    cache=None, hook=None) -> (hidden (B, S, D) after the final norm, new_cache)
   Decoder.logits(hidden (B, S, D)) -> (B, S, V) float32
-  lm_head_kernel(params, cfg) -> (D, V): the same projection's weight, for a loss that projects
-    the hidden states itself (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy)
+  (a loss that projects the hidden states itself reads the same weight: models/lm_head.py)
   Decoder.forward(input_ids, positions, token_mask, *, cache=None) -> (logits, new_cache)
 
 Blocks between layers (FUSION's interaction layers) come in two forms:
@@ -416,30 +415,6 @@ def _cache_mask(cache: Mapping[str, Any], token_mask: jax.Array):
   mask = (allowed & valid[:, None, :])[:, None]
   new_index = index + token_mask.sum(axis=-1).astype(jnp.int32)
   return mask, index, {"valid": valid, "index": new_index}
-
-
-# On GPU and TPU the training loss pads the LM head's width to a multiple of this (FUSION's
-# vocabularies, 32013 and 128258, are not multiples of 8; matrix units run aligned widths at full
-# rate). The padded columns are left out of the softmax
-# (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy).
-LOSS_VOCAB_PAD = 128
-
-
-def loss_vocab_pad(backend: str | None = None) -> int:
-  """The multiple the training loss pads the LM head's width to: LOSS_VOCAB_PAD on GPU and TPU
-  (default: the backend being traced for, AOT targets included), 1 on CPU, where it would only
-  add work."""
-  backend = backend or attention_kernels.traced_backend()
-  return LOSS_VOCAB_PAD if backend in ("gpu", "cuda", "rocm", "tpu") else 1
-
-
-def lm_head_kernel(params: Mapping[str, Any], cfg: LLMConfig) -> jax.Array:
-  """The (D, V) weight `Decoder.logits` multiplies by (in the compute dtype): lm_head's kernel,
-  or the embedding table transposed when the two are tied. `params` is the decoder's tree,
-  boxed (nn.Partitioned, as init returns it) or not, as apply accepts it."""
-  if cfg.tie_word_embeddings:
-    return jnp.transpose(nn.meta.unbox(params["embed_tokens"]["embedding"]))
-  return nn.meta.unbox(params["lm_head"]["kernel"])
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, Any]:

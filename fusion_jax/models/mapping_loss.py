@@ -19,23 +19,15 @@ CosineEmbeddingLoss exactly: cos = <a,b> / sqrt((|a|^2 + 1e-12) * (|b|^2 + 1e-12
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from fusion_jax.models.lm_head import LMHead
 from fusion_jax.parallel.cross_entropy import lm_head_cross_entropy
 from fusion_jax.parallel.cross_entropy import cross_entropy as vocab_parallel_ce
 COS_EPS = 1e-12  # ATen Loss.cpp EPSILON, added to each squared norm
-
-
-class LMHead(NamedTuple):
-  """The LM head, for a loss that projects the decoder's final hidden states itself
-  (fusion_jax.parallel.cross_entropy.lm_head_cross_entropy)."""
-  kernel: jax.Array  # (D, V): lm_head's kernel, or the tied embedding table transposed
-  dtype: Any         # compute dtype of the projection (logits upcast to fp32 after it)
-  chunks: int = 1    # token chunks, each recomputed in the backward pass (config.loss_chunks)
-  pad_to: int = 1    # the projection's width padded to a multiple of this (masked in the loss)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
