@@ -301,7 +301,8 @@ def main(args) -> int:
 
 def packing_report(args) -> dict:
   """Section 4: packing efficiency, main job's data and a LLaVA-like length mix."""
-  from fusion_jax.data import packing  # pylint: disable=g-import-not-at-top
+  from fusion_jax.data import packing, packing_plan  # pylint: disable=g-import-not-at-top
+  from fusion_jax.models import presets  # pylint: disable=g-import-not-at-top
   print("\n4. packing efficiency = real tokens / row tokens (P = max samples per row; "
         "P = 1 is unpacked)")
   print(f"   main job's data (experiments/smoke.py, {args.smoke_num} records), real pipeline, "
@@ -318,12 +319,18 @@ def packing_report(args) -> dict:
   print(f"   LLaVA-like mix (20000 samples, mean {lengths.mean():.0f} tokens, p50/p90/max "
         f"{'/'.join(f'{x:.0f}' for x in llava['lengths']['p50_p90_max'])}), seq_len 4096, "
         "16 rows per batch, length-only simulation:")
-  for p in (4, 8, 16):
+  for p in (1, 2, 3, 4, 6, 8, 16):
     r = packing.simulate(lengths, batch_size=16, seq_len=4096, samples_per_row=p,
                          buffer=2 * 16 * p)
-    llava["rows"].append({"samples_per_row_max": p, **r})
-    print(f"     P={p:2d}: {100 * r['efficiency']:.1f} % ({r['samples_per_row']:.2f} samples/row); "
-          f"unpacked {100 * r['unpacked_efficiency']:.1f} %")
+    # FUSION 3B train-step FLOPs at the MFU benchmark's paper shapes (q 64, 4 questions and 256
+    # instruction tokens per slot).
+    cost = packing_plan.step_cost(presets.FUSION_3B, p=p, samples_per_row=r["samples_per_row"],
+                                  seq_len=4096, q=64, max_questions=4, instruct_len=256)
+    llava["rows"].append({"p": p, **r, **cost})
+  print("\n".join("     " + line for line in packing_plan.format_table(llava["rows"]).split("\n")))
+  print("     (FUSION 3B train-step model FLOPs per sample, fusion_jax.models.flops: every sample "
+        "slot runs the tower's 5 crops, filled or not; q 64, 4 questions and 256 instruction "
+        "tokens per slot)")
   return {"smoke": smoke, "llava_like": llava}
 
 

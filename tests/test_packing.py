@@ -207,3 +207,62 @@ def test_packed_loss_equals_unpacked(tiny_task, scan):
   assert abs(float(loss_p) - float(loss_u)) < 1e-5, (loss_p, loss_u)
   for k in parts_u:  # denominators (trainer) / mean parts (model)
     np.testing.assert_allclose(parts_p[k], parts_u[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+# ----------------------------------------------------------------------------- choosing P
+
+
+def test_packing_plan_prices_empty_slots():
+  """Samples of half a row: P = 2 fills every row; P = 3, 4 pack no more but compute more
+  empty slots (tower, interaction), so P = 2 is the cheapest per sample."""
+  from fusion_jax.data import packing_plan
+  from fusion_jax.data.data_config import DataConfig
+  from fusion_jax.models import presets
+  cfg = DataConfig(paths=("unused.json",), seq_len=200, batch_size=4, max_questions=2,
+                   num_image_tokens=16, query_len=(4,))
+  rows = packing_plan.plan(presets.TINY, cfg, {4: np.full(400, 100)}, (1, 2, 3, 4))
+  by_p = {r["p"]: r for r in rows}
+  assert by_p[1]["efficiency"] == pytest.approx(0.5)
+  assert by_p[2]["efficiency"] == pytest.approx(1.0) == by_p[4]["efficiency"]
+  assert by_p[4]["samples_per_row"] == pytest.approx(2.0)
+  assert by_p[4]["tower_empty_share"] == pytest.approx(0.5)
+  cost = [by_p[p]["model_flops_per_sample"] for p in (1, 2, 3, 4)]
+  assert cost[1] < cost[0] and cost[1] < cost[2] < cost[3]
+  table = packing_plan.format_table(rows)
+  assert re.search(r"^\s+2 .*<- cheapest$", table, re.M), table
+
+
+def test_packing_plan_reads_records_as_the_pipeline(ds, tok):
+  """The plan's sample lengths are the rows the pipeline lays out (one q), and records the
+  pipeline skips are counted, not measured."""
+  from fusion_jax.data import packing_plan
+  root, _ = ds
+  bad = {"id": "bad", "conversations": [{"from": "human", "value": "no answer"}]}
+  path = write_dataset(os.path.join(root, "plan"), 6, extra=[bad])
+  cfg = pl.DataConfig(**dict(TINY_CFG, paths=(path,), image_root=os.path.dirname(path),
+                             query_len=(4,), num_epochs=1, batch_size=1))
+  encs, skipped = packing_plan.encoded_samples(cfg, tok, records=100)
+  assert (len(encs), skipped) == (6, 1)
+  with pl.make_pipeline(cfg, tok, process_index=0, process_count=1) as it:
+    want = sorted(int(b["token_mask"].sum()) for b in it)
+  assert sorted(packing_plan.sample_lengths(cfg, encs, 4).tolist()) == want
+
+
+def test_packing_plan_command(ds, tok, tmp):
+  """python -m fusion_jax.data.packing_plan on an experiment config: the table and the pick."""
+  import subprocess
+  import sys
+  root, path = ds
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "fusion_jax.data.packing_plan",
+       "--config", os.path.join(repo, "experiments", "fusion_tiny.py"),
+       f"--config.data.paths={path}", f"--config.data.image_root={root}",
+       f"--config.data.tokenizer={os.path.join(tmp, 'tok')}", "--p", "1,2,3"],
+      capture_output=True, text=True, cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "13 records (0 the pipeline would skip), seq_len 128" in out.stdout
+  assert len(re.findall(r"^\s+[123] +\d+\.\d%", out.stdout, re.M)) == 3, out.stdout
+  assert re.search(r"cheapest: --config.data.packing=\w+ --config.data.max_samples_per_row=[123]",
+                   out.stdout)

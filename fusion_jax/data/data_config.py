@@ -51,7 +51,8 @@ class DataConfig:
       number of samples; the loss is the same as for those samples unpacked.
     max_samples_per_row: P, the most samples one row holds when packing (every sample slot
       costs one image encoding whether used or not: size it near the expected samples per
-      row). Unpacked batches have P = 1.
+      row; `python -m fusion_jax.data.packing_plan --config ...` prices each P on your data).
+      Unpacked batches have P = 1.
     packing_buffer: samples the packer chooses from (0 = 2 x batch_size x
       max_samples_per_row); larger packs tighter and holds more decoded images in memory.
     seed: shuffle seed, q-draw seed and mixture random:N seed.
