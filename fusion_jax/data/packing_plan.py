@@ -142,9 +142,17 @@ def main(argv: Sequence[str]) -> None:
         f"at q={qs[len(qs) // 2]}: mean {lens.mean():.0f}, p50/p90/max "
         f"{'/'.join(f'{x:.0f}' for x in np.percentile(lens, [50, 90, 100]))}")
   print(format_table(rows))
-  best = min(rows, key=lambda r: r["model_flops_per_sample"])["p"]
-  print(f"cheapest: --config.data.packing={best > 1} --config.data.max_samples_per_row={best} "
+  best = min(rows, key=lambda r: r["model_flops_per_sample"])
+  p = best["p"]
+  print(f"cheapest: --config.data.packing={p > 1} --config.data.max_samples_per_row={p} "
         "(train-step model FLOPs per sample; every slot runs the tower, filled or not)")
+  if p > 1:
+    gb = int(config.global_batch)
+    same = max(1, round(gb / best["samples_per_row"]))
+    print(f"packed, the config's {gb} rows per step carry ~{gb * best['samples_per_row']:.0f} "
+          f"samples and {p} tower passes each; for its {gb} samples per optimizer step set "
+          f"--config.global_batch={same} (rounded to a multiple of the devices the batch is "
+          "sharded over) and check the fit: python -m fusion_jax.aot --config ... --topology ...")
 
 
 def _define_flags() -> None:
