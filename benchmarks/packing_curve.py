@@ -2,6 +2,7 @@ r"""Packed vs unpacked training on the main job's data: samples per second and l
 
   python benchmarks/packing_curve.py --workdir runs/packing_curve [--samples 2400]
       [--seq_len 192] [--max_samples_per_row 2] [--num 24000] [--rows_packed 0]
+      [--pinned [--swap_cores] | --sequential]
 
 Trains the main job's model (experiments/smoke.py: tiny FUSION, all mechanisms on) on its
 dataset (all categories, the instruction stage's data) twice from the same initialisation,
@@ -15,11 +16,14 @@ for the same number of samples:
 Both use the same seq_len (--seq_len; the main job's instruction stage: 192), so every sample
 is truncated identically. The two trainings run at the same time in two processes, so both see
 the same load on a shared machine (the one that finishes first leaves the other more CPU: the
-speed-up is then underestimated, not overestimated). Reports training samples/s (steps after
+speed-up is then underestimated, not overestimated). --pinned runs them at the same time with
+each process held to a core of its own (the fairest on a shared machine whose speed drifts:
+both see the same minutes, neither takes the other's core); --sequential runs them one after
+the other. Reports training samples/s (steps after
 the first three, without compilation; over each whole run and over the time both ran),
 packing efficiency (aux/packing_efficiency, logged per step), the training loss against
-samples seen (both curves, PNG), and the held-out loss (CE per supervised token, the same
-unpacked held-out batches for both final models). Writes
+samples seen and against seconds of training (both curves, PNG), and the held-out loss (CE
+per supervised token, the same unpacked held-out batches for both final models). Writes
 <workdir>/packing_curve.json and <workdir>/packing_curve.png.
 """
 from __future__ import annotations
@@ -51,6 +55,13 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("rows_packed", 0, "rows per packed batch (0: 16 / expected samples per row)",
                        flag_values=fv)
   flags.DEFINE_integer("num", 24000, "dataset records (smoke.py: 24000)", flag_values=fv)
+  flags.DEFINE_bool("pinned", False, "train the two runs at the same time, each process on a "
+                    "core of its own (needs 2 cores)", flag_values=fv)
+  flags.DEFINE_bool("swap_cores", False, "with --pinned: packed on the first core, unpacked on "
+                    "the second (a check that neither core is the faster)", flag_values=fv)
+  flags.DEFINE_bool("sequential", False, "train the two runs one after the other (an idle "
+                    "machine: each has all its cores) instead of at the same time",
+                    flag_values=fv)
   flags.DEFINE_string("train_one", "", "internal: the child process that trains DIR/config.json",
                       flag_values=fv)
 
@@ -91,7 +102,7 @@ def _summary(workdir: str) -> dict:
   recs = read_metrics(workdir)
   samples = [int(r["data/samples"]) for r in recs]
   per_step = np.diff([0] + samples)
-  timed = [(r["step_time_s"], n) for r, n in zip(recs, per_step)
+  timed = [(float(r["step_time_s"]), int(n)) for r, n in zip(recs, per_step)
            if r["step"] > WARMUP_STEPS and r.get("step_time_s")]
   t = sum(x for x, _ in timed)
   return {"steps": len(recs), "samples": samples[-1] if samples else 0, "timed": timed,
@@ -99,7 +110,9 @@ def _summary(workdir: str) -> dict:
           "step_time_s": float(np.median([x for x, _ in timed])) if timed else float("nan"),
           "efficiency": float(np.mean([r["aux/packing_efficiency"] for r in recs])),
           "curve": [(int(n), float(r["loss"]), float(r.get("loss/ce", float("nan"))))
-                    for n, r in zip(samples, recs)]}
+                    for n, r in zip(samples, recs)],
+          # seconds of training at each record (step times; the first, compiling step has none)
+          "seconds": np.cumsum([float(r.get("step_time_s") or 0.0) for r in recs]).tolist()}
 
 
 def heldout_loss(workdir: str, heldout: str, seq_len: int, batch_size: int = 32) -> dict:
@@ -131,22 +144,26 @@ def heldout_loss(workdir: str, heldout: str, seq_len: int, batch_size: int = 32)
 
 
 def _plot(results: dict, out: str) -> None:
+  """Training loss against samples seen (left) and against seconds of training (right)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100, sharey=True)
   for name, r in results.items():
-    xs, ys = zip(*[(n, l) for n, l, _ in r["curve"]])
+    ns, ys = zip(*[(n, l) for n, l, _ in r["curve"]])
     k = max(1, min(9, len(ys) // 3))  # moving average over steps, both curves alike
     sm = np.convolve(ys, np.ones(k) / k, mode="valid")
-    ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
-    ax.plot(xs[k - 1:], sm, label=f"{name} ({r['samples_per_s']:.1f} samples/s)",
-            color=ax.lines[-1].get_color(), linewidth=1.6)
-  ax.set_xlabel("training samples seen")
-  ax.set_ylabel("training loss")
-  ax.set_title("FUSION main job data: packed vs unpacked")
-  ax.grid(alpha=0.3)
-  ax.legend()
+    for ax, xs in zip(axes, (ns, r["seconds"])):
+      ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+      ax.plot(xs[k - 1:], sm, label=f"{name} ({r['samples_per_s']:.1f} samples/s)",
+              color=ax.lines[-1].get_color(), linewidth=1.6)
+  axes[0].set_xlabel("training samples seen")
+  axes[1].set_xlabel("seconds of training (compilation left out)")
+  axes[0].set_ylabel("training loss")
+  fig.suptitle("FUSION main job data: packed vs unpacked")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out)
   plt.close(fig)
@@ -182,6 +199,11 @@ def main(args) -> int:
 
   spr = _expected_samples_per_row(base, args.seq_len, args.max_samples_per_row)
   rows = args.rows_packed or max(1, round(base.global_batch / spr))
+  if args.pinned and args.sequential:
+    raise SystemExit(f"{PROG}: give --pinned or --sequential, not both")
+  cores = sorted(os.sched_getaffinity(0))
+  if args.pinned and len(cores) < 2:
+    raise SystemExit(f"{PROG}: --pinned needs 2 cores, this process may use {len(cores)}")
   runs, procs = {}, {}
   for name in ("unpacked", "packed"):
     c = ml_collections.ConfigDict(base.to_dict())
@@ -200,9 +222,16 @@ def main(args) -> int:
     with open(os.path.join(d, "config.json"), "w") as f:
       f.write(c.to_json())
     log = open(os.path.join(d, "train.log"), "w")
+    pin = None
+    if args.pinned:  # each run on a core of its own: unpacked the first, packed the second
+      core = cores[len(procs) ^ int(args.swap_cores)]
+      pin = lambda core=core: os.sched_setaffinity(0, {core})  # noqa: E731
     procs[name] = (subprocess.Popen([sys.executable, os.path.abspath(__file__), "--workdir", d,
-                                     "--train_one", d], stdout=log, stderr=subprocess.STDOUT),
+                                     "--train_one", d], stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=pin),
                    int(c.global_batch))
+    if args.sequential:
+      procs[name][0].wait()
   for name, (proc, n_rows) in procs.items():
     if proc.wait():
       raise RuntimeError(f"{name} training failed; see {workdir}/{name}/train.log")
@@ -233,9 +262,13 @@ def main(args) -> int:
     print(f"{name:9s} {r['steps']:5d} {r['samples']:7d} {r['samples_per_s']:9.1f} "
           f"{r['step_time_s']:7.3f} {100 * r['efficiency']:9.1f}% {last(r):21.4f} "
           f"{r['heldout']['ce']:11.4f}")
-  print(f"packed / unpacked samples/s: {speedup:.2f}x over each whole run, "
-        f"{speedup_together:.2f}x while both ran ({u['samples_per_s_together']:.1f} vs "
-        f"{p['samples_per_s_together']:.1f} samples/s over the first {both:.0f} s)")
+  if args.sequential or args.pinned:
+    how = "one run after the other" if args.sequential else "at the same time, a core each"
+    print(f"packed / unpacked samples/s: {speedup:.2f}x ({how})")
+  else:
+    print(f"packed / unpacked samples/s: {speedup:.2f}x over each whole run, "
+          f"{speedup_together:.2f}x while both ran ({u['samples_per_s_together']:.1f} vs "
+          f"{p['samples_per_s_together']:.1f} samples/s over the first {both:.0f} s)")
   out = {"args": vars(args), "expected_samples_per_row": spr, "speedup": speedup,
          "speedup_together": speedup_together, "runs": runs}
   with open(os.path.join(workdir, "packing_curve.json"), "w") as f:
