@@ -67,18 +67,14 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def _expected_samples_per_row(config, seq_len: int, p: int) -> float:
-  """samples per row of the packer on the dataset's lengths (length-only simulation, q = max)."""
-  from fusion_jax.data import conversation, layout, packing
-  from fusion_jax.data.tokenizer import TEMPLATE_PAD_TOKENS, load_tokenizer
-  from fusion_jax.task.fusion import fusion_config_from
-  cfg = fusion_config_from(config.model)
-  tok = load_tokenizer(config.data.tokenizer, pad_token=TEMPLATE_PAD_TOKENS[cfg.template])
-  with open(config.data.paths[0]) as f:
-    records = json.load(f)[:3000]
-  lengths = [layout.sample_length(conversation.encode_conversation(r, tok, cfg.template),
-                                  q=max(cfg.query_len), num_image_tokens=cfg.num_image_tokens,
-                                  seq_len=seq_len, max_questions=int(config.data.max_questions))
-             for r in records]
+  """samples per row of the packer on 3000 of the dataset's records (packing_plan: length-only
+  simulation, q = the largest)."""
+  from fusion_jax.data import packing, packing_plan
+  from fusion_jax.task.fusion import FusionTask
+  task = FusionTask(config)
+  cfg = task.data_config(1)
+  encs, _ = packing_plan.encoded_samples(cfg, task.tokenizer, 3000)
+  lengths = packing_plan.sample_lengths(cfg, encs, max(cfg.query_len))
   r = packing.simulate(lengths, batch_size=8, seq_len=seq_len, samples_per_row=p, buffer=16 * p)
   return r["samples_per_row"]
 

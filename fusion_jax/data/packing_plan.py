@@ -30,6 +30,7 @@ import numpy as np
 from fusion_jax.data import conversation, layout, packing, pipeline, sources
 from fusion_jax.data.data_config import DataConfig
 from fusion_jax.data.errors import BadSample
+from fusion_jax.models import flops
 
 
 def encoded_samples(cfg: DataConfig, tokenizer: Any, records: int) -> tuple[list[Any], int]:
@@ -71,7 +72,6 @@ def step_cost(fusion_cfg: Any, *, p: int, samples_per_row: float, seq_len: int, 
   """Model FLOPs of a train step per sample at P slots per row holding `samples_per_row` on
   average (flops.train_step_flops: P tower passes and P x Lq interaction slots per row, filled
   or not; decoder attention within equal segments)."""
-  from fusion_jax.models import flops  # pylint: disable=g-import-not-at-top
   f = flops.train_step_flops(fusion_cfg, batch=1, seq_len=seq_len, q=q,
                              max_questions=p * max_questions, instruct_len=instruct_len,
                              images_per_row=p, segments_per_row=max(1, round(samples_per_row)),
