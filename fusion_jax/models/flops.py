@@ -83,7 +83,9 @@ def train_step_flops(cfg: FusionConfig, *, batch: int, seq_len: int, q: int, max
     instruct_len: T, instruction tokens per image; default cfg.max_instruct_len.
     images_per_row: tower passes (5 crops each) per row; > 1 for packed rows.
     segments_per_row: packed rows: decoder attention within this many equal segments (the
-      causal half of each segment's square; splash skips the blocks between segments).
+      causal half of each segment's square: the model's work. cuDNN's packed layout on GPU
+      computes only that; splash on TPU skips blocks by its static causal mask only, so it
+      computes every causal block of the row and masks the other segments inside them).
     loss_chunks: > 1 adds the LM head's forward to the recompute (the chunked cross entropy
       projects each chunk again in the backward pass).
 
