@@ -60,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True)
   stage_runs, train_summary = train_stages(plan, timed, t0)
   if train_summary.get("preempted"):
     say("preempted: checkpoint saved; rerun the same command to continue")
-    return {"preempted": True, "train": train_summary}
+    return {"preempted": True, "stages": stage_runs, "train": train_summary}
 
   from fusion_jax.eval.evaluate import run_eval
   ev = timed("eval", run_eval, workdir, split=config.eval.split,

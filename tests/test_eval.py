@@ -110,7 +110,7 @@ def test_scores_are_negative_summed_cross_entropy(setup):
   scores = closed_qa.score_examples(params, cfg, examples[:2], load, batch_size=2)
   ex = examples[1]
   batch = batch_spec.stack_examples([dict(ex, images=load(int(ex["record_index"])))])
-  _, aux = fusion.loss_fn(params, batch, cfg, train=False)
+  _, aux = jax.jit(lambda p, b: fusion.loss_fn(p, b, cfg, train=False))(params, batch)
   np.testing.assert_allclose(scores[1], -float(aux["ce_sum"]), rtol=1e-5)
   closed_qa.plot_report(report, os.path.join(root, "acc.png"))
   assert os.path.getsize(os.path.join(root, "acc.png")) > 0

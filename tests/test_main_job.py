@@ -16,27 +16,39 @@ from fusion_jax.convert.model_dir import load_model_dir
 from fusion_jax.infer.workdir import load_run
 
 
-def test_short_main_job_resumes_evaluates_and_exports(tmp_path):
+def test_short_main_job_resumes_evaluates_and_exports(tmp_path, monkeypatch):
   config = smoke.get_config("short")
   config.synth.cache_dir = str(tmp_path / "cache")
-  config.num_steps = 5
+  config.num_steps = 10
   config.checkpoint.every = 2
   workdir = str(tmp_path / "run")
 
-  first = run_lib.run(config, workdir, export=False)
+  # SIGTERM's flag (fusion_jax.train.loop._Preemption) at step 2 of the second stage, whose
+  # workdir is the run's: the job saves and stops there. Rerunning the same command continues
+  # with the same programs, so the second run's compiles come from the compilation cache.
+  from fusion_jax.train import loop
+  def preempted(self, ckpt, step):
+    del self
+    return step == 2 and not os.path.relpath(str(ckpt.directory), workdir).startswith("stages")
+  with monkeypatch.context() as m:
+    m.setattr(loop._Preemption, "reached", preempted)
+    first = run_lib.run(config, workdir, export=False)
+  assert first["preempted"]
   # Two stages (alignment, then everything from the alignment weights), 0.65 / 0.35 of the steps.
   assert [s["stage"] for s in first["stages"]] == ["alignment", "instruction"]
-  assert [s["step"] for s in first["stages"]] == [3, 2]
-  assert first["train"]["resumed_from"] is None
+  assert [s["step"] for s in first["stages"]] == [6, 2]
+  assert [s["resumed_from"] for s in first["stages"]] == [None, None]
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
   assert not os.path.exists(os.path.join(workdir, "torch_fusion_phi"))
   # The alignment stage trains at its own sequence length (config.stages overrides).
   assert load_run(first["stages"][0]["workdir"])[2].data.seq_len == 128
   assert load_run(workdir)[2].data.seq_len == config.data.seq_len != 128
 
-  # Same job, longer: the dataset and tokenizer are reused and both stages resume.
-  config.num_steps = 10
+  # The same command again: the dataset and tokenizer are reused, the finished first stage is
+  # not retrained, the second resumes from its checkpoint.
   second = run_lib.run(config, workdir, export=True)
-  assert [s["resumed_from"] for s in second["stages"]] == [3, 2]
+  assert [s["resumed_from"] for s in second["stages"]] == [6, 2]
+  assert [s["step"] for s in second["stages"]] == [6, 4]
   assert second["train"]["step"] == 4
   assert second["stage_time_s"]["data+tokenizer"] < 5
 

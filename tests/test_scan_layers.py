@@ -61,10 +61,11 @@ def test_layout_matches_init_and_round_trips(params):
 def test_scanned_forward_and_grads_match_unrolled(params):
   batch = _batch()
   scanned = param_layout.to_config_layout(params, SCANNED)
-  (l0, parts0), g0 = jax.value_and_grad(
-      lambda p: fusion.loss_fn(p, batch, UNROLLED), has_aux=True)(params)
-  (l1, parts1), g1 = jax.value_and_grad(
-      lambda p: fusion.loss_fn(p, batch, SCANNED), has_aux=True)(scanned)
+  # Jitted: one compile per layout is about a third of the time of running them op by op.
+  (l0, parts0), g0 = jax.jit(jax.value_and_grad(
+      lambda p: fusion.loss_fn(p, batch, UNROLLED), has_aux=True))(params)
+  (l1, parts1), g1 = jax.jit(jax.value_and_grad(
+      lambda p: fusion.loss_fn(p, batch, SCANNED), has_aux=True))(scanned)
   np.testing.assert_allclose(l0, l1, rtol=1e-5, atol=1e-6)
   for k in parts0:
     np.testing.assert_allclose(parts0[k], parts1[k], rtol=1e-5, atol=1e-6, err_msg=k)
