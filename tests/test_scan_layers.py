@@ -82,10 +82,11 @@ def test_scanned_kv_cache_generation_matches(params):
   logits = []
   for cfg, p in ((UNROLLED, params), (SCANNED, param_layout.to_config_layout(params, SCANNED))):
     cache = llm.init_cache(cfg.llm, 2, 56)
-    first, cache = fusion.prefill(p, batch, cfg, cache)
+    first, cache = jax.jit(lambda p, b, c, cfg=cfg: fusion.prefill(p, b, cfg, c))(p, batch, cache)
     nxt = jnp.argmax(first[jnp.arange(2), batch["token_mask"].sum(1) - 1], -1)[:, None]
     pos = batch["positions"].max(1, keepdims=True) + 1
-    second, cache = fusion.decode(p, nxt.astype(jnp.int32), pos, cfg, cache)
+    second, cache = jax.jit(lambda p, i, x, c, cfg=cfg: fusion.decode(p, i, x, cfg, c))(
+        p, nxt.astype(jnp.int32), pos, cache)
     logits.append((first, second))
   for a, b in zip(*logits):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
