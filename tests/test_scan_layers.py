@@ -111,8 +111,8 @@ def test_imported_weights_same_logits_in_both_layouts(params):
       return tensors[k]
 
   batch = _batch()
-  out = [fusion.apply(fusion_torch.fusion_params_from_reader(Reader(), cfg), batch, cfg)[0]
-         for cfg in (UNROLLED, SCANNED)]
+  out = [jax.jit(lambda p, b, cfg=cfg: fusion.apply(p, b, cfg)[0])(
+      fusion_torch.fusion_params_from_reader(Reader(), cfg), batch) for cfg in (UNROLLED, SCANNED)]
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=2e-5)
 
 
