@@ -102,10 +102,15 @@ def plan(fusion_cfg: Any, cfg: DataConfig, lengths_by_q: dict[int, np.ndarray],
   return rows
 
 
+def cheapest(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+  """The plan's row with the fewest model FLOPs per sample."""
+  return min(rows, key=lambda r: r["model_flops_per_sample"])
+
+
 def format_table(rows: Sequence[dict[str, float]]) -> str:
   """The plan as a text table, the cheapest P marked."""
   base = next((r["model_flops_per_sample"] for r in rows if r["p"] == 1), None)
-  best = min(rows, key=lambda r: r["model_flops_per_sample"])["p"]
+  best = cheapest(rows)["p"]
   unit, scale = ("TFLOP", 1e12) if max(r["model_flops_per_sample"] for r in rows) >= 1e12 else (
       "GFLOP", 1e9)
   lines = [f"{'P':>3s} {'efficiency':>10s} {'samples/row':>11s} {unit + '/sample':>12s} "
@@ -142,7 +147,7 @@ def main(argv: Sequence[str]) -> None:
         f"at q={qs[len(qs) // 2]}: mean {lens.mean():.0f}, p50/p90/max "
         f"{'/'.join(f'{x:.0f}' for x in np.percentile(lens, [50, 90, 100]))}")
   print(format_table(rows))
-  best = min(rows, key=lambda r: r["model_flops_per_sample"])
+  best = cheapest(rows)
   p = best["p"]
   print(f"cheapest: --config.data.packing={p > 1} --config.data.max_samples_per_row={p} "
         "(train-step model FLOPs per sample; every slot runs the tower, filled or not)")
