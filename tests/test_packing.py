@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from fusion_jax.data import conversation, layout, packing
+from fusion_jax.data import conversation, layout, packing, packing_plan
 from fusion_jax.data import pipeline as pl
 from fusion_jax.data.layout import choose_q
 from fusion_jax.models import batch_spec
@@ -215,7 +215,6 @@ def test_packed_loss_equals_unpacked(tiny_task, scan):
 def test_packing_plan_prices_empty_slots():
   """Samples of half a row: P = 2 fills every row; P = 3, 4 pack no more but compute more
   empty slots (tower, interaction), so P = 2 is the cheapest per sample."""
-  from fusion_jax.data import packing_plan
   from fusion_jax.data.data_config import DataConfig
   from fusion_jax.models import presets
   cfg = DataConfig(paths=("unused.json",), seq_len=200, batch_size=4, max_questions=2,
@@ -235,7 +234,6 @@ def test_packing_plan_prices_empty_slots():
 def test_packing_plan_reads_records_as_the_pipeline(ds, tok):
   """The plan's sample lengths are the rows the pipeline lays out (one q), and records the
   pipeline skips are counted, not measured."""
-  from fusion_jax.data import packing_plan
   root, _ = ds
   bad = {"id": "bad", "conversations": [{"from": "human", "value": "no answer"}]}
   path = write_dataset(os.path.join(root, "plan"), 6, extra=[bad])
@@ -266,3 +264,24 @@ def test_packing_plan_command(ds, tok, tmp):
   assert len(re.findall(r"^\s+[123] +\d+\.\d%", out.stdout, re.M)) == 3, out.stdout
   assert re.search(r"cheapest: --config.data.packing=\w+ --config.data.max_samples_per_row=[123]",
                    out.stdout)
+
+
+def test_packing_plan_prepares_the_main_jobs_stages(tmp_path, capsys):
+  """experiments/smoke.py has no data paths: the plan prepares a stage as fusion_jax.run does
+  (the synthesized dataset, the base LLM's tokenizer, the stage's subset and seq_len)."""
+  from experiments import smoke
+  config = smoke.get_config("short")
+  config.synth.cache_dir = str(tmp_path / "cache")
+  workdir = str(tmp_path / "plan")
+  c = packing_plan.main_job_stage(config, "alignment", workdir)
+  assert c.data.seq_len == 128 and os.path.basename(c.data.paths[0]).startswith("train_alignment")
+  assert c.data.tokenizer == os.path.join(workdir, "base_model", "tokenizer")
+  assert packing_plan.main_job_stage(config, "", workdir).data.seq_len == config.data.seq_len
+  packing_plan.print_plan(c, records=60, ps=[1, 2])
+  out = capsys.readouterr().out
+  assert re.search(r"\d+ records \(0 the pipeline would skip\), seq_len 128", out), out
+  assert re.search(r"cheapest: --config.data.packing=\w+ --config.data.max_samples_per_row=[12]",
+                   out)
+  with pytest.raises(SystemExit, match=r"--stage 'nope' is not one of the config's stages "
+                     r"\['alignment', 'instruction'\]"):
+    packing_plan.main_job_stage(config, "nope", workdir)

@@ -3,6 +3,7 @@ priced in the model's FLOPs per sample.
 
     python -m fusion_jax.data.packing_plan --config experiments/fusion_3b.py:stage2 \
         [--records 4000] [--p 1,2,3,4,6,8] [--hosts 1]
+    python -m fusion_jax.data.packing_plan --config experiments/smoke.py [--stage alignment]
 
 A larger P packs rows tighter, but every sample slot costs the same whether a sample fills
 it or not: the tower's 5 crops, the slot's instruction tokens and its P x Lq interaction
@@ -18,6 +19,10 @@ pipeline's own plan_rows and buffer). Prints, per P, packing efficiency, samples
 train step's model FLOPs per sample (fusion_jax.models.flops, as the trainer's MFU counts
 them) against unpacked, the tower's share of the step and the share of its work spent on empty
 slots, and marks the cheapest P. No images are decoded and nothing is compiled.
+
+The main job's config (experiments/smoke.py: a `synth` section, no data paths) is prepared as
+`fusion_jax.run` prepares it (the dataset synthesized into its cache unless there, the base
+model's tokenizer) and planned for one of its stages (--stage, default the last).
 """
 from __future__ import annotations
 
@@ -124,22 +129,44 @@ def format_table(rows: Sequence[dict[str, float]]) -> str:
   return "\n".join(lines)
 
 
+def main_job_stage(config: Any, stage: str, workdir: str) -> Any:
+  """The config one stage of the main job trains with (its data and tokenizer as
+  fusion_jax.run prepares them; the base model imported into `workdir`)."""
+  # The tool's entry point only: the data package itself never depends on the main job.
+  from fusion_jax.main_job.prepare import prepare  # pylint: disable=g-import-not-at-top
+  from fusion_jax.main_job.stages import stage_plan  # pylint: disable=g-import-not-at-top
+  stages = stage_plan(prepare(config, workdir), workdir)
+  names = [name for name, _, _ in stages]
+  if stage and stage not in names:
+    raise SystemExit(f"packing_plan: --stage {stage!r} is not one of the config's stages {names}")
+  return dict((name, c) for name, c, _ in stages)[stage or names[-1]]
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
+  import tempfile  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from fusion_jax.task.fusion import FusionTask  # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS
-  config = fv.config
+  ps = sorted(set(int(p) for p in fv.p))
+  if fv.config.get("synth") is None:
+    return print_plan(fv.config, records=fv.records, ps=ps, hosts=fv.hosts)
+  with tempfile.TemporaryDirectory() as workdir:
+    return print_plan(main_job_stage(fv.config, fv.stage, workdir), records=fv.records, ps=ps,
+                      hosts=fv.hosts)
+
+
+def print_plan(config: Any, *, records: int, ps: Sequence[int], hosts: int = 1) -> None:
+  """Prints the plan of an experiment config: the table, the cheapest P and its batch."""
+  from fusion_jax.task.fusion import FusionTask  # pylint: disable=g-import-not-at-top
   task = FusionTask(config)
-  cfg = task.data_config(fv.hosts)
+  cfg = task.data_config(hosts)
   qs = sorted(set(int(q) for q in cfg.query_len))
-  encs, skipped = encoded_samples(cfg, task.tokenizer, fv.records)
+  encs, skipped = encoded_samples(cfg, task.tokenizer, records)
   n = len(encs)
   if n == 0:
     raise SystemExit(f"packing_plan: all {skipped} records read would be skipped by the "
                      "pipeline; check config.data and the records (a training run logs why)")
   lengths_by_q = {q: sample_lengths(cfg, encs, q) for q in qs}
-  ps = sorted(set(int(p) for p in fv.p))
   rows = plan(task.cfg, cfg, lengths_by_q, ps, loss_chunks=task.loss_chunks)
   lens = lengths_by_q[qs[len(qs) // 2]]
   print(f"{n} records ({skipped} the pipeline would skip), seq_len {cfg.seq_len}, "
@@ -169,6 +196,8 @@ def _define_flags() -> None:
   flags.DEFINE_list("p", ["1", "2", "3", "4", "6", "8"], "P values to compare")
   flags.DEFINE_integer("hosts", 1, "processes the global batch is split over (rows per host "
                        "batch = global_batch / hosts; the packer packs each host's batch)")
+  flags.DEFINE_string("stage", "", "the main job's configs (a `synth` section): which of "
+                      "config.stages to plan (default: the last)")
 
 
 if __name__ == "__main__":
