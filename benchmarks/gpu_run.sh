@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README "Speed on accelerators" table on one NVIDIA GPU: benchmarks/step_mfu.py at FUSION 3B
+# The "Speed on accelerators" table (docs/performance.md; README has its headline rows) on one NVIDIA GPU: benchmarks/step_mfu.py at FUSION 3B
 # width (bf16, full remat, 4096 tokens/row), unpacked and packed, next to the PyTorch Phi-3
 # baseline, each framework in its own process.
 #

@@ -4,7 +4,7 @@ r"""How many samples of a category does the vision tower alone need to answer it
       [--categories SynthSpatial,SynthCount] [--steps 3000] [--every 500] [--extra 0]
       [--config.KEY=VALUE ...]
 
-The main job's visual-reasoning categories stay near chance (README, "Main job"). This isolates
+The main job's visual-reasoning categories stay near chance (docs/main_job.md). This isolates
 the tower: per category it trains FUSION's text-guided vision tower (the config's shape, its
 attention rule and feature connector) with a classifier head in place of the LLM. The
 instruction text is the question, the class is the answer's index among the question's

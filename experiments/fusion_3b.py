@@ -36,9 +36,10 @@ RUN_ROOT = "gs://YOUR_BUCKET/fusion_3b"      # stage workdirs: <RUN_ROOT>/<stage
 # Remat: keep the weight matmuls' outputs and the attention kernel's output and softmax
 # statistics, recompute the rest (fusion_jax.parallel.remat). On the documented v5p-128 it fits
 # every stage (python -m fusion_jax.aot, per-chip peak of 95 GiB: stage1 67.6, stage2 48.1 and
-# stage1_5 has stage2's shapes, against 30.1 / 20.7 with full remat; README, "Fit on TPU
-# slices"). On an H200 it ran about 8 % faster per step than full remat (README, "Speed on
-# accelerators"). On fewer chips (under v5p-64) use --config.remat_policy=full.
+# stage1_5 has stage2's shapes, against 30.1 / 20.7 with full remat; docs/performance.md, "Fit
+# on TPU slices"). On an H200 it ran about 8 % faster per step than full remat
+# (docs/performance.md, "Speed on accelerators"). On fewer chips (under v5p-64) use
+# --config.remat_policy=full.
 REMAT_POLICY = "dots_with_no_batch_dims_and_attention"
 
 

@@ -40,7 +40,7 @@ RUN_ROOT = "gs://YOUR_BUCKET/fusion_8b"      # stage workdirs: <RUN_ROOT>/<stage
 # the chunks; keeping the attention residuals too would need 84.2; 46.6 with full remat).
 # Stages 1.5 and 2 (128 x 4096, the same shapes) also keep the attention kernel's residuals:
 # 61.7 at stage 2 (68.6 without the chunks, 35.0 with full remat). Lighter remat ran about 8 %
-# faster per step than full remat on an H200 at FUSION 3B width (README, "Speed on
+# faster per step than full remat on an H200 at FUSION 3B width (docs/performance.md, "Speed on
 # accelerators"). On fewer chips use --config.remat_policy=full.
 REMAT_POLICY = {"stage1": "dots_with_no_batch_dims",
                 "stage1_5": "dots_with_no_batch_dims_and_attention",

@@ -36,8 +36,8 @@ RUN_ROOT = "gs://YOUR_BUCKET/fusion_x_3b"    # stage workdirs: <RUN_ROOT>/<stage
 # Remat: keep the weight matmuls' outputs and the attention kernel's output and softmax
 # statistics, recompute the rest (fusion_jax.parallel.remat). On the documented v5p-128 it fits
 # every stage (python -m fusion_jax.aot, per-chip peak of 95 GiB: stage1 77.2, stage2 53.1 and
-# stage1_5 has stage2's shapes, against 29.6 / 19.9 with full remat; README, "Fit on TPU
-# slices"). On fewer chips use --config.remat_policy=full.
+# stage1_5 has stage2's shapes, against 29.6 / 19.9 with full remat; docs/performance.md, "Fit
+# on TPU slices"). On fewer chips use --config.remat_policy=full.
 REMAT_POLICY = "dots_with_no_batch_dims_and_attention"
 
 

@@ -95,7 +95,7 @@ def format_summary(s: dict[str, Any]) -> str:
   unmet = [t["category"] for t in s["targets"] if not t["met"]]
   if unmet:
     lines.append(f"{len(unmet)} of {len(s['targets'])} targets not met: {', '.join(unmet)} "
-                 "(README 'Main job' says what limits them)")
+                 "(docs/main_job.md says what limits them)")
   kinds = {k: r for k, r in (s.get("eval_kinds") or {}).items() if k != "all"}
   if kinds:
     # A category mixes kinds of answer; a kind answered by one constant shows its share.

@@ -23,7 +23,7 @@ self-attention (training, cache-less forward) is chosen by `LLMConfig.attention_
           mask, which cuDNN takes as a bias shared by all heads (2 bytes x S^2 per row,
           not the 2 GiB of scores) and which costs time: on an H200 at FUSION 3B width, 2
           x 4096 tokens, the lengths route cut attention from 172 to 90 ms and the train
-          step from 0.809 to 0.738 s (README, "Speed on accelerators"). cuDNN runs
+          step from 0.809 to 0.738 s (docs/performance.md, "Speed on accelerators"). cuDNN runs
           bf16/fp16 only: other dtypes are cast to bfloat16 and the output cast back.
   auto    splash on TPU, cudnn on GPU when the compute dtype is bf16/fp16, else xla.
 

@@ -384,7 +384,8 @@ def paper_config(preset: str, *, image_root: str, base_model: str) -> ml_collect
   c = base_config()
   c.task = "fusion"
   c.model = model_config(preset)
-  # Scanned layers: compile time and program size independent of depth (README "Fit").
+  # Scanned layers: compile time and program size independent of depth (docs/performance.md,
+  # "Fit on TPU slices").
   c.model.scan_layers = True
   c.data = ml_collections.ConfigDict(dict(
       mixture="",                          # set by each stage
