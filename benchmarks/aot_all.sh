@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles paper configs' train steps for their documented slice, strictly one after another
-# (each takes ~10 CPU-minutes on a 2-core host): the "Fit on TPU slices" table of docs/performance.md.
+# (each takes ~10 CPU-minutes on a 2-core host): the "Fit on TPU slices" table of
+# docs/performance.md.
 #
 #   benchmarks/aot_all.sh OUTDIR NAME:STAGE[:TOPOLOGY] ...   # e.g. fusion_3b:stage2:v5p-128
 #

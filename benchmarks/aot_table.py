@@ -1,5 +1,5 @@
-r"""docs/performance.md rows from `python -m fusion_jax.aot --out` reports, with the smallest v5p slice each
-config is estimated to fit.
+r"""docs/performance.md rows from `python -m fusion_jax.aot --out` reports, with the smallest v5p
+slice each config is estimated to fit.
 
   python benchmarks/aot_table.py /tmp/aot/fusion_3b_stage2.json ...
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The "Speed on accelerators" table (docs/performance.md; README has its headline rows) on one NVIDIA GPU: benchmarks/step_mfu.py at FUSION 3B
-# width (bf16, full remat, 4096 tokens/row), unpacked and packed, next to the PyTorch Phi-3
-# baseline, each framework in its own process.
+# The "Speed on accelerators" table (docs/performance.md; README has its headline rows) on one
+# NVIDIA GPU: benchmarks/step_mfu.py at FUSION 3B width (bf16, full remat, 4096 tokens/row),
+# unpacked and packed, next to the PyTorch Phi-3 baseline, each framework in its own process.
 #
 #   benchmarks/gpu_run.sh [OUT_DIR] [extra step_mfu.py flags, e.g. --batch 4 --layers 16]
 #
