@@ -1,13 +1,14 @@
-"""Test setup: 8 virtual CPU devices for sharding tests, float32 matmuls, a compile cache.
+"""Test setup: 8 virtual CPU devices for sharding tests, fast compiles (tests/xla_env.py),
+float32 matmuls, a compile cache.
 
 XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
 """
 import os
 
+from xla_env import xla_flags  # imports no jax
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -36,6 +36,7 @@ from fusion_jax.train.loop import setup, train
 from multihost_config import get_config
 from pipeline_fixtures import batch_sample_ids, make_tokenizer, write_dataset
 from test_train_resume import ROOT, _env
+from xla_env import xla_flags
 
 NUM_RECORDS, GLOBAL_BATCH, PROCESSES = 24, 8, 2
 EPOCH_STEPS = NUM_RECORDS // GLOBAL_BATCH
@@ -62,7 +63,7 @@ def _start(*argv: str) -> list[subprocess.Popen]:
   procs = []
   for i in range(PROCESSES):
     env = _env()
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env.update(XLA_FLAGS=xla_flags(4),
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES=str(PROCESSES), JAX_PROCESS_ID=str(i),

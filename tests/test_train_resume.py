@@ -18,6 +18,7 @@ import pytest
 from fusion_jax.train import checkpoint as ckpt_lib
 from fusion_jax.train.loop import setup
 from test_train_step import leaves, toy_config
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 10
@@ -29,7 +30,7 @@ ARGS = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"
 def _env():
   env = dict(os.environ)
   env.update(
-      JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8),
       JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
       JAX_COMPILATION_CACHE_DIR=os.environ.get(
           "FUSION_JAX_TEST_CACHE", os.path.join(ROOT, ".cache", "jax")),
