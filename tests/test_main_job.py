@@ -160,3 +160,24 @@ def test_sample_answers_take_each_categorys_first_question_that_fits():
       "A": ("short", "y"), "C": ("ok", "v")}
   assert all(len(p["conversations"]) == 1 for p, _ in firsts.values())
   assert missing == ["B"]
+
+
+def test_dataset_cache_follows_the_synthesizer(tmp_path, monkeypatch):
+  """A change to fusion_jax.synth's files (code or prompt templates) gives a new dataset folder:
+  the job never trains on cached records the current synthesizer would not draw."""
+  import shutil
+  import fusion_jax.synth
+  from fusion_jax.main_job import prepare
+  synth = smoke.get_config("short").synth
+  before = prepare.dataset_dir(synth)
+  copy = tmp_path / "synth"
+  shutil.copytree(os.path.dirname(fusion_jax.synth.__file__), copy,
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  monkeypatch.setattr(fusion_jax.synth, "__file__", str(copy / "__init__.py"))
+  assert prepare.dataset_dir(synth) == before  # the same files: the same folder
+  prompt = copy / "prompts" / "answer.md"
+  prompt.write_text(prompt.read_text() + "\n")
+  changed = prepare.dataset_dir(synth)
+  assert changed != before and os.path.dirname(changed) == synth.cache_dir
+  synth.num += 1  # the parameters still count
+  assert prepare.dataset_dir(synth) not in (before, changed)

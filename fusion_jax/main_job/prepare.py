@@ -11,10 +11,27 @@ import ml_collections
 from fusion_jax.main_job import say
 
 
+def synthesizer_digest() -> str:
+  """sha1 of fusion_jax.synth's files (code and prompt templates): what draws the records."""
+  import fusion_jax.synth  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.abspath(fusion_jax.synth.__file__))
+  h = hashlib.sha1()
+  for folder, dirs, files in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+    for name in sorted(f for f in files if not f.endswith(".pyc")):
+      path = os.path.join(folder, name)
+      h.update(os.path.relpath(path, root).encode() + b"\0")
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
 def dataset_dir(synth: ml_collections.ConfigDict) -> str:
-  """Cache folder of a synthesized dataset, keyed by the parameters that define it."""
-  key = json.dumps({k: synth[k] for k in ("num", "seed", "size", "categories", "heldout")},
-                   sort_keys=True, default=list)
+  """Cache folder of a synthesized dataset, keyed by the parameters that define it and by the
+  synthesizer's files: after a change to fusion_jax.synth the job synthesizes afresh instead of
+  training on records the current code would not draw."""
+  key = json.dumps({**{k: synth[k] for k in ("num", "seed", "size", "categories", "heldout")},
+                    "synthesizer": synthesizer_digest()}, sort_keys=True, default=list)
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   return os.path.join(synth.cache_dir, f"synth_{synth.size}px_{synth.num}_{digest}")
 
