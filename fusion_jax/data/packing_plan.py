@@ -27,6 +27,7 @@ model's tokenizer) and planned for one of its stages (--stage, default the last)
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,24 +136,22 @@ def main_job_stage(config: Any, stage: str, workdir: str) -> Any:
   # The tool's entry point only: the data package itself never depends on the main job.
   from fusion_jax.main_job.prepare import prepare  # pylint: disable=g-import-not-at-top
   from fusion_jax.main_job.stages import stage_plan  # pylint: disable=g-import-not-at-top
-  stages = stage_plan(prepare(config, workdir), workdir)
-  names = [name for name, _, _ in stages]
-  if stage and stage not in names:
-    raise SystemExit(f"packing_plan: --stage {stage!r} is not one of the config's stages {names}")
-  return dict((name, c) for name, c, _ in stages)[stage or names[-1]]
+  stages = {name: c for name, c, _ in stage_plan(prepare(config, workdir), workdir)}
+  if stage and stage not in stages:
+    raise SystemExit(f"packing_plan: --stage {stage!r} is not one of the config's stages "
+                     f"{list(stages)}")
+  return stages[stage or list(stages)[-1]]
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  import tempfile  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS
-  ps = sorted(set(int(p) for p in fv.p))
-  if fv.config.get("synth") is None:
-    return print_plan(fv.config, records=fv.records, ps=ps, hosts=fv.hosts)
+  config = fv.config
   with tempfile.TemporaryDirectory() as workdir:
-    return print_plan(main_job_stage(fv.config, fv.stage, workdir), records=fv.records, ps=ps,
-                      hosts=fv.hosts)
+    if config.get("synth") is not None:  # the main job's: data and tokenizer prepared here
+      config = main_job_stage(config, fv.stage, workdir)
+    print_plan(config, records=fv.records, ps=sorted(set(int(p) for p in fv.p)), hosts=fv.hosts)
 
 
 def print_plan(config: Any, *, records: int, ps: Sequence[int], hosts: int = 1) -> None:
