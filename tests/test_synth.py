@@ -262,3 +262,22 @@ def test_caption_alignment_style(tmp_path):
   recs = _load(out, "train.json") + _load(out, "heldout.json")
   assert len(recs) == 10 and all(r["qa"] == [None] for r in recs)
   assert all(r["conversations"][1]["value"] == r["caption"] for r in recs)
+
+
+def test_yes_no_is_balanced_in_every_turn():
+  # The balancer sees first closed questions only; later conversation turns are balanced by
+  # construction. A "no" asked where a "yes" could not be made skewed them to 58 % "no".
+  from fusion_jax.synth.ask import ProceduralAsker
+  from fusion_jax.synth.describe import ProceduralDescriber
+  describer, asker = ProceduralDescriber(), ProceduralAsker()
+  answers = collections.defaultdict(collections.Counter)
+  rng = np.random.default_rng(7)
+  for cat in ("SynthConvShort", "SynthConvLong"):
+    for _ in range(1500):
+      closed = [t.qa for t in asker.ask(describer.describe(cat, rng), rng) if t.qa is not None]
+      for i, qa in enumerate(closed):
+        if qa["answer_type"] == "yes_no":
+          answers["first" if i == 0 else "later"][qa["answer"]] += 1
+  for turn, cnt in answers.items():
+    n = sum(cnt.values())
+    assert n > 400 and abs(cnt["yes"] / n - 0.5) < 0.04, (turn, cnt)

@@ -201,12 +201,13 @@ def _conversation_turns(desc: S.Description, rng: np.random.Generator, n_closed:
       group = {i for i, o in enumerate(objs) if o.color == f["group_color"]}
       return count(rng, f["group_count"], f["group_color"], f["group_shape"]), group
     if kind == "exists":
-      # "yes" only for a colour no earlier turn named (else the answer is in the context);
-      # when none is left the kind is skipped, keeping yes / no at 50 / 50.
+      # "yes" only for a colour no earlier turn named (else the answer is in the context).
+      # When none is left the kind is skipped before the answer is drawn: skipping only the
+      # "yes" draws made later turns 58 % "no".
       unnamed = [c for c in present if c not in {objs[i].color for i in revealed}]
+      if not unnamed:
+        return None, set()
       if bool(rng.integers(2)):
-        if not unnamed:
-          return None, set()
         return exists(rng, unnamed[int(rng.integers(len(unnamed)))], True), set()
       return exists(rng, absent[int(rng.integers(len(absent)))], False), set()
     if not pairs:
