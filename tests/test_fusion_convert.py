@@ -314,6 +314,8 @@ def _check_stage1(out, llama_dir, siglip_dir, n_old):
 def test_import_hf_stage1(tmp_path, hf_dirs):
   llama, siglip = hf_dirs
   out = str(tmp_path / "stage1")
+  with pytest.raises(ValueError, match="--template 'chatml': use one of"):
+    import_hf.import_hf(llama, siglip, "tiny", out, template="chatml")
   import_hf.import_hf(llama, siglip, "tiny", out, seed=0)
   params, cfg = _check_stage1(out, llama, siglip, n_old=128)
   assert cfg.interaction_layers == (0,)  # tiny llama has 2 layers: schedule entry 2 skipped
@@ -366,9 +368,12 @@ def test_import_hf_cli_with_tokenizer(tmp_path, hf_dirs):
   model.save_pretrained(llm_dir)
   out = str(tmp_path / "stage1_tok")
   log = run_cli("fusion_jax.convert.import_hf", "--llm", llm_dir, "--vision", siglip,
-                "--preset", "tiny", "--out", out, "--seed", "1")
+                "--preset", "tiny", "--out", out, "--seed", "1", "--template", "phi_3")
   assert f"resized to {n_tok} + 2" in log
-  _check_stage1(out, llm_dir, siglip, n_old=n_tok)
+  _, cfg = _check_stage1(out, llm_dir, siglip, n_old=n_tok)
+  # --template overrides the preset's (llama_3), and a mismatch with the LLM is said.
+  assert cfg.template == "phi_3"
+  assert "WARNING: --template gives template 'phi_3' but the LLM is llama" in log
   tok = load_tokenizer(os.path.join(out, "tokenizer"))
   assert (tok.vision_start_id, tok.vision_end_id) == (n_tok, n_tok + 1)
 

@@ -114,9 +114,14 @@ def init_new_modules(cfg: FusionConfig, seed: int) -> dict[str, Any]:
 
 
 def import_hf(llm_dir: str, vision_dir: str, preset: str, out_dir: str, *, seed: int = 0,
-              log=print) -> FusionConfig:
-  """Builds and saves the stage-1 start model; returns its FusionConfig."""
-  base = get_preset(preset)
+              template: str | None = None, log=print) -> FusionConfig:
+  """Builds and saves the stage-1 start model; returns its FusionConfig.
+
+  template: the chat template the model dir records (default: the preset's).
+  """
+  if template and template not in _TEMPLATE_OF_ARCH.values():
+    raise ValueError(f"--template {template!r}: use one of {sorted(_TEMPLATE_OF_ARCH.values())}")
+  base = get_preset(preset, **({"template": template} if template else {}))
   # --- LLM
   llm_cfg_json = read_config(llm_dir)
   kind, llm_cfg, llm = load_hf_dir(llm_dir, weights_dtype=np.float32)
@@ -169,10 +174,10 @@ def import_hf(llm_dir: str, vision_dir: str, preset: str, out_dir: str, *, seed:
   tower = siglip_params_from_reader(reader, siglip_prefix(reader), vision_cfg.num_layers,
                                     config=vision_cfg, dtype=np.float32)
 
-  template = base.template
-  if _TEMPLATE_OF_ARCH[llm_cfg.arch] != template:
-    log(f"WARNING: preset {preset!r} uses template {template!r} but the LLM is {llm_cfg.arch} "
-        f"(authors: {_TEMPLATE_OF_ARCH[llm_cfg.arch]!r}); keeping the preset's")
+  if _TEMPLATE_OF_ARCH[llm_cfg.arch] != base.template:
+    source = "--template" if template else f"preset {preset!r}"
+    log(f"WARNING: {source} gives template {base.template!r} but the LLM is {llm_cfg.arch} "
+        f"(authors: {_TEMPLATE_OF_ARCH[llm_cfg.arch]!r}); keeping it (--template picks one)")
   cfg = base.replace(llm=llm_cfg, vision=vision_cfg)
   params = {"llm": llm, "vision_tower": tower, **init_new_modules(cfg, seed)}
   fusion_torch.check_param_shapes(params, cfg)
@@ -215,11 +220,15 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "fusion_x_8b, tiny, ...)", flag_values=fv, required=True)
   flags.DEFINE_string("out", None, "new fusion_jax model dir", flag_values=fv, required=True)
   flags.DEFINE_integer("seed", 0, "seed of the new modules' random init", flag_values=fv)
+  flags.DEFINE_string("template", None, "chat template the model dir records (default: the "
+                      "preset's; phi_3 for Phi-3, llama_3 for Llama 3 as the authors)",
+                      flag_values=fv)
 
 
 def _run(args) -> int:
   try:
-    import_hf(args.llm, args.vision, args.preset, args.out, seed=args.seed)
+    import_hf(args.llm, args.vision, args.preset, args.out, seed=args.seed,
+              template=args.template)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f"import_hf: error: {e}", file=sys.stderr)
     return 1

@@ -73,21 +73,22 @@ def tokenizer_dir(data_dir: str, vocab_size: int) -> str:
   return out
 
 
-def import_base(base: ml_collections.ConfigDict, workdir: str) -> str:
+def import_base(base: ml_collections.ConfigDict, template: str, workdir: str) -> str:
   """The stage-1 start model from the base LLM and SigLIP tower (transformers dirs), written
   by `python -m fusion_jax.convert.import_hf` into <workdir>/base_model (once), as a user
-  starting from real base models runs it."""
+  starting from real base models runs it, with the job's chat template."""
   from fusion_jax.convert import import_hf
   out = os.path.join(workdir, "base_model")
   if os.path.isfile(os.path.join(out, "fusion_config.json")):
     say(f"base model: reusing {out}")
     return out
-  args = ["--llm", base.llm, "--vision", base.vision, "--preset", base.preset, "--out", out]
+  args = ["--llm", base.llm, "--vision", base.vision, "--preset", base.preset,
+          "--template", template, "--out", out]
   say("base model: python -m fusion_jax.convert.import_hf " + " ".join(args))
   if import_hf.main(args):
     raise RuntimeError(f"import_hf failed for {base.llm} + {base.vision}")
-  say(f"base model: weights only are used; the FUSION fields (template, interaction schedule) "
-      f"come from config.model, not from preset {base.preset!r}")
+  say(f"base model: weights only are used; the other FUSION fields (interaction schedule, query "
+      f"lengths) come from config.model, not from preset {base.preset!r}")
   return out
 
 
@@ -107,7 +108,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None
   base = config.get("base")
   model_dir = ""
   if base and base.get("llm") and workdir:
-    model_dir = import_base(base, os.path.abspath(workdir))
+    model_dir = import_base(base, template, os.path.abspath(workdir))
     tok_dir = os.path.join(model_dir, "tokenizer")
   else:
     tok_dir = tokenizer_dir(data_dir, int(config.tokenizer.vocab_size))
