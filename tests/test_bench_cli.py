@@ -105,3 +105,37 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     bench.main(["--workdir", model_dir, "--benchmark", "pope", "--data",
                 str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "x.json")])
   assert "--answers" in capsys.readouterr().err
+
+
+def test_newer_benchmarks_end_to_end(model_dir, tmp_path):
+  """OCRBench, HallusionBench and MMMU (a two-image row: asked with its first image) through the
+  command line in one process, on the model the tests above compiled."""
+  img, img2 = png_b64((10, 200, 10)), png_b64((200, 200, 10))
+  ocr = write_tsv(tmp_path / "OCRBench.tsv", [
+      {"index": i, "image": img, "question": f"What is written {i}?", "answer": "['a', 'b']",
+       "category": ["Regular Text Recognition", "Doc-oriented VQA"][i]} for i in range(2)],
+      ["index", "image", "question", "answer", "category"])
+  hb = write_tsv(tmp_path / "HallusionBench.tsv", [
+      {"index": f"VD_chart_0_0_0_{i}", "image": img if i == 0 else "VD_chart_0_0_0_0",
+       "question": f"Is it red {i}?", "answer": ["Yes", "No"][i], "category": "VD",
+       "l2-category": "chart"} for i in range(2)],
+      ["index", "image", "question", "answer", "category", "l2-category"])
+  mmmu = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", [
+      {"index": 1, "image": str([img, img2]), "question": "<image 1> or <image 2>?",
+       "A": "first", "B": "second", "answer": "A", "category": "Art"},
+      {"index": 2, "image": img, "question": "How many? <image 1>", "answer": "2",
+       "category": "Math"}], ["index", "image", "question", "A", "B", "answer", "category"])
+  reports = {}
+  for name, data in (("OCRBench", ocr), ("HallusionBench", hb), ("MMMU_DEV_VAL", mmmu)):
+    out = str(tmp_path / f"{name}.json")
+    bench.main(["--workdir", model_dir, "--benchmark", name, "--data", str(data), "--out", out,
+                "--batch_size", "2", "--max_new_tokens", "3"])
+    reports[name] = json.load(open(out))
+    assert reports[name]["count"] == 2 and reports[name]["skipped"] == 0
+    assert os.path.getsize(out.replace(".json", ".png")) > 0
+  ocr_rep = reports["OCRBench"]
+  assert set(ocr_rep["categories"]) == {"Text Recognition", "Doc-oriented VQA"}
+  assert ocr_rep["metrics"]["score"] == sum(p["correct"] for p in ocr_rep["predictions"])
+  assert {"aAcc", "fAcc", "qAcc"} <= set(reports["HallusionBench"]["metrics"])
+  m = reports["MMMU_DEV_VAL"]["metrics"]
+  assert m["multi_image"] == 1 and set(reports["MMMU_DEV_VAL"]["categories"]) >= {"Art", "Math"}

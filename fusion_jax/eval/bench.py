@@ -8,14 +8,17 @@ r"""Evaluate a FUSION model on a benchmark file, with the benchmark's official m
 DIR is a training workdir or a model dir (import_torch / import_hf). --data is a VLMEvalKit TSV
 (base64 images inside) or a LLaVA question jsonl with --answers (fusion_jax/eval/bench_formats.py).
 Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench, AI2D, MMStar,
-SEEDBench_IMG (names match case-insensitively by prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST,
-SEEDBench_IMG, ...). Prompts follow
+SEEDBench_IMG, OCRBench, ChartQA, DocVQA_VAL, InfoVQA_VAL, VizWiz (VizWiz_VQA_VAL), RealWorldQA,
+HallusionBench, MME-RealWorld, MMMU (MMMU_DEV_VAL, mmmu_val; several images per row: the first is
+asked, rows with more are counted) (names match case-insensitively by their longest prefix:
+MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ChartQA_TEST, MME-RealWorld-Lite, ...). Prompts follow
 the lmms-eval tasks (bench_prompts.py), answers are greedy and batched (bench_model.py), metrics
-are the official ones (bench_metrics.py). Writes --out (JSON: metrics, per-category metrics,
-`count` = rows scored, skipped rows with their index and reason, every prediction) and a bar
-chart next to it (.png), and prints the per-category table.
+are the official ones (bench_metrics.py, bench_mmmu.py). Writes --out (JSON: metrics,
+per-category metrics, `count` = rows scored, skipped rows with their index and reason, every
+prediction) and a bar chart next to it (.png), and prints the per-category table.
 
---circular (multiple-choice benchmarks except MMStar): accuracy per question, right only if every
+--circular (MMBench, ScienceQA_IMG, MMVP, CV-Bench, AI2D, SEEDBench_IMG: the multiple-choice
+benchmarks whose options are columns): accuracy per question, right only if every
 rotation of its options is answered right (MMBench's CircularEval); the rotations are the file's
 circular copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none,
 made here. Without it, circular copies in the file are not asked.
@@ -34,7 +37,7 @@ from typing import Any
 from absl import flags
 
 from fusion_jax import cli
-from fusion_jax.eval import bench_formats, bench_metrics, bench_prompts
+from fusion_jax.eval import bench_formats, bench_metrics, bench_mmmu, bench_prompts
 from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row
 
 
@@ -43,8 +46,9 @@ class Benchmark:
   """How one benchmark is asked and scored.
 
   max_new_tokens: lmms-eval's generation limit for the task (MMBench and CV-Bench, 1024 there,
-  are capped at 64: their answers are one letter; the TextVQA, MMStar and SEED-Bench tasks name
-  none: 32).
+  are capped at 64: their answers are one letter; the TextVQA, MMStar, SEED-Bench and VizWiz
+  tasks name none: 32).
+  first_image: a row with several images is asked with its first (else it is skipped).
   """
   name: str
   prompt: Callable[[Row], str]
@@ -53,6 +57,7 @@ class Benchmark:
   max_new_tokens: int
   multiple_choice: bool = False
   circular: bool = True  # multiple choice: --circular may rotate the option columns
+  first_image: bool = False
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
@@ -75,6 +80,22 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               multiple_choice=True, circular=False),
     Benchmark("SEEDBench_IMG", bench_prompts.seedbench, bench_metrics.score_seedbench,
               "accuracy", 32, multiple_choice=True),
+    Benchmark("OCRBench", bench_prompts.ocrbench, bench_metrics.score_ocrbench, "score", 128),
+    Benchmark("ChartQA", bench_prompts.chartqa, bench_metrics.score_chartqa, "relaxed_overall",
+              16),
+    Benchmark("DocVQA_VAL", bench_prompts.docvqa, bench_metrics.score_anls, "anls", 32),
+    Benchmark("InfoVQA_VAL", bench_prompts.docvqa, bench_metrics.score_anls, "anls", 32),
+    Benchmark("VizWiz", bench_prompts.vizwiz, bench_metrics.score_vqa, "vqa_accuracy", 32),
+    # RealWorldQA, MME-RealWorld and MMMU are multiple choice, but not MMBench-style: their
+    # options are not rotated (--circular) and their own extraction reads the letter.
+    Benchmark("RealWorldQA", bench_prompts.realworldqa, bench_metrics.score_realworldqa,
+              "accuracy", 16),
+    Benchmark("HallusionBench", bench_prompts.hallusionbench, bench_metrics.score_hallusionbench,
+              "aAcc", 128),
+    Benchmark("MME-RealWorld", bench_prompts.mme_realworld, bench_metrics.score_mme_realworld,
+              "accuracy", 16),
+    Benchmark("MMMU", bench_prompts.mmmu, bench_mmmu.score_mmmu, "accuracy", 128,
+              first_image=True),
 )}
 
 
@@ -83,14 +104,15 @@ def _key(name: str) -> str:
 
 
 def get_benchmark(name: str) -> Benchmark:
-  """The benchmark whose name (case, '-' and '_' ignored) starts `name`: 'mmbench_dev_en' ->
-  MMBench, 'scienceqa_img' -> ScienceQA_IMG, 'cv-bench-2d' -> CV-Bench."""
+  """The benchmark whose name (case, '-' and '_' ignored) starts `name`, the longest such:
+  'mmbench_dev_en' -> MMBench, 'scienceqa_img' -> ScienceQA_IMG, 'cv-bench-2d' -> CV-Bench,
+  'mme-realworld-lite' -> MME-RealWorld (not MME)."""
   k = _key(name)
-  for b in BENCHMARKS.values():
-    short = _key(b.name).removesuffix("img").removesuffix("val")
-    if k.startswith(short):
-      return b
-  raise ValueError(f"--benchmark {name!r}: unknown; choose one of {', '.join(BENCHMARKS)}")
+  hits = [b for b in BENCHMARKS.values()
+          if k.startswith(_key(b.name).removesuffix("img").removesuffix("val"))]
+  if not hits:
+    raise ValueError(f"--benchmark {name!r}: unknown; choose one of {', '.join(BENCHMARKS)}")
+  return max(hits, key=lambda b: len(_key(b.name).removesuffix("img").removesuffix("val")))
 
 
 def read_rows(data: str, *, answers: str = "", image_root: str = ""
@@ -132,9 +154,14 @@ def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list
   if bench.multiple_choice:
     rows = (bench_metrics.circular_rows(rows) if circular
             else [r for r in rows if not _is_copy(r)])
+  skipped = []
+  if not bench.first_image:
+    skipped = [(r.index, f"{r.image_count} images in one row (multi-image questions are "
+                f"unsupported for {bench.name})") for r in rows if r.image_count > 1]
+    rows = [r for r in rows if r.image_count <= 1]
   preds = predict([(bench.prompt(r), r.image) for r in rows])
   refused = [isinstance(p, Refused) for p in preds]
-  skipped = [(r.index, p.reason) for r, p, no in zip(rows, preds, refused) if no]
+  skipped += [(r.index, p.reason) for r, p, no in zip(rows, preds, refused) if no]
   if circular:  # a question with an unasked rotation cannot be scored
     lost = {bench_formats.group_index(rows[i]) for i, no in enumerate(refused) if no}
     keep = [i for i, r in enumerate(rows) if bench_formats.group_index(r) not in lost]

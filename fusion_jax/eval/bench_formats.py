@@ -7,7 +7,10 @@ GQA_TestDev_Balanced.tsv, MMVP.tsv, CV-Bench*.tsv): one row per question with co
 `image_path`, `l2-category`, `source`. As in VLMEvalKit (vlmeval/dataset/image_base.py), an
 `image` cell of at most 64 characters is the `index` of the row that holds the image (files
 store each image once). TextVQA's `answer` is the list of the 10 human answers as Python/JSON
-text ("['a', 'b', ...]").
+text ("['a', 'b', ...]"), as are OCRBench's, DocVQA's and InfoVQA's; VizWiz's file names that
+column `answers`. A row with several images (MMMU) has a list of base64 strings in `image`: the
+row keeps the first (`Row.image_count` says how many there were; bench.py asks such rows only
+for benchmarks that accept the first image).
 
 LLaVA question jsonl (llava/eval/model_vqa_loader.py inputs): one JSON object per line with
 `question_id`, `image` (relative to --image_root) and `text` (the question, possibly already
@@ -53,6 +56,7 @@ class Row:
   image_key: identifies the image (MME pairs two questions per image).
   extra: other columns (hint, source, l2-category, prompt, ...), missing values dropped.
   position: the row's place in the file, bad rows included (MMVP pairs rows 2i and 2i+1).
+  image_count: images the row had (`image` holds the first); 0 for a text-only row.
   """
   index: str
   question: str
@@ -64,6 +68,7 @@ class Row:
   image_key: str = ""
   extra: dict[str, str] = dataclasses.field(default_factory=dict)
   position: int = 0
+  image_count: int = 0
 
 
 def _present(value: Any) -> bool:
@@ -116,11 +121,18 @@ def read_tsv(path: str, *, check_images: bool = True) -> tuple[list[Row], list[t
       if len(cell) <= IMAGE_REF_MAX_LEN:
         bad.append((idx, f"image refers to row {key!r}, which holds no image"))
         continue
-    image = None
+    image, count = None, 0
     if cell:
-      if cell.startswith("["):
-        bad.append((idx, "several images in one row (multi-image questions are unsupported)"))
-        continue
+      count = 1
+      if cell.startswith("["):  # several images (MMMU): keep the first, remember how many
+        try:
+          cells = [str(c).strip() for c in ast.literal_eval(cell)]
+        except (ValueError, SyntaxError):
+          cells = []
+        if not cells or len(cells[0]) <= IMAGE_REF_MAX_LEN:
+          bad.append((idx, "the image cell is not a list of base64 images"))
+          continue
+        cell, count = cells[0], len(cells)
       if key not in decoded:
         data = _decode_b64(cell)
         why = "the image cell is not valid base64" if data is None else ""
@@ -134,7 +146,8 @@ def read_tsv(path: str, *, check_images: bool = True) -> tuple[list[Row], list[t
     elif "image" in header:
       bad.append((idx, "missing image"))
       continue
-    answer: Any = (r.get("answer") or "").strip()
+    answer_col = "answer" if _present(r.get("answer")) or "answers" not in header else "answers"
+    answer: Any = (r.get(answer_col) or "").strip()
     if answer.startswith("["):  # TextVQA: the list of human answers
       try:
         answer = [str(a) for a in ast.literal_eval(answer)]
@@ -142,13 +155,14 @@ def read_tsv(path: str, *, check_images: bool = True) -> tuple[list[Row], list[t
         bad.append((idx, f"answer list {answer[:40]!r} is not a Python/JSON list"))
         continue
     options = {c: str(r[c]).strip() for c in letters if _present(r.get(c))}
-    skip = {"index", "question", "answer", "category", "image", "hint", *letters}
+    skip = {"index", "question", "answer", answer_col, "category", "image", "hint", *letters}
     extra = {k: str(v) for k, v in r.items() if k and k not in skip and _present(v)}
     image_key = extra.get("image_path") or key
     rows.append(Row(index=idx, question=str(r["question"]), answer=answer,
                     category=str(r.get("category") or "").strip(), options=options,
                     hint=str(r["hint"]).strip() if _present(r.get("hint")) else "",
-                    image=image, image_key=image_key, extra=extra, position=pos))
+                    image=image, image_key=image_key, extra=extra, position=pos,
+                    image_count=count))
   return rows, bad
 
 
@@ -240,7 +254,8 @@ def read_jsonl(path: str, answers: Mapping[str, Any], *, image_root: str,
              if k not in ("question_id", "text", "image", "category") and _present(v)}
     rows.append(Row(index=idx, question=str(text), answer=ans,
                     category=str(rec.get("category") or ""), image=image,
-                    image_key=str(rec.get("image") or idx), extra=extra, position=n))
+                    image_key=str(rec.get("image") or idx), extra=extra, position=n,
+                    image_count=int(image is not None)))
   return rows, bad
 
 

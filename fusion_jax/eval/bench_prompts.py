@@ -22,6 +22,24 @@ Strings copied from lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval, lmms_eval/
     in that style from its option columns
   * SEED-Bench (seedbench/utils.seed_doc_to_text): the MMVP layout over choices A-D (the
     dataset's choice_a .. choice_d columns, or option columns)
+  * OCRBench (ocrbench/ocrbench.yaml, utils.ocrbench_doc_to_text): the stripped question alone
+  * ChartQA (chartqa/chartqa.yaml, utils.chartqa_doc_to_text): "{question}" + CHARTQA_POST
+  * DocVQA_VAL, InfoVQA_VAL (docvqa/_default_template_docvqa_yaml, infovqa/
+    _default_template_infovqa_yaml, utils.*_doc_to_text): "{question}" + SHORT_POST
+  * VizWiz_VQA_VAL (vizwiz_vqa/_default_template_vqa_yaml, utils.vizwiz_vqa_doc_to_text):
+    "{question.capitalize()}" + VIZWIZ_UNANSWERABLE + SHORT_POST
+  * RealWorldQA (realworldqa/realworldqa.yaml, utils.realworldqa_doc_to_text, empty
+    post_prompt): the stripped question, which carries its options and instruction; a file whose
+    question lacks the options gets them appended as "\n\nA. ..\nB. ..\n\n" + REALWORLDQA_MC
+    (our reconstruction of the xai-org/RealworldQA layout)
+  * HallusionBench (hallusion_bench/evaluate_hb.hb_doc_to_text; VLMEvalKit commit e8e78f0,
+    vlmeval/dataset/image_yorn.py, adds nothing either): the question alone
+  * MME-RealWorld (mme_realworld/utils.mme_realworld_doc_to_text): "{question} " +
+    MME_RW_OPTIONS_HEADER + "\n(A) ..\n(E) ..\n" + MME_RW_POST
+  * MMMU (mmmu/mmmu_val.yaml default kwargs, utils.construct_prompt, interleaved_format false):
+    multiple choice "{question}\nA. ..\nB. ..\n\n" + MC_POST without its newline, open
+    "{question}\n\n" + SHORT_POST without its newline; "<image k>" placeholders stay in the text
+    (lmms-eval's doc_to_text path; doc_to_messages, for chat models, interleaves the images)
 LLaVA question jsonl `text` often already ends in the instruction; it is then not added twice.
 """
 from __future__ import annotations
@@ -40,6 +58,16 @@ MMSTAR_POST = "\nAnswer with the option's letter from the given choices directly
 MMSTAR_OPTIONS_HEADER = "Options:"
 CV_BENCH_PRE = ("Note: You only need to respond with {} without providing any additional "
                 "information.\n")
+CHARTQA_POST = "\nAnswer the question with a single word."
+VIZWIZ_UNANSWERABLE = ("\nWhen the provided information is insufficient, respond with "
+                       "'Unanswerable'.")
+# lmms-eval realworldqa/utils.py REPLACE_PROMPT (the dataset's own instruction)
+REALWORLDQA_MC = ("Please answer directly with only the letter of the correct option and "
+                  "nothing else.")
+MME_RW_OPTIONS_HEADER = "The choices are listed below:"
+MME_RW_POST = ("Select the best answer to the above multiple-choice question based on the image. "
+               "Respond with only the letter (A, B, C, D, or E) of the correct option.\n"
+               "The best answer is: ")
 
 
 def _with_post(text: str, post: str) -> str:
@@ -125,3 +153,64 @@ def textvqa(row: Row) -> str:
 
 def mme(row: Row) -> str:
   return _with_post(row.question.strip().replace(MME_REPLACED, ""), SHORT_POST)
+
+
+def ocrbench(row: Row) -> str:
+  return row.question.strip()
+
+
+def chartqa(row: Row) -> str:
+  return _with_post(row.question, CHARTQA_POST)
+
+
+def docvqa(row: Row) -> str:  # InfoVQA too
+  return _with_post(row.question, SHORT_POST)
+
+
+def vizwiz(row: Row) -> str:
+  q = row.question.strip()
+  post = VIZWIZ_UNANSWERABLE + SHORT_POST
+  return q if VIZWIZ_UNANSWERABLE.strip() in q else q.capitalize() + post
+
+
+def realworldqa(row: Row) -> str:
+  q = row.question.strip()
+  opts = options_of(row)
+  if opts and not re.search(r"(?m)^A\.\s", q):
+    q += f"\n\n{_lettered(opts)}\n\n{REALWORLDQA_MC}"
+  return q
+
+
+def hallusionbench(row: Row) -> str:
+  return row.question
+
+
+def mme_realworld_options(row: Row) -> str:
+  """The "(A) .." lines: the file's `multi-choice options` (VLMEvalKit: the header and the lines
+  as one cell; its Lite TSV and lmms-eval: a list of "(A) .." strings), else the option columns."""
+  raw = (row.extra.get("multi-choice options") or "").strip()
+  if raw.startswith("["):
+    try:
+      return "\n".join(str(o) for o in ast.literal_eval(raw))
+    except (ValueError, SyntaxError):
+      pass
+  elif raw:
+    return raw.removeprefix(MME_RW_OPTIONS_HEADER).strip("\n")
+  return _lettered(options_of(row), "({}) {}")
+
+
+def mme_realworld(row: Row) -> str:
+  return (f"{row.question} {MME_RW_OPTIONS_HEADER}\n{mme_realworld_options(row)}\n"
+          f"{MME_RW_POST}")
+
+
+def mmmu_is_open(row: Row) -> bool:
+  """lmms-eval: question_type 'open'; VLMEvalKit's TSV: no option columns."""
+  kind = row.extra.get("question_type", "")
+  return kind == "open" if kind else not options_of(row)
+
+
+def mmmu(row: Row) -> str:
+  if mmmu_is_open(row):
+    return f"{row.question}\n\n{SHORT_POST.strip()}"
+  return f"{row.question}\n{_lettered(options_of(row))}\n\n{MC_POST.strip()}"
