@@ -171,9 +171,9 @@ def test_evaluate_rows_skips_unaskable_rows_and_circular_groups():
     bench.evaluate_rows(bench.get_benchmark("POPE"), rows, predict, circular=True)
 
 
-# OCRBench .. MMMU: tests/test_bench_formats_paper.py
+# OCRBench .. MMMU, MathVista: tests/test_bench_formats_paper.py
 NEWER = ("OCRBench", "ChartQA", "DocVQA_VAL", "InfoVQA_VAL", "VizWiz", "RealWorldQA",
-         "HallusionBench", "MME-RealWorld", "MMMU")
+         "HallusionBench", "MME-RealWorld", "MMMU", "MathVista")
 
 
 @pytest.mark.parametrize("name", [n for n in bench.BENCHMARKS if n not in NEWER])

@@ -1,5 +1,5 @@
 """Files, prompts and reports of OCRBench, ChartQA, DocVQA / InfoVQA, VizWiz, RealWorldQA,
-HallusionBench, MME-RealWorld and MMMU (tiny VLMEvalKit-layout TSVs, no model)."""
+HallusionBench, MME-RealWorld, MMMU and MathVista (tiny VLMEvalKit-layout TSVs, no model)."""
 import base64
 
 import pytest
@@ -133,6 +133,48 @@ def test_mmmu_tsv_first_image_and_prompts(tmp_path):
                                   "for OCRBench)")]
 
 
+MV_COLS = ["index", "image", "question", "answer", "answer_option", "choices", "unit",
+           "precision", "question_type", "answer_type", "task", "skills"]
+
+
+def test_mathvista_tsv_and_prompt(tmp_path):
+  img = png_b64()
+  mc_q = ("Hint: Please answer the question and provide the correct option letter, e.g., A, B, "
+          "C, D, at the end.\nQuestion: What fraction of the shape is blue?\nChoices:\n"
+          "(A) 3/11\n(B) 8/11\n(C) 6/11\n(D) 3/5")
+  float_q = ("Hint: Please answer the question requiring a floating-point number with two "
+             "decimal places and provide the final value, e.g., 1.23, 1.34, 1.45, at the end.\n"
+             "Question: How much money does Luca need? (Unit: $)")
+  path = write_tsv(tmp_path / "MathVista_MINI.tsv", [
+      {"index": 1, "image": img, "question": mc_q, "answer": "8/11", "answer_option": "B",
+       "choices": "['3/11', '8/11', '6/11', '3/5']", "question_type": "multi_choice",
+       "answer_type": "text", "task": "figure question answering",
+       "skills": "['arithmetic reasoning', 'algebraic reasoning']"},
+      {"index": 2, "image": "1", "question": float_q, "answer": "1.45", "choices": "None",
+       "unit": "$", "precision": "2.0", "question_type": "free_form", "answer_type": "float",
+       "task": "math word problem", "skills": "['arithmetic reasoning']"},
+      {"index": 3, "image": img, "question": "Hint: ...\nQuestion: Between which two years?",
+       "answer": "[2007, 2008]", "question_type": "free_form", "answer_type": "list",
+       "task": "figure question answering", "skills": "['statistical reasoning']"}], MV_COLS)
+  (mc, flt, lst), bad = bench_formats.read_tsv(str(path))
+  assert bad == [] and flt.image == mc.image
+  assert mc.options == {} and mc.extra["answer_option"] == "B"
+  assert "choices" not in flt.extra and flt.extra["precision"] == "2.0"
+  assert lst.answer == ["2007", "2008"]
+  # VLMEvalKit's ImageBaseDataset.build_prompt: the question cell as it is
+  assert [bench_prompts.mathvista(r) for r in (mc, flt)] == [mc_q, float_q]
+  from fusion_jax.eval import bench_mathvista as mv
+  assert mv.choices_of(mc) == {"A": "3/11", "B": "8/11", "C": "6/11", "D": "3/5"}
+  assert mv.skills_of(mc) == ["arithmetic reasoning", "algebraic reasoning"]
+  rep = bench.evaluate_rows(bench.get_benchmark("MathVista_MINI"), [mc, flt, lst],
+                            lambda prompts: ["B", "1.45", "[2007, 2008]"])
+  assert rep["metrics"]["accuracy"] == pytest.approx(2 / 3)
+  assert rep["categories"]["figure question answering"]["accuracy"] == 0.5
+  # the Hugging Face layout: a bare question and its `query`
+  hf = Row("4", "What fraction of the shape is blue?", "8/11", extra={"query": mc_q})
+  assert bench_prompts.mathvista(hf) == mc_q
+
+
 def _spec(name):
   """(rows, answers given, expected primary metric, categories that must be reported)."""
   two = {"A": "left", "B": "right"}
@@ -164,13 +206,22 @@ def _spec(name):
     rows = [Row(str(i), "q", "AB"[i % 2], cats[i // 2], options=two,
                 extra={"l2-category": "count"}) for i in range(4)]
     return rows, ["A", "B"] * 2, 1.0, {"Perception", "Reasoning/Remote Sensing"}
+  if name == "MathVista":  # a choice row right by its option text, an integer row wrong
+    tasks = ["figure question answering", "math word problem"]
+    rows = [Row(str(i), "q", ["8/11", "14"][i % 2],
+                extra={"question_type": ["multi_choice", "free_form"][i % 2],
+                       "answer_type": ["text", "integer"][i % 2], "task": tasks[i // 2],
+                       "choices": "['3/11', '8/11']", "skills": "['arithmetic reasoning']"})
+            for i in range(4)]
+    return rows, ["8/11", "14 apples"] * 2, 0.5, {*tasks, "arithmetic reasoning"}
   assert name == "MMMU"
   rows = [Row(str(i), "q", "AB"[i % 2], ["Art", "Math"][i // 2], options=two) for i in range(4)]
   return rows, ["(A)", "B"] * 2, 1.0, {"Art", "Math", "Overall-Art and Design"}
 
 
 @pytest.mark.parametrize("name", ["OCRBench", "ChartQA", "DocVQA_VAL", "InfoVQA_VAL", "VizWiz",
-                                  "RealWorldQA", "HallusionBench", "MME-RealWorld", "MMMU"])
+                                  "RealWorldQA", "HallusionBench", "MME-RealWorld", "MMMU",
+                                  "MathVista"])
 def test_newer_benchmarks_score_print_and_plot(name, tmp_path):
   b = bench.get_benchmark(name)
   rows, said, expected, cats = _spec(name)

@@ -1,7 +1,9 @@
 """Metrics of OCRBench, ChartQA, DocVQA / InfoVQA, VizWiz, RealWorldQA, HallusionBench,
-MME-RealWorld and MMMU against values worked out by hand from the official definitions."""
+MME-RealWorld, MMMU and MathVista against values worked out by hand from the official
+definitions."""
 import pytest
 
+from fusion_jax.eval import bench_mathvista as mv
 from fusion_jax.eval import bench_metrics as bm
 from fusion_jax.eval import bench_mmmu as mmmu
 from fusion_jax.eval.bench_formats import Row
@@ -207,3 +209,94 @@ def test_mmmu_score_per_subject_and_domain():
   assert list(c)[:3] == ["Overall-Art and Design", "Art", "Art_Theory"]
   assert [r["open"] for r in rep["rows"]] == [False, True, False, True]
   assert mmmu.subject_of(Row("5", "q", "A", "Art Theory")) == "Art_Theory"
+
+
+FRACTIONS = {"A": "3/11", "B": "8/11", "C": "6/11", "D": "3/5"}
+
+
+def test_mathvista_can_infer_letter_and_option_text():
+  ci = lambda text: bm.can_infer(text, dict(FRACTIONS))  # noqa: E731
+  assert ci("B") == "B"
+  assert ci("(B) 8/11") == "B"                       # brackets are word breaks
+  assert ci("8/11") == "B"                           # no letter: the one option text inside
+  assert ci("The answer is c") == "C"                # VLMEvalKit's regex ignores case
+  assert ci("A or B") is False                       # two letters, no option text
+  # one letter, but not among the last four words; too long for the option texts (> 2 * 15)
+  assert ci("B is right because eight of the eleven parts are shaded") is False
+  assert ci("Sorry, I can't help with images of people yet.") == "Z"  # a refusal
+  assert ci("Z") == "Z"
+
+
+def _mv(index, answer, kind, task, skills, **extra):
+  qtype = "multi_choice" if kind == "text" else "free_form"
+  return Row(index, "Hint: ...\nQuestion: ...", answer,
+             extra={"question_type": qtype, "answer_type": kind, "task": task, "skills": skills,
+                    **extra})
+
+
+def test_mathvista_rules_per_answer_type():
+  mc = _mv("1", "8/11", "text", "t", "[]", choices=str(list(FRACTIONS.values())),
+           answer_option="B")
+  assert mv.check(mc, "(B) 8/11") == ("B", True, True)
+  assert mv.check(mc, "8/11") == ("B", True, True)              # by the option's text
+  assert mv.check(mc, "A") == ("A", True, False)                # resolved, wrong
+  assert mv.check(mc, "none of them") == (None, False, False)
+  integer = _mv("2", "14", "integer", "t", "[]")
+  assert mv.check(integer, " 14\n") == (14, True, True)         # int() allows whitespace
+  assert mv.check(integer, "14.") == (None, False, False)        # the whole answer must parse
+  assert mv.check(integer, "The answer is 14") == (None, False, False)  # the judge's job
+  assert mv.check(integer, "15") == (15, False, False)
+  # precision 2 shapes the hint only: post_check compares the floats as they are
+  flt = _mv("3", "1.45", "float", "t", "[]", precision="2")
+  assert mv.check(flt, "1.450") == (1.45, True, True)
+  assert mv.check(flt, "1.4501")[2] is False and mv.check(flt, "1.5")[2] is False
+  assert mv.check(_mv("4", "0", "integer", "t", "[]"), "0")[2] is True  # 0 is falsy there
+  # post_check compares str(None) with a list reference: never right, judged or not
+  lst = _mv("5", ["2007", "2008"], "list", "t", "[]")
+  assert mv.check(lst, "[2007, 2008]") == (None, False, False)
+
+
+def test_mathvista_accuracy_per_task_and_skill():
+  choices = str(list(FRACTIONS.values()))
+  rows = [_mv("1", "8/11", "text", "figure question answering",
+              "['arithmetic reasoning', 'algebraic reasoning']", choices=choices,
+              answer_option="B"),
+          _mv("2", "14", "integer", "figure question answering", "['arithmetic reasoning']"),
+          _mv("3", "1.5", "float", "geometry problem solving",
+              "['geometry reasoning', 'algebraic reasoning']", precision="1"),
+          _mv("4", ["2007", "2008"], "list", "math word problem", "['arithmetic reasoning']"),
+          _mv("5", "3/5", "text", "textbook question answering", "scientific reasoning",
+              choices=choices, answer_option="D")]
+  preds = ["B", "The answer is 14.", "1.5", "[2007, 2008]", "A"]
+  rep = mv.score_mathvista(rows, preds)
+  # right: rows 1 and 3; resolved by the rules: rows 1, 3 and 5 (a letter, if wrong)
+  assert rep["metrics"] == {"accuracy": 0.4, "prefetch_rate": 0.6, "count": 5}
+  c = rep["categories"]
+  assert list(c) == ["figure question answering", "geometry problem solving",
+                     "math word problem", "textbook question answering",
+                     "algebraic reasoning", "arithmetic reasoning", "geometry reasoning",
+                     "scientific reasoning"]
+  assert c["figure question answering"] == {"accuracy": 0.5, "prefetch_rate": 0.5, "count": 2}
+  # row 1 counts for both its skills: arithmetic rows 1, 2, 4; algebraic rows 1, 3
+  assert c["arithmetic reasoning"] == pytest.approx({"accuracy": 1 / 3, "prefetch_rate": 1 / 3,
+                                                     "count": 3})
+  assert c["algebraic reasoning"] == {"accuracy": 1.0, "prefetch_rate": 1.0, "count": 2}
+  assert c["textbook question answering"] == {"accuracy": 0.0, "prefetch_rate": 1.0, "count": 1}
+  assert c["scientific reasoning"]["count"] == 1     # a bare skill, not a list: one skill
+  assert [r["extracted"] for r in rep["rows"]] == ["B", None, 1.5, None, "A"]
+  assert [r["answer"] for r in rep["rows"]][:2] == ["B", "14"]  # the letter of a choice row
+
+
+def test_mathvista_hugging_face_layout():
+  # AI4Math/MathVista: task and skills inside `metadata`, the answer is the choice's text, no
+  # answer_option; question_type / answer_type missing: read from the choices and the answer
+  meta = str({"task": "math word problem", "skills": ["arithmetic reasoning"], "split": "testmini"})
+  mc = Row("7", "What fraction is blue?", "8/11",
+           extra={"choices": str(list(FRACTIONS.values())), "metadata": meta})
+  free = Row("8", "How many?", "3", extra={"metadata": meta})
+  assert (mv.question_type(mc), mv.answer_type(mc), mv.answer_option(mc)) == (
+      "multi_choice", "text", "B")
+  assert (mv.question_type(free), mv.answer_type(free)) == ("free_form", "integer")
+  rep = mv.score_mathvista([mc, free], ["The answer is B", "3"])
+  assert rep["metrics"]["accuracy"] == 1.0
+  assert set(rep["categories"]) == {"math word problem", "arithmetic reasoning"}

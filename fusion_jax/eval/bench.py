@@ -10,12 +10,14 @@ DIR is a training workdir or a model dir (import_torch / import_hf). --data is a
 Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench, AI2D, MMStar,
 SEEDBench_IMG, OCRBench, ChartQA, DocVQA_VAL, InfoVQA_VAL, VizWiz (VizWiz_VQA_VAL), RealWorldQA,
 HallusionBench, MME-RealWorld, MMMU (MMMU_DEV_VAL, mmmu_val; several images per row: the first is
-asked, rows with more are counted) (names match case-insensitively by their longest prefix:
-MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ChartQA_TEST, MME-RealWorld-Lite, ...). Prompts follow
-the lmms-eval tasks (bench_prompts.py), answers are greedy and batched (bench_model.py), metrics
-are the official ones (bench_metrics.py, bench_mmmu.py). Writes --out (JSON: metrics,
-per-category metrics, `count` = rows scored, skipped rows with their index and reason, every
-prediction) and a bar chart next to it (.png), and prints the per-category table.
+asked, rows with more are counted), MathVista (MathVista_MINI; VLMEvalKit's rules without its GPT
+judge: a lower bound of the judged score) (names match case-insensitively by their longest
+prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ChartQA_TEST, MME-RealWorld-Lite, ...). Prompts
+follow the lmms-eval tasks (bench_prompts.py; MathVista: VLMEvalKit's), answers are greedy and
+batched (bench_model.py), metrics are the official ones (bench_metrics.py, bench_mmmu.py,
+bench_mathvista.py). Writes --out (JSON: metrics, per-category metrics, `count` = rows scored,
+skipped rows with their index and reason, every prediction) and a bar chart next to it (.png),
+and prints the per-category table.
 
 --circular (MMBench, ScienceQA_IMG, MMVP, CV-Bench, AI2D, SEEDBench_IMG: the multiple-choice
 benchmarks whose options are columns): accuracy per question, right only if every
@@ -37,7 +39,8 @@ from typing import Any
 from absl import flags
 
 from fusion_jax import cli
-from fusion_jax.eval import bench_formats, bench_metrics, bench_mmmu, bench_prompts
+from fusion_jax.eval import (bench_formats, bench_mathvista, bench_metrics, bench_mmmu,
+                             bench_prompts)
 from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row
 
 
@@ -47,7 +50,10 @@ class Benchmark:
 
   max_new_tokens: lmms-eval's generation limit for the task (MMBench and CV-Bench, 1024 there,
   are capped at 64: their answers are one letter; the TextVQA, MMStar, SEED-Bench and VizWiz
-  tasks name none: 32).
+  tasks name none: 32; MathVista, 16384 in lmms-eval's mathvista_testmini tasks and the model's
+  own in VLMEvalKit (2048 for LLaVA), is capped at 512: its rules read a free-form answer only
+  when the whole answer is the number, and a letter near the end; 512 leaves room for a short
+  working before it).
   first_image: a row with several images is asked with its first (else it is skipped).
   """
   name: str
@@ -96,6 +102,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "accuracy", 16),
     Benchmark("MMMU", bench_prompts.mmmu, bench_mmmu.score_mmmu, "accuracy", 128,
               first_image=True),
+    # No --circular: its choices are a `choices` list and part of the question text.
+    Benchmark("MathVista", bench_prompts.mathvista, bench_mathvista.score_mathvista, "accuracy",
+              512),
 )}
 
 

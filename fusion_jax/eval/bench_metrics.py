@@ -4,8 +4,9 @@ Every scorer returns {"metrics": overall, "categories": {name: metrics}, "rows":
 records}; each metrics dict carries `count` (rows scored). Sources of each rule:
   * multiple choice (MMBench, ScienceQA_IMG, MMVP, CV-Bench): `extract_choice` = the letter at
     the start ("A", "(A)", "A.", lmms-eval cv_bench/mmvp utils._extract_answer_letter), else
-    VLMEvalKit's can_infer_option (exactly one option letter among the words) then
-    can_infer_text (exactly one option text inside the answer) (vlmeval/utils/matching_util.py;
+    VLMEvalKit's `can_infer`: can_infer_option (exactly one option letter standing as a word,
+    among the last four words; or "answer is X") then can_infer_text (exactly one option text
+    inside an answer at most twice as long as the option texts) (vlmeval/utils/matching_util.py;
     no GPT judge: an answer none of these resolves is wrong). MMBench circular evaluation
     (VLMEvalKit mcq_circular_eval): a question counts only when every rotation of its options
     is answered right.
@@ -37,6 +38,7 @@ records}; each metrics dict carries `count` (rows scored). Sources of each rule:
   * MME-RealWorld: lmms-eval mme_realworld/utils.py extract_characters_regex and
     mme_realworld_aggregate_results.
   * MMMU: bench_mmmu.py.
+  * MathVista: bench_mathvista.py (VLMEvalKit's rule check without its GPT judge).
 Sources: lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval) commit 75571cf, lmms_eval/...;
 VLMEvalKit (github.com/open-compass/VLMEvalKit) commit e8e78f0, vlmeval/...
 """
@@ -142,32 +144,67 @@ def yes_no(text: str) -> str:
   return "unknown"
 
 
+# vlmeval/utils/matching_util.py
+_REJECTIONS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+               "I'm sorry, but without the image provided", "Cannot determine the answer")
+_VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | bool:
+  """VLMEvalKit can_infer_option: the option letter when exactly one letter stands as a word and
+  it is among the last four words, 'Z' for a refusal, else the letter after "answer is" (A-D,
+  any case, as its regex); False when none applies. (Its extra 'A may be a quantifier' check
+  runs only with VERBOSE set, so not here.)"""
+  if "Failed to obtain answer via API" in answer:
+    return False
+  if any(r in answer for r in _REJECTIONS):
+    return "Z"
+  mod = answer
+  for c in ".()[],:;!*#{}":
+    mod = mod.replace(c, " ")
+  splits = [x.strip() for x in mod.split()]
+  count = sum(c in splits for c in choices)
+  if count == 1:
+    for ch in choices:
+      if ch in splits and splits.index(ch) > len(splits) - 5:
+        return ch
+  elif count == 0 and "Z" in splits:
+    return "Z"
+  m = _VERBOSE_ANSWER.search(answer or "")
+  if m and m.group(1).upper() in choices:
+    return m.group(1).upper()
+  return False
+
+
+def can_infer_text(answer: str, choices: Mapping[str, str]) -> str | bool:
+  """VLMEvalKit can_infer_text: the one option whose text (lower-cased) is inside the answer; an
+  answer over twice as long as all option texts together is not read."""
+  answer = answer.lower()
+  if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+    return False
+  cands = [k for k, v in choices.items() if str(v).lower() in answer]
+  return cands[0] if len(cands) == 1 else False
+
+
+def can_infer(answer: Any, choices: Mapping[str, str]) -> str | bool:
+  """VLMEvalKit can_infer: the option letter (or 'Z') of an answer, else False."""
+  answer = str(answer)
+  return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+
+
 _LEADING_LETTER = re.compile(r"^[\(\s]*([A-Za-z])(?:[\)\.:,]|\s|$)")
 
 
 def extract_choice(prediction: str, options: Mapping[str, str]) -> str:
-  """The option letter an answer picks, or '' (see the module docstring)."""
+  """The option letter an answer picks, or '' (see the module docstring): the letter at the
+  start, else VLMEvalKit's `can_infer`."""
   text = prediction.strip()
   letters = list(options) or list("ABCD")
   m = _LEADING_LETTER.match(text)
   if m and m.group(1).upper() in letters and (m.group(1).isupper() or len(text) <= 3):
     return m.group(1).upper()
-  mod = text
-  for c in ".()[],:;!*#{}":
-    mod = mod.replace(c, " ")
-  words = mod.split()
-  hits = [c for c in letters if c in words]
-  if len(hits) == 1:
-    return hits[0]
-  m = re.search(r"(?i)(?:correct\s+)?answer\s+is\s+\**([A-Z])\**", text)
-  if m and m.group(1).upper() in letters:
-    return m.group(1).upper()
-  if options:
-    low = text.lower()
-    found = [k for k, v in options.items() if str(v).lower() and str(v).lower() in low]
-    if len(found) == 1:
-      return found[0]
-  return ""
+  letter = can_infer(text, options or {c: "" for c in letters})
+  return letter if letter and letter in letters else ""
 
 
 def answer_letter(row: Row) -> str:

@@ -40,6 +40,14 @@ Strings copied from lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval, lmms_eval/
     multiple choice "{question}\nA. ..\nB. ..\n\n" + MC_POST without its newline, open
     "{question}\n\n" + SHORT_POST without its newline; "<image k>" placeholders stay in the text
     (lmms-eval's doc_to_text path; doc_to_messages, for chat models, interleaves the images)
+  * MathVista (VLMEvalKit e8e78f0, vlmeval/dataset/image_vqa.py MathVista, which keeps
+    ImageBaseDataset.build_prompt of vlmeval/dataset/image_base.py): the `question` cell as it
+    is; VLMEvalKit's MathVista_MINI.tsv holds there the dataset's `query` ("Hint: Please answer
+    the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the
+    end.\nQuestion: ..\nChoices:\n(A) ..\n(B) ..", as the model wrappers that re-parse it
+    read it, e.g. vlmeval/vlm/bunnyllama3.py). A row in the Hugging Face layout (AI4Math/
+    MathVista: a bare `question` and a `query`) is asked its `query`. (lmms-eval 75571cf has no
+    single default: its mathvista_testmini group runs three prompt styles, each with a GPT judge.)
 LLaVA question jsonl `text` often already ends in the instruction; it is then not added twice.
 """
 from __future__ import annotations
@@ -214,3 +222,9 @@ def mmmu(row: Row) -> str:
   if mmmu_is_open(row):
     return f"{row.question}\n\n{SHORT_POST.strip()}"
   return f"{row.question}\n{_lettered(options_of(row))}\n\n{MC_POST.strip()}"
+
+
+def mathvista(row: Row) -> str:
+  q = row.question
+  query = row.extra.get("query", "")
+  return query if query and not q.lstrip().startswith("Hint:") else q
