@@ -20,7 +20,7 @@ from fusion_jax.synth import scene as S
 from fusion_jax.synth.categories import CATEGORIES
 from fusion_jax.synth.pipeline import SynthConfig, synthesize
 from fusion_jax.synth.render import encode_png
-from fusion_jax.synth.stats import answer_stats
+from fusion_jax.synth.stats import answer_stats, format_stats, widest_group
 from synth_records import read_arrayrecord, validate_record
 
 NUM = 8 * len(CATEGORIES)
@@ -185,6 +185,21 @@ def test_answers_are_balanced(dataset):
   assert s["majority_rate"] <= 1.25 * s["chance"] + 1.0 / len(kept)
   # A majority-answer rate of 0.7 before balancing: the stats report it.
   assert answer_stats(pool)["majority_rate"] == pytest.approx(0.7)
+
+  # Later turns, which the balancer does not see: 70 % "no" behind balanced first turns is the
+  # widest group, and stats.txt names it.
+  convs = [{"category": "SynthConvShort", "conversations": [],
+            "qa": [R.closed("yes" if i % 2 else "no", "yes_no", ("yes", "no"), "exists"),
+                   R.closed("no" if i % 10 < 7 else "yes", "yes_no", ("yes", "no"), "exists")]}
+           for i in range(100)]
+  assert widest_group(convs) == {"group": "yes_no|yes,no|later", "n": 100, "answer": "no",
+                                 "share": 0.7, "uniform": 0.5, "excess": 0.2}
+  assert widest_group(convs[:20]) is None  # under 30 questions per group
+  assert "widest" in open(os.path.join(dataset, "stats.txt")).read().splitlines()[3]
+  stats = json.load(open(os.path.join(dataset, "stats.json")))
+  stats["categories"]["SynthConvShort"]["widest_group"] = widest_group(convs)
+  assert ("widest overall: SynthConvShort, yes_no (later turns): 'no' 0.700 of 100 against "
+          "0.500") in format_stats(stats)
 
 
 # ---- independent pixel check (no fusion_jax.synth.measure code) ----

@@ -6,6 +6,9 @@ Per category, over its closed questions:
                         group (same answer_type and candidates), all closed turns
   primary_majority_rate the same over each record's first closed question, the turn `balance`
                         equalises (filter.py states the rule and its bound)
+  widest_group          the most uneven answer group over every closed question, with first
+                        and later closed turns apart (later turns are balanced by construction
+                        only): its most frequent answer's share minus 1 / |candidates|
 A category can be "solved" by a constant answer only if majority_rate is far above chance.
 """
 from __future__ import annotations
@@ -16,8 +19,34 @@ from typing import Any, Mapping, Sequence
 from fusion_jax.synth import filter as F
 
 
+WIDEST_MIN_N = 30  # smaller groups are too noisy to call uneven
+
+
 def _group(q: Mapping[str, Any]) -> str:
   return f"{q['answer_type']}|{','.join(q['candidates'])}"
+
+
+def widest_group(records: Sequence[Mapping[str, Any]], min_n: int = WIDEST_MIN_N
+                 ) -> dict[str, Any] | None:
+  """The (answer type, candidates, first / later closed turn) group of at least min_n questions
+  whose most frequent answer exceeds 1 / |candidates| the most, or None."""
+  groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for r in records:
+    closed = [q for q in r.get("qa", ()) if q is not None]
+    for i, q in enumerate(closed):
+      groups[f"{_group(q)}|{'first' if i == 0 else 'later'}"][q["answer"]] += 1
+  best = None
+  for g, c in sorted(groups.items()):
+    n = sum(c.values())
+    if n < min_n:
+      continue
+    answer, top = c.most_common(1)[0]
+    uniform = 1.0 / len(g.split("|")[1].split(","))
+    excess = top / n - uniform
+    if best is None or excess > best["excess"]:
+      best = {"group": g, "n": n, "answer": answer, "share": round(top / n, 4),
+              "uniform": round(uniform, 4), "excess": round(excess, 4)}
+  return best
 
 
 def answer_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -44,6 +73,7 @@ def answer_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                                       4) if n_primary else None),
       "primary_groups": {},
       "answer_counts": {g: dict(sorted(c.items())) for g, c in sorted(groups.items())},
+      "widest_group": widest_group(records),
   }
   for g, c in sorted(primary.items()):
     total = sum(c.values())
@@ -93,15 +123,25 @@ def format_stats(stats: Mapping[str, Any]) -> str:
            if any(stats["rejected"].values()) else "rejected: none",
            "",
            f"{'category':<20}{'records':>8}{'heldout':>8}{'closed':>8}{'chance':>8}"
-           f"{'majority':>9}{'primary':>9}  rejected"]
+           f"{'majority':>9}{'primary':>9}{'widest':>8}  rejected"]
+  fmt = lambda v: f"{v:.3f}" if v is not None else "-"
   for cat, s in stats["categories"].items():
-    fmt = lambda v: f"{v:.3f}" if v is not None else "-"
     rej = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "-"
+    wide = s.get("widest_group")
     lines.append(f"{cat:<20}{s['records']:>8}{s['heldout']:>8}{s['closed_questions']:>8}"
                  f"{fmt(s['chance']):>8}{fmt(s['majority_rate']):>9}"
-                 f"{fmt(s['primary_majority_rate']):>9}  {rej}")
+                 f"{fmt(s['primary_majority_rate']):>9}{fmt(wide and wide['excess']):>8}  {rej}")
   lines.append("")
   lines.append("chance = mean 1/|candidates|; majority = accuracy of always answering each "
                "question group's most frequent answer; primary = same on first closed question "
-               "(balanced: " + stats["balance_rule"] + ")")
+               "(balanced: " + stats["balance_rule"] + "); widest = the most uneven group "
+               f"(answer type and candidates, first / later closed turn, >= {WIDEST_MIN_N} "
+               "questions): its top answer's share minus 1/|candidates|")
+  worst = max(((c, s["widest_group"]) for c, s in stats["categories"].items()
+               if s.get("widest_group")), key=lambda cw: cw[1]["excess"], default=None)
+  if worst:
+    c, w = worst
+    kind, _, turn = w["group"].split("|")
+    lines.append(f"widest overall: {c}, {kind} ({turn} turns): {w['answer']!r} "
+                 f"{w['share']:.3f} of {w['n']} against {w['uniform']:.3f}")
   return "\n".join(lines)
