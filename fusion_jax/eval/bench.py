@@ -117,11 +117,11 @@ def get_benchmark(name: str) -> Benchmark:
   'mmbench_dev_en' -> MMBench, 'scienceqa_img' -> ScienceQA_IMG, 'cv-bench-2d' -> CV-Bench,
   'mme-realworld-lite' -> MME-RealWorld (not MME)."""
   k = _key(name)
-  hits = [b for b in BENCHMARKS.values()
-          if k.startswith(_key(b.name).removesuffix("img").removesuffix("val"))]
+  prefixes = {n: _key(n).removesuffix("img").removesuffix("val") for n in BENCHMARKS}
+  hits = [n for n, p in prefixes.items() if k.startswith(p)]
   if not hits:
     raise ValueError(f"--benchmark {name!r}: unknown; choose one of {', '.join(BENCHMARKS)}")
-  return max(hits, key=lambda b: len(_key(b.name).removesuffix("img").removesuffix("val")))
+  return BENCHMARKS[max(hits, key=lambda n: len(prefixes[n]))]
 
 
 def read_rows(data: str, *, answers: str = "", image_root: str = ""
