@@ -34,7 +34,8 @@ def test_tsv_end_to_end(model_dir, tmp_path, capsys):
   assert rep["count"] == 3 and rep["skipped"] == 3
   why = {s["index"]: s["reason"] for s in rep["skipped_rows"]}
   assert sorted(why) == ["10", "11", "9"]
-  assert "the limit is 512" in why["10"] and "corrupt_image" in why["11"]
+  assert "the limit is 512" in why["10"] and "--seq_len raises it" in why["10"]
+  assert "corrupt_image" in why["11"]
   assert set(rep["categories"]) == {"color", "count"}
   preds = rep["predictions"]
   assert len(preds) == 3 and all(isinstance(p["prediction"], str) for p in preds)

@@ -57,6 +57,16 @@ def test_dtype_overrides_compute_dtype(dirs):
     load_model(dirs["model_dir"], dtype="float16")
 
 
+def test_seq_len_overrides_the_prompt_limit(dirs):
+  # A run evaluated on prompts longer than it trained on: positions up to the LLM's table.
+  assert load_model(dirs["workdir"], seq_len=200).seq_len == 200
+  m = load_model(dirs["model_dir"], seq_len=64)
+  assert m.seq_len == 64 and m.cfg == dirs["cfg"]
+  limit = m.cfg.llm.max_position_embeddings
+  with pytest.raises(ValueError, match=rf"--seq_len {limit + 1}: must be in 1..{limit}"):
+    load_model(dirs["model_dir"], seq_len=limit + 1)
+
+
 def test_not_a_model(tmp_path):
   (tmp_path / "x.txt").write_text("hi")
   with pytest.raises(FileNotFoundError, match="neither a model dir .* nor a training workdir"):

@@ -32,7 +32,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   try:
     run_eval(FLAGS.workdir, split=FLAGS.split, data=FLAGS.data, step=FLAGS.step,
-             batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
+             batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, seq_len=FLAGS.seq_len)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
 

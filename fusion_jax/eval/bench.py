@@ -181,7 +181,8 @@ def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list
     keep = [i for i, no in enumerate(refused) if not no]
   kept_rows, kept_preds = [rows[i] for i in keep], [preds[i] for i in keep]
   if not kept_rows:
-    raise ValueError(f"{bench.name}: no row could be scored ({len(skipped)} skipped)")
+    first = f"; row {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+    raise ValueError(f"{bench.name}: no row could be scored ({len(skipped)} skipped{first})")
   rep = (bench_metrics.score_multiple_choice(kept_rows, kept_preds, circular=True) if circular
          else bench.score(kept_rows, kept_preds))
   rep["skipped"] = skipped
@@ -231,14 +232,14 @@ def plot(report: Mapping[str, Any], bench: Benchmark, path: str) -> None:
 def run(workdir: str, benchmark: str, data: str, out: str, *, answers: str = "",
         image_root: str = "", limit: int | None = None, batch_size: int = 8,
         circular: bool = False, step: int | None = None, dtype: str | None = None,
-        max_new_tokens: int = 0) -> dict[str, Any]:
+        max_new_tokens: int = 0, seq_len: int | None = None) -> dict[str, Any]:
   """Loads the model, evaluates, writes `out` (JSON) and its .png; returns the report."""
   from fusion_jax.eval import bench_model
   t0 = time.time()
   bench = get_benchmark(benchmark)
   rows, bad = read_rows(data, answers=answers, image_root=image_root)
   rows = bench_formats.limit_rows(rows, limit)
-  model = bench_model.load(workdir, step=step, dtype=dtype)
+  model = bench_model.load(workdir, step=step, dtype=dtype, seq_len=seq_len)
 
   def progress(done: int, total: int) -> None:
     print(f"\r{bench.name}: {done}/{total} prompts", end="", file=sys.stderr, flush=True)
@@ -293,7 +294,7 @@ def _run(a) -> None:
   try:
     run(a.workdir, a.benchmark, a.data, a.out, answers=a.answers, image_root=a.image_root,
         limit=a.limit, batch_size=a.batch_size, circular=a.circular, step=a.step,
-        dtype=a.dtype, max_new_tokens=a.max_new_tokens)
+        dtype=a.dtype, max_new_tokens=a.max_new_tokens, seq_len=a.seq_len)
   except (ValueError, FileNotFoundError) as e:
     cli.usage_error(PROG, str(e))
 

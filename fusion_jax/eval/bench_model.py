@@ -38,11 +38,12 @@ class Refused:
   reason: str
 
 
-def load(path: str, *, step: int | None = None, dtype: str | None = None) -> Any:
+def load(path: str, *, step: int | None = None, dtype: str | None = None,
+         seq_len: int | None = None) -> Any:
   """The model at `path` (training workdir or model dir): fusion_jax.infer.load.LoadedModel
   (params, cfg, tokenizer, seq_len, max_questions, q, name, step)."""
   from fusion_jax.infer.load import load_model
-  return load_model(path, step=step, dtype=dtype)
+  return load_model(path, step=step, dtype=dtype, seq_len=seq_len)
 
 
 def _resolve(image: Any) -> Any:
@@ -143,7 +144,8 @@ def loglikelihood(model: Any, items: Sequence[tuple[str, str, Any]], *, batch_si
   for i, n in enumerate(lengths):
     if n > model.seq_len:
       out[i] = Refused(f"prompt {i}: context + continuation take {n} positions; the limit is "
-                       f"{model.seq_len} (seq_len)")
+                       f"{model.seq_len} (seq_len; --seq_len raises it up to "
+                       f"{cfg.llm.max_position_embeddings})")
   for seq_len, idx in _buckets(lengths, model.seq_len).items():
     for start in range(0, len(idx), batch_size):
       part, rows = [], []

@@ -36,7 +36,7 @@ def run_eval(workdir: str, *, split: str = "heldout", data: str = "", step: int 
   from fusion_jax.infer.load import load_model
 
   t0 = time.time()
-  model = load_model(workdir, step=step, dtype=dtype)
+  model = load_model(workdir, step=step, dtype=dtype, seq_len=seq_len)
   cfg, params, step, tok, q = model.cfg, model.params, model.step, model.tokenizer, model.q
   if model.config is None and not data:
     raise ValueError(f"{workdir} is a model dir: pass --data FILE (records to evaluate)")

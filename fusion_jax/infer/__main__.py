@@ -68,7 +68,8 @@ def main(argv) -> None:
 
   prompts, refs, image_root = _prompts()
   try:
-    model = load_model(FLAGS.workdir, step=FLAGS.step, dtype=FLAGS.dtype)
+    model = load_model(FLAGS.workdir, step=FLAGS.step, dtype=FLAGS.dtype,
+                       seq_len=FLAGS.seq_len)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   try:

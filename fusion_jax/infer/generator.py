@@ -264,7 +264,8 @@ class Generator:
                        f"{self.max_questions} get latent tokens (max_questions)")
     if n > self.max_seq_len:
       raise ValueError(f"{enc.source}: the prompt takes {n} positions (image and latent slots "
-                       f"included); the limit is {self.max_seq_len} (seq_len)")
+                       f"included); the limit is {self.max_seq_len} (seq_len; --seq_len raises "
+                       f"it up to {self.cfg.llm.max_position_embeddings})")
     end = n + sampling.max_new_tokens
     if end > self.cfg.llm.max_position_embeddings:
       raise ValueError(f"{enc.source}: prompt ({n} positions) + max_new_tokens "

@@ -101,6 +101,9 @@ def define_loader_flags(fv: flags.FlagValues | None = None) -> None:
                        "newest)", flag_values=fv)
   flags.DEFINE_enum("dtype", None, list(COMPUTE_DTYPES), "compute dtype (default: the model's)",
                     flag_values=fv)
+  flags.DEFINE_integer("seq_len", None, "longest prompt, image and latent slots included "
+                       "(default: the run's data.seq_len, or 4096 for a model dir; at most the "
+                       "LLM's max_position_embeddings)", flag_values=fv)
 
 
 def with_compute_dtype(cfg: fusion.FusionConfig, dtype: str | None) -> fusion.FusionConfig:
@@ -138,18 +141,22 @@ def _run_tokenizer_path(config: Any) -> str:
   return str(config.data.get("tokenizer") or "")
 
 
-def load_model(path: str, *, step: int | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(path: str, *, step: int | None = None, dtype: str | None = None,
+               seq_len: int | None = None) -> LoadedModel:
   """The model at `path`: a training workdir (newest checkpoint, or `step`) or a model dir.
 
   Args:
     path: training workdir or model dir (see the module docstring).
     step: checkpoint step of a training run; must be None for a model dir.
     dtype: compute dtype override ('float32' | 'bfloat16'); None keeps the model's.
+    seq_len: the longest prompt layout to accept (LoadedModel.seq_len), at most the LLM's
+      max_position_embeddings; None keeps the run's / model dir's.
 
   Raises:
     FileNotFoundError / ValueError with one line naming the directory and what it lacks.
   """
   from fusion_jax.convert import model_dir as md
+  override = seq_len  # a model dir's own layout below is also called seq_len
   remote = "://" in path  # e.g. gs://: a training workdir (read through etils.epath)
   if not remote:
     if not os.path.isdir(path):
@@ -166,9 +173,10 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None) 
     seq_len, max_questions, q = model_dir_layout(cfg, meta)
     tok = os.path.join(path, md.TOKENIZER_NAME)
     cfg = with_compute_dtype(cfg, dtype)
-    return LoadedModel(cfg=cfg, params=params_for_config(params, cfg), kind="model_dir",
-                       path=path, step=None, seq_len=seq_len, max_questions=max_questions, q=q,
-                       tokenizer_path=tok if os.path.isdir(tok) else "", meta=meta)
+    return _with_seq_len(LoadedModel(
+        cfg=cfg, params=params_for_config(params, cfg), kind="model_dir", path=path, step=None,
+        seq_len=seq_len, max_questions=max_questions, q=q,
+        tokenizer_path=tok if os.path.isdir(tok) else "", meta=meta), override)
   from fusion_jax.infer import workdir as wd
   if not wd.checkpoint_steps(path):
     raise FileNotFoundError(
@@ -182,10 +190,21 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None) 
   from fusion_jax.task.fusion import run_data_config
   d = run_data_config(config)  # the run's DataConfig: its layout, eval q and image root
   cfg = with_compute_dtype(cfg, dtype)
-  return LoadedModel(
+  return _with_seq_len(LoadedModel(
       cfg=cfg, params=params_for_config(params, cfg), kind="workdir", path=path, step=step,
       seq_len=d.seq_len, max_questions=d.max_questions, q=d.q_eval, image_root=d.image_root,
-      tokenizer_path=_run_tokenizer_path(config), config=config)
+      tokenizer_path=_run_tokenizer_path(config), config=config), override)
+
+
+def _with_seq_len(model: LoadedModel, seq_len: int | None) -> LoadedModel:
+  """`model` accepting prompts of up to `seq_len` positions (None: unchanged)."""
+  if seq_len is None:
+    return model
+  limit = model.cfg.llm.max_position_embeddings
+  if not 0 < seq_len <= limit:
+    raise ValueError(f"--seq_len {seq_len}: must be in 1..{limit} (the LLM's "
+                     "max_position_embeddings)")
+  return dataclasses.replace(model, seq_len=seq_len)
 
 
 def tokenizer_dir(model: LoadedModel) -> str | None:

@@ -51,7 +51,8 @@ def main(argv) -> None:
   from fusion_jax.serve.chat import ChatLimits
   from fusion_jax.serve.server import FusionServer, warm_up
   try:
-    model = load_model(FLAGS.workdir, step=FLAGS.step, dtype=FLAGS.dtype)
+    model = load_model(FLAGS.workdir, step=FLAGS.step, dtype=FLAGS.dtype,
+                       seq_len=FLAGS.seq_len)
     tokenizer = model.tokenizer
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
