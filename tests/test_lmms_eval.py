@@ -222,3 +222,9 @@ def test_openai_server_route_answers_like_the_model_class(lm):
   text = reply["choices"][0]["message"]["content"]  # what lmms-eval's openai model reads
   assert text == lm.generate_until([Instance("generate_until", (
       ctx, {"max_new_tokens": 4}, _visual, 0, "toy", "test"), 0)])[0]
+
+
+def test_seq_len_model_arg(lm):
+  # model_args arrive as strings; seq_len as the commands' --seq_len
+  m = lem.FusionJax(pretrained=lm.model.path, seq_len="256")
+  assert m.model.seq_len == 256 != lm.model.seq_len

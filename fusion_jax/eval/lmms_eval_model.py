@@ -93,16 +93,19 @@ class FusionJax(_Base):
   is_simple = True
 
   def __init__(self, pretrained: str, step: int | None = None, dtype: str | None = None,
-               batch_size: Any = 8, device: Any = None, **kwargs: Any) -> None:
+               batch_size: Any = 8, device: Any = None, seq_len: int | None = None,
+               **kwargs: Any) -> None:
     """pretrained: training workdir or model dir; step: a run's checkpoint; dtype: compute
     dtype override; batch_size: prompts per device batch ('auto' -> 8); device: ignored (JAX
-    places the model on its default device)."""
+    places the model on its default device); seq_len: the longest prompt accepted (as the
+    commands' --seq_len)."""
     super().__init__()
     del device
     if kwargs:
       log.warning("fusion_jax: model_args ignored: %s", sorted(kwargs))
-    self.model = bench_model.load(str(pretrained), step=int(step) if step not in (None, "")
-                                  else None, dtype=dtype or None)
+    self.model = bench_model.load(
+        str(pretrained), step=int(step) if step not in (None, "") else None,
+        dtype=dtype or None, seq_len=int(seq_len) if seq_len not in (None, "") else None)
     self.batch_size_per_gpu = max(1, _as_int(batch_size, 8))
     self._warned: set[str] = set()
 
