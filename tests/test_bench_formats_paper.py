@@ -89,7 +89,7 @@ def test_multiple_choice_and_yes_no_tsvs(tmp_path):
   (h0, h1), bad = bench_formats.read_tsv(str(path))
   assert bad == [] and h1.image == h0.image and h1.extra == {"l2-category": "chart"}
   assert bench_prompts.hallusionbench(h1) == "Is it blue?"
-  from fusion_jax.eval.bench_metrics import hallusion_ids
+  from fusion_jax.eval.bench_realworld import hallusion_ids
   assert hallusion_ids(h1) == ("3", "1", "1")
 
 

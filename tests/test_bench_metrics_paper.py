@@ -6,58 +6,60 @@ import pytest
 from fusion_jax.eval import bench_mathvista as mv
 from fusion_jax.eval import bench_metrics as bm
 from fusion_jax.eval import bench_mmmu as mmmu
+from fusion_jax.eval import bench_ocr as ocr
+from fusion_jax.eval import bench_realworld as rw
 from fusion_jax.eval.bench_formats import Row
 
 
 def test_ocrbench_substring_match_and_hme():
-  assert bm.ocrbench_hit("The text says HELLO.", ["Hello"]) == 1.0        # case folded
-  assert bm.ocrbench_hit("ＡＢＣ１２", ["abc12"]) == 1.0                 # fullwidth folded
-  assert bm.ocrbench_hit("may 12th", ["12 May", "May 12"]) == 1.0         # any reference
-  assert bm.ocrbench_hit("5.00", ["$5.00"]) == 0.0
-  assert bm.ocrbench_hit("line one\nline two", ["two line"]) == 0.0
-  assert bm.ocrbench_hit("line one\nline two", ["one line two"]) == 1.0  # newline = space
+  assert ocr.ocrbench_hit("The text says HELLO.", ["Hello"]) == 1.0        # case folded
+  assert ocr.ocrbench_hit("ＡＢＣ１２", ["abc12"]) == 1.0                 # fullwidth folded
+  assert ocr.ocrbench_hit("may 12th", ["12 May", "May 12"]) == 1.0         # any reference
+  assert ocr.ocrbench_hit("5.00", ["$5.00"]) == 0.0
+  assert ocr.ocrbench_hit("line one\nline two", ["two line"]) == 0.0
+  assert ocr.ocrbench_hit("line one\nline two", ["one line two"]) == 1.0  # newline = space
   # HME100k: every space removed, case kept
-  assert bm.ocrbench_hit("x ^ { 2 } + 1", ["x^{2}+1"], hme=True) == 1.0
-  assert bm.ocrbench_hit("X^{2}+1", ["x^{2}+1"], hme=True) == 0.0
-  assert bm.ocrbench_hit("x ^ { 2 } + 1", ["x^{2}+1"]) == 0.0             # spaces count elsewhere
+  assert ocr.ocrbench_hit("x ^ { 2 } + 1", ["x^{2}+1"], hme=True) == 1.0
+  assert ocr.ocrbench_hit("X^{2}+1", ["x^{2}+1"], hme=True) == 0.0
+  assert ocr.ocrbench_hit("x ^ { 2 } + 1", ["x^{2}+1"]) == 0.0             # spaces count elsewhere
 
 
 def test_ocrbench_score_out_of_1000_and_groups():
   # the official composition: 6 x 50 recognition, 200 + 200 + 200 scene / doc / KIE, 100 HME
-  sizes = {t: 50 for t in bm.OCRBENCH_GROUPS["Text Recognition"]}
+  sizes = {t: 50 for t in ocr.OCRBENCH_GROUPS["Text Recognition"]}
   sizes.update({"Scene Text-centric VQA": 200, "Doc-oriented VQA": 200,
-                "Key Information Extraction": 200, bm.OCRBENCH_HME: 100})
+                "Key Information Extraction": 200, ocr.OCRBENCH_HME: 100})
   right_per_type = {t: n // 2 for t, n in sizes.items()}  # half of each type answered right
   right_per_type["Regular Text Recognition"] = 50
-  right_per_type[bm.OCRBENCH_HME] = 10
+  right_per_type[ocr.OCRBENCH_HME] = 10
   rows, preds = [], []
   for t, n in sizes.items():
     for i in range(n):
       rows.append(Row(f"{t}{i}", "What is written?", ["a+b"], t))
       preds.append("a + b" if i < right_per_type[t] else "nothing")
-  rep = bm.score_ocrbench(rows, preds)
+  rep = ocr.score_ocrbench(rows, preds)
   # "a+b" is inside "a + b" only once spaces are removed, which HME alone does
-  hme = rep["categories"][bm.OCRBENCH_HME]
+  hme = rep["categories"][ocr.OCRBENCH_HME]
   assert (hme["score"], hme["count"]) == (10, 100)
   assert rep["categories"]["Text Recognition"]["score"] == 0  # spaces kept outside HME
   rows = [Row(r.index, r.question, ["ab"], r.category) for r in rows]
   preds = [p.replace("a + b", "xAByz") for p in preds]
-  rep = bm.score_ocrbench(rows, preds)
+  rep = ocr.score_ocrbench(rows, preds)
   # outside HME every "right" answer holds "ab" once case is folded: 50 + 5 * 25 + 3 * 100;
   # HME keeps case ("ab" not in "xAByz"): 0
   assert rep["metrics"] == {"score": 475, "accuracy": 0.475, "count": 1000}
-  assert list(rep["categories"]) == list(bm.OCRBENCH_GROUPS)
+  assert list(rep["categories"]) == list(ocr.OCRBENCH_GROUPS)
   assert rep["categories"]["Text Recognition"] == {"score": 175, "accuracy": 175 / 300,
                                                    "count": 300}
   assert rep["categories"]["Doc-oriented VQA"]["score"] == 100
-  assert rep["categories"][bm.OCRBENCH_HME]["score"] == 0
+  assert rep["categories"][ocr.OCRBENCH_HME]["score"] == 0
   # lmms-eval's layout: question_type column and dataset HME100k
-  hme_row = Row("1", "q", ["x"], extra={"question_type": bm.OCRBENCH_HME, "dataset": "HME100k"})
-  assert bm.score_ocrbench([hme_row], [" x "])["categories"][bm.OCRBENCH_HME]["score"] == 1
+  hme_row = Row("1", "q", ["x"], extra={"question_type": ocr.OCRBENCH_HME, "dataset": "HME100k"})
+  assert ocr.score_ocrbench([hme_row], [" x "])["categories"][ocr.OCRBENCH_HME]["score"] == 1
 
 
 def test_chartqa_relaxed_accuracy():
-  rc = bm.relaxed_correctness
+  rc = ocr.relaxed_correctness
   assert rc("104.9", "100") and rc("95.1", "100")          # 4.9 % off
   assert not rc("105.1", "100") and not rc("94.9", "100")  # 5.1 % off
   assert rc("26%", "0.25") and rc("0.26", "25%")           # % divides by 100: 4 % off
@@ -68,25 +70,25 @@ def test_chartqa_relaxed_accuracy():
           Row("1", "q", "Blue", extra={"type": "human_test"}),
           Row("2", "q", "0.5", extra={"type": "augmented_test"}),
           Row("3", "q", "7", extra={"type": "augmented_test"})]
-  rep = bm.score_chartqa(rows, ["12.5", "red", "0.52", "7"])
+  rep = ocr.score_chartqa(rows, ["12.5", "red", "0.52", "7"])
   assert rep["metrics"] == {"relaxed_overall": 0.75, "count": 4, "relaxed_human_split": 0.5,
                             "relaxed_augmented_split": 1.0}
   assert rep["categories"] == {"human": {"relaxed_overall": 0.5, "count": 2},
                                "augmented": {"relaxed_overall": 1.0, "count": 2}}
   # VLMEvalKit's `split` column names them too; no type at all: overall only
-  assert bm.chartqa_split(Row("0", "q", "1", extra={"split": "augmented"})) == "augmented"
-  assert bm.score_chartqa([Row("0", "q", "1")], ["1"])["categories"] == {}
+  assert ocr.chartqa_split(Row("0", "q", "1", extra={"split": "augmented"})) == "augmented"
+  assert ocr.score_chartqa([Row("0", "q", "1")], ["1"])["categories"] == {}
 
 
 def test_anls_threshold_and_best_reference():
-  assert bm.levenshtein("kitten", "sitting") == 3
-  assert bm.anls("hello wordl", ["hello world"]) == pytest.approx(1 - 2 / 11)  # near miss
-  assert bm.anls("Hello  World ", ["hello world"]) == 1.0   # case, whitespace runs ignored
-  assert bm.anls("abxy", ["abcd"]) == 0.5                   # exactly the threshold: kept
-  assert bm.anls("abxyz", ["abcde"]) == 0.0                 # 1 - 3/5 = 0.4 < 0.5
-  assert bm.anls("abxyz", ["abcde", "abxyw"]) == pytest.approx(0.8)  # the nearest reference
+  assert ocr.levenshtein("kitten", "sitting") == 3
+  assert ocr.anls("hello wordl", ["hello world"]) == pytest.approx(1 - 2 / 11)  # near miss
+  assert ocr.anls("Hello  World ", ["hello world"]) == 1.0   # case, whitespace runs ignored
+  assert ocr.anls("abxy", ["abcd"]) == 0.5                   # exactly the threshold: kept
+  assert ocr.anls("abxyz", ["abcde"]) == 0.0                 # 1 - 3/5 = 0.4 < 0.5
+  assert ocr.anls("abxyz", ["abcde", "abxyw"]) == pytest.approx(0.8)  # the nearest reference
   rows = [Row("0", "q", ["hello world"], "form"), Row("1", "q", ["abcde"], "table")]
-  rep = bm.score_anls(rows, ["hello wordl", "abxyz"])
+  rep = ocr.score_anls(rows, ["hello wordl", "abxyz"])
   assert rep["metrics"]["anls"] == pytest.approx((1 - 2 / 11) / 2)
   assert rep["categories"]["table"]["anls"] == 0.0
 
@@ -100,7 +102,7 @@ def test_vizwiz_vqa_accuracy_with_unanswerable():
 
 
 def test_realworldqa_extraction_and_exact_match():
-  ex = bm.extract_mcq_answer
+  ex = rw.extract_mcq_answer
   assert ex("B", "ABCD") == "B"
   assert ex("The answer is (B).", "ABCD") == "B"
   assert ex("I think C. But maybe A", "ABCD") == "A"  # ends with a standalone A: priority 9
@@ -108,7 +110,7 @@ def test_realworldqa_extraction_and_exact_match():
   assert ex("Downhill", "ABCD") == "D"   # no format matched: any occurrence of a letter
   assert ex("no idea", "ABCD") == ""
   rows = [Row("0", "q", "B"), Row("1", "q", "3"), Row("2", "q", "Downhill"), Row("3", "q", "A")]
-  rep = bm.score_realworldqa(rows, ["(B) the left lane", "3.", "downhill", "Downhill"])
+  rep = rw.score_realworldqa(rows, ["(B) the left lane", "3.", "downhill", "Downhill"])
   assert [r["correct"] for r in rep["rows"]] == [True, True, True, False]
   assert rep["metrics"]["accuracy"] == 0.75
 
@@ -123,7 +125,7 @@ def test_hallusionbench_aacc_facc_qacc():
           for fig, q, ans in ((0, 0, "Yes"), (0, 1, "No"), (1, 0, "No"), (1, 1, "Yes"))]
   rows.append(_hb("VS_map_0_1_0_0", "VS", "map", "Yes"))
   preds = ["Yes.", "No", "Yes, it is", "yes", "Yes"]  # only row 3 (figure 1, question 0) wrong
-  rep = bm.score_hallusionbench(rows, preds)
+  rep = rw.score_hallusionbench(rows, preds)
   # figures: chart/0/0 all right, chart/0/1 not, map/1/0 right -> 2/3;
   # questions: chart/0/q0 wrong on figure 1, chart/0/q1 right on both, map/1/q0 right -> 2/3
   assert rep["metrics"] == pytest.approx({"aAcc": 4 / 5, "fAcc": 2 / 3, "qAcc": 2 / 3,
@@ -136,13 +138,13 @@ def test_hallusionbench_aacc_facc_qacc():
   # and gt_answer '1' / '0'
   cols = Row("7", "Is it?", "1", "VS", extra={"subcategory": "map", "set_id": "2",
                                               "figure_id": "0", "question_id": "1"})
-  assert bm.hallusion_ids(cols) == ("2", "0", "1")
-  rep = bm.score_hallusionbench([cols, cols], ["yes", "yes or no"])
+  assert rw.hallusion_ids(cols) == ("2", "0", "1")
+  rep = rw.score_hallusionbench([cols, cols], ["yes", "yes or no"])
   assert rep["metrics"]["aAcc"] == 0.5 and rep["metrics"]["fAcc"] == 0.0
 
 
 def test_mme_realworld_letter_and_accuracy():
-  let = bm.mme_realworld_letter
+  let = rw.mme_realworld_letter
   assert let("The best answer is: (C)") == "C"
   assert let("c") == "C"                  # no capital: the "(x)" holding the answer
   assert let("Answer: B") == "A"           # the first capital A-E, as the official regex
@@ -154,7 +156,7 @@ def test_mme_realworld_letter_and_accuracy():
           row(1, "Perception/Monitoring", "person/color attribute", "B"),
           row(2, "Perception/Remote Sensing", "position", "C"),
           row(3, "Reasoning/Autonomous_Driving", "intention", "E")]
-  rep = bm.score_mme_realworld(rows, ["A", "(D)", "The answer is C", "E"])
+  rep = rw.score_mme_realworld(rows, ["A", "(D)", "The answer is C", "E"])
   m = rep["metrics"]
   assert (m["accuracy"], m["e_ratio"], m["count"]) == (0.75, 0.25, 4)
   c = rep["categories"]

@@ -14,8 +14,8 @@ asked, rows with more are counted), MathVista (MathVista_MINI; VLMEvalKit's rule
 judge: a lower bound of the judged score) (names match case-insensitively by their longest
 prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ChartQA_TEST, MME-RealWorld-Lite, ...). Prompts
 follow the lmms-eval tasks (bench_prompts.py; MathVista: VLMEvalKit's), answers are greedy and
-batched (bench_model.py), metrics are the official ones (bench_metrics.py, bench_mmmu.py,
-bench_mathvista.py). Writes --out (JSON: metrics, per-category metrics, `count` = rows scored,
+batched (bench_model.py), metrics are the official ones (bench_metrics.py, bench_ocr.py,
+bench_realworld.py, bench_mmmu.py, bench_mathvista.py). Writes --out (JSON: metrics, per-category metrics, `count` = rows scored,
 skipped rows with their index and reason, every prediction) and a bar chart next to it (.png),
 and prints the per-category table.
 
@@ -40,7 +40,7 @@ from absl import flags
 
 from fusion_jax import cli
 from fusion_jax.eval import (bench_formats, bench_mathvista, bench_metrics, bench_mmmu,
-                             bench_prompts)
+                             bench_ocr, bench_prompts, bench_realworld)
 from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row
 
 
@@ -86,19 +86,19 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               multiple_choice=True, circular=False),
     Benchmark("SEEDBench_IMG", bench_prompts.seedbench, bench_metrics.score_seedbench,
               "accuracy", 32, multiple_choice=True),
-    Benchmark("OCRBench", bench_prompts.ocrbench, bench_metrics.score_ocrbench, "score", 128),
-    Benchmark("ChartQA", bench_prompts.chartqa, bench_metrics.score_chartqa, "relaxed_overall",
+    Benchmark("OCRBench", bench_prompts.ocrbench, bench_ocr.score_ocrbench, "score", 128),
+    Benchmark("ChartQA", bench_prompts.chartqa, bench_ocr.score_chartqa, "relaxed_overall",
               16),
-    Benchmark("DocVQA_VAL", bench_prompts.docvqa, bench_metrics.score_anls, "anls", 32),
-    Benchmark("InfoVQA_VAL", bench_prompts.docvqa, bench_metrics.score_anls, "anls", 32),
+    Benchmark("DocVQA_VAL", bench_prompts.docvqa, bench_ocr.score_anls, "anls", 32),
+    Benchmark("InfoVQA_VAL", bench_prompts.docvqa, bench_ocr.score_anls, "anls", 32),
     Benchmark("VizWiz", bench_prompts.vizwiz, bench_metrics.score_vqa, "vqa_accuracy", 32),
     # RealWorldQA, MME-RealWorld and MMMU are multiple choice, but not MMBench-style: their
     # options are not rotated (--circular) and their own extraction reads the letter.
-    Benchmark("RealWorldQA", bench_prompts.realworldqa, bench_metrics.score_realworldqa,
+    Benchmark("RealWorldQA", bench_prompts.realworldqa, bench_realworld.score_realworldqa,
               "accuracy", 16),
-    Benchmark("HallusionBench", bench_prompts.hallusionbench, bench_metrics.score_hallusionbench,
+    Benchmark("HallusionBench", bench_prompts.hallusionbench, bench_realworld.score_hallusionbench,
               "aAcc", 128),
-    Benchmark("MME-RealWorld", bench_prompts.mme_realworld, bench_metrics.score_mme_realworld,
+    Benchmark("MME-RealWorld", bench_prompts.mme_realworld, bench_realworld.score_mme_realworld,
               "accuracy", 16),
     Benchmark("MMMU", bench_prompts.mmmu, bench_mmmu.score_mmmu, "accuracy", 128,
               first_image=True),

@@ -24,19 +24,9 @@ records}; each metrics dict carries `count` (rows scored). Sources of each rule:
     VLMEvalKit report_acc_MMVP).
   * CV-Bench: accuracy; with sources ADE20K, COCO and Omni3D present also the official overall
     ((ADE20K + COCO) / 2 + Omni3D) / 2 (lmms-eval cv_bench_default_aggregate_results).
-  * OCRBench: a question is right when a reference is a substring of the answer (lmms-eval
-    ocrbench/utils.py ocrbench_process_results; VLMEvalKit OCRBench.evaluate the same without
-    the fullwidth folding); the final score counts the right questions (out of 1000), in five
-    groups.
-  * ChartQA: relaxed accuracy (lmms-eval chartqa/utils.py relaxed_correctness), per split.
-  * DocVQA / InfoVQA: ANLS, threshold 0.5 (lmms-eval api/metrics.py anls).
+  * OCRBench, ChartQA, DocVQA / InfoVQA: bench_ocr.py.
   * VizWiz: VQA accuracy as TextVQA (lmms-eval vizwiz_vqa/utils.py vizwiz_vqa_process_results).
-  * RealWorldQA: lmms-eval realworldqa/utils.py realworldqa_process_results with
-    _task_utils/mcq_extract.py extract_mcq_answer.
-  * HallusionBench: VLMEvalKit dataset/utils/yorn.py Hallusion_rating (aAcc, fAcc, qAcc) on
-    YOrN_Extraction answers (lmms-eval's hallusion_bench needs a GPT judge).
-  * MME-RealWorld: lmms-eval mme_realworld/utils.py extract_characters_regex and
-    mme_realworld_aggregate_results.
+  * RealWorldQA, HallusionBench, MME-RealWorld: bench_realworld.py.
   * MMMU: bench_mmmu.py.
   * MathVista: bench_mathvista.py (VLMEvalKit's rule check without its GPT judge).
 Sources: lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval) commit 75571cf, lmms_eval/...;
@@ -227,7 +217,7 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 # ---------------------------------------------------------------- aggregation
-def _mean(xs: Sequence[float]) -> float:
+def mean(xs: Sequence[float]) -> float:
   return sum(xs) / len(xs) if xs else 0.0
 
 
@@ -240,11 +230,11 @@ def _by_category(rows: Sequence[Row], values: Sequence[Any]
   return dict(sorted(out.items()))
 
 
-def _accuracy_report(rows: Sequence[Row], correct: Sequence[float], per_row: list[dict],
+def accuracy_report(rows: Sequence[Row], correct: Sequence[float], per_row: list[dict],
                      key: str = "accuracy") -> dict[str, Any]:
-  cats = {c: {key: _mean([v for _, v in items]), "count": len(items)}
+  cats = {c: {key: mean([v for _, v in items]), "count": len(items)}
           for c, items in _by_category(rows, correct).items()}
-  return {"metrics": {key: _mean(correct), "count": len(rows)}, "categories": cats,
+  return {"metrics": {key: mean(correct), "count": len(rows)}, "categories": cats,
           "rows": per_row}
 
 
@@ -256,7 +246,7 @@ def score_multiple_choice(rows: Sequence[Row], preds: Sequence[str], *, circular
   per_row = [{"index": r.index, "prediction": p, "extracted": e, "answer": answer_letter(r),
               "correct": bool(c)} for r, p, e, c in zip(rows, preds, extracted, right)]
   if not circular:
-    return _accuracy_report(rows, right, per_row)
+    return accuracy_report(rows, right, per_row)
   groups: dict[str, list[float]] = collections.defaultdict(list)
   main: dict[str, Row] = {}
   for r, c in zip(rows, right):
@@ -266,7 +256,7 @@ def score_multiple_choice(rows: Sequence[Row], preds: Sequence[str], *, circular
       main[g] = r
   heads = [main[g] for g in groups]
   hits = [float(all(groups[g])) for g in groups]
-  rep = _accuracy_report(heads, hits, per_row)
+  rep = accuracy_report(heads, hits, per_row)
   rep["metrics"].update(count=len(rows), questions=len(groups))
   for c, items in _by_category(heads, hits).items():
     rep["categories"][c].update(questions=len(items),
@@ -307,9 +297,9 @@ def score_pope(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
     fn = sum(s != "yes" and t == "yes" for s, t in items)
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": _mean([float(s == t) for s, t in items]), "precision": prec,
+    return {"accuracy": mean([float(s == t) for s, t in items]), "precision": prec,
             "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-            "yes_ratio": _mean([float(s == "yes") for s, _ in items]), "count": len(items)}
+            "yes_ratio": mean([float(s == "yes") for s, _ in items]), "count": len(items)}
 
   pairs = list(zip(said, truth))
   cats = {c: metrics([v for _, v in items]) for c, items in _by_category(rows, pairs).items()}
@@ -336,8 +326,8 @@ def score_mme(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
     for r, v in items:
       images[r.image_key].append(v)
     pairs = [all(v) for v in images.values() if len(v) >= 2]
-    acc = 100.0 * _mean([v for _, v in items])
-    acc_plus = 100.0 * _mean([float(p) for p in pairs])
+    acc = 100.0 * mean([v for _, v in items])
+    acc_plus = 100.0 * mean([float(p) for p in pairs])
     cats[c] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus,
                "count": len(items), "pairs": len(pairs)}
   perception = sum(v["score"] for c, v in cats.items() if c in MME_PERCEPTION)
@@ -346,7 +336,7 @@ def score_mme(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
               "answer": yes_no(str(r.answer)), "correct": bool(c)}
              for r, p, c in zip(rows, preds, right)]
   return {"metrics": {"perception": perception, "cognition": cognition,
-                      "total": perception + cognition, "accuracy": _mean(right),
+                      "total": perception + cognition, "accuracy": mean(right),
                       "count": len(rows)},
           "categories": cats, "rows": per_row}
 
@@ -356,7 +346,7 @@ def score_vqa(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   accs = [vqa_accuracy(p, r.answer) for r, p in zip(rows, preds)]
   per_row = [{"index": r.index, "prediction": p, "normalized": normalize_vqa(p),
               "answers": r.answer, "score": a} for r, p, a in zip(rows, preds, accs)]
-  return _accuracy_report(rows, accs, per_row, key="vqa_accuracy")
+  return accuracy_report(rows, accs, per_row, key="vqa_accuracy")
 
 
 def score_exact(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
@@ -364,7 +354,7 @@ def score_exact(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   right = [exact_match(p, str(r.answer)) for r, p in zip(rows, preds)]
   per_row = [{"index": r.index, "prediction": p, "answer": r.answer, "correct": bool(c)}
              for r, p, c in zip(rows, preds, right)]
-  return _accuracy_report(rows, right, per_row)
+  return accuracy_report(rows, right, per_row)
 
 
 def ai2d_letter(row: Row) -> str:
@@ -386,8 +376,8 @@ def score_ai2d(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   extracted = [extract_choice(p, options_of(r)) for r, p in zip(rows, preds)]
   per_row = [{"index": r.index, "prediction": p, "extracted": e, "answer": k, "correct": bool(c)}
              for r, p, e, k, c in zip(rows, preds, extracted, letters, right)]
-  rep = _accuracy_report(rows, right, per_row)
-  rep["metrics"]["accuracy_extracted"] = _mean([float(e == k) for e, k in zip(extracted, letters)])
+  rep = accuracy_report(rows, right, per_row)
+  rep["metrics"]["accuracy_extracted"] = mean([float(e == k) for e, k in zip(extracted, letters)])
   return rep
 
 
@@ -411,13 +401,13 @@ def score_mmstar(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
         for r in rows]
   per_row = [{"index": r.index, "prediction": p, "answer": k, "l2_category": c,
               "correct": bool(v)} for r, p, k, c, v in zip(rows, preds, letters, l2, right)]
-  rep = _accuracy_report(rows, right, per_row)
+  rep = accuracy_report(rows, right, per_row)
 
   def l2_mean(members: Sequence[int]) -> float:
     groups: dict[str, list[float]] = collections.defaultdict(list)
     for i in members:
       groups[l2[i]].append(right[i])
-    return _mean([_mean(v) for v in groups.values()])
+    return mean([mean(v) for v in groups.values()])
 
   rep["metrics"]["average"] = l2_mean(range(len(rows)))
   by_cat: dict[str, list[int]] = collections.defaultdict(list)
@@ -441,7 +431,7 @@ def score_seedbench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]
   right = [float(seed_letter(p) == k) for p, k in zip(preds, letters)]
   per_row = [{"index": r.index, "prediction": p, "answer": k, "correct": bool(v)}
              for r, p, k, v in zip(rows, preds, letters, right)]
-  return _accuracy_report(rows, right, per_row)
+  return accuracy_report(rows, right, per_row)
 
 
 def score_mmvp(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
@@ -454,10 +444,10 @@ def score_mmvp(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
     pairs[r.position // 2].append(pr["correct"])
     cat_of[r.position // 2] = r.category or "all"
   full = {k: all(v) for k, v in pairs.items() if len(v) == 2}
-  rep["metrics"].update(pair_accuracy=_mean([float(v) for v in full.values()]), pairs=len(full))
+  rep["metrics"].update(pair_accuracy=mean([float(v) for v in full.values()]), pairs=len(full))
   for c in rep["categories"]:
     mine = [float(v) for k, v in full.items() if cat_of[k] == c]
-    rep["categories"][c].update(pair_accuracy=_mean(mine), pairs=len(mine))
+    rep["categories"][c].update(pair_accuracy=mean(mine), pairs=len(mine))
   return rep
 
 
@@ -471,327 +461,8 @@ def score_cv_bench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   for r, pr in zip(rows, rep["rows"]):
     by_source[r.extra.get("source", "")].append(float(pr["correct"]))
   if all(by_source.get(s) for s in CV_BENCH_SOURCES):
-    acc = {s: _mean(by_source[s]) for s in CV_BENCH_SOURCES}
+    acc = {s: mean(by_source[s]) for s in CV_BENCH_SOURCES}
     rep["metrics"]["accuracy_2d"] = (acc["ADE20K"] + acc["COCO"]) / 2
     rep["metrics"]["accuracy_3d"] = acc["Omni3D"]
     rep["metrics"]["overall"] = (rep["metrics"]["accuracy_2d"] + acc["Omni3D"]) / 2
   return rep
-
-
-
-# ---------------------------------------------------------------- OCRBench
-OCRBENCH_HME = "Handwritten Mathematical Expression Recognition"
-# the five groups of the final score (lmms-eval ocrbench_aggregate_accuracy, VLMEvalKit
-# OCRBench.evaluate): the six recognition types add up to "Text Recognition" (300 questions);
-# 200, 200, 200 and 100 questions in the others: 1000 in all
-OCRBENCH_GROUPS = {
-    "Text Recognition": ("Regular Text Recognition", "Irregular Text Recognition",
-                         "Artistic Text Recognition", "Handwriting Recognition",
-                         "Digit String Recognition", "Non-Semantic Text Recognition"),
-    "Scene Text-centric VQA": ("Scene Text-centric VQA",),
-    "Doc-oriented VQA": ("Doc-oriented VQA",),
-    "Key Information Extraction": ("Key Information Extraction",),
-    OCRBENCH_HME: (OCRBENCH_HME,),
-}
-
-
-def fold_fullwidth(text: str) -> str:
-  """Fullwidth ASCII and the ideographic space -> ASCII (lmms-eval _fold_fullwidth_ascii)."""
-  return "".join(chr(ord(c) - 0xFEE0) if 0xFF01 <= ord(c) <= 0xFF5E
-                 else " " if c == "\u3000" else c for c in text)
-
-
-def ocrbench_hit(prediction: str, answers: str | Sequence[str], *, hme: bool = False) -> float:
-  """1 if any reference is a substring of the answer (lmms-eval ocrbench_process_results):
-  case-folded, fullwidth folded, newlines as spaces; for handwritten formulas (HME100k) all
-  spaces removed and case kept."""
-  pred = prediction.strip()
-  for ans in [answers] if isinstance(answers, str) else answers:
-    if hme:
-      a, p = (x.strip().replace("\n", " ").replace(" ", "") for x in (ans, pred))
-    else:
-      a, p = (fold_fullwidth(x).lower().strip().replace("\n", " ") for x in (ans, pred))
-    if a in p:
-      return 1.0
-  return 0.0
-
-
-def ocrbench_type(row: Row) -> str:
-  """The question type: VLMEvalKit's `category`, lmms-eval's `question_type`."""
-  return row.category or row.extra.get("question_type", "")
-
-
-def score_ocrbench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """OCRBench: `score` = questions right (out of 1000 on the full benchmark; lmms-eval reports
-  score / 1000), `accuracy` = score / rows scored; per group the same. A question type outside
-  the official ten is its own group."""
-  types = [ocrbench_type(r) for r in rows]
-  hits = [ocrbench_hit(p, r.answer, hme=t == OCRBENCH_HME or r.extra.get("dataset") == "HME100k")
-          for r, p, t in zip(rows, preds, types)]
-  group_of = {t: g for g, ts in OCRBENCH_GROUPS.items() for t in ts}
-  by_group: dict[str, list[float]] = collections.defaultdict(list)
-  for t, h in zip(types, hits):
-    by_group[group_of.get(t, t or "all")].append(h)
-  order = [g for g in OCRBENCH_GROUPS if g in by_group] + sorted(set(by_group) - set(group_of))
-
-  def metrics(hs: Sequence[float]) -> dict[str, Any]:
-    return {"score": int(sum(hs)), "accuracy": _mean(hs), "count": len(hs)}
-
-  per_row = [{"index": r.index, "prediction": p, "answer": r.answer, "question_type": t,
-              "correct": bool(h)} for r, p, t, h in zip(rows, preds, types, hits)]
-  return {"metrics": metrics(hits), "categories": {g: metrics(by_group[g]) for g in order},
-          "rows": per_row}
-
-
-# ---------------------------------------------------------------- ChartQA
-def _to_float(text: str) -> float | None:
-  try:
-    return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
-  except ValueError:
-    return None
-
-
-def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
-  """ChartQA's relaxed accuracy (lmms-eval chartqa/utils.py, from Pix2Struct / Qwen-VL): numbers
-  (a trailing % divides by 100) may be off by 5 % of a nonzero target; anything else must match
-  exactly up to case. The answer is not stripped, as there."""
-  p, t = _to_float(prediction), _to_float(target)
-  if p is not None and t:
-    return abs(p - t) / abs(t) <= max_relative_change
-  return prediction.lower() == target.lower()
-
-
-def chartqa_split(row: Row) -> str:
-  """'human' / 'augmented' from lmms-eval's `type` (human_test / augmented_test) or a
-  `split` / category cell; '' when the file says nothing."""
-  kind = row.extra.get("type") or row.extra.get("split") or row.category
-  return "" if not kind else "human" if "human" in kind.lower() else "augmented"
-
-
-def score_chartqa(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """ChartQA relaxed accuracy overall and per split (lmms-eval's relaxed_overall,
-  relaxed_human_split, relaxed_augmented_split); a list of references: any may match."""
-  right = [float(any(relaxed_correctness(p, str(a)) for a in
-                     ([r.answer] if isinstance(r.answer, str) else r.answer)))
-           for r, p in zip(rows, preds)]
-  splits = [chartqa_split(r) for r in rows]
-  metrics: dict[str, Any] = {"relaxed_overall": _mean(right), "count": len(rows)}
-  cats = {}
-  for s in ("human", "augmented"):
-    mine = [v for v, k in zip(right, splits) if k == s]
-    if mine:
-      metrics[f"relaxed_{s}_split"] = _mean(mine)
-      cats[s] = {"relaxed_overall": _mean(mine), "count": len(mine)}
-  per_row = [{"index": r.index, "prediction": p, "answer": r.answer, "split": s,
-              "correct": bool(v)} for r, p, s, v in zip(rows, preds, splits, right)]
-  return {"metrics": metrics, "categories": cats, "rows": per_row}
-
-
-# ---------------------------------------------------------------- DocVQA / InfoVQA
-def levenshtein(a: str, b: str) -> int:
-  """Edit distance (insertions, deletions, substitutions of one character)."""
-  if len(a) > len(b):
-    a, b = b, a
-  prev = list(range(len(a) + 1))
-  for j, cb in enumerate(b):
-    cur = [j + 1]
-    for i, ca in enumerate(a):
-      cur.append(prev[i] if ca == cb else 1 + min(prev[i], prev[i + 1], cur[-1]))
-    prev = cur
-  return prev[-1]
-
-
-def anls(prediction: str, answers: str | Sequence[str], threshold: float = 0.5) -> float:
-  """ANLS of one answer (lmms-eval api/metrics.py anls, from Qwen-VL's infographicsvqa_eval):
-  1 - the smallest normalised edit distance to a reference (case and runs of whitespace ignored;
-  normalised by the longer of the two raw strings), 0 below `threshold`."""
-  dists = []
-  for ans in [answers] if isinstance(answers, str) else answers:
-    gt, det = (" ".join(x.strip().lower().split()) for x in (ans, prediction))
-    length = max(len(ans.upper()), len(prediction.upper()))
-    dists.append(0.0 if length == 0 else levenshtein(gt, det) / length)
-  value = 1 - min(dists) if dists else 0.0
-  return 0.0 if value < threshold else value
-
-
-def score_anls(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """DocVQA / InfoVQA: mean ANLS (threshold 0.5) over the questions."""
-  vals = [anls(p, r.answer) for r, p in zip(rows, preds)]
-  per_row = [{"index": r.index, "prediction": p, "answers": r.answer, "anls": v}
-             for r, p, v in zip(rows, preds, vals)]
-  return _accuracy_report(rows, vals, per_row, key="anls")
-
-
-# ---------------------------------------------------------------- RealWorldQA
-_MCQ_PHRASES = (
-    "the answer is", "answer is", "the correct answer is", "correct answer is",
-    "the best answer is", "best answer is", "the correct option is", "correct option is",
-    "the best option is", "best option is", "the choice is", "choice is", "the correct choice is",
-    "correct choice is", "i choose", "i select", "i pick", "my answer is", "my choice is",
-    "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは")
-# format -> priority: the highest wins, then the later position
-_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4,
-                 "right_paren": 3, "space": 2, "fallback": 0}
-
-
-def extract_mcq_answer(response: str, choices: Sequence[str] = tuple("ABCDEFGH")) -> str:
-  """The choice letter of a free-form answer, or '' (lmms-eval _task_utils/mcq_extract.py
-  extract_mcq_answer): candidates in the formats of _MCQ_PRIORITY, the best format's last one
-  wins; any occurrence of a letter only when no format matched."""
-  if not response or not response.strip():
-    return ""
-  text = response.strip()
-  for ch in ",.!?;:'\"":
-    text = text.strip(ch)
-  text = f" {text} "
-  cands: list[tuple[str, int, str]] = []
-  for fmt, name in (("({})", "parentheses"), ("{}.", "period"), ("{}:", "colon"),
-                    ("{})", "right_paren"), ("{} ", "space")):
-    cands += [(c, text.rfind(fmt.format(c)), name) for c in choices if fmt.format(c) in text]
-  low = text.lower()
-  for phrase in _MCQ_PHRASES:
-    at = low.find(phrase)
-    if at != -1:
-      cands += [(c, text.find(c, at + len(phrase)), "phrase") for c in choices
-                if text.find(c, at + len(phrase)) != -1]
-  bare = text.strip()
-  cands += [(c, 0, "start") for c in choices
-            if bare.startswith(c) and (len(bare) == 1 or not bare[1].isalpha())]
-  cands += [(c, len(text) - 1, "end") for c in choices
-            if bare.endswith(c) and (len(bare) == 1 or not bare[-2].isalpha())]
-  if not cands:
-    cands = [(c, text.rfind(c), "fallback") for c in choices if c in text]
-  if not cands:
-    return ""
-  return max(cands, key=lambda x: (_MCQ_PRIORITY[x[2]], x[1]))[0]
-
-
-def realworldqa_correct(prediction: str, answer: str) -> float:
-  """lmms-eval realworldqa_process_results: a reference A-D is compared with
-  extract_mcq_answer's letter (choices A-D); any other reference (a number, a word) with the
-  answer lower-cased, stripped and without a trailing full stop."""
-  gt = answer.strip()
-  if gt.upper() in ("A", "B", "C", "D"):
-    return float(extract_mcq_answer(prediction, "ABCD") == gt.upper())
-  return float(prediction.lower().strip().rstrip(".") == gt.lower())
-
-
-def score_realworldqa(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """RealWorldQA exact-match accuracy as lmms-eval scores it."""
-  right = [realworldqa_correct(p, str(r.answer)) for r, p in zip(rows, preds)]
-  per_row = [{"index": r.index, "prediction": p,
-              "extracted": extract_mcq_answer(p, "ABCD") if str(r.answer).strip().upper()
-              in ("A", "B", "C", "D") else p.lower().strip().rstrip("."),
-              "answer": r.answer, "correct": bool(c)} for r, p, c in zip(rows, preds, right)]
-  return _accuracy_report(rows, right, per_row)
-
-
-# ---------------------------------------------------------------- HallusionBench
-def hallusion_ids(row: Row) -> tuple[str, str, str]:
-  """(set_id, figure_id, question_id): VLMEvalKit reads them from the index's fields 3, 4, 5
-  ('_'-separated); lmms-eval's layout has them as columns; else the row is its own set."""
-  parts = row.index.split("_")
-  if len(parts) >= 6:
-    return parts[3], parts[4], parts[5]
-  if all(k in row.extra for k in ("set_id", "figure_id", "question_id")):
-    return row.extra["set_id"], row.extra["figure_id"], row.extra["question_id"]
-  return row.index, row.index, row.index
-
-
-def _hallusion_truth(answer: Any) -> str:
-  """'yes' / 'no' of a reference: VLMEvalKit 'Yes' / 'No', lmms-eval gt_answer '1' / '0'."""
-  a = str(answer).strip()
-  return {"1": "yes", "0": "no"}.get(a, yes_no(a))
-
-
-def score_hallusionbench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """HallusionBench as VLMEvalKit's Hallusion_rating (exact matching, no GPT judge): aAcc = share
-  of questions right; fAcc = share of figures (l2-category, set, figure) with all their
-  questions right; qAcc = share of questions (l2-category, set, question) right on every figure
-  they are asked about; overall, per category (VD / VS) and per l2-category (subcategory)."""
-  said = [yes_no(p) for p in preds]
-  right = [float(s == _hallusion_truth(r.answer)) for r, s in zip(rows, said)]
-  l2 = [r.extra.get("l2-category") or r.extra.get("subcategory") or "" for r in rows]
-  ids = [hallusion_ids(r) for r in rows]
-
-  def metrics(members: Sequence[int]) -> dict[str, Any]:
-    figs: dict[str, list[float]] = collections.defaultdict(list)
-    qs: dict[str, list[float]] = collections.defaultdict(list)
-    for i in members:
-      figs[f"{l2[i]}_{ids[i][0]}_{ids[i][1]}"].append(right[i])
-      qs[f"{l2[i]}_{ids[i][0]}_{ids[i][2]}"].append(right[i])
-    return {"aAcc": _mean([right[i] for i in members]),
-            "fAcc": _mean([float(all(v)) for v in figs.values()]),
-            "qAcc": _mean([float(all(v)) for v in qs.values()]), "count": len(members)}
-
-  groups: dict[str, list[int]] = collections.defaultdict(list)
-  for i, r in enumerate(rows):
-    if r.category:
-      groups[r.category].append(i)
-    if l2[i]:
-      groups[l2[i]].append(i)
-  per_row = [{"index": r.index, "prediction": p, "extracted": s,
-              "answer": _hallusion_truth(r.answer), "correct": bool(c)}
-             for r, p, s, c in zip(rows, preds, said, right)]
-  return {"metrics": metrics(range(len(rows))),
-          "categories": {g: metrics(m) for g, m in sorted(groups.items())}, "rows": per_row}
-
-
-# ---------------------------------------------------------------- MME-RealWorld
-_MME_RW_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                    "The best option is", "The correct option is", "Best answer:",
-                    "Best option:")
-
-
-def mme_realworld_letter(response: str) -> str:
-  """The letter A-E of an answer, or '' (lmms-eval mme_realworld/utils.py
-  extract_characters_regex): answer phrases removed, then the first capital A-E; a long answer
-  (over 10 words) without one is ''; without a capital, the letter whose "(x)" contains the
-  lower-cased answer (an answer emptied by the phrase removal reads as A, as there)."""
-  s = response.strip()
-  for prefix in _MME_RW_PREFIXES:
-    s = s.replace(prefix, "")
-  if len(s.split()) > 10 and not re.search("[ABCDE]", s):
-    return ""
-  m = re.search(r"[ABCDE]", s)
-  if m is None:
-    for choice in ("(A)", "(B)", "(C)", "(D)", "(E)"):
-      if s.lower() in choice.lower():
-        return choice[1]
-    return ""
-  return m[0]
-
-
-def mme_realworld_groups(row: Row) -> tuple[str, str, str]:
-  """(task, subtask, l2-category) as lmms-eval's aggregation reads them: Perception when the
-  category names it, else Reasoning; the category's last '/' part; the l2-category lower-cased,
-  "<x>/..attribute.." folded to "<x>/attribute"."""
-  task = "Perception" if "perception" in row.category.lower() else "Reasoning"
-  l2 = (row.extra.get("l2-category") or row.extra.get("l2_category") or "").lower()
-  if "attribute" in l2:
-    l2 = l2.split("/")[0] + "/attribute"
-  return task, row.category.split("/")[-1], l2
-
-
-def score_mme_realworld(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """MME-RealWorld accuracy (lmms-eval mme_realworld_aggregate_results; VLMEvalKit
-  get_dimension_rating counts the same): overall, per task (Perception / Reasoning), per
-  task/subtask and per task/subtask/l2-category, each the share of its questions right. `e_ratio`
-  is the share of answers that are E (lmms-eval logs it: E is often "none of the above")."""
-  letters = [mme_realworld_letter(p) for p in preds]
-  right = [float(k.lower() == str(r.answer).lower() or str(r.answer).lower() in k.lower())
-           for r, k in zip(rows, letters)]
-  groups: dict[str, list[int]] = collections.defaultdict(list)
-  for i, r in enumerate(rows):
-    task, sub, l2 = mme_realworld_groups(r)
-    for name in (task, f"{task}/{sub}", f"{task}/{sub}/{l2}"):
-      groups[name].append(i)
-
-  def metrics(members: Sequence[int]) -> dict[str, Any]:
-    return {"accuracy": _mean([right[i] for i in members]),
-            "e_ratio": _mean([float(letters[i] == "E") for i in members]), "count": len(members)}
-
-  per_row = [{"index": r.index, "prediction": p, "extracted": k, "answer": r.answer,
-              "correct": bool(c)} for r, p, k, c in zip(rows, preds, letters, right)]
-  return {"metrics": metrics(range(len(rows))),
-          "categories": {g: metrics(m) for g, m in sorted(groups.items())}, "rows": per_row}
