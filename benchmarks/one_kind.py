@@ -14,7 +14,10 @@ the main job's mix starves. Not part of CI (~4 min on 2 cores for 400 steps).
 Measured (2026-11-28, --kind shape --category SynthScene, 1 148 records, 400 steps = 6 400
 samples from assets/tiny_bases): shape 0.344 on those training records, 0.265 on SynthScene's
 held-out shape questions (chance 0.2); a linear probe on an object's tower tokens reads its
-shape at 0.51 (benchmarks/tower_features_probe.py).
+shape at 0.51 (benchmarks/tower_features_probe.py). --kind spatial --category SynthSpatial
+(2 340 records), 1 600 steps: 0.150 held-out with the shipped tower (training CE flat), 0.433
+with one whose tokens name their own position (fusion_jax.pretrain.refine --position_weight 1;
+learned after ~11 000 samples; docs/main_job.md, "Spatial relations").
 """
 from __future__ import annotations
 

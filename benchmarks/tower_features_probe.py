@@ -11,7 +11,9 @@ background pattern, and, in two-object scenes of two colours, whether the object
 name sorts first is left of the other (a question the pixels answer; "the describer's first
 object" was not). One more probe reads every object's shape from its own tokens: the mean of
 the patch tokens weighted by how much of each patch the object covers (what an LLM head that
-attends to the object's tokens, found by colour, gets).
+attends to the object's tokens, found by colour, gets). Two more read each patch token's own
+grid column and row (from 1 000 of the images): an LLM that finds an object's tokens by colour
+gets their values, not their positions, so where an object is must be in its tokens.
 Prints test accuracy next to the majority-class rate, for the given tower and for a randomly
 initialised tower of the same shape. ~20 s on 2 cores. Not part of CI.
 """
@@ -91,6 +93,14 @@ def object_feats(tokens: np.ndarray, objects) -> tuple[np.ndarray, list[str]]:
   return X, [shape for _, _, shape in objects]
 
 
+def token_positions(tokens: np.ndarray, axis: str) -> tuple[np.ndarray, list[int]]:
+  """Every patch token (N * P, width) and its grid column or row (patches row-major)."""
+  n, p, d = tokens.shape
+  g = int(round(p ** 0.5))
+  idx = np.tile(np.arange(p), n)
+  return tokens.reshape(n * p, d), list(idx % g if axis == "column" else idx // g)
+
+
 def probe(X: np.ndarray, y) -> tuple[float, float, int]:
   """(test accuracy of the best of 4 ridge penalties, majority rate, test n); 70/30 split."""
   keep = [i for i, v in enumerate(y) if v is not None]
@@ -123,6 +133,8 @@ def main(args) -> int:
     X = tokens.reshape(len(tokens), -1)
     rows = [(lab, *probe(X, y)) for lab, y in labels.items()]
     rows.append(("shape (its tokens)", *probe(*object_feats(tokens, objects))))
+    rows += [(f"token's own {axis}", *probe(*token_positions(tokens[:1000], axis)))
+             for axis in ("column", "row")]
     for lab, acc, maj, n in rows:
       print(f"{name:10s} {lab:18s} test acc {acc:.3f} (majority {maj:.3f}, n {n})", flush=True)
   return 0

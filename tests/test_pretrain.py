@@ -246,10 +246,12 @@ def test_refine_trains_the_tower_it_was_given():
       jax.random.key(0), tower.normalize(images[:1]))["params"])
   w, y = refine.object_targets(items, 8)
   out, acc, losses = refine.refine_tower(vision, start, images, tower.patch_labels(items, 8), w,
-                                         y, steps=3, batch=4, hold=4, log=lambda _: None)
+                                         y, steps=3, batch=4, hold=4, position_weight=1.0,
+                                         log=lambda _: None)
   assert jax.tree.structure(out) == jax.tree.structure(start)
   assert len(losses) == 3 and np.isfinite(losses).all()
   assert 0.0 <= float(acc["object_shape"]) <= 1.0 and acc["dense"].shape == (3,)
+  assert 0.0 <= float(acc["position"]) <= 1.0
   # Every parameter of the layers FUSION reads moved (the last layer only decays: import_hf
   # drops it, as the loss does).
   read = {k: v for k, v in start.items() if k not in (f"layers_{vision.num_layers - 1}",
@@ -257,6 +259,24 @@ def test_refine_trains_the_tower_it_was_given():
   assert set(read) == {"embeddings", "layers_0"}
   for a, b in zip(jax.tree.leaves({k: out[k] for k in read}), jax.tree.leaves(read)):
     assert not np.array_equal(a, b)
+
+
+def test_position_loss_names_each_tokens_row_and_column():
+  import jax.numpy as jnp
+  from fusion_jax.pretrain import refine
+  g = 3
+  idx = np.arange(g * g)
+  right = np.zeros((2, g * g, 2 * g), np.float32)
+  right[:, idx, idx // g] = 20.0        # row logits
+  right[:, idx, g + idx % g] = 20.0     # column logits
+  loss, acc = refine.position_loss(jnp.asarray(right), g)
+  assert float(acc) == 1.0 and float(loss) < 1e-6
+  swapped = right[:, ::-1]              # every token names another token's place (bar the centre)
+  loss, acc = refine.position_loss(jnp.asarray(swapped), g)
+  assert abs(float(acc) - 1 / (g * g)) < 1e-6 and float(loss) > 10.0
+  flat = np.zeros_like(right)           # no preference: log(g) per axis
+  loss, _ = refine.position_loss(jnp.asarray(flat), g)
+  np.testing.assert_allclose(float(loss), 2 * np.log(g), rtol=1e-6)
 
 
 def test_refine_scenes_are_disjoint_from_the_main_job():

@@ -1,15 +1,20 @@
-r"""Refines a pretrained tiny SigLIP tower with dense targets only: what covers each patch, and
-each object's shape read from its own tokens.
+r"""Refines a pretrained tiny SigLIP tower with dense targets only: what covers each patch,
+each object's shape read from its own tokens and, optionally, each token's own grid position.
 
   python -m fusion_jax.pretrain.refine --base assets/tiny_bases --out OUT
       [--config experiments/smoke.py] [--num 16000] [--steps 6000] [--lr 1e-3]
+      [--object_weight 1] [--position_weight 0]
 
 The sigmoid pretraining (fusion_jax.pretrain) leaves a tower whose tokens name an object's
 shape for only half the objects, and the main job's LLM cannot learn shape questions from that
 in its budget. FUSION's LLM finds an object by its colour and reads the tokens it covers, so
 this phase trains exactly that: a linear head on the coverage-weighted mean of an object's patch
 tokens (the layer FUSION reads) names its shape, next to `tower.dense_loss`'s per-patch terms
-(fresh heads; neither is shipped). Without the text side a step is ~10x cheaper than a sigmoid
+(fresh heads; neither is shipped). The sigmoid pretraining also leaves tokens from which their
+own column is read worse than from a random tower's (0.57 vs 0.81,
+benchmarks/tower_features_probe.py); `--position_weight` adds a head that names each token's
+row and column, since an LLM head that finds an object by colour reads the values of its
+tokens, not their positions. Without the text side a step is ~10x cheaper than a sigmoid
 step. Scenes come from their own seed (REFINE_SEED, disjoint from the main job's and from the
 sigmoid pretraining's); the last HOLD are kept out for the log. Writes OUT/siglip (the refined
 tower, same shapes), copies BASE/phi3 to OUT/phi3 and writes OUT/refine_log.json.
@@ -56,6 +61,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                      flag_values=fv)
   flags.DEFINE_float("object_weight", 1.0, "weight of the per-object shape term",
                      flag_values=fv)
+  flags.DEFINE_float("position_weight", 0.0, "weight of the per-patch position term (each "
+                     "token names its own grid row and column)", flag_values=fv)
 
 
 def patch_shares(codes: np.ndarray, code: int, patch: int) -> np.ndarray:
@@ -83,23 +90,38 @@ def object_targets(items: Sequence[pairs.Item], patch: int
 
 
 class Heads(nn.Module):
-  """(B, M, Dv) tokens -> (dense logits (B, M, sum(DENSE_CLASSES)), shape logits (B, M, 6))."""
+  """(B, M, Dv) tokens -> (dense logits (B, M, sum(DENSE_CLASSES)), shape logits (B, M, 6),
+  position logits (B, M, 2 * grid): row, then column)."""
+  grid: int
 
   @nn.compact
-  def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return (nn.Dense(sum(tower.DENSE_CLASSES))(nn.LayerNorm()(h)),
-            nn.Dense(1 + len(SHAPES))(nn.LayerNorm()(h)))
+            nn.Dense(1 + len(SHAPES))(nn.LayerNorm()(h)),
+            nn.Dense(2 * self.grid)(nn.LayerNorm()(h)))
+
+
+def position_loss(logits: jax.Array, grid: int) -> tuple[jax.Array, jax.Array]:
+  """logits (B, grid * grid, 2 * grid) of row-major patch tokens -> (mean cross entropy of
+  each token's row and column, accuracy of both right)."""
+  idx = jnp.broadcast_to(jnp.arange(grid * grid), logits.shape[:-1])
+  ce_r = optax.softmax_cross_entropy_with_integer_labels(logits[..., :grid], idx // grid)
+  ce_c = optax.softmax_cross_entropy_with_integer_labels(logits[..., grid:], idx % grid)
+  right = ((jnp.argmax(logits[..., :grid], -1) == idx // grid)
+           & (jnp.argmax(logits[..., grid:], -1) == idx % grid))
+  return jnp.mean(ce_r + ce_c), jnp.mean(right)
 
 
 def refine_tower(vision: tower.VisionConfig, tower_params: dict[str, Any], images: np.ndarray,
                  dense: np.ndarray, weights: np.ndarray, shapes: np.ndarray, *, steps: int,
                  batch: int = 256, lr: float = 1e-3, object_weight: float = 1.0,
-                 hold: int = HOLD, log: Callable[[str], None] = print
+                 position_weight: float = 0.0, hold: int = HOLD, log: Callable[[str], None] = print
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[float]]:
   """Trains the tower (all its layers; the loss reads layer -2, the last one FUSION keeps) and
   fresh heads on the first N - hold scenes. Returns (tower params, held-out accuracies, losses):
-  accuracies {"dense": (3,) as tower.dense_loss, "object_shape": ()}."""
-  vt, heads = tower.VisionTower(vision), Heads()
+  accuracies {"dense": (3,) as tower.dense_loss, "object_shape": (), "position": ()}."""
+  grid = vision.image_size // vision.patch_size
+  vt, heads = tower.VisionTower(vision), Heads(grid)
   params = {"tower": tower_params,
             "heads": heads.init(jax.random.key(1),
                                 jnp.zeros((1, dense.shape[1], vision.hidden_size)))["params"]}
@@ -109,20 +131,24 @@ def refine_tower(vision: tower.VisionConfig, tower_params: dict[str, Any], image
 
   def loss_fn(p, pix, labels, w, y):
     h = vt.apply({"params": p["tower"]}, pix)[-2]
-    dense_logits, _ = heads.apply({"params": p["heads"]}, h)
+    dense_logits, _, pos_logits = heads.apply({"params": p["heads"]}, h)
     l_dense, acc = tower.dense_loss(dense_logits, labels)
-    _, shape_logits = heads.apply({"params": p["heads"]}, jnp.einsum("bkp,bpd->bkd", w, h))
+    l_pos, pos_acc = position_loss(pos_logits, grid)
+    _, shape_logits, _ = heads.apply({"params": p["heads"]}, jnp.einsum("bkp,bpd->bkd", w, h))
     valid = (y > 0).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(shape_logits, jnp.maximum(y, 0))
     l_obj = jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
     obj_acc = jnp.sum((jnp.argmax(shape_logits, -1) == y) * valid) / jnp.maximum(valid.sum(), 1)
-    return l_dense + object_weight * l_obj, (l_dense, l_obj, acc, obj_acc)
+    loss = l_dense + object_weight * l_obj
+    if position_weight:  # off: the shape-only refine's weights, bitwise (checked)
+      loss = loss + position_weight * l_pos
+    return loss, (l_dense, l_obj, acc, obj_acc, pos_acc)
 
   @jax.jit
   def step(p, st, pix, labels, w, y):
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, pix, labels, w, y)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, pix, labels, w, y)
     updates, st = opt.update(grads, st, p)
-    return optax.apply_updates(p, updates), st, aux
+    return optax.apply_updates(p, updates), st, loss, aux
 
   rng = np.random.default_rng(0)
   n = len(images) - hold
@@ -130,18 +156,19 @@ def refine_tower(vision: tower.VisionConfig, tower_params: dict[str, Any], image
   t0 = time.time()
   for i in range(steps):
     idx = np.sort(rng.choice(n, batch, replace=False))
-    params, state, (l_dense, l_obj, acc, obj_acc) = step(
+    params, state, loss, (l_dense, l_obj, acc, obj_acc, pos_acc) = step(
         params, state, tower.normalize(images[idx]), dense[idx], weights[idx], shapes[idx])
-    losses.append(float(l_dense + object_weight * l_obj))
+    losses.append(float(loss))
     if (i + 1) % max(1, steps // 10) == 0 or i == 0:
       log(f"refine step {i + 1}/{steps}: dense {float(l_dense):.3f} (shape / colour / pattern "
           f"{' / '.join(f'{a:.2f}' for a in np.asarray(acc))}), object shape {float(l_obj):.3f} "
-          f"({float(obj_acc):.2f}), {time.time() - t0:.0f} s")
+          f"({float(obj_acc):.2f}), position {float(pos_acc):.2f}, {time.time() - t0:.0f} s")
   te = slice(n, len(images))
-  _, (_, _, acc, obj_acc) = loss_fn(params, tower.normalize(images[te]), dense[te], weights[te],
-                                    shapes[te])
+  _, (_, _, acc, obj_acc, pos_acc) = loss_fn(params, tower.normalize(images[te]), dense[te],
+                                              weights[te], shapes[te])
   return (jax.tree.map(np.asarray, params["tower"]),
-          {"dense": np.asarray(acc), "object_shape": np.asarray(obj_acc)}, losses)
+          {"dense": np.asarray(acc), "object_shape": np.asarray(obj_acc),
+           "position": np.asarray(pos_acc)}, losses)
 
 
 def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int:
@@ -177,11 +204,12 @@ def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int
   t = time.time()
   refined, acc, losses = refine_tower(vision, params, images, dense, weights, shapes,
                                       steps=args.steps, batch=args.batch, lr=args.lr,
-                                      object_weight=args.object_weight, log=log)
+                                      object_weight=args.object_weight,
+                                      position_weight=args.position_weight, log=log)
   t_train = time.time() - t
   log(f"on {HOLD} unseen scenes: dense shape / colour / pattern "
       f"{' / '.join(f'{a:.3f}' for a in acc['dense'])}, object shape "
-      f"{float(acc['object_shape']):.3f}")
+      f"{float(acc['object_shape']):.3f}, position {float(acc['position']):.3f}")
   tower.save_siglip(os.path.join(args.out, "siglip"), vision, refined)
   if os.path.abspath(args.base) != os.path.abspath(args.out):
     shutil.copytree(os.path.join(args.base, "phi3"), os.path.join(args.out, "phi3"),
@@ -194,6 +222,7 @@ def build(args: types.SimpleNamespace, argv: Sequence[str] | None = None) -> int
                "dense_accuracy": dict(zip(("shape", "colour", "pattern"),
                                           map(float, acc["dense"]))),
                "object_shape_accuracy": float(acc["object_shape"]),
+               "position_accuracy": float(acc["position"]),
                "loss": losses[::50] + losses[-1:]}, f, indent=1)
   log(f"wrote {args.out} in {time.time() - t_all:.0f} s")
   return 0
