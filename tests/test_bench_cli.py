@@ -6,7 +6,8 @@ import os
 import pytest
 from PIL import Image
 
-from fusion_jax.eval import bench, bench_model
+from fusion_jax.eval import bench, bench_metrics, bench_model
+from synth_fake_server import server  # noqa: F401 (fixture)
 from tests.bench_fixtures import MMB_COLS, png_b64, tiny_model_dir, write_tsv
 
 
@@ -140,3 +141,31 @@ def test_newer_benchmarks_end_to_end(model_dir, tmp_path):
   assert {"aAcc", "fAcc", "qAcc"} <= set(reports["HallusionBench"]["metrics"])
   m = reports["MMMU_DEV_VAL"]["metrics"]
   assert m["multi_image"] == 1 and set(reports["MMMU_DEV_VAL"]["categories"]) >= {"Art", "Math"}
+
+
+def test_judge_flags_end_to_end(model_dir, tmp_path, capsys, server, monkeypatch):
+  """HallusionBench with --judge_url: the answers YOrN_Extraction cannot read go to the judge
+  (here a scripted server answering "No"), the report names it; a rule-only benchmark refuses
+  the flag before loading the model."""
+  import synth_fake_server
+  monkeypatch.setattr(synth_fake_server, "model_reply", lambda payload: "No")
+  img = png_b64((10, 200, 10))
+  hb = write_tsv(tmp_path / "HallusionBench.tsv", [
+      {"index": f"VD_chart_0_0_0_{i}", "image": img, "question": f"Is it red {i}",
+       "answer": "No", "category": "VD", "l2-category": "chart"} for i in range(3)],
+      ["index", "image", "question", "answer", "category", "l2-category"])
+  out = str(tmp_path / "hb.json")
+  judge_flags = ["--judge_url", server.url, "--judge_model", "local-judge",
+                 "--judge_api_key_env", ""]
+  bench.main(["--workdir", model_dir, "--benchmark", "HallusionBench", "--data", str(hb),
+              "--out", out, "--max_new_tokens", "3", *judge_flags])
+  rep = json.load(open(out))
+  unread = [p for p in rep["predictions"] if bench_metrics.yes_no(p["prediction"]) == "unknown"]
+  assert unread and rep["judge"]["model"] == "local-judge"
+  assert rep["judge"]["calls"] == len(unread)
+  assert all(p["extracted"] == "no" and p["judge_tries"] == 1 for p in unread)
+  assert "judge local-judge at" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--workdir", str(tmp_path / "no_model"), "--benchmark", "MMBench", "--data",
+                str(hb), "--out", out, *judge_flags])
+  assert e.value.code == 2 and "scored by rules alone" in capsys.readouterr().err

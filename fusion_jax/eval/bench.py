@@ -10,8 +10,8 @@ DIR is a training workdir or a model dir (import_torch / import_hf). --data is a
 Benchmarks: MMBench, POPE, MME, ScienceQA_IMG, TextVQA_VAL, GQA, MMVP, CV-Bench, AI2D, MMStar,
 SEEDBench_IMG, OCRBench, ChartQA, DocVQA_VAL, InfoVQA_VAL, VizWiz (VizWiz_VQA_VAL), RealWorldQA,
 HallusionBench, MME-RealWorld, MMMU (MMMU_DEV_VAL, mmmu_val; several images per row: the first is
-asked, rows with more are counted), MathVista (MathVista_MINI; VLMEvalKit's rules without its GPT
-judge: a lower bound of the judged score) (names match case-insensitively by their longest
+asked, rows with more are counted), MathVista (MathVista_MINI; VLMEvalKit's rules, without a
+judge a lower bound of the judged score) (names match case-insensitively by their longest
 prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ChartQA_TEST, MME-RealWorld-Lite, ...). Prompts
 follow the lmms-eval tasks (bench_prompts.py; MathVista: VLMEvalKit's), answers are greedy and
 batched (bench_model.py), metrics are the official ones (bench_metrics.py, bench_ocr.py,
@@ -24,6 +24,10 @@ benchmarks whose options are columns): accuracy per question, right only if ever
 rotation of its options is answered right (MMBench's CircularEval); the rotations are the file's
 circular copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none,
 made here. Without it, circular copies in the file are not asked.
+
+--judge_url URL --judge_model NAME (MathVista, HallusionBench): VLMEvalKit's judge step, its
+prompts sent to an OpenAI-compatible chat endpoint, for the answers the rules cannot read
+(bench_judge.py). Without it nothing is sent anywhere.
 """
 from __future__ import annotations
 
@@ -39,8 +43,8 @@ from typing import Any
 from absl import flags
 
 from fusion_jax import cli
-from fusion_jax.eval import (bench_formats, bench_mathvista, bench_metrics, bench_mmmu,
-                             bench_ocr, bench_prompts, bench_realworld)
+from fusion_jax.eval import (bench_formats, bench_judge, bench_mathvista, bench_metrics,
+                             bench_mmmu, bench_ocr, bench_prompts, bench_realworld)
 from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row
 
 
@@ -64,6 +68,7 @@ class Benchmark:
   multiple_choice: bool = False
   circular: bool = True  # multiple choice: --circular may rotate the option columns
   first_image: bool = False
+  judged: bool = False  # its scorer takes a judge (bench_judge.py) for what the rules miss
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
@@ -97,14 +102,14 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("RealWorldQA", bench_prompts.realworldqa, bench_realworld.score_realworldqa,
               "accuracy", 16),
     Benchmark("HallusionBench", bench_prompts.hallusionbench, bench_realworld.score_hallusionbench,
-              "aAcc", 128),
+              "aAcc", 128, judged=True),
     Benchmark("MME-RealWorld", bench_prompts.mme_realworld, bench_realworld.score_mme_realworld,
               "accuracy", 16),
     Benchmark("MMMU", bench_prompts.mmmu, bench_mmmu.score_mmmu, "accuracy", 128,
               first_image=True),
     # No --circular: its choices are a `choices` list and part of the question text.
     Benchmark("MathVista", bench_prompts.mathvista, bench_mathvista.score_mathvista, "accuracy",
-              512),
+              512, judged=True),
 )}
 
 
@@ -148,15 +153,25 @@ def _is_copy(row: Row) -> bool:
     return False
 
 
+def check_judge(bench: Benchmark, judge: bench_judge.Judge | None) -> None:
+  if judge is not None and not bench.judged:
+    raise ValueError(f"--judge_url: {bench.name} is scored by rules alone; a judge applies to "
+                     f"{', '.join(n for n, b in BENCHMARKS.items() if b.judged)}")
+
+
 def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list[tuple[str, Any]]],
-                  list[str | None]], *, circular: bool = False) -> dict[str, Any]:
+                  list[str | None]], *, circular: bool = False,
+                  judge: bench_judge.Judge | None = None) -> dict[str, Any]:
   """Asks `predict` every row's prompt and scores the answers.
 
   predict: [(prompt text, image)] -> answers (bench_model.Refused: the prompt could not be
-  asked). Returns the scorer's report plus `skipped` [(index, reason)] for unasked rows.
+  asked). judge: for a benchmark with a judge step (`Benchmark.judged`), what reads the answers
+  its rules cannot. Returns the scorer's report plus `skipped` [(index, reason)] for unasked
+  rows.
   """
   from fusion_jax.eval.bench_model import Refused
   rows = list(rows)
+  check_judge(bench, judge)
   if circular and not (bench.multiple_choice and bench.circular):
     raise ValueError(f"--circular applies to multiple-choice benchmarks whose options are "
                      f"columns (not {bench.name})")
@@ -183,8 +198,12 @@ def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list
   if not kept_rows:
     first = f"; row {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
     raise ValueError(f"{bench.name}: no row could be scored ({len(skipped)} skipped{first})")
-  rep = (bench_metrics.score_multiple_choice(kept_rows, kept_preds, circular=True) if circular
-         else bench.score(kept_rows, kept_preds))
+  if circular:
+    rep = bench_metrics.score_multiple_choice(kept_rows, kept_preds, circular=True)
+  elif bench.judged:
+    rep = bench.score(kept_rows, kept_preds, judge=judge)
+  else:
+    rep = bench.score(kept_rows, kept_preds)
   rep["skipped"] = skipped
   return rep
 
@@ -232,11 +251,13 @@ def plot(report: Mapping[str, Any], bench: Benchmark, path: str) -> None:
 def run(workdir: str, benchmark: str, data: str, out: str, *, answers: str = "",
         image_root: str = "", limit: int | None = None, batch_size: int = 8,
         circular: bool = False, step: int | None = None, dtype: str | None = None,
-        max_new_tokens: int = 0, seq_len: int | None = None) -> dict[str, Any]:
+        max_new_tokens: int = 0, seq_len: int | None = None,
+        judge: bench_judge.Judge | None = None) -> dict[str, Any]:
   """Loads the model, evaluates, writes `out` (JSON) and its .png; returns the report."""
   from fusion_jax.eval import bench_model
   t0 = time.time()
   bench = get_benchmark(benchmark)
+  check_judge(bench, judge)  # before the model loads and generates
   rows, bad = read_rows(data, answers=answers, image_root=image_root)
   rows = bench_formats.limit_rows(rows, limit)
   model = bench_model.load(workdir, step=step, dtype=dtype, seq_len=seq_len)
@@ -248,12 +269,13 @@ def run(workdir: str, benchmark: str, data: str, out: str, *, answers: str = "",
     return bench_model.generate(model, prompts, batch_size=batch_size, progress=progress,
                                 max_new_tokens=max_new_tokens or bench.max_new_tokens)
 
-  rep = evaluate_rows(bench, rows, predict, circular=circular)
+  rep = evaluate_rows(bench, rows, predict, circular=circular, judge=judge)
   print(file=sys.stderr)
   skipped = [{"index": i, "reason": r} for i, r in [*bad, *rep.pop("skipped")]]
   report = {"benchmark": bench.name, "data": os.path.abspath(data), "model": model.name,
             "step": model.step, "circular": circular, "count": rep["metrics"]["count"],
-            "skipped": len(skipped), "metrics": rep["metrics"], "categories": rep["categories"],
+            "skipped": len(skipped), "judge": judge.summary() if judge else None,
+            "metrics": rep["metrics"], "categories": rep["categories"],
             "skipped_rows": skipped, "wall_time_s": round(time.time() - t0, 1),
             "predictions": rep["rows"]}
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -262,6 +284,10 @@ def run(workdir: str, benchmark: str, data: str, out: str, *, answers: str = "",
   plot(report, bench, os.path.splitext(out)[0] + ".png")
   print(f"{bench.name} on {data} ({model.name}): {report['count']} rows scored, "
         f"{len(skipped)} skipped")
+  if judge is not None:
+    j = report["judge"]
+    print(f"judge {j['model']} at {j['url']}: {j['calls']} calls, {j['failed_calls']} failed"
+          + (f" (last: {j['last_error']})" if j["failed_calls"] else ""))
   for s in skipped[:10]:
     print(f"  skipped {s['index']}: {s['reason']}")
   print(format_table(report))
@@ -288,13 +314,21 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("batch_size", 8, "questions per generation batch", flag_values=fv)
   flags.DEFINE_boolean("circular", False, "all option rotations must be right", flag_values=fv)
   flags.DEFINE_integer("max_new_tokens", 0, "0: the benchmark's default", flag_values=fv)
+  flags.DEFINE_string("judge_url", "", "OpenAI-compatible endpoint of a judge model for the "
+                      "answers the rules cannot read (MathVista, HallusionBench; "
+                      "e.g. http://localhost:8000/v1); none: rules only", flag_values=fv)
+  flags.DEFINE_string("judge_model", "", "the judge's served model name", flag_values=fv)
+  flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "environment variable with the "
+                      "judge's bearer token (unset: none sent)", flag_values=fv)
+  flags.DEFINE_integer("judge_workers", 4, "judge requests in flight at once", flag_values=fv)
 
 
 def _run(a) -> None:
   try:
+    judge = bench_judge.build(a.judge_url, a.judge_model, a.judge_api_key_env, a.judge_workers)
     run(a.workdir, a.benchmark, a.data, a.out, answers=a.answers, image_root=a.image_root,
         limit=a.limit, batch_size=a.batch_size, circular=a.circular, step=a.step,
-        dtype=a.dtype, max_new_tokens=a.max_new_tokens, seq_len=a.seq_len)
+        dtype=a.dtype, max_new_tokens=a.max_new_tokens, seq_len=a.seq_len, judge=judge)
   except (ValueError, FileNotFoundError) as e:
     cli.usage_error(PROG, str(e))
 

@@ -1,4 +1,5 @@
-"""MathVista (testmini, VLMEvalKit's MathVista_MINI) scored by rules alone, without a GPT judge.
+"""MathVista (testmini, VLMEvalKit's MathVista_MINI) scored by rules, and by a judge model where
+one is given (eval.bench --judge_url; bench_judge.py).
 
 VLMEvalKit (github.com/open-compass/VLMEvalKit, commit e8e78f0) scores MathVista in
 vlmeval/dataset/image_vqa.py MathVista.evaluate_heuristic with vlmeval/dataset/utils/mathvista.py:
@@ -6,7 +7,8 @@ MathVista_auxeval first tries the rule check `post_check(line, prefetch=True)` o
 and asks the GPT judge to extract an answer only where that fails; MathVista_acc then counts
 `post_check(line)` on the result. VLMEvalKit has no judge-free mode for MathVista (its evaluator
 asserts a working judge; `exact_matching` is other datasets' setting). What is implemented
-here is that rule step alone, with no judge behind it: an answer the rules cannot read counts as
+here is that rule step, and behind it, only with --judge_url, VLMEvalKit's judge step with its
+prompt on a model the user serves. Without a judge an answer the rules cannot read counts as
 wrong (what VLMEvalKit records when every judge call fails), so the accuracy is a lower bound of
 the judged one. The rules (post_check):
   * multi_choice: `can_infer(answer, choices)` (vlmeval/utils/matching_util.py) gives the option
@@ -34,6 +36,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any
 
+from fusion_jax.eval import bench_judge
 from fusion_jax.eval.bench_formats import Row
 from fusion_jax.eval.bench_metrics import can_infer
 from fusion_jax.eval.bench_prompts import options_of
@@ -137,13 +140,28 @@ def skills_of(row: Row) -> list[str]:
   return [raw]
 
 
-def score_mathvista(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """Accuracy and prefetch rate overall, per task and per skill (MathVista_acc)."""
+def score_mathvista(rows: Sequence[Row], preds: Sequence[str],
+                    judge: bench_judge.Judge | None = None) -> dict[str, Any]:
+  """Accuracy and prefetch rate overall, per task and per skill (MathVista_acc). With a judge,
+  an answer the rules cannot resolve is extracted by it (MathVista_auxeval, up to 5 tries) and
+  the extraction is checked by the same rules; without one it counts as wrong."""
+  checked = [check(r, p) for r, p in zip(rows, preds)]
+  judged: dict[int, tuple[str | None, int]] = {}
+  if judge is not None:
+    ask = [i for i, (_, resolved, _) in enumerate(checked) if not resolved]
+    replies = judge.map(lambda i: judge.first_usable(
+        bench_judge.mathvista_prompt(rows[i].question, preds[i]), lambda _: True), ask)
+    judged = dict(zip(ask, replies))
   right, read, per_row = [], [], []
   groups: dict[str, list[int]] = collections.defaultdict(list)
   tasks, skills = set(), set()
   for i, (r, p) in enumerate(zip(rows, preds)):
-    got, resolved, ok = check(r, p)
+    got, resolved, ok = checked[i]
+    entry: dict[str, Any] = {}
+    if i in judged:
+      reply, tries = judged[i]
+      entry = {"judge": reply, "judge_tries": tries}
+      got, ok = (None, False) if reply is None else check(r, reply)[::2]
     right.append(float(ok))
     read.append(float(resolved))
     task = task_of(r)
@@ -157,7 +175,7 @@ def score_mathvista(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]
     per_row.append({"index": r.index, "prediction": p, "extracted": got, "resolved": resolved,
                     "answer": answer_option(r) if mc else r.answer,
                     "question_type": question_type(r), "answer_type": answer_type(r),
-                    "correct": ok})
+                    "correct": ok, **entry})
 
   def metrics(members: Sequence[int]) -> dict[str, Any]:
     n = len(members)

@@ -5,7 +5,8 @@ Scorers return bench_metrics' report layout ({"metrics", "categories", "rows"}).
   * RealWorldQA: lmms-eval realworldqa/utils.py realworldqa_process_results with
     _task_utils/mcq_extract.py extract_mcq_answer.
   * HallusionBench: VLMEvalKit dataset/utils/yorn.py Hallusion_rating (aAcc, fAcc, qAcc) on
-    YOrN_Extraction answers (lmms-eval's hallusion_bench needs a GPT judge).
+    YOrN_Extraction answers; with --judge_url, VLMEvalKit's YOrN_auxeval for those it cannot
+    read (lmms-eval's hallusion_bench needs a GPT judge for every answer).
   * MME-RealWorld: lmms-eval mme_realworld/utils.py extract_characters_regex and
     mme_realworld_aggregate_results.
 lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval) commit 75571cf; VLMEvalKit
@@ -18,6 +19,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from fusion_jax.eval import bench_judge
 from fusion_jax.eval.bench_formats import Row
 from fusion_jax.eval.bench_metrics import accuracy_report, mean, yes_no
 
@@ -104,12 +106,24 @@ def _hallusion_truth(answer: Any) -> str:
   return {"1": "yes", "0": "no"}.get(a, yes_no(a))
 
 
-def score_hallusionbench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """HallusionBench as VLMEvalKit's Hallusion_rating (exact matching, no GPT judge): aAcc = share
-  of questions right; fAcc = share of figures (l2-category, set, figure) with all their
-  questions right; qAcc = share of questions (l2-category, set, question) right on every figure
-  they are asked about; overall, per category (VD / VS) and per l2-category (subcategory)."""
+def score_hallusionbench(rows: Sequence[Row], preds: Sequence[str],
+                         judge: bench_judge.Judge | None = None) -> dict[str, Any]:
+  """HallusionBench as VLMEvalKit's Hallusion_rating: aAcc = share of questions right; fAcc =
+  share of figures (l2-category, set, figure) with all their questions right; qAcc = share of
+  questions (l2-category, set, question) right on every figure they are asked about; overall,
+  per category (VD / VS) and per l2-category (subcategory). Answers are read by YOrN_Extraction
+  (exact matching); with a judge, those it reads as neither yes nor no are matched by the judge
+  (YOrN_auxeval, up to 5 tries)."""
   said = [yes_no(p) for p in preds]
+  judged: dict[int, tuple[str | None, int]] = {}
+  if judge is not None:
+    ask = [i for i, s in enumerate(said) if s == "unknown"]
+    replies = judge.map(lambda i: judge.first_usable(
+        bench_judge.yes_no_prompt(rows[i].question, preds[i]),
+        lambda reply: yes_no(reply) != "unknown"), ask)
+    judged = dict(zip(ask, replies))
+    for i, (reply, _) in judged.items():
+      said[i] = "unknown" if reply is None else yes_no(reply)
   right = [float(s == _hallusion_truth(r.answer)) for r, s in zip(rows, said)]
   l2 = [r.extra.get("l2-category") or r.extra.get("subcategory") or "" for r in rows]
   ids = [hallusion_ids(r) for r in rows]
@@ -133,6 +147,8 @@ def score_hallusionbench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str,
   per_row = [{"index": r.index, "prediction": p, "extracted": s,
               "answer": _hallusion_truth(r.answer), "correct": bool(c)}
              for r, p, s, c in zip(rows, preds, said, right)]
+  for i, (reply, tries) in judged.items():
+    per_row[i].update(judge=reply, judge_tries=tries)
   return {"metrics": metrics(range(len(rows))),
           "categories": {g: metrics(m) for g, m in sorted(groups.items())}, "rows": per_row}
 
