@@ -81,6 +81,24 @@ def test_hallusionbench_judge_matches_answers_that_are_neither_yes_nor_no(server
   assert rw.score_hallusionbench(rows, preds)["metrics"]["aAcc"] == pytest.approx(1 / 3)
 
 
+def test_pope_and_mme_judge_their_unreadable_answers(server):
+  from fusion_jax.eval import bench_metrics
+  rows = [Row(str(i), f"Is there a dog in the image{i}", ans, "adversarial", image_key="im")
+          for i, ans in enumerate(("yes", "no"))]
+  preds = ["There is a dog.", "No."]      # row 0 reads as neither: judged "Yes"
+  server.faults = [("text", "Yes"), ("text", "Yes")]
+  pope = bench_metrics.score_pope(rows, preds, judge=_judge(server))
+  assert [r["extracted"] for r in pope["rows"]] == ["yes", "no"]
+  assert pope["rows"][0]["judge_tries"] == 1 and "judge" not in pope["rows"][1]
+  assert pope["metrics"]["accuracy"] == 1.0
+  assert bench_metrics.score_pope(rows, preds)["metrics"]["accuracy"] == 0.5
+  mme = bench_metrics.score_mme([Row(r.index, r.question, r.answer, "existence", image_key="im")
+                                 for r in rows], preds, judge=_judge(server))
+  assert mme["categories"]["existence"]["acc_plus"] == 100.0    # the pair, judged, all right
+  assert [p["messages"][0]["content"] for p in server.requests] == [
+      bench_judge.yes_no_prompt("Is there a dog in the image0", "There is a dog.")] * 2
+
+
 def test_judge_workers_keep_each_rows_reply(server, monkeypatch):
   import synth_fake_server
   # every reply is the number in its own prompt, in whatever order the 4 workers send them
@@ -102,6 +120,6 @@ def test_judge_settings_are_checked_before_anything_runs():
   assert bench_judge.build("", "") is None
   judge = bench_judge.build("http://localhost:1/v1", "m")
   with pytest.raises(ValueError, match="MMBench is scored by rules alone; a judge applies to "
-                                       "HallusionBench, MathVista"):
+                                       "POPE, MME, HallusionBench, MathVista"):
     bench.check_judge(bench.get_benchmark("MMBench"), judge)
   bench.check_judge(bench.get_benchmark("MathVista"), judge)

@@ -25,9 +25,9 @@ rotation of its options is answered right (MMBench's CircularEval); the rotation
 circular copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none,
 made here. Without it, circular copies in the file are not asked.
 
---judge_url URL --judge_model NAME (MathVista, HallusionBench): VLMEvalKit's judge step, its
-prompts sent to an OpenAI-compatible chat endpoint, for the answers the rules cannot read
-(bench_judge.py). Without it nothing is sent anywhere.
+--judge_url URL --judge_model NAME (MathVista, MME, POPE, HallusionBench): VLMEvalKit's judge
+step, its prompts sent to an OpenAI-compatible chat endpoint, for the answers the rules cannot
+read (bench_judge.py). Without it nothing is sent anywhere.
 """
 from __future__ import annotations
 
@@ -74,8 +74,9 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("MMBench", bench_prompts.mmbench, bench_metrics.score_multiple_choice,
               "accuracy", 64, multiple_choice=True),
-    Benchmark("POPE", bench_prompts.short_answer, bench_metrics.score_pope, "f1", 128),
-    Benchmark("MME", bench_prompts.mme, bench_metrics.score_mme, "score", 16),
+    Benchmark("POPE", bench_prompts.short_answer, bench_metrics.score_pope, "f1", 128,
+              judged=True),
+    Benchmark("MME", bench_prompts.mme, bench_metrics.score_mme, "score", 16, judged=True),
     Benchmark("ScienceQA_IMG", bench_prompts.scienceqa, bench_metrics.score_multiple_choice,
               "accuracy", 16, multiple_choice=True),
     Benchmark("TextVQA_VAL", bench_prompts.textvqa, bench_metrics.score_vqa, "vqa_accuracy", 32),
@@ -315,7 +316,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_boolean("circular", False, "all option rotations must be right", flag_values=fv)
   flags.DEFINE_integer("max_new_tokens", 0, "0: the benchmark's default", flag_values=fv)
   flags.DEFINE_string("judge_url", "", "OpenAI-compatible endpoint of a judge model for the "
-                      "answers the rules cannot read (MathVista, HallusionBench; "
+                      "answers the rules cannot read (MathVista, MME, POPE, HallusionBench; "
                       "e.g. http://localhost:8000/v1); none: rules only", flag_values=fv)
   flags.DEFINE_string("judge_model", "", "the judge's served model name", flag_values=fv)
   flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "environment variable with the "

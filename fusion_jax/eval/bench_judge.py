@@ -12,8 +12,9 @@ answer whose tries all fail counts as wrong. The prompts are VLMEvalKit's, verba
 
   MathVista       `build_mathvista_gpt4_prompt` (5 in-context extractions; max_tokens 128, as
                   MathVista.evaluate builds its judge); any reply is usable (MathVista_auxeval)
-  HallusionBench  `YOrN_match_prompt` for answers YOrN_Extraction reads as neither yes nor no;
-                  a reply is usable when it reads as yes or no (YOrN_auxeval)
+  MME, POPE,      `YOrN_match_prompt` for answers YOrN_Extraction reads as neither yes nor no
+  HallusionBench  (ImageYORNDataset.evaluate); a reply is usable when it reads as yes or no
+                  (YOrN_auxeval; bench_metrics.read_yes_no)
 
 Without --judge_url nothing is sent anywhere: the rules alone score (MathVista's accuracy is
 then a lower bound). The judge is only as good as its model: a report names it, and the

@@ -10,8 +10,9 @@ records}; each metrics dict carries `count` (rows scored). Sources of each rule:
     no GPT judge: an answer none of these resolves is wrong). MMBench circular evaluation
     (VLMEvalKit mcq_circular_eval): a question counts only when every rotation of its options
     is answered right.
-  * POPE: yes/no by VLMEvalKit's YOrN_Extraction; accuracy, precision / recall / F1 of "yes",
-    and yes-ratio = the share of answers that are "yes" (POPE's and LLaVA's eval_pope.py; note
+  * POPE: yes/no by VLMEvalKit's YOrN_Extraction (and, with --judge_url, its judge for answers
+    read as neither: `read_yes_no`, as for MME and HallusionBench); accuracy, precision /
+    recall / F1 of "yes", and yes-ratio = the share of answers that are "yes" (POPE's and LLaVA's eval_pope.py; note
     lmms-eval's pope_yes_ratio counts the ground truth instead).
   * MME: per subtask acc = % questions right, acc+ = % images with both questions right, score =
     acc + acc+; perception / cognition = sums over the official subtask split (VLMEvalKit
@@ -40,6 +41,7 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fusion_jax.eval import bench_judge
 from fusion_jax.eval.bench_formats import CIRCULAR_OFFSET, Row, group_index
 from fusion_jax.eval.bench_prompts import options_of
 
@@ -132,6 +134,26 @@ def yes_no(text: str) -> str:
   if "no" in words and "yes" not in words:
     return "no"
   return "unknown"
+
+
+def read_yes_no(rows: Sequence[Row], preds: Sequence[str],
+                judge: bench_judge.Judge | None = None
+                ) -> tuple[list[str], dict[int, dict[str, Any]]]:
+  """(each answer as 'yes' / 'no' / 'unknown', {row: its judge entry}): `yes_no`, then, with a
+  judge, VLMEvalKit's YOrN_auxeval for the answers read as neither (ImageYORNDataset.evaluate:
+  MME, POPE, HallusionBench): YOrN_match_prompt, up to 5 tries, a reply that reads as yes or
+  no wins."""
+  said = [yes_no(p) for p in preds]
+  if judge is None:
+    return said, {}
+  ask = [i for i, s in enumerate(said) if s == "unknown"]
+  replies = judge.map(lambda i: judge.first_usable(
+      bench_judge.yes_no_prompt(rows[i].question, preds[i]),
+      lambda reply: yes_no(reply) != "unknown"), ask)
+  for i, (reply, _) in zip(ask, replies):
+    said[i] = "unknown" if reply is None else yes_no(reply)
+  return said, {i: {"judge": reply, "judge_tries": tries}
+                for i, (reply, tries) in zip(ask, replies)}
 
 
 # vlmeval/utils/matching_util.py
@@ -286,9 +308,11 @@ def circular_rows(rows: Sequence[Row]) -> list[Row]:
   return out
 
 
-def score_pope(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """POPE accuracy, precision, recall, F1 and yes-ratio, overall and per category."""
-  said = [yes_no(p) for p in preds]
+def score_pope(rows: Sequence[Row], preds: Sequence[str],
+               judge: bench_judge.Judge | None = None) -> dict[str, Any]:
+  """POPE accuracy, precision, recall, F1 and yes-ratio, overall and per category (answers by
+  `read_yes_no`)."""
+  said, judged = read_yes_no(rows, preds, judge)
   truth = [yes_no(str(r.answer)) for r in rows]
 
   def metrics(items: Sequence[tuple[str, str]]) -> dict[str, float]:
@@ -304,7 +328,8 @@ def score_pope(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
   pairs = list(zip(said, truth))
   cats = {c: metrics([v for _, v in items]) for c, items in _by_category(rows, pairs).items()}
   per_row = [{"index": r.index, "prediction": p, "extracted": s, "answer": t,
-              "correct": s == t} for r, p, s, t in zip(rows, preds, said, truth)]
+              "correct": s == t, **judged.get(i, {})}
+             for i, (r, p, s, t) in enumerate(zip(rows, preds, said, truth))]
   return {"metrics": metrics(pairs), "categories": cats, "rows": per_row}
 
 
@@ -314,12 +339,15 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
                  "code_reasoning")
 
 
-def score_mme(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """MME acc / acc+ / score per subtask; perception and cognition totals.
+def score_mme(rows: Sequence[Row], preds: Sequence[str],
+              judge: bench_judge.Judge | None = None) -> dict[str, Any]:
+  """MME acc / acc+ / score per subtask; perception and cognition totals (answers by
+  `read_yes_no`).
 
   acc+ counts images whose questions are all present (two in MME) and all right.
   """
-  right = [float(yes_no(p) == yes_no(str(r.answer))) for r, p in zip(rows, preds)]
+  said, judged = read_yes_no(rows, preds, judge)
+  right = [float(s == yes_no(str(r.answer))) for r, s in zip(rows, said)]
   cats: dict[str, dict[str, float]] = {}
   for c, items in _by_category(rows, right).items():
     images: dict[str, list[float]] = collections.defaultdict(list)
@@ -332,9 +360,9 @@ def score_mme(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
                "count": len(items), "pairs": len(pairs)}
   perception = sum(v["score"] for c, v in cats.items() if c in MME_PERCEPTION)
   cognition = sum(v["score"] for c, v in cats.items() if c in MME_COGNITION)
-  per_row = [{"index": r.index, "prediction": p, "extracted": yes_no(p),
-              "answer": yes_no(str(r.answer)), "correct": bool(c)}
-             for r, p, c in zip(rows, preds, right)]
+  per_row = [{"index": r.index, "prediction": p, "extracted": s,
+              "answer": yes_no(str(r.answer)), "correct": bool(c), **judged.get(i, {})}
+             for i, (r, p, s, c) in enumerate(zip(rows, preds, said, right))]
   return {"metrics": {"perception": perception, "cognition": cognition,
                       "total": perception + cognition, "accuracy": mean(right),
                       "count": len(rows)},

@@ -21,7 +21,7 @@ from typing import Any
 
 from fusion_jax.eval import bench_judge
 from fusion_jax.eval.bench_formats import Row
-from fusion_jax.eval.bench_metrics import accuracy_report, mean, yes_no
+from fusion_jax.eval.bench_metrics import accuracy_report, mean, read_yes_no, yes_no
 
 
 # ---------------------------------------------------------------- RealWorldQA
@@ -114,16 +114,7 @@ def score_hallusionbench(rows: Sequence[Row], preds: Sequence[str],
   per category (VD / VS) and per l2-category (subcategory). Answers are read by YOrN_Extraction
   (exact matching); with a judge, those it reads as neither yes nor no are matched by the judge
   (YOrN_auxeval, up to 5 tries)."""
-  said = [yes_no(p) for p in preds]
-  judged: dict[int, tuple[str | None, int]] = {}
-  if judge is not None:
-    ask = [i for i, s in enumerate(said) if s == "unknown"]
-    replies = judge.map(lambda i: judge.first_usable(
-        bench_judge.yes_no_prompt(rows[i].question, preds[i]),
-        lambda reply: yes_no(reply) != "unknown"), ask)
-    judged = dict(zip(ask, replies))
-    for i, (reply, _) in judged.items():
-      said[i] = "unknown" if reply is None else yes_no(reply)
+  said, judged = read_yes_no(rows, preds, judge)
   right = [float(s == _hallusion_truth(r.answer)) for r, s in zip(rows, said)]
   l2 = [r.extra.get("l2-category") or r.extra.get("subcategory") or "" for r in rows]
   ids = [hallusion_ids(r) for r in rows]
@@ -147,8 +138,8 @@ def score_hallusionbench(rows: Sequence[Row], preds: Sequence[str],
   per_row = [{"index": r.index, "prediction": p, "extracted": s,
               "answer": _hallusion_truth(r.answer), "correct": bool(c)}
              for r, p, s, c in zip(rows, preds, said, right)]
-  for i, (reply, tries) in judged.items():
-    per_row[i].update(judge=reply, judge_tries=tries)
+  for i, entry in judged.items():
+    per_row[i].update(entry)
   return {"metrics": metrics(range(len(rows))),
           "categories": {g: metrics(m) for g, m in sorted(groups.items())}, "rows": per_row}
 
