@@ -15,9 +15,9 @@ judge a lower bound of the judged score) (names match case-insensitively by thei
 prefix: MMBench_DEV_EN, CV-Bench-2D, AI2D_TEST, ChartQA_TEST, MME-RealWorld-Lite, ...). Prompts
 follow the lmms-eval tasks (bench_prompts.py; MathVista: VLMEvalKit's), answers are greedy and
 batched (bench_model.py), metrics are the official ones (bench_metrics.py, bench_ocr.py,
-bench_realworld.py, bench_mmmu.py, bench_mathvista.py). Writes --out (JSON: metrics, per-category metrics, `count` = rows scored,
-skipped rows with their index and reason, every prediction) and a bar chart next to it (.png),
-and prints the per-category table.
+bench_realworld.py, bench_mmmu.py, bench_mathvista.py). Writes --out (JSON: metrics,
+per-category metrics, `count` = rows scored, skipped rows with their index and reason, every
+prediction) and a bar chart next to it (.png), and prints the per-category table.
 
 --circular (MMBench, ScienceQA_IMG, MMVP, CV-Bench, AI2D, SEEDBench_IMG: the multiple-choice
 benchmarks whose options are columns): accuracy per question, right only if every

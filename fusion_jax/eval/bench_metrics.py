@@ -12,8 +12,8 @@ records}; each metrics dict carries `count` (rows scored). Sources of each rule:
     is answered right.
   * POPE: yes/no by VLMEvalKit's YOrN_Extraction (and, with --judge_url, its judge for answers
     read as neither: `read_yes_no`, as for MME and HallusionBench); accuracy, precision /
-    recall / F1 of "yes", and yes-ratio = the share of answers that are "yes" (POPE's and LLaVA's eval_pope.py; note
-    lmms-eval's pope_yes_ratio counts the ground truth instead).
+    recall / F1 of "yes", and yes-ratio = the share of answers that are "yes" (POPE's and
+    LLaVA's eval_pope.py; note lmms-eval's pope_yes_ratio counts the ground truth instead).
   * MME: per subtask acc = % questions right, acc+ = % images with both questions right, score =
     acc + acc+; perception / cognition = sums over the official subtask split (VLMEvalKit
     MME_rating; lmms-eval mme/utils.py eval_type_dict).
@@ -29,7 +29,7 @@ records}; each metrics dict carries `count` (rows scored). Sources of each rule:
   * VizWiz: VQA accuracy as TextVQA (lmms-eval vizwiz_vqa/utils.py vizwiz_vqa_process_results).
   * RealWorldQA, HallusionBench, MME-RealWorld: bench_realworld.py.
   * MMMU: bench_mmmu.py.
-  * MathVista: bench_mathvista.py (VLMEvalKit's rule check without its GPT judge).
+  * MathVista: bench_mathvista.py (VLMEvalKit's rule check; its judge step with --judge_url).
 Sources: lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval) commit 75571cf, lmms_eval/...;
 VLMEvalKit (github.com/open-compass/VLMEvalKit) commit e8e78f0, vlmeval/...
 """

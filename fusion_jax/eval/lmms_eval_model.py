@@ -82,6 +82,11 @@ def _as_int(value: Any, default: int) -> int:
     return default
 
 
+def _opt_int(value: Any) -> int | None:
+  """A model_arg that may be absent (None or '', as lmms-eval passes it) as an int."""
+  return None if value in (None, "") else int(value)
+
+
 def stop_strings(until: Any) -> tuple[str, ...]:
   """lmms-eval's gen_kwargs["until"] (a string or a list of them) as a tuple."""
   return tuple(s for s in ([until] if isinstance(until, str) else list(until or ())) if s)
@@ -103,9 +108,8 @@ class FusionJax(_Base):
     del device
     if kwargs:
       log.warning("fusion_jax: model_args ignored: %s", sorted(kwargs))
-    self.model = bench_model.load(
-        str(pretrained), step=int(step) if step not in (None, "") else None,
-        dtype=dtype or None, seq_len=int(seq_len) if seq_len not in (None, "") else None)
+    self.model = bench_model.load(str(pretrained), step=_opt_int(step), dtype=dtype or None,
+                                  seq_len=_opt_int(seq_len))
     self.batch_size_per_gpu = max(1, _as_int(batch_size, 8))
     self._warned: set[str] = set()
 

@@ -156,7 +156,6 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None,
     FileNotFoundError / ValueError with one line naming the directory and what it lacks.
   """
   from fusion_jax.convert import model_dir as md
-  override = seq_len  # a model dir's own layout below is also called seq_len
   remote = "://" in path  # e.g. gs://: a training workdir (read through etils.epath)
   if not remote:
     if not os.path.isdir(path):
@@ -170,13 +169,13 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None,
                        "training workdirs only")
     params, cfg = md.load_model_dir(path, shardings=device)
     meta = md.load_model_meta(path)
-    seq_len, max_questions, q = model_dir_layout(cfg, meta)
+    layout_len, max_questions, q = model_dir_layout(cfg, meta)
     tok = os.path.join(path, md.TOKENIZER_NAME)
     cfg = with_compute_dtype(cfg, dtype)
     return _with_seq_len(LoadedModel(
         cfg=cfg, params=params_for_config(params, cfg), kind="model_dir", path=path, step=None,
-        seq_len=seq_len, max_questions=max_questions, q=q,
-        tokenizer_path=tok if os.path.isdir(tok) else "", meta=meta), override)
+        seq_len=layout_len, max_questions=max_questions, q=q,
+        tokenizer_path=tok if os.path.isdir(tok) else "", meta=meta), seq_len)
   from fusion_jax.infer import workdir as wd
   if not wd.checkpoint_steps(path):
     raise FileNotFoundError(
@@ -193,7 +192,7 @@ def load_model(path: str, *, step: int | None = None, dtype: str | None = None,
   return _with_seq_len(LoadedModel(
       cfg=cfg, params=params_for_config(params, cfg), kind="workdir", path=path, step=step,
       seq_len=d.seq_len, max_questions=d.max_questions, q=d.q_eval, image_root=d.image_root,
-      tokenizer_path=_run_tokenizer_path(config), config=config), override)
+      tokenizer_path=_run_tokenizer_path(config), config=config), seq_len)
 
 
 def _with_seq_len(model: LoadedModel, seq_len: int | None) -> LoadedModel:
