@@ -166,6 +166,32 @@ def test_judge_flags_end_to_end(model_dir, tmp_path, capsys, server, monkeypatch
   assert all(p["extracted"] == "no" and p["judge_tries"] == 1 for p in unread)
   assert "judge local-judge at" in capsys.readouterr().out
   with pytest.raises(SystemExit) as e:
-    bench.main(["--workdir", str(tmp_path / "no_model"), "--benchmark", "MMBench", "--data",
+    bench.main(["--workdir", str(tmp_path / "no_model"), "--benchmark", "GQA", "--data",
                 str(hb), "--out", out, *judge_flags])
   assert e.value.code == 2 and "scored by rules alone" in capsys.readouterr().err
+
+
+def test_mcq_judge_flags_end_to_end(model_dir, tmp_path, server, monkeypatch):
+  """MMBench --circular with --judge_url: the rotations the rules cannot read go to the judge
+  (a scripted server answering "A"), VLMEvalKit's circular way; the report counts its calls."""
+  import synth_fake_server
+  from fusion_jax.eval import bench_mcq_judge
+  monkeypatch.setattr(synth_fake_server, "model_reply", lambda payload: "A")
+  opts = {"A": "red", "B": "blue"}
+  data = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", [
+      {"index": i, "question": f"What color is the ball {i}?", **opts, "answer": "AB"[i % 2],
+       "category": "color", "image": png_b64((40 * i, 20, 200))} for i in range(3)], MMB_COLS)
+  out = str(tmp_path / "mmb.json")
+  bench.main(["--workdir", model_dir, "--benchmark", "MMBench", "--data", str(data), "--out", out,
+              "--max_new_tokens", "3", "--circular", "--judge_url", server.url, "--judge_model",
+              "local-judge", "--judge_api_key_env", ""])
+  rep = json.load(open(out))
+  judged = [p for p in rep["predictions"] if "judge" in p]
+  assert judged and rep["judge"]["calls"] == len(judged) and rep["judge"]["random_picks"] == 0
+  assert all(p["extracted"] == "A" and p["judge_tries"] == 1 for p in judged)
+  assert all(bench_mcq_judge.unread(p["prediction"], "", opts) for p in judged)
+  assert all(bench_metrics.extract_choice(p["prediction"], opts) == "" for p in judged)
+  for p in rep["predictions"]:  # an unread rotation left unjudged: its question failed already
+    if "judge" not in p and not bench_metrics.extract_choice(p["prediction"], opts):
+      assert any(int(o["index"]) % 10**6 == int(p["index"]) % 10**6 and not o["correct"]
+                 for o in rep["predictions"] if o is not p)

@@ -25,9 +25,10 @@ rotation of its options is answered right (MMBench's CircularEval); the rotation
 circular copies (index + k * 1e6, as in VLMEvalKit's MMBench TSVs) or, where the file has none,
 made here. Without it, circular copies in the file are not asked.
 
---judge_url URL --judge_model NAME (MathVista, MME, POPE, HallusionBench): VLMEvalKit's judge
-step, its prompts sent to an OpenAI-compatible chat endpoint, for the answers the rules cannot
-read (bench_judge.py). Without it nothing is sent anywhere.
+--judge_url URL --judge_model NAME (MMBench, POPE, MME, ScienceQA_IMG, MMVP, CV-Bench,
+HallusionBench, MathVista: `Benchmark.judged`): VLMEvalKit's judge step, its prompts sent to an
+OpenAI-compatible chat endpoint, for the answers the rules cannot read (bench_judge.py,
+bench_mcq_judge.py). Without it nothing is sent anywhere.
 """
 from __future__ import annotations
 
@@ -73,18 +74,19 @@ class Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("MMBench", bench_prompts.mmbench, bench_metrics.score_multiple_choice,
-              "accuracy", 64, multiple_choice=True),
+              "accuracy", 64, multiple_choice=True, judged=True),
     Benchmark("POPE", bench_prompts.short_answer, bench_metrics.score_pope, "f1", 128,
               judged=True),
     Benchmark("MME", bench_prompts.mme, bench_metrics.score_mme, "score", 16, judged=True),
     Benchmark("ScienceQA_IMG", bench_prompts.scienceqa, bench_metrics.score_multiple_choice,
-              "accuracy", 16, multiple_choice=True),
+              "accuracy", 16, multiple_choice=True, judged=True),
     Benchmark("TextVQA_VAL", bench_prompts.textvqa, bench_metrics.score_vqa, "vqa_accuracy", 32),
     Benchmark("GQA", bench_prompts.short_answer, bench_metrics.score_exact, "accuracy", 16),
     Benchmark("MMVP", bench_prompts.mmvp, bench_metrics.score_mmvp, "accuracy", 16,
-              multiple_choice=True),
+              multiple_choice=True, judged=True),
     Benchmark("CV-Bench", bench_prompts.cv_bench, bench_metrics.score_cv_bench, "accuracy", 64,
-              multiple_choice=True),
+              multiple_choice=True, judged=True),
+    # AI2D and SEEDBench_IMG take no judge, not even with --circular: lmms-eval's rules score them.
     Benchmark("AI2D", bench_prompts.ai2d, bench_metrics.score_ai2d, "accuracy", 16,
               multiple_choice=True),
     # No --circular: MMStar's options are part of its question text.
@@ -154,10 +156,15 @@ def _is_copy(row: Row) -> bool:
     return False
 
 
+def judged_names() -> str:
+  """The benchmarks that take --judge_url, in table order."""
+  return ", ".join(n for n, b in BENCHMARKS.items() if b.judged)
+
+
 def check_judge(bench: Benchmark, judge: bench_judge.Judge | None) -> None:
   if judge is not None and not bench.judged:
     raise ValueError(f"--judge_url: {bench.name} is scored by rules alone; a judge applies to "
-                     f"{', '.join(n for n, b in BENCHMARKS.items() if b.judged)}")
+                     f"{judged_names()}")
 
 
 def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list[tuple[str, Any]]],
@@ -200,7 +207,7 @@ def evaluate_rows(bench: Benchmark, rows: Sequence[Row], predict: Callable[[list
     first = f"; row {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
     raise ValueError(f"{bench.name}: no row could be scored ({len(skipped)} skipped{first})")
   if circular:
-    rep = bench_metrics.score_multiple_choice(kept_rows, kept_preds, circular=True)
+    rep = bench_metrics.score_multiple_choice(kept_rows, kept_preds, circular=True, judge=judge)
   elif bench.judged:
     rep = bench.score(kept_rows, kept_preds, judge=judge)
   else:
@@ -288,7 +295,9 @@ def run(workdir: str, benchmark: str, data: str, out: str, *, answers: str = "",
   if judge is not None:
     j = report["judge"]
     print(f"judge {j['model']} at {j['url']}: {j['calls']} calls, {j['failed_calls']} failed"
-          + (f" (last: {j['last_error']})" if j["failed_calls"] else ""))
+          + (f" (last: {j['last_error']})" if j["failed_calls"] else "")
+          + (f", {j['random_picks']} answers picked at random (VLMEvalKit's fallback)"
+             if j["random_picks"] else ""))
   for s in skipped[:10]:
     print(f"  skipped {s['index']}: {s['reason']}")
   print(format_table(report))
@@ -316,7 +325,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_boolean("circular", False, "all option rotations must be right", flag_values=fv)
   flags.DEFINE_integer("max_new_tokens", 0, "0: the benchmark's default", flag_values=fv)
   flags.DEFINE_string("judge_url", "", "OpenAI-compatible endpoint of a judge model for the "
-                      "answers the rules cannot read (MathVista, MME, POPE, HallusionBench; "
+                      f"answers the rules cannot read ({judged_names()}; "
                       "e.g. http://localhost:8000/v1); none: rules only", flag_values=fv)
   flags.DEFINE_string("judge_model", "", "the judge's served model name", flag_values=fv)
   flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "environment variable with the "

@@ -5,16 +5,22 @@ judge where the rules cannot read an answer.
   python -m fusion_jax.eval.bench ... --judge_url http://localhost:8000/v1 --judge_model NAME
 
 VLMEvalKit (github.com/open-compass/VLMEvalKit, commit e8e78f0) scores some benchmarks in two
-steps: rules first, then, for the answers the rules cannot read, a judge model
-(`build_judge`: gpt-4-turbo for MathVista, any OpenAI-compatible model with LOCAL_LLM). Each
-judged answer gets up to 5 tries at temperature 0.5 * i, the first usable reply wins, and an
-answer whose tries all fail counts as wrong. The prompts are VLMEvalKit's, verbatim:
+steps: rules first, then, for the answers the rules cannot read, a judge model (`build_judge`:
+gpt-4o-mini as run.py picks it, any OpenAI-compatible model with LOCAL_LLM). Each judged answer
+gets up to 5 tries at temperature 0.5 * i (multiple choice: 3 at temperature 0), the first
+usable reply wins, and an answer whose tries all fail counts as wrong (multiple choice: a random
+option or 'Z'). The prompts are VLMEvalKit's, verbatim:
 
   MathVista       `build_mathvista_gpt4_prompt` (5 in-context extractions; max_tokens 128, as
                   MathVista.evaluate builds its judge); any reply is usable (MathVista_auxeval)
   MME, POPE,      `YOrN_match_prompt` for answers YOrN_Extraction reads as neither yes nor no
-  HallusionBench  (ImageYORNDataset.evaluate); a reply is usable when it reads as yes or no
-                  (YOrN_auxeval; bench_metrics.read_yes_no)
+  HallusionBench  (ImageYORNDataset.evaluate; max_tokens 2048, OpenAIWrapper's default); a
+                  reply is usable when it reads as yes or no (YOrN_auxeval;
+                  bench_metrics.read_yes_no)
+  MMBench,        `build_prompt` (`build_prompt_cn` for a Chinese question; max_tokens 2048)
+  ScienceQA_IMG,  for answers the rules (bench_metrics.extract_choice) cannot read
+  MMVP, CV-Bench  (extract_answer_from_item, mcq_circular_eval; bench_mcq_judge.py); a reply
+                  is usable when `can_infer` reads it
 
 Without --judge_url nothing is sent anywhere: the rules alone score (MathVista's accuracy is
 then a lower bound). The judge is only as good as its model: a report names it, and the
@@ -30,38 +36,46 @@ from typing import Any
 from fusion_jax.synth.openai_client import ChatClient, RequestFailed, RequestRejected
 
 TRIES = 5  # VLMEvalKit's retry in MathVista_auxeval and YOrN_auxeval
+MAX_TOKENS = 2048  # OpenAIWrapper's default: the judges built without max_tokens (yes/no, MCQ)
+MATHVISTA_MAX_TOKENS = 128  # MathVista.evaluate's build_judge(max_tokens=128)
 
 
 class Judge:
   """One endpoint and model; `ask` returns the reply text or None (the request failed for good,
-  after the client's own retries of transient errors). Thread-safe; counts calls and failures."""
+  after the client's own retries of transient errors). Thread-safe; counts calls, failures and
+  answers picked at random (VLMEvalKit's multiple-choice fallback, bench_mcq_judge.py)."""
 
-  def __init__(self, client: ChatClient, max_tokens: int = 128, workers: int = 4):
+  def __init__(self, client: ChatClient, max_tokens: int = MAX_TOKENS, workers: int = 4):
     self.client, self.max_tokens, self.workers = client, max_tokens, workers
-    self.calls = self.failed = 0
+    self.calls = self.failed = self.random_picks = 0
     self.last_error = ""
     self._lock = threading.Lock()
 
-  def ask(self, prompt: str, temperature: float) -> str | None:
+  def ask(self, prompt: str, temperature: float, max_tokens: int | None = None) -> str | None:
     with self._lock:
       self.calls += 1
     try:
       return self.client.chat([{"role": "user", "content": prompt}], temperature=temperature,
-                              max_tokens=self.max_tokens)
+                              max_tokens=max_tokens or self.max_tokens)
     except (RequestFailed, RequestRejected) as e:
       with self._lock:
         self.failed += 1
         self.last_error = str(e)
       return None
 
-  def first_usable(self, prompt: str, usable: Callable[[str], bool]) -> tuple[str | None, int]:
+  def first_usable(self, prompt: str, usable: Callable[[str], bool], *, tries: int = TRIES,
+                   step: float = 0.5, max_tokens: int | None = None) -> tuple[str | None, int]:
     """(the first reply that `usable` accepts, or None; tries used): try i at temperature
-    0.5 * i, as VLMEvalKit's auxeval loops."""
-    for i in range(TRIES):
-      reply = self.ask(prompt, temperature=0.5 * i)
+    step * i, as VLMEvalKit's auxeval loops (0.5 * i; its multiple-choice judge: 0)."""
+    for i in range(tries):
+      reply = self.ask(prompt, temperature=step * i, max_tokens=max_tokens)
       if reply is not None and usable(reply):
         return reply, i + 1
-    return None, TRIES
+    return None, tries
+
+  def count_random_pick(self) -> None:
+    with self._lock:
+      self.random_picks += 1
 
   def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """fn over items, `workers` at once (VLMEvalKit's nproc), results in order."""
@@ -72,7 +86,7 @@ class Judge:
 
   def summary(self) -> dict[str, Any]:
     out = {"url": self.client.url, "model": self.client.model, "calls": self.calls,
-           "failed_calls": self.failed}
+           "failed_calls": self.failed, "random_picks": self.random_picks}
     if self.last_error:
       out["last_error"] = self.last_error
     return out

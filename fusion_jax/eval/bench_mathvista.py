@@ -150,7 +150,8 @@ def score_mathvista(rows: Sequence[Row], preds: Sequence[str],
   if judge is not None:
     ask = [i for i, (_, resolved, _) in enumerate(checked) if not resolved]
     replies = judge.map(lambda i: judge.first_usable(
-        bench_judge.mathvista_prompt(rows[i].question, preds[i]), lambda _: True), ask)
+        bench_judge.mathvista_prompt(rows[i].question, preds[i]), lambda _: True,
+        max_tokens=bench_judge.MATHVISTA_MAX_TOKENS), ask)
     judged = dict(zip(ask, replies))
   right, read, per_row = [], [], []
   groups: dict[str, list[int]] = collections.defaultdict(list)

@@ -7,9 +7,9 @@ records}; each metrics dict carries `count` (rows scored). Sources of each rule:
     VLMEvalKit's `can_infer`: can_infer_option (exactly one option letter standing as a word,
     among the last four words; or "answer is X") then can_infer_text (exactly one option text
     inside an answer at most twice as long as the option texts) (vlmeval/utils/matching_util.py;
-    no GPT judge: an answer none of these resolves is wrong). MMBench circular evaluation
-    (VLMEvalKit mcq_circular_eval): a question counts only when every rotation of its options
-    is answered right.
+    an answer none of these resolves is wrong, or, with --judge_url, read by VLMEvalKit's judge:
+    bench_mcq_judge.py). MMBench circular evaluation (VLMEvalKit mcq_circular_eval): a question
+    counts only when every rotation of its options is answered right.
   * POPE: yes/no by VLMEvalKit's YOrN_Extraction (and, with --judge_url, its judge for answers
     read as neither: `read_yes_no`, as for MME and HallusionBench); accuracy, precision /
     recall / F1 of "yes", and yes-ratio = the share of answers that are "yes" (POPE's and
@@ -260,13 +260,15 @@ def accuracy_report(rows: Sequence[Row], correct: Sequence[float], per_row: list
           "rows": per_row}
 
 
-def score_multiple_choice(rows: Sequence[Row], preds: Sequence[str], *, circular: bool = False
-                          ) -> dict[str, Any]:
-  """Accuracy; circular: per question (group of rotations), right only if all rotations are."""
-  extracted = [extract_choice(p, options_of(r)) for r, p in zip(rows, preds)]
-  right = [float(e == answer_letter(r)) for r, e in zip(rows, extracted)]
-  per_row = [{"index": r.index, "prediction": p, "extracted": e, "answer": answer_letter(r),
-              "correct": bool(c)} for r, p, e, c in zip(rows, preds, extracted, right)]
+def score_multiple_choice(rows: Sequence[Row], preds: Sequence[str], *, circular: bool = False,
+                          judge: bench_judge.Judge | None = None) -> dict[str, Any]:
+  """Accuracy; circular: per question (group of rotations), right only if all rotations are.
+  Answers by `extract_choice`, then by `judge` where it reads none (bench_mcq_judge)."""
+  from fusion_jax.eval.bench_mcq_judge import read_choices  # (it imports this module)
+  reads = read_choices(rows, preds, judge, circular=circular)
+  right = [float(x["extracted"] == answer_letter(r)) for r, x in zip(rows, reads)]
+  per_row = [{"index": r.index, "prediction": p, **x, "answer": answer_letter(r),
+              "correct": bool(c)} for r, p, x, c in zip(rows, preds, reads, right)]
   if not circular:
     return accuracy_report(rows, right, per_row)
   groups: dict[str, list[float]] = collections.defaultdict(list)
@@ -462,10 +464,10 @@ def score_seedbench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]
   return accuracy_report(rows, right, per_row)
 
 
-def score_mmvp(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
-  """MMVP accuracy and pair accuracy (file rows 2i, 2i+1 both right; incomplete pairs left
-  out)."""
-  rep = score_multiple_choice(rows, preds)
+def score_mmvp(rows: Sequence[Row], preds: Sequence[str],
+               judge: bench_judge.Judge | None = None) -> dict[str, Any]:
+  """MMVP accuracy and pair accuracy (file rows 2i, 2i+1 both right; incomplete pairs out)."""
+  rep = score_multiple_choice(rows, preds, judge=judge)
   pairs: dict[int, list[bool]] = collections.defaultdict(list)
   cat_of: dict[int, str] = {}
   for r, pr in zip(rows, rep["rows"]):
@@ -482,9 +484,10 @@ def score_mmvp(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
 CV_BENCH_SOURCES = ("ADE20K", "COCO", "Omni3D")
 
 
-def score_cv_bench(rows: Sequence[Row], preds: Sequence[str]) -> dict[str, Any]:
+def score_cv_bench(rows: Sequence[Row], preds: Sequence[str],
+                   judge: bench_judge.Judge | None = None) -> dict[str, Any]:
   """CV-Bench accuracy per task; the official 2D/3D-balanced overall when sources allow."""
-  rep = score_multiple_choice(rows, preds)
+  rep = score_multiple_choice(rows, preds, judge=judge)
   by_source: dict[str, list[float]] = collections.defaultdict(list)
   for r, pr in zip(rows, rep["rows"]):
     by_source[r.extra.get("source", "")].append(float(pr["correct"]))
