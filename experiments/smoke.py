@@ -32,8 +32,10 @@ CONFIG_ARGS = ("", "short", "random", "no_text_guidance", "no_interaction", "no_
 # data with the alignment data kept), each stage from the previous one's weights, fresh optimizer.
 # Share of each category's records in the alignment stage: colour is learned from a few hundred
 # samples, while the background pattern is read only after ~1 400 (a stage on SynthScene alone
-# learned it between steps 150 and 200), so colour gives a quarter of its records to the others.
-ALIGNMENT = {"SynthColor": 0.25, "SynthCount": 1.0, "SynthSpatial": 1.0, "SynthScene": 1.0}
+# learned it between steps 150 and 200), so colour gives half of its records to the others. At a
+# quarter, SynthColor came out 1.000 or 0.767 with gradients that differ by 1e-6 (the attention
+# backward's arithmetic; docs/main_job.md, "Numerics"); at a half, 1.000 with both.
+ALIGNMENT = {"SynthColor": 0.5, "SynthCount": 1.0, "SynthSpatial": 1.0, "SynthScene": 1.0}
 # The shipped tiny base models (python -m fusion_jax.pretrain; assets/tiny_bases/README.md):
 # the job imports them with import_hf, as a user starting from real base models does.
 BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "tiny_bases")

@@ -1,13 +1,12 @@
-"""The XLA attention (fusion_jax.models.attention) against torch autograd of the same softmax
-attention in float64: grouped heads, masks with a row whose keys are all masked, the FUSION
-authors' uniform text rows."""
+"""The XLA attention's float32 path (a hand-written flash-style backward) against torch autograd
+of the same softmax attention in float64, and its other-dtype path against jax's autodiff."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from fusion_jax.models.attention import dot_product_attention
+from fusion_jax.models.attention import _scores, dot_product_attention
 
 
 def _torch_attention(q, k, v, mask, uniform_rows, scale):
@@ -51,3 +50,23 @@ def test_float32_attention_matches_torch_float64(case):
   np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), atol=1e-5, rtol=1e-5)
   for g, t in zip(grads, (tq, tk, tv)):
     np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_attention_keeps_autodiff_of_the_softmax():
+  """Other dtypes: the probabilities are rounded to v's dtype before the value product, and the
+  gradients are jax's autodiff of exactly that (unchanged by the float32 path)."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.bfloat16) for _ in range(3))
+  mask = jnp.asarray(np.tril(np.ones((16, 16), bool)))[None, None]
+
+  def reference(q, k, v):
+    probs = jax.nn.softmax(_scores(q, k, mask, None, 8**-0.5), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return jnp.sum(out.reshape(q.shape).astype(q.dtype).astype(jnp.float32))
+
+  def ours(q, k, v):
+    return jnp.sum(dot_product_attention(q, k, v, mask).astype(jnp.float32))
+
+  for a, b in zip(jax.grad(reference, argnums=(0, 1, 2))(q, k, v),
+                  jax.grad(ours, argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
