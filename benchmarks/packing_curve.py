@@ -2,7 +2,8 @@ r"""Packed vs unpacked training on the main job's data: samples per second and l
 
   python benchmarks/packing_curve.py --workdir runs/packing_curve [--samples 2400]
       [--seq_len 192] [--max_samples_per_row 2] [--num 24000] [--rows_packed 0]
-      [--pinned [--swap_cores] | --sequential]
+      [--pinned [--swap_cores] | --sequential | --interleaved [--batches 8 --rounds 6]
+      [--profile DIR]]
 
 Trains the main job's model (experiments/smoke.py: tiny FUSION, all mechanisms on) on its
 dataset (all categories, the instruction stage's data) twice from the same initialisation,
@@ -25,12 +26,23 @@ packing efficiency (aux/packing_efficiency, logged per step), the training loss 
 samples seen and against seconds of training (both curves, PNG), and the held-out loss (CE
 per supervised token, the same unpacked held-out batches for both final models). Writes
 <workdir>/packing_curve.json and <workdir>/packing_curve.png.
+
+--interleaved trains nothing: it compiles both train steps in one process, takes --batches real
+batches of each from the pipeline, and times them alternately (--batches unpacked steps, then
+--batches packed steps, --rounds times) on both cores: both programs see the same minutes of
+the machine. Samples per second count each packed batch's own samples (segment ids); the
+speed-up is reported per round and as the median. Writes <workdir>/packing_interleaved.json.
+--profile DIR then traces 3 more steps of each (jax.profiler) and prints where a step's time
+goes by part of the model: each XLA:CPU operation in the trace is attributed through its HLO
+instruction's op_name (`cpu_parts`); the sums are operation time, which can exceed the step's
+wall time where operations overlap.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +74,12 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("sequential", False, "train the two runs one after the other (an idle "
                     "machine: each has all its cores) instead of at the same time",
                     flag_values=fv)
+  flags.DEFINE_bool("interleaved", False, "no training: time the two train steps alternately "
+                    "in one process on the same real batches", flag_values=fv)
+  flags.DEFINE_integer("batches", 8, "--interleaved: batches of each run", flag_values=fv)
+  flags.DEFINE_integer("rounds", 6, "--interleaved: alternations", flag_values=fv)
+  flags.DEFINE_string("profile", "", "--interleaved: trace 3 steps of each run under this "
+                      "folder and print the time by part of the model", flag_values=fv)
   flags.DEFINE_string("train_one", "", "internal: the child process that trains DIR/config.json",
                       flag_values=fv)
 
@@ -91,6 +109,83 @@ def _train(workdir: str) -> int:
     config = ml_collections.ConfigDict(json.load(f))
   train(config, workdir)
   return 0
+
+
+def _interleaved(configs: dict, args) -> dict:
+  """Both train steps in this process, timed alternately on the same real batches."""
+  import time
+  import jax
+  from fusion_jax.models import batch_spec
+  from fusion_jax.train import loop
+  progs = {}
+  for name, c in configs.items():
+    su = loop.setup(c)
+    state, step = su.init_state(), su.make_step(donate=False)
+    it = su.task.make_data_iterator(0, 1)
+    hosts = [next(it) for _ in range(args.batches)]
+    samples = sum(int(batch_spec.sample_mask(h["segment_ids"], h["latent_pos"].shape[1]).sum())
+                  for h in hosts)
+    batches = [su.global_batch(h) for h in hosts]
+    for b in batches:  # compiles every q the batches hold
+      jax.block_until_ready(step(state, b))
+    progs[name] = (state, step, batches, samples, su.mesh)
+  per_s: dict[str, list[float]] = {name: [] for name in progs}
+  for r in range(args.rounds):
+    for name, (state, step, batches, samples, _) in progs.items():
+      t = time.perf_counter()
+      for b in batches:
+        out = step(state, b)
+      jax.block_until_ready(out)
+      per_s[name].append(samples / (time.perf_counter() - t))
+    print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f} samples/s" for n, v in per_s.items()),
+          flush=True)
+  ratios = [p / u for u, p in zip(per_s["unpacked"], per_s["packed"])]
+  out = {"samples_per_s": per_s, "samples": {n: p[3] for n, p in progs.items()},
+         "speedup_per_round": ratios, "speedup": float(np.median(ratios))}
+  if args.profile:
+    out["parts_ms_per_step"] = {
+        name: _profile(step, state, batches[0], mesh, os.path.join(args.profile, name))
+        for name, (state, step, batches, _, mesh) in progs.items()}
+  return out
+
+
+# Parts of a CPU step by op_name (first match wins); the decoder's attention core is everything
+# under self_attn but its projections and RoPE.
+CPU_PARTS = (("tower and projectors", r"encode_images|vision_tower|projector"),
+             ("interaction layers", r"interaction|/block/"),
+             ("decoder q/k/v/o projections, RoPE", r"/llm/.*self_attn/.*(_proj|rope|rotary)"),
+             ("decoder attention: scores, mask, softmax", r"/llm/.*self_attn/"),
+             ("decoder MLP", r"/llm/.*mlp"), ("decoder norms", r"/llm/.*norm"),
+             ("optimizer update", r"^(?!.*(jvp|transpose)\()"),
+             ("embeddings, LM head, loss, scatter", r""))
+
+
+def cpu_parts(events: list, op_names: dict[str, str], steps: int) -> dict[str, float]:
+  """ms per step by CPU_PARTS of a CPU trace's operation events (named by HLO instruction)."""
+  out = {name: 0.0 for name, _ in CPU_PARTS}
+  for e in events:
+    op = op_names.get(e.get("name")) if e.get("ph") == "X" else None
+    if op is not None:
+      part = next(name for name, rx in CPU_PARTS if re.search(rx, op))
+      out[part] += e["dur"] / 1e3 / steps
+  return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def _profile(step, state, batch, mesh, trace_dir: str, steps: int = 3) -> dict[str, float]:
+  """Traces `steps` steps of `step` on `batch`; prints and returns `cpu_parts`."""
+  import jax
+  from step_mfu import hlo_op_names, trace_events
+  with jax.set_mesh(mesh):
+    hlo = step.jitted.lower(state, batch).compile().as_text()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      jax.block_until_ready(step(state, batch))
+  parts = cpu_parts(trace_events(trace_dir), hlo_op_names(hlo), steps)
+  total = sum(parts.values())
+  print(f"{os.path.basename(trace_dir)}: ms per step by part ({trace_dir})")
+  for k, v in parts.items():
+    print(f"  {k:42s} {v:8.1f} {100 * v / max(total, 1e-9):5.1f}%")
+  return parts
 
 
 def _summary(workdir: str) -> dict:
@@ -195,12 +290,12 @@ def main(args) -> int:
 
   spr = _expected_samples_per_row(base, args.seq_len, args.max_samples_per_row)
   rows = args.rows_packed or max(1, round(base.global_batch / spr))
-  if args.pinned and args.sequential:
-    raise SystemExit(f"{PROG}: give --pinned or --sequential, not both")
+  if args.pinned + args.sequential + args.interleaved > 1:
+    raise SystemExit(f"{PROG}: give one of --pinned, --sequential, --interleaved")
   cores = sorted(os.sched_getaffinity(0))
   if args.pinned and len(cores) < 2:
     raise SystemExit(f"{PROG}: --pinned needs 2 cores, this process may use {len(cores)}")
-  runs, procs = {}, {}
+  runs, procs, configs = {}, {}, {}
   for name in ("unpacked", "packed"):
     c = ml_collections.ConfigDict(base.to_dict())
     if name == "packed":
@@ -211,6 +306,9 @@ def main(args) -> int:
     else:
       c.num_steps = max(1, math.ceil(args.samples / c.global_batch))
     print(f"{name}: {c.num_steps} steps of {c.global_batch} rows", flush=True)
+    configs[name] = c
+    if args.interleaved:
+      continue
     d = os.path.join(workdir, name)
     if os.path.isdir(d):
       shutil.rmtree(d)
@@ -228,6 +326,14 @@ def main(args) -> int:
                    int(c.global_batch))
     if args.sequential:
       procs[name][0].wait()
+  if args.interleaved:
+    out = {"args": vars(args), "expected_samples_per_row": spr, **_interleaved(configs, args)}
+    print(f"packed / unpacked samples/s, interleaved in one process: {out['speedup']:.2f}x "
+          f"(median of {args.rounds} rounds; per round "
+          f"{', '.join(f'{x:.2f}' for x in out['speedup_per_round'])})")
+    with open(os.path.join(workdir, "packing_interleaved.json"), "w") as f:
+      json.dump(out, f, indent=1)
+    return 0
   for name, (proc, n_rows) in procs.items():
     if proc.wait():
       raise RuntimeError(f"{name} training failed; see {workdir}/{name}/train.log")
