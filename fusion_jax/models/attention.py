@@ -81,7 +81,6 @@ def _attention_f32(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
 
 def _attention_f32_fwd(q, k, v, mask, uniform_rows, scale):
   b, sq, h, hd = q.shape
-  kv = k.shape[2]
   scores = _scores(q, k, mask, uniform_rows, scale)
   top = jnp.max(scores, axis=-1, keepdims=True)
   e = jnp.exp(scores - top)  # (B, KV, G, Sq, Sk); 0 at masked keys

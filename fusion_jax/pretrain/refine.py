@@ -120,7 +120,7 @@ def refine_tower(vision: tower.VisionConfig, tower_params: dict[str, Any], image
   """Trains the tower (all its layers; the loss reads layer -2, the last one FUSION keeps) and
   fresh heads on the first N - hold scenes. Returns (tower params, held-out accuracies, losses):
   accuracies {"dense": (3,) as tower.dense_loss, "object_shape": (), "position": ()}."""
-  grid = vision.image_size // vision.patch_size
+  grid = vision.grid_size
   vt, heads = tower.VisionTower(vision), Heads(grid)
   params = {"tower": tower_params,
             "heads": heads.init(jax.random.key(1),
